@@ -1,0 +1,188 @@
+"""Task checkpoints: a Hugging Face folder plus `fmn_pl.json`, written atomically, and their fingerprints.
+
+A task checkpoint is the contract between fine-tuning, the Fisher pass and merging:
+
+    <dir>/config.json, model.safetensors     AutoModelForSequenceClassification.from_pretrained(<dir>)
+    <dir>/tokenizer.json, ...                AutoTokenizer.from_pretrained(<dir>)
+    <dir>/fmn_pl.json                        task, label names, base model, metrics, seed, examples, fingerprint
+    <dir>/config.yaml                        the resolved LightningCLI config that produced it (when run by the CLI)
+    <dir>/mask_fisher.safetensors, ...       artifacts of later stages, each tied to the fingerprint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import lightning as L
+
+METADATA_FILE = "fmn_pl.json"
+FORMAT_VERSION = 1
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """sha256 (first 16 hex digits) of the checkpoint's safetensors weight files, in name order."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    files = [f for f in files if f.name.startswith("model")]
+    if not files:
+        raise FileNotFoundError(f"{path} holds no model*.safetensors weights")
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The `fmn_pl.json` of a task checkpoint, with an error that says what the folder is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"task checkpoint {path} does not exist")
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not an fmn-pl task checkpoint: {METADATA_FILE} is missing")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_file} is not valid JSON: {e}") from e
+    for key in ("task", "base_model"):
+        if key not in meta:
+            raise ValueError(f"{meta_file} lacks key {key!r}")
+    return meta
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    target: str | Path, overwrite: bool = False, may_replace: Callable[[Path], bool] = lambda p: False
+) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `target`; on success it replaces `target` in one rename.
+
+    An existing non-empty `target` is refused unless `overwrite` or `may_replace(target)` says yes.
+    On error the temporary folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not (overwrite or may_replace(target)):
+        raise FileExistsError(f"{target} already exists and is not empty; pass overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def export_checkpoint(
+    model: Any,
+    tokenizer: Any,
+    target: str | Path,
+    metadata: dict[str, Any],
+    config_file: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save `model` and `tokenizer` as a task checkpoint at `target` (atomically) and return its path.
+
+    An existing export of the same task is replaced; one of another task is refused unless `overwrite`.
+    """
+    task = metadata["task"]
+
+    def same_task(p: Path) -> bool:
+        try:
+            return read_metadata(p)["task"] == task
+        except (FileNotFoundError, ValueError):
+            return False
+
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not overwrite and not same_task(target):
+        other = (target / METADATA_FILE).is_file() and json.loads((target / METADATA_FILE).read_text()).get("task")
+        what = f"an export of task {other!r}" if other else "files that are not an fmn-pl export"
+        raise FileExistsError(f"{target} already holds {what}; refusing to write task {task!r} there without overwrite")
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if config_file is not None and Path(config_file).is_file():
+            shutil.copy(config_file, tmp / "config.yaml")
+        meta = {"format_version": FORMAT_VERSION, **metadata, "fingerprint": weights_fingerprint(tmp)}
+        write_json(tmp / METADATA_FILE, meta)
+    return target
+
+
+class ExportCheckpoint(L.Callback):
+    """At the end of `fit`, export the best validation epoch's weights as a task checkpoint.
+
+    It keeps a CPU copy of the weights whenever `val/score` improves (so it needs no Lightning
+    checkpoint file), then writes `dirpath` from rank zero with the metrics of that epoch.
+    """
+
+    def __init__(self, dirpath: str | None = None, select: Literal["best", "last"] = "best", overwrite: bool = False):
+        """
+        Args:
+            dirpath: where to write the task checkpoint (None: no export).
+            select: export the epoch with the best `val/score`, or the last one.
+            overwrite: replace a folder that holds another task's export (or other files).
+        """
+        self.dirpath, self.select, self.overwrite = dirpath, select, overwrite
+        self.best_score: float | None = None
+        self.best_state: dict[str, Any] | None = None
+        self.best_metrics: dict[str, float] = {}
+        self.best_epoch: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.dirpath is None or trainer.state.fn != "fit":
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+        score = metrics.get("val/score", float("nan"))
+        if self.select == "last" or self.best_score is None or score > self.best_score:
+            self.best_score, self.best_metrics, self.best_epoch = score, metrics, trainer.current_epoch
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.model.state_dict().items()}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.dirpath is None:
+            return
+        if self.best_state is not None:
+            pl_module.model.load_state_dict(self.best_state)
+        if trainer.is_global_zero:
+            dm = trainer.datamodule
+            hp = pl_module.hparams
+            metadata = {
+                "task": pl_module.task.name,
+                "label_names": list(pl_module.task.label_names),
+                "num_labels": pl_module.task.num_labels,
+                "base_model": hp.model_name_or_path,
+                "metrics": self.best_metrics,
+                "epoch": self.best_epoch,
+                "epochs_trained": trainer.current_epoch,
+                "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
+                "num_train_examples": getattr(dm, "num_train_examples", None),
+                "data": dict(getattr(dm, "hparams", {})),
+                "model_hparams": dict(hp),
+            }
+            config = Path(trainer.log_dir or ".") / "config.yaml"
+            tokenizer = getattr(dm, "tokenizer", None)
+            export_checkpoint(pl_module.model, tokenizer, self.dirpath, metadata, config, self.overwrite)
+            print(f"exported {pl_module.task.name} task checkpoint to {self.dirpath}")
+        trainer.strategy.barrier("fmn_pl_export")

@@ -1,0 +1,61 @@
+"""`fmn-pl`: LightningCLI for fit/validate/test/predict, plus the fisher, merge and pipeline stages."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+from fmn_pl.checkpoint import ExportCheckpoint
+from fmn_pl.data import GLUEDataModule
+from fmn_pl.module import GLUETransformer
+
+# Stages that are not Trainer methods: name -> (module:function taking argv, one-line help).
+STAGES = {
+    "fisher": ("fmn_pl.fisher:main", "compute a mask-node (or full) Fisher artifact beside a task checkpoint"),
+    "merge": ("fmn_pl.merge:main", "merge task checkpoints, evaluate every task with its own head, report"),
+    "pipeline": ("fmn_pl.pipeline:main", "fine-tune, Fisher, merge and report from one config, resumably"),
+}
+
+
+class FmnCLI(LightningCLI):
+    """LightningCLI with the task and tokenizer linked from data/model, and the task-checkpoint export."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
+        parser.link_arguments("data.task", "model.task")
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.add_lightning_class_args(ExportCheckpoint, "export")
+
+
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> FmnCLI:
+    """The fit/validate/test/predict CLI (also used by tests and the pipeline)."""
+    return FmnCLI(
+        GLUETransformer,
+        GLUEDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "fmn-pl: fine-tune a BERT-family model on one GLUE task."},
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STAGES:
+        module, fn = STAGES[argv[0]][0].split(":")
+        getattr(importlib.import_module(module), fn)(argv[1:])
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: fmn-pl {fit,validate,test,predict,fisher,merge,pipeline} [options]\n")
+        print("  fit, validate, test, predict   LightningCLI over the fine-tuning module (see `fmn-pl fit --help`)")
+        for name, (_, text) in STAGES.items():
+            print(f"  {name:<30} {text}")
+        return
+    lightning_cli(None if from_shell else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""GLUE data: readers for the parquet, TSV and hub layouts, and the LightningDataModule."""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fmn_pl.tasks import GlueTask, get_task
+
+# Original GLUE TSV release: (has header row, {field: column name or index}); split file names below.
+_TSV_COLUMNS: dict[str, tuple[bool, dict[str, str | int]]] = {
+    "cola": (False, {"sentence": 3, "label": 1}),
+    "sst2": (True, {"sentence": "sentence", "label": "label"}),
+    "mrpc": (True, {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}),
+    "stsb": (True, {"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"}),
+    "qqp": (True, {"question1": "question1", "question2": "question2", "label": "is_duplicate"}),
+    "mnli": (True, {"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"}),
+    "qnli": (True, {"question": "question", "sentence": "sentence", "label": "label"}),
+    "rte": (True, {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}),
+}
+_TSV_SPLITS = {"validation": "dev", "validation_matched": "dev_matched", "validation_mismatched": "dev_mismatched"}
+
+Columns = dict[str, list]
+
+
+def is_local_path(source: str) -> bool:
+    """True for a folder path, false for a hub name such as `nyu-mll/glue` (owner/name, not on disk)."""
+    if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        return True
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is None
+
+
+def split_file(data_dir: str | Path, task: GlueTask, split: str) -> Path:
+    """The local file holding `split` of `task` under `data_dir`, in whichever layout the folder uses."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist")
+    if (root / task.name).is_dir():
+        path = root / task.name / f"{split}.parquet"
+    elif (root / task.tsv_dir).is_dir():
+        path = root / task.tsv_dir / f"{_TSV_SPLITS.get(split, split)}.tsv"
+    else:
+        raise FileNotFoundError(
+            f"data directory {root} has neither {task.name}/ (nyu-mll/glue parquet layout) "
+            f"nor {task.tsv_dir}/ (GLUE TSV layout) for task {task.name!r}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"split {split!r} of task {task.name!r} is missing: {path} does not exist")
+    return path
+
+
+def read_split(source: str | Path, task: GlueTask | str, split: str) -> Columns:
+    """One split as columns (the task's text keys and `label`), validated.
+
+    `source` is a local folder in the `nyu-mll/glue` parquet layout (`<dir>/<task>/<split>.parquet`),
+    a folder in the original GLUE TSV layout (`<dir>/RTE/dev.tsv`), or a hub dataset name.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    source = str(source)
+    if is_local_path(source):
+        path = split_file(source, task, split)
+        columns = _read_parquet(path, task) if path.suffix == ".parquet" else _read_tsv(path, task)
+        where = str(path)
+    else:
+        columns, where = _read_hub(source, task, split), f"{source}:{task.name}/{split}"
+    columns["label"] = _check_labels(columns["label"], task, where)
+    return columns
+
+
+def _read_parquet(path: Path, task: GlueTask) -> Columns:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    missing = [k for k in (*task.text_keys, "label") if k not in table.column_names]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {missing} needed by task {task.name!r} (has {table.column_names})")
+    return {k: table.column(k).to_pylist() for k in (*task.text_keys, "label")}
+
+
+def _read_tsv(path: Path, task: GlueTask) -> Columns:
+    has_header, fields = _TSV_COLUMNS[task.name]
+    csv.field_size_limit(sys.maxsize)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    header = rows.pop(0) if has_header else []
+    index = {}
+    for field, col in fields.items():
+        if isinstance(col, str) and col == "score":  # STS-B: the score is the last column
+            index[field] = len(header) - 1
+        elif isinstance(col, str):
+            if col not in header:
+                raise ValueError(f"{path} lacks column {col!r} needed by task {task.name!r} (header: {header})")
+            index[field] = header.index(col)
+        else:
+            index[field] = col
+    width = max(index.values()) + 1
+    out: Columns = {k: [] for k in fields}
+    for n, row in enumerate(rows, start=2 if has_header else 1):
+        if len(row) < width:
+            raise ValueError(f"{path}:{n}: expected at least {width} tab-separated columns, found {len(row)}")
+        for field, i in index.items():
+            out[field].append(row[i])
+    return {k: out[k] for k in (*task.text_keys, "label")}
+
+
+def _read_hub(name: str, task: GlueTask, split: str) -> Columns:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"reading hub dataset {name!r} needs `pip install fmn-pl[hub]` (the datasets package)") from e
+    ds = datasets.load_dataset(name, task.name, split=split)
+    return {k: list(ds[k]) for k in (*task.text_keys, "label")}
+
+
+def _check_labels(labels: list, task: GlueTask, where: str) -> list:
+    if task.is_regression:
+        return [float(x) for x in labels]
+    out = []
+    for n, x in enumerate(labels):
+        if isinstance(x, str) and not x.lstrip("-").isdigit():
+            if x not in task.label_names:
+                raise ValueError(f"{where}: row {n}: label {x!r} is not one of {list(task.label_names)}")
+            x = task.label_names.index(x)
+        x = int(x)
+        if not 0 <= x < task.num_labels:
+            raise ValueError(f"{where}: row {n}: label {x} is outside 0..{task.num_labels - 1} for task {task.name!r}")
+        out.append(x)
+    return out
+
+
+def subsample(n_rows: int, cap: int | None, seed: int) -> list[int]:
+    """Row ids of a seeded sample without replacement (all rows, in order, when `cap` is None or large)."""
+    if cap is None or cap >= n_rows:
+        return list(range(n_rows))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_rows, generator=g)[:cap].tolist())
+
+
+class TokenizedDataset(Dataset):
+    """Pre-tokenized examples: dicts of int lists plus `labels` (and `idx`, the row id in the split)."""
+
+    def __init__(self, features: dict[str, list], labels: list, rows: list[int]) -> None:
+        self.features, self.labels, self.rows = features, labels, rows
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {k: v[i] for k, v in self.features.items()}
+        item["labels"], item["idx"] = self.labels[i], self.rows[i]
+        return item
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.features["input_ids"]]
+
+
+def tokenize(tokenizer: Any, task: GlueTask, columns: Columns, rows: list[int], max_length: int) -> TokenizedDataset:
+    """Tokenize the selected rows (single sentence or pair), truncated to `max_length`, unpadded."""
+    texts = [[columns[k][i] for i in rows] for k in task.text_keys]
+    enc = tokenizer(*texts, truncation=True, max_length=max_length, padding=False)
+    keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return TokenizedDataset({k: enc[k] for k in keep}, [columns["label"][i] for i in rows], rows)
+
+
+class Collator:
+    """Dynamic padding: pads every batch to its own longest example."""
+
+    def __init__(self, pad_token_id: int, regression: bool) -> None:
+        self.pad_token_id, self.regression = pad_token_id, regression
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(x["input_ids"]) for x in items)
+        batch = {}
+        for key in items[0]:
+            if key in ("labels", "idx"):
+                continue
+            pad = self.pad_token_id if key == "input_ids" else 0
+            batch[key] = torch.tensor([x[key] + [pad] * (width - len(x[key])) for x in items])
+        batch["labels"] = torch.tensor([x["labels"] for x in items], dtype=torch.float if self.regression else torch.long)
+        batch["idx"] = torch.tensor([x["idx"] for x in items])
+        return batch
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled, but batches hold examples of similar length: less padding, same randomness per epoch.
+
+    Shuffle all indices, cut them into mega-batches of `mega * batch_size`, sort each by length and
+    shuffle the order of the resulting batches (the scheme of Hugging Face's sampler of that name).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, mega: int = 50) -> None:
+        self.lengths, self.batch_size, self.seed, self.mega, self.epoch = lengths, batch_size, seed, mega, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        size = self.mega * self.batch_size
+        batches = []
+        for start in range(0, len(perm), size):
+            chunk = sorted(perm[start : start + size], key=lambda i: -self.lengths[i])
+            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return iter([i for b in order for i in batches[b]])
+
+
+class ShardSampler(Sampler[int]):
+    """Rank `rank` of `world` takes every world-th index, without padding: no example counted twice."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+class GLUEDataModule(L.LightningDataModule):
+    """One GLUE task, tokenized once, with dynamic padding and optional length-grouped batches."""
+
+    def __init__(
+        self,
+        task: str = "rte",
+        data_dir: str = "nyu-mll/glue",
+        tokenizer: str | None = None,
+        max_length: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        sample_seed: int = 0,
+        group_by_length: bool = True,
+        eval_splits: list[str] | None = None,
+        unpadded_shards: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            task: GLUE task name (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte).
+            data_dir: local folder (nyu-mll/glue parquet layout or GLUE TSV layout) or a hub dataset name.
+            tokenizer: tokenizer name or folder; the CLI links it to the model's path.
+            max_length: truncation length; default 64 for single-sentence tasks, 128 for pairs.
+            batch_size: training batch size.
+            eval_batch_size: evaluation batch size (default: 2x batch_size).
+            max_train_samples: cap on training examples (seeded sample without replacement).
+            max_eval_samples: cap on examples per evaluation split (seeded sample without replacement).
+            sample_seed: seed of the caps' samples and of the length-grouped shuffling.
+            group_by_length: batch training examples of similar length together (less padding).
+            eval_splits: splits the validate/test loops read (default: the task's validation split(s)).
+            unpadded_shards: under DDP, shard evaluation data without the padding that Lightning's
+                sampler adds (set Trainer(use_distributed_sampler=False)); exact sums for Fisher passes.
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = get_task(task)
+        self.max_length = max_length or self.task.max_length
+        self.eval_splits = list(eval_splits or self.task.eval_splits)
+        self.train_dataset: TokenizedDataset | None = None
+        self.eval_datasets: dict[str, TokenizedDataset] = {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            if not self.hparams.tokenizer:
+                raise ValueError("GLUEDataModule needs `tokenizer` (a tokenizer name or folder, usually the model's)")
+            self._tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer)
+        return self._tokenizer
+
+    def load(self, split: str, cap: int | None) -> TokenizedDataset:
+        """Read, sample and tokenize one split."""
+        columns = read_split(self.hparams.data_dir, self.task, split)
+        rows = subsample(len(columns["label"]), cap, self.hparams.sample_seed)
+        return tokenize(self.tokenizer, self.task, columns, rows, self.max_length)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self.load("train", self.hparams.max_train_samples)
+        for split in self.eval_splits:
+            if split not in self.eval_datasets:
+                self.eval_datasets[split] = self.load(split, self.hparams.max_eval_samples)
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train_dataset) if self.train_dataset is not None else 0
+
+    def collator(self) -> Collator:
+        pad = self.tokenizer.pad_token_id
+        return Collator(pad if pad is not None else 0, self.task.is_regression)
+
+    def train_dataloader(self) -> DataLoader:
+        ds, bs = self.train_dataset, self.hparams.batch_size
+        sampler = LengthGroupedSampler(ds.lengths, bs, self.hparams.sample_seed) if self.hparams.group_by_length else None
+        return DataLoader(
+            ds, batch_size=bs, sampler=sampler, shuffle=sampler is None, collate_fn=self.collator(),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Sorted by length (least padding; order does not change metrics), optionally unpadded shards."""
+        ds = self.eval_datasets[split]
+        order = sorted(range(len(ds)), key=lambda i: -ds.lengths[i])
+        ds = torch.utils.data.Subset(ds, order)
+        sampler = None
+        if self.hparams.unpadded_shards and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = ShardSampler(len(ds), torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return DataLoader(
+            ds, batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size, sampler=sampler,
+            collate_fn=self.collator(), num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [self.eval_dataloader(s) for s in self.eval_splits]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    test_dataloader = val_dataloader
