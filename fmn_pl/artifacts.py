@@ -1,0 +1,123 @@
+"""Artifacts beside a task checkpoint (Fisher, Grams): safetensors with metadata, checked on load.
+
+Every artifact records in its safetensors header the `kind`, the task, and the `fingerprint` of
+the checkpoint weights it was computed on; loading it for another checkpoint is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fmn_pl.checkpoint import weights_fingerprint
+
+FILES = {
+    "mask_fisher": "mask_fisher.safetensors",
+    "full_fisher": "full_fisher.safetensors",
+    "grams": "grams.safetensors",
+}
+
+
+def artifact_path(checkpoint_dir: str | Path, kind: str) -> Path:
+    """Where an artifact of `kind` lives in a task checkpoint."""
+    if kind not in FILES:
+        raise ValueError(f"unknown artifact kind {kind!r}; expected one of {sorted(FILES)}")
+    return Path(checkpoint_dir) / FILES[kind]
+
+
+def save_artifact(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write tensors (contiguous, on CPU) and JSON-encoded metadata through a temp file and a rename."""
+    for key in ("kind", "fingerprint"):
+        if key not in metadata:
+            raise ValueError(f"artifact metadata needs {key!r}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _decode(header: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for k, v in header.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+class Artifact:
+    """A checked, lazily read artifact: `metadata`, `keys()`, `get(key)` and `load_all()`."""
+
+    def __init__(self, path: str | Path, kind: str, checkpoint_dir: str | Path | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"{self.path} does not exist: compute it with `fmn-pl fisher --checkpoint {self.path.parent}`"
+                + ("" if kind == "mask_fisher" else f" --kind {kind.removesuffix('_fisher')}")
+            )
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            self.metadata = _decode(self._file.metadata() or {})
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            raise ValueError(f"{self.path} is corrupt or truncated: {e}") from e
+        if self.metadata.get("kind") != kind:
+            raise ValueError(f"{self.path} is a {self.metadata.get('kind')!r} artifact, not {kind!r}")
+        if checkpoint_dir is not None:
+            expected = weights_fingerprint(checkpoint_dir)
+            if self.metadata.get("fingerprint") != expected:
+                raise ValueError(
+                    f"{self.path} was computed on weights {self.metadata.get('fingerprint')}, "
+                    f"but {checkpoint_dir} holds weights {expected}: recompute it"
+                )
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys())
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, checked for NaN/Inf."""
+        try:
+            t = self._file.get_tensor(key)
+        except Exception as e:
+            raise ValueError(f"{self.path}: cannot read tensor {key!r} (corrupt or truncated file?): {e}") from e
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{self.path}: tensor {key!r} has NaN or Inf entries")
+        return t
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self.keys():
+            yield key, self.get(key)
+
+    def load_all(self) -> dict[str, torch.Tensor]:
+        return dict(self)
+
+    def check(self, shapes: dict[str, tuple[int, ...]] | None = None) -> "Artifact":
+        """Read every tensor once: NaN/Inf, expected shapes, and not all zero. Returns self."""
+        nonzero = False
+        for key, t in self:
+            if shapes is not None and key in shapes and tuple(t.shape) != tuple(shapes[key]):
+                raise ValueError(f"{self.path}: tensor {key!r} has shape {tuple(t.shape)}, expected {shapes[key]}")
+            nonzero = nonzero or bool(t.any())
+        if shapes is not None and (missing := set(shapes) - set(self.keys())):
+            raise ValueError(f"{self.path} lacks tensor(s) {sorted(missing)}")
+        if not nonzero:
+            raise ValueError(f"{self.path}: every entry is zero (no gradient reached the nodes?)")
+        return self
+
+
+def load_artifact(
+    checkpoint_dir: str | Path, kind: str, shapes: dict[str, tuple[int, ...]] | None = None
+) -> Artifact:
+    """Open the `kind` artifact of a task checkpoint, checked against its weights (and `shapes`)."""
+    return Artifact(artifact_path(checkpoint_dir, kind), kind, checkpoint_dir).check(shapes)

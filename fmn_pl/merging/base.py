@@ -1,0 +1,140 @@
+"""The one protocol every merge method implements, and the context that streams tensors to it.
+
+A method is a class whose `__init__` arguments are its options (jsonargparse reads their types
+and docstrings for `--help`). Most methods are tensor-wise: they implement `merge_tensor`, which
+sees one body tensor at a time through a lazy sequence over the models, so memory does not grow
+with the number of models when the method accumulates. Methods that need the whole model at once
+(AdaMerging, TIES thresholds, hyper-parameter searches) override `setup` or `merge`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+
+from fmn_pl.artifacts import Artifact, load_artifact
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of one Hugging Face folder (single or sharded safetensors)."""
+
+    def __init__(self, path: str | Path, prefix: str = "") -> None:
+        """`prefix` (e.g. `bert.`) is tried when a requested key is absent: a bare `BertModel`
+        checkpoint stores `embeddings...` where a task model stores `bert.embeddings...`."""
+        self.path, self.prefix = Path(path), prefix
+        files = sorted(self.path.glob("model*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.path} holds no model*.safetensors weights")
+        self._where: dict[str, Any] = {}
+        for f in files:
+            handle = safe_open(str(f), framework="pt")
+            for key in handle.keys():
+                self._where[key] = handle
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def _resolve(self, key: str) -> str | None:
+        if key in self._where:
+            return key
+        if self.prefix and key.startswith(self.prefix) and key[len(self.prefix) :] in self._where:
+            return key[len(self.prefix) :]
+        return None
+
+    def __contains__(self, key: str) -> bool:
+        return self._resolve(key) is not None
+
+    def get(self, key: str) -> torch.Tensor:
+        real = self._resolve(key)
+        if real is None:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        return self._where[real].get_tensor(real)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        real = self._resolve(key)
+        if real is None:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        return tuple(self._where[real].get_slice(real).get_shape())
+
+
+class LazyTensors(Sequence[torch.Tensor]):
+    """`models[i]` loads model i's copy of one tensor (float32) only when asked."""
+
+    def __init__(self, readers: Sequence[CheckpointReader], key: str) -> None:
+        self.readers, self.key = readers, key
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        return self.readers[i].get(self.key).float()
+
+
+@dataclass
+class MergeContext:
+    """What a method may read: the checkpoints' body tensors, the base model, artifacts, an evaluator."""
+
+    checkpoints: list[Path]
+    tasks: list[str]
+    config: Any  # the Hugging Face config shared by all checkpoints
+    body_prefix: str  # e.g. "bert." : parameter names under `model.base_model`
+    keys: list[str]  # floating-point body tensors to merge (integer buffers are never merged)
+    readers: list[CheckpointReader]
+    base_reader: CheckpointReader | None = None
+    evaluate: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None
+    """Scores a merged body ({key: tensor}) on each task's selection data: {task: score}."""
+    log: Callable[[str], None] = print
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Anything a method wants in the report (chosen lambda, ridge fallbacks, ...)."""
+    _artifacts: dict[tuple[int, str], Artifact] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_models(self) -> int:
+        return len(self.readers)
+
+    def models(self, key: str) -> LazyTensors:
+        return LazyTensors(self.readers, key)
+
+    def base(self, key: str) -> torch.Tensor:
+        """The pretrained model's tensor (methods on task vectors declare `needs = {"base"}`)."""
+        if self.base_reader is None:
+            raise ValueError("this method needs the pretrained model: pass --base <hub name or folder>")
+        return self.base_reader.get(key).float()
+
+    def task_vectors(self, key: str) -> list[torch.Tensor]:
+        """tau_i = theta_i - theta_0 for one tensor, all models (holds M tensors: use when needed)."""
+        base = self.base(key)
+        return [t - base for t in self.models(key)]
+
+    def artifact(self, i: int, kind: str) -> Artifact:
+        """Model i's artifact of `kind`, checked against its checkpoint once and cached."""
+        if (i, kind) not in self._artifacts:
+            self._artifacts[(i, kind)] = load_artifact(self.checkpoints[i], kind)
+        return self._artifacts[(i, kind)]
+
+
+class MergeMethod:
+    """Base of all methods. Subclasses set `needs` and implement `merge_tensor` (or override `merge`)."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """Inputs beyond the checkpoints: "base", "mask_fisher", "full_fisher", "grams", "evaluate"."""
+
+    def setup(self, ctx: MergeContext) -> None:
+        """Optional global pass before the tensor loop (e.g. TIES' top-k thresholds)."""
+
+    def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, merged tensor) for every key in `ctx.keys`."""
+        self.setup(ctx)
+        for key in ctx.keys:
+            yield key, self.merge_tensor(key, ctx.models(key), ctx)
+
+    def options(self) -> dict[str, Any]:
+        """The method's options as given (for reports); subclasses' __init__ args by default."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
