@@ -28,6 +28,7 @@ _TSV_COLUMNS: dict[str, tuple[bool, dict[str, str | int]]] = {
 _TSV_SPLITS = {"validation": "dev", "validation_matched": "dev_matched", "validation_mismatched": "dev_mismatched"}
 
 Columns = dict[str, list]
+HOLDOUT_SEED = 20_241_124  # fixed: the held-out rows must not move when other seeds change
 
 
 def is_local_path(source: str) -> bool:
@@ -247,6 +248,7 @@ class GLUEDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         eval_splits: list[str] | None = None,
         unpadded_shards: bool = False,
+        holdout_samples: int = 0,
         num_workers: int = 0,
     ) -> None:
         """
@@ -264,6 +266,8 @@ class GLUEDataModule(L.LightningDataModule):
             eval_splits: splits the validate/test loops read (default: the task's validation split(s)).
             unpadded_shards: under DDP, shard evaluation data without the padding that Lightning's
                 sampler adds (set Trainer(use_distributed_sampler=False)); exact sums for Fisher passes.
+            holdout_samples: rows of the train split set aside (seeded, fixed by `sample_seed`) and never
+                trained on; readable as the eval split "holdout", a selection set for merge options.
             num_workers: DataLoader workers.
         """
         super().__init__()
@@ -286,9 +290,13 @@ class GLUEDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def load(self, split: str, cap: int | None) -> TokenizedDataset:
-        """Read, sample and tokenize one split."""
-        columns = read_split(self.hparams.data_dir, self.task, split)
-        rows = subsample(len(columns["label"]), cap, self.hparams.sample_seed)
+        """Read, sample and tokenize one split ("holdout": the held-out rows of train)."""
+        columns = read_split(self.hparams.data_dir, self.task, "train" if split == "holdout" else split)
+        rows = list(range(len(columns["label"])))
+        if split in ("train", "holdout") and self.hparams.holdout_samples:
+            held = set(subsample(len(rows), self.hparams.holdout_samples, HOLDOUT_SEED))
+            rows = [r for r in rows if (r in held) == (split == "holdout")]
+        rows = [rows[i] for i in subsample(len(rows), cap, self.hparams.sample_seed)]
         return tokenize(self.tokenizer, self.task, columns, rows, self.max_length)
 
     def setup(self, stage: str | None = None) -> None:
