@@ -1,0 +1,179 @@
+"""TALL masks and Consensus merging (Wang et al. 2024), over task arithmetic or TIES.
+
+tau_MTL is the underlying method's merged task vector (task arithmetic: sum_t tau_t; TIES: the
+trimmed, sign-elected disjoint mean). Task t's mask keeps the entries where task t's own vector
+dominates what the others add:  m_t = 1{|tau_t| >= lambda_t |tau_MTL - tau_t|},  lambda_t chosen per
+task on its selection data from `lambdas`.
+- TALL: task t is served by theta0 + m_t * tau_MTL. Storage: theta0, tau_MTL and T bit-packed masks.
+- Consensus: keep entries where at least k masks agree, theta = theta0 + alpha * (m_cons * tau_MTL);
+  k = 0 keeps everything and reduces to the underlying method with lambda = alpha.
+
+Memory: not streamed. Holds tau_MTL (one body copy, float32), one task's tau_t, one candidate body,
+and the masks bit-packed (T/32 of a body); the base is read lazily from its file.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fmn_pl.merging.base import MergeContext, MergeMethod
+
+
+def tall_mask(tau: torch.Tensor, tau_mtl: torch.Tensor, lam: float) -> torch.Tensor:
+    """m = |tau| >= lam |tau_MTL - tau|: entries where this task's vector dominates the others' sum."""
+    return tau.abs() >= lam * (tau_mtl - tau).abs()
+
+
+def consensus_mask(count: torch.Tensor, k: int) -> torch.Tensor:
+    """Entries kept by at least `k` task masks (`count` = number of masks that keep each entry)."""
+    return count >= k
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as uint8 bits (8 entries a byte, row-major), the storage TALL reports."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `pack_mask` for a tensor of `shape`."""
+    n = int(np.prod(shape)) if shape else 1
+    bits = np.unpackbits(packed.cpu().numpy(), count=n)
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+def compression(numel: int, itemsize: int, num_tasks: int) -> dict[str, float]:
+    """TALL's storage in bytes for a body of `numel` entries: base + merged vector + packed masks, against
+    storing every task's fine-tuned body (heads are stored in both cases and left out of both)."""
+    base = numel * itemsize
+    merged = numel * itemsize
+    masks = num_tasks * ((numel + 7) // 8)
+    checkpoints = num_tasks * numel * itemsize
+    total = base + merged + masks
+    return {"base_bytes": base, "merged_vector_bytes": merged, "mask_bytes": masks, "total_bytes": total,
+            "checkpoints_bytes": checkpoints, "ratio": checkpoints / total}
+
+
+class _TaskMasks(MergeMethod):
+    """Shared by TALL and Consensus: tau_MTL from the underlying method, and per-task masks with lambda_t
+    chosen on each task's selection data."""
+
+    needs = frozenset({"base", "evaluate"})
+    name = "tall"  # prefix of this method's notes in the report
+
+    def __init__(
+        self,
+        over: Literal["task_arithmetic", "ties"] = "task_arithmetic",
+        lambdas: list[float] = [0.2, 0.3, 0.4, 0.5, 0.6],  # noqa: B006 - read-only default, shown by --help
+        top_k: float = 20.0,
+    ) -> None:
+        if over not in ("task_arithmetic", "ties"):
+            raise ValueError(f"`over` must be 'task_arithmetic' or 'ties', got {over!r}")
+        if not lambdas or any(lam < 0 for lam in lambdas):
+            raise ValueError(f"lambdas must be a non-empty list of numbers >= 0, got {lambdas}")
+        self.over, self.lambdas, self.top_k = over, list(lambdas), top_k
+
+    # -- tau_MTL and per-task vectors --------------------------------------------------------------------
+    def merged_task_vector(self, ctx: MergeContext) -> dict[str, torch.Tensor]:
+        """tau_MTL for every body key: sum_t tau_t, or the TIES merged task vector (before its lambda)."""
+        if self.over == "ties":
+            from fmn_pl.merging.ties import ties_task_vector
+
+            return ties_task_vector(ctx, self.top_k)
+        return {k: sum(ctx.task_vectors(k)) for k in tqdm(ctx.keys, desc="tau_MTL", leave=False)}
+
+    @staticmethod
+    def task_vector(ctx: MergeContext, i: int) -> dict[str, torch.Tensor]:
+        return {k: ctx.models(k)[i] - ctx.base(k) for k in ctx.keys}
+
+    # -- masks ---------------------------------------------------------------------------------------------
+    def _score(self, ctx: MergeContext, body: dict[str, torch.Tensor], task: str) -> float:
+        if ctx.evaluate is None:
+            raise ValueError("choosing lambda per task needs selection data (the merge stage's evaluator); "
+                             "or give a single value in `lambdas`")
+        return float(ctx.evaluate(body)[task])
+
+    def select_masks(self, ctx: MergeContext, tau_mtl: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Per task: lambda_t maximising its own score with theta0 + m_t * tau_MTL; its mask, bit-packed."""
+        chosen, scores, density, masks = {}, {}, {}, []
+        for i, task in enumerate(tqdm(ctx.tasks, desc="TALL masks")):
+            tau = self.task_vector(ctx, i)
+            if len(self.lambdas) == 1:
+                lam = self.lambdas[0]
+            else:
+                scores[task] = {}
+                for lam in self.lambdas:
+                    body = {k: ctx.base(k) + tall_mask(tau[k], tau_mtl[k], lam) * tau_mtl[k] for k in ctx.keys}
+                    scores[task][lam] = self._score(ctx, body, task)
+                    ctx.log(f"{self.name}: {task} lambda={lam} score={scores[task][lam]:.4f}")
+                lam = max(self.lambdas, key=lambda x: scores[task][x])  # first best on ties
+            chosen[task] = lam
+            mask = {k: tall_mask(tau[k], tau_mtl[k], lam) for k in ctx.keys}
+            density[task] = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+            masks.append({k: pack_mask(m) for k, m in mask.items()})
+        ctx.notes.update({f"{self.name}_lambdas": chosen, f"{self.name}_mask_density": density})
+        if scores:
+            ctx.notes[f"{self.name}_lambda_scores"] = scores
+        return masks
+
+
+class Consensus(_TaskMasks):
+    """Consensus merging: theta0 + alpha * (m_cons * tau_MTL), m_cons = entries kept by >= k task masks."""
+
+    name = "consensus"
+
+    def __init__(
+        self,
+        over: Literal["task_arithmetic", "ties"] = "task_arithmetic",
+        k: int = 2,
+        alpha: float | None = None,
+        alphas: list[float] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # noqa: B006
+        lambdas: list[float] = [0.2, 0.3, 0.4, 0.5, 0.6],  # noqa: B006
+        top_k: float = 20.0,
+    ) -> None:
+        """
+        Args:
+            over: the underlying merge whose task vector is masked: task arithmetic (sum of task vectors)
+                or TIES (trimmed, sign-elected disjoint mean).
+            k: keep an entry when at least k tasks' TALL masks keep it (k=0: the underlying method).
+            alpha: scale of the masked vector; None chooses it from `alphas` by the mean selection score.
+            alphas: grid for alpha when it is None.
+            lambdas: grid for each task's TALL mask threshold lambda_t, chosen on that task's selection data.
+            top_k: with `over: ties`, the percentage of each task vector's largest entries TIES keeps.
+        """
+        super().__init__(over, lambdas, top_k)
+        if k < 0:
+            raise ValueError(f"consensus k must be >= 0, got {k}")
+        self.k, self.alpha, self.alphas = k, alpha, list(alphas)
+
+    def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        tau_mtl = self.merged_task_vector(ctx)
+        if self.k == 0:  # every entry is kept: no masks needed
+            keep = {k: torch.ones_like(v, dtype=torch.bool) for k, v in tau_mtl.items()}
+        else:
+            masks = self.select_masks(ctx, tau_mtl)
+            keep = {}
+            for key, v in tau_mtl.items():
+                count = sum(unpack_mask(m[key], tuple(v.shape)).to(torch.uint8) for m in masks)
+                keep[key] = consensus_mask(count, self.k)
+        kept = {k: keep[k] * tau_mtl[k] for k in ctx.keys}
+        del tau_mtl
+        ctx.notes["consensus_kept_fraction"] = (
+            sum(int(m.sum()) for m in keep.values()) / sum(m.numel() for m in keep.values()))
+        alpha = self.alpha
+        if alpha is None:
+            if ctx.evaluate is None:
+                raise ValueError("consensus alpha=None chooses alpha on selection data; give `alpha` without an evaluator")
+            means = {}
+            for a in self.alphas:
+                scores = ctx.evaluate({k: ctx.base(k) + a * kept[k] for k in ctx.keys})
+                means[a] = sum(scores.values()) / len(scores)
+                ctx.log(f"consensus: alpha={a} mean selection score={means[a]:.4f}")
+            alpha = max(self.alphas, key=lambda a: means[a])
+            ctx.notes["consensus_alpha_scores"] = means
+        ctx.notes["consensus_alpha"] = alpha
+        for key in ctx.keys:
+            yield key, ctx.base(key) + alpha * kept[key]
