@@ -12,7 +12,8 @@ Artifact `grams.safetensors` beside a task checkpoint, float32, one tensor per G
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -47,3 +48,50 @@ def body_gram_keys(config: Any) -> dict[str, str]:
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
     return gram_keys(model)
+
+
+class GramAccumulator:
+    """Forward pre-hooks on the body's linear layers that sum X^T X (float64) and count the input rows.
+
+    Set `attention_mask` before each forward: with `include_padding=False` only the rows of real tokens
+    enter the sums. Query/key/value share one hook (on the query). Use `with acc.hooks(): ...`.
+    """
+
+    def __init__(self, model: nn.Module, include_padding: bool = False) -> None:
+        self.include_padding = include_padding
+        self.attention_mask: torch.Tensor | None = None
+        modules = dict(model.named_modules())
+        self.modules = {g: modules[g] for g in dict.fromkeys(gram_keys(model).values())}
+        # Allocated up front on each layer's device, so every rank holds the same tensors to all-reduce.
+        self.sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
+                     for n, m in self.modules.items()}
+        self.rows = {n: torch.zeros((), dtype=torch.float64, device=m.weight.device) for n, m in self.modules.items()}
+
+    def _hook(self, name: str):  # noqa: ANN202 - a torch hook
+        def pre(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            mask = self.attention_mask
+            if not self.include_padding and mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.to(x.device).bool()]
+            x = x.reshape(-1, x.shape[-1]).float()
+            self.sums[name] += (x.T @ x).double()
+            self.rows[name] += x.shape[0]
+
+        return pre
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator["GramAccumulator"]:
+        """Install the hooks for the duration of the block; always removed, even on error."""
+        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def grams(self) -> dict[str, torch.Tensor]:
+        """G = sum X^T X / rows per layer, float32 on CPU (call after any all-reduce of sums and rows)."""
+        missing = [n for n in self.modules if not self.rows[n]]
+        if missing:
+            raise ValueError(f"no input reached linear layer(s) {missing[:3]}: was the pass empty?")
+        return {n: (self.sums[n] / self.rows[n]).float().cpu() for n in self.modules}

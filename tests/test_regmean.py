@@ -70,11 +70,20 @@ def test_query_key_value_share_the_query_gram() -> None:
     assert "pre_classifier" not in dkeys
 
 
-def _saved_models(tmp_path: Path, n: int) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
+def _tiny(seed: int, noise: float) -> torch.nn.Module:
+    """A tiny BERT classifier; `noise` perturbs every parameter (LayerNorms at init make some Grams singular)."""
+    model = tiny_model("bert", seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return model
+
+
+def _saved_models(tmp_path: Path, n: int, noise: float = 0.0) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
     """n tiny BERT classifiers saved as bare safetensors folders (what CheckpointReader reads)."""
     dirs, states = [], []
     for i in range(n):
-        model = tiny_model("bert", seed=i)
+        model = _tiny(i, noise)
         d = tmp_path / f"m{i}"
         d.mkdir()
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -123,3 +132,69 @@ def test_missing_gram_is_a_clear_error(tmp_path: Path) -> None:
                        keys=keys, readers=[CheckpointReader(d) for d in dirs])
     with pytest.raises(ValueError, match="lacks the Gram"):
         dict(RegMean().merge(ctx))
+
+
+def _padded_batches(seed: int, n: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(4, 13, (4,), generator=g)
+        ids = torch.randint(5, 150, (4, 12), generator=g)
+        mask = (torch.arange(12)[None] < lengths[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def test_tiny_model_layer_equals_least_squares_over_stacked_real_inputs(tmp_path: Path) -> None:
+    """Grams from real forward passes (padding excluded) -> RegMean; the FFN input layer against lstsq over
+    the same layer's inputs captured independently by a hook in this test."""
+    from fmn_pl.grams import GramAccumulator
+
+    dirs, states = _saved_models(tmp_path, 2, noise=0.05)
+    layer = "bert.encoder.layer.1.intermediate.dense"
+    captured: list[torch.Tensor] = []
+    for i, d in enumerate(dirs):
+        model = _tiny(i, noise=0.05)
+        xs: list[torch.Tensor] = []
+        current: dict[str, torch.Tensor] = {}
+        handle = dict(model.named_modules())[layer].register_forward_pre_hook(
+            lambda m, a: xs.append(a[0][current["mask"].bool()].detach()))
+        acc = GramAccumulator(model)
+        with acc.hooks(), torch.no_grad():
+            for b in _padded_batches(seed=i):
+                acc.attention_mask = current["mask"] = b["attention_mask"]
+                model(**b)
+        handle.remove()
+        captured.append(torch.cat(xs))
+        grams = acc.grams()
+        assert acc.rows[layer] == sum(int(b["attention_mask"].sum()) for b in _padded_batches(seed=i))
+        assert acc.rows["bert.pooler.dense"] == 12  # one row per example
+        save_artifact(d / "grams.safetensors", grams,
+                      {"kind": "grams", "fingerprint": weights_fingerprint(d), "task": "rte"})
+    model = tiny_model("bert")
+    keys = [k for k, v in states[0].items() if k.startswith("bert.") and v.is_floating_point()]
+    ctx = MergeContext(checkpoints=dirs, tasks=["rte", "mrpc"], config=model.config, body_prefix="bert.",
+                       keys=keys, readers=[CheckpointReader(d) for d in dirs], log=lambda s: None)
+    merged = dict(RegMean(alpha=1.0).merge(ctx))
+    ref = lstsq_reference(captured, [states[i][f"{layer}.weight"] for i in range(2)])
+    assert f"{layer}.weight" not in ctx.notes["regmean_ridge"]
+    torch.testing.assert_close(merged[f"{layer}.weight"], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_padding_option_changes_what_the_gram_sees() -> None:
+    from fmn_pl.grams import GramAccumulator
+
+    model = tiny_model("bert")
+    results = {}
+    for include in (False, True):
+        acc = GramAccumulator(model, include_padding=include)
+        with acc.hooks(), torch.no_grad():
+            for b in _padded_batches(seed=0, n=1):
+                acc.attention_mask = b["attention_mask"]
+                model(**b)
+        results[include] = (acc.rows["bert.encoder.layer.0.attention.self.query"].item(), acc.grams())
+    assert results[False][0] == int(_padded_batches(seed=0, n=1)[0]["attention_mask"].sum())
+    assert results[True][0] == 4 * 12
+    assert not torch.allclose(results[False][1]["bert.encoder.layer.0.output.dense"],
+                              results[True][1]["bert.encoder.layer.0.output.dense"])
+    assert len(model._forward_pre_hooks) == 0 and all(not m._forward_pre_hooks for m in model.modules())
