@@ -100,7 +100,7 @@ class Artifact:
             yield key, self.get(key)
 
     def load_all(self) -> dict[str, torch.Tensor]:
-        return dict(self)
+        return {k: self.get(k) for k in self.keys()}  # not dict(self): keys() would make dict() subscript
 
     def check(self, shapes: dict[str, tuple[int, ...]] | None = None) -> "Artifact":
         """Read every tensor once: NaN/Inf, expected shapes, and not all zero. Returns self."""
