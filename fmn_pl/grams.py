@@ -13,11 +13,15 @@ Artifact `grams.safetensors` beside a task checkpoint, float32, one tensor per G
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Iterator
 
+import lightning as L
 import torch
 from torch import nn
 
+from fmn_pl.artifacts import artifact_path, save_artifact
+from fmn_pl.checkpoint import weights_fingerprint
 from fmn_pl.nodes import adapter_for
 
 
@@ -95,3 +99,64 @@ class GramAccumulator:
         if missing:
             raise ValueError(f"no input reached linear layer(s) {missing[:3]}: was the pass empty?")
         return {n: (self.sums[n] / self.rows[n]).float().cpu() for n in self.modules}
+
+
+class GramCallback(L.Callback):
+    """Collects the Grams during a validation-style pass and writes `grams.safetensors` beside the checkpoint.
+
+    Each rank sums its own shard; sums and row counts are all-reduced once at the end (shard without
+    padding: `GLUEDataModule(unpadded_shards=True)`), and rank zero writes the artifact atomically.
+    """
+
+    kind = "grams"
+
+    def __init__(self, checkpoint_dir: str | Path, include_padding: bool = False,
+                 metadata: dict[str, Any] | None = None) -> None:
+        """
+        Args:
+            checkpoint_dir: the task checkpoint the pass runs on; the artifact is written there.
+            include_padding: also count padding positions (the reference RegMean code does).
+            metadata: extra header entries (task, data settings, ...).
+        """
+        self.checkpoint_dir, self.include_padding = Path(checkpoint_dir), include_padding
+        self.metadata = dict(metadata or {})
+        self.acc: GramAccumulator | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self.examples = 0
+        self.path: Path | None = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.acc = GramAccumulator(pl_module.model, self.include_padding)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self.acc.hooks())
+        self.examples = 0
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.acc.attention_mask = batch.get("attention_mask")
+        self.examples += len(batch["input_ids"])
+
+    def _close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+        acc = self.acc
+        examples = torch.tensor(float(self.examples), dtype=torch.float64, device=pl_module.device)
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            for t in (*acc.sums.values(), *acc.rows.values(), examples):
+                dist.all_reduce(t)
+        self.examples = int(examples.item())
+        if trainer.is_global_zero:
+            meta = {"kind": self.kind, "fingerprint": weights_fingerprint(self.checkpoint_dir),
+                    "num_examples": self.examples, "include_padding": self.include_padding,
+                    "rows": {n: int(r.item()) for n, r in acc.rows.items()}, **self.metadata}
+            self.path = save_artifact(artifact_path(self.checkpoint_dir, self.kind), acc.grams(), meta)
+        trainer.strategy.barrier()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()
