@@ -6,6 +6,11 @@ from fmn_pl.merging.base import MergeContext, MergeMethod
 
 METHODS: dict[str, str] = {
     # name: "module:Class" (imported lazily, so one method's dependencies never slow the others)
+    "average": "average:Average",
+    "fmn": "fmn:FMN",
+    "fisher": "fisher:Fisher",
+    "task_arithmetic": "task_arithmetic:TaskArithmetic",
+    "ties": "ties:Ties",
 }
 
 

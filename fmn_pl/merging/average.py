@@ -1,0 +1,59 @@
+"""Plain averaging: theta* = sum_j c_j theta_j / sum_j c_j (c_j = 1 by default), the baseline every report holds.
+
+`weighted_mean` is the accumulation every weighted method shares: one model's tensor at a time, so
+memory is one accumulator plus one model's tensor whatever the number of models.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+
+
+def check_coefficients(coefficients: Sequence[float] | None, num_models: int, method: str) -> list[float]:
+    """Per-model coefficients (default all 1), checked: one per model, >= 0, not all zero."""
+    if coefficients is None:
+        return [1.0] * num_models
+    c = [float(x) for x in coefficients]
+    if len(c) != num_models:
+        raise ValueError(f"{method}: {len(c)} coefficients given for {num_models} checkpoints; give one per checkpoint")
+    if any(x < 0 for x in c) or sum(c) <= 0:
+        raise ValueError(f"{method}: coefficients must be >= 0 with a positive sum, got {c}")
+    return c
+
+
+def weighted_mean(models: LazyTensors, weights: Sequence[torch.Tensor | float]) -> torch.Tensor:
+    """sum_j w_j theta_j / sum_j w_j, elementwise; each w_j a number or a tensor broadcastable to theta_j.
+
+    Where the weights sum to zero the result is 0/0: callers apply their own fallback first.
+    """
+    total = sum(weights)
+    acc: torch.Tensor | None = None
+    for j in range(len(models)):
+        theta = models[j]
+        share = weights[j] / total  # computed in the weights' precision (float64 for Fisher weights)
+        term = theta * (share.to(theta.dtype) if isinstance(share, torch.Tensor) else share)
+        acc = term if acc is None else acc.add_(term)
+    assert acc is not None
+    return acc
+
+
+class Average(MergeMethod):
+    """The plain average of the checkpoints' bodies (optionally weighted by per-model coefficients)."""
+
+    def __init__(self, coefficients: list[float] | None = None) -> None:
+        """
+        Args:
+            coefficients: one weight per checkpoint, in order (None: all 1, the plain average).
+        """
+        self.coefficients = coefficients
+        self._c: list[float] = []
+
+    def setup(self, ctx: MergeContext) -> None:
+        self._c = check_coefficients(self.coefficients, ctx.num_models, "average")
+
+    def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
+        return weighted_mean(models, self._c)

@@ -1,0 +1,204 @@
+"""Fisher merging with mask nodes (FMN): a weighted mean whose weights broadcast each model's mask-node Fisher.
+
+    theta* = sum_j W_j theta_j / sum_j W_j   (elementwise over the body)
+
+W_j = lambda_j x (model j's head/neuron Fisher, normalised and floored, broadcast to the parameters):
+
+    role (per layer l)            reference broadcast            per_node broadcast
+    query, key rows/bias of h     F_head[l, h]                   F_head[l, h]
+    value weight rows / bias      mean_h F_head[l]               F_head[l, h] (rows of head h)
+    attention-output weight       mean_h F_head[l]               F_head[l, h] (input columns of head h)
+    attention-output bias, norm   mean_h F_head[l]               mean_h F_head[l]
+    FFN-input rows/bias of j      F_neuron[l, j]                 F_neuron[l, j]
+    FFN-output weight             mean_j F_neuron[l]             F_neuron[l, j] (input columns of neuron j)
+    FFN-output bias, norm         mean_j F_neuron[l]             mean_j F_neuron[l]
+    everything else in the body   U = mean_l (mean_h F_head[l] + mean_j F_neuron[l])   (or plain average)
+
+Where the weights of every model are zero the entry falls back to the lambda-weighted plain average.
+The weights normalise, so merging full weights or task vectors gives the same result (no base needed).
+Memory: the node Fisher of all models (M x L x (H + F) numbers), one accumulator and one model's tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from fmn_pl.merging.average import check_coefficients
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+from fmn_pl.nodes import adapter_for, node_shape
+
+Normalize = Literal["none", "mean", "type", "layer"]
+Broadcast = Literal["reference", "per_node"]
+
+
+def normalize_fisher(head: torch.Tensor, neuron: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model's node Fisher ([L, H], [L, F]) rescaled so that models of different loss scales compare.
+
+    none: unchanged (reference). mean: divided by its mean over all nodes (heads and neurons together).
+    type: heads and neurons each divided by their own mean. layer: each layer's heads and each layer's
+    neurons divided by their own mean. A group whose mean is 0 stays 0.
+    """
+
+    def unit(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        m = x.mean() if dim is None else x.mean(dim=dim, keepdim=True)
+        return torch.where(m > 0, x / torch.where(m > 0, m, torch.ones_like(m)), torch.zeros_like(x))
+
+    if how == "none":
+        return head, neuron
+    if how == "mean":
+        m = torch.cat([head.reshape(-1), neuron.reshape(-1)]).mean()
+        return (head / m, neuron / m) if m > 0 else (head, neuron)
+    if how == "type":
+        return unit(head), unit(neuron)
+    if how == "layer":
+        return unit(head, 1), unit(neuron, 1)
+    raise ValueError(f"fmn normalize must be one of none, mean, type, layer; got {how!r}")
+
+
+def universal_weight(head: torch.Tensor, neuron: torch.Tensor) -> torch.Tensor:
+    """U = mean over layers of (mean head Fisher + mean neuron Fisher): the weight of embeddings and pooler."""
+    return (head.mean(1) + neuron.mean(1)).mean()
+
+
+class FMN(MergeMethod):
+    """Fisher merging with mask nodes: a weighted mean by each model's head/neuron Fisher (`mask_fisher`)."""
+
+    needs = frozenset({"mask_fisher"})
+
+    def __init__(
+        self,
+        broadcast: Broadcast = "reference",
+        normalize: Normalize = "none",
+        universal: bool = True,
+        epsilon: float = 0.0,
+        coefficients: list[float] | None = None,
+    ) -> None:
+        """
+        Args:
+            broadcast: reference = value/attention-output/FFN-output weights by the layer's mean node Fisher;
+                per_node = value rows, attention-output input columns and FFN-output input columns by their own node.
+            normalize: per-model Fisher scaling before merging: none (reference), mean (unit mean over all its
+                nodes), type (unit mean of heads and of neurons separately), layer (unit mean per layer and node type).
+            universal: weight embeddings, pooler and other non-layer body tensors by the universal Fisher U
+                (mean over layers of mean head + mean neuron Fisher); false = plain average there.
+            epsilon: floor on every (normalised) node Fisher, so near-zero sums cannot blow up; 0 = reference
+                (entries where every model's weight is exactly 0 fall back to the plain average).
+            coefficients: per-model multipliers lambda_j of the weights, one per checkpoint (None: all 1).
+        """
+        if broadcast not in ("reference", "per_node"):
+            raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
+        if normalize not in ("none", "mean", "type", "layer"):
+            raise ValueError(f"fmn normalize must be one of none, mean, type, layer; got {normalize!r}")
+        if epsilon < 0:
+            raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
+        self.broadcast, self.normalize, self.universal = broadcast, normalize, universal
+        self.epsilon, self.coefficients = epsilon, coefficients
+        self._c: torch.Tensor = torch.ones(0)
+        self._head: torch.Tensor = torch.zeros(0)  # [M, L, H]
+        self._neuron: torch.Tensor = torch.zeros(0)  # [M, L, F]
+        self._roles: dict[str, tuple[str, int, str]] = {}  # key -> (role, layer, "weight" | "bias")
+
+    # -- setup: node Fisher of every model, parameter roles -------------------------------------------
+    def setup(self, ctx: MergeContext) -> None:
+        self._c = torch.tensor(check_coefficients(self.coefficients, ctx.num_models, "fmn"), dtype=torch.float64)
+        L, H, F = node_shape(ctx.config)
+        heads, neurons = [], []
+        for i in range(ctx.num_models):
+            art = ctx.artifact(i, "mask_fisher")
+            head, neuron = art.get("head").double(), art.get("neuron").double()
+            for name, t, shape in (("head", head, (L, H)), ("neuron", neuron, (L, F))):
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{art.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+            if (head < 0).any() or (neuron < 0).any():
+                raise ValueError(f"{art.path}: Fisher values must be >= 0")
+            head, neuron = normalize_fisher(head, neuron, self.normalize)
+            heads.append(head.clamp_min(self.epsilon))
+            neurons.append(neuron.clamp_min(self.epsilon))
+        self._head, self._neuron = torch.stack(heads), torch.stack(neurons)
+        self._roles = parameter_roles(ctx.config, ctx.body_prefix, ctx.keys)
+        ctx.notes["fmn"] = {
+            "universal_weights": [float(universal_weight(h, n)) for h, n in zip(self._head, self._neuron)],
+            "mean_head_fisher": [float(h.mean()) for h in self._head],
+            "mean_neuron_fisher": [float(n.mean()) for n in self._neuron],
+            "universal_keys": [k for k in ctx.keys if k not in self._roles],
+        }
+
+    # -- weights --------------------------------------------------------------------------------------
+    def weights(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """[M, ...] float64 weights broadcastable to a tensor of `shape` (before the zero fallback)."""
+        M = len(self._c)
+        role = self._roles.get(key)
+        if role is None:
+            if not self.universal:
+                w = torch.ones(M, dtype=torch.float64)
+            else:
+                w = torch.stack([universal_weight(h, n) for h, n in zip(self._head, self._neuron)])
+            return _expand(w * self._c, len(shape))
+        name, layer, kind = role
+        head, neuron = self._head[:, layer], self._neuron[:, layer]  # [M, H], [M, F]
+        per_node = self.broadcast == "per_node"
+        if name in ("query", "key") or (name == "value" and per_node):
+            w = _rows(head, shape[0], key)
+        elif name == "attn_out" and per_node and kind == "weight":
+            w = _rows(head, shape[1], key).unsqueeze(1)  # input columns of each head: [M, 1, in]
+            return w * _expand(self._c, 2)
+        elif name == "ffn_in":
+            w = _rows(neuron, shape[0], key)
+        elif name == "ffn_out" and per_node and kind == "weight":
+            w = _rows(neuron, shape[1], key).unsqueeze(1)
+            return w * _expand(self._c, 2)
+        elif name in ("value", "attn_out", "attn_norm"):
+            w = head.mean(1)
+        else:  # ffn_out, ffn_norm
+            w = neuron.mean(1)
+        if w.dim() == 1:  # one number per model
+            return _expand(w * self._c, len(shape))
+        w = w * self._c[:, None]  # [M, rows]
+        return w.reshape(M, shape[0], *([1] * (len(shape) - 1)))
+
+    def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
+        shape = tuple(ctx.readers[0].shape(key))
+        w = self.weights(key, shape)
+        total = w.sum(0, keepdim=True)
+        if (total == 0).any():  # nodes with zero Fisher in every model: plain (lambda-weighted) average
+            w = torch.where(total == 0, _expand(self._c, w.dim() - 1).expand_as(w), w)
+            total = w.sum(0, keepdim=True)
+        share = (w / total).float()
+        acc: torch.Tensor | None = None
+        for j in range(len(models)):
+            term = models[j] * share[j]
+            acc = term if acc is None else acc.add_(term)
+        assert acc is not None
+        return acc
+
+
+def _expand(w: torch.Tensor, ndim: int) -> torch.Tensor:
+    """[M] -> [M, 1, ..., 1] with `ndim` trailing singleton dimensions."""
+    return w.reshape(-1, *([1] * ndim))
+
+
+def _rows(node: torch.Tensor, size: int, key: str) -> torch.Tensor:
+    """[M, N] node weights -> [M, size] with each node repeated over its size // N consecutive entries."""
+    n = node.shape[1]
+    if size % n:
+        raise ValueError(f"{key}: dimension {size} is not a multiple of the {n} mask nodes of its layer")
+    return node.repeat_interleave(size // n, dim=1)
+
+
+def parameter_roles(config: object, body_prefix: str, keys: list[str]) -> dict[str, tuple[str, int, str]]:
+    """{key: (role, layer, "weight" | "bias")} for every body tensor of a mask-node module; others are universal."""
+    adapter = adapter_for(config)
+    layers = node_shape(config)[0]
+    base = body_prefix.rstrip(".")
+    present = set(keys)
+    roles = {}
+    for layer in range(layers):
+        prefix = adapter.layer_prefix(base, layer) if base else f"{adapter.layers}.{layer}."
+        for role, path in adapter.roles().items():
+            for kind in ("weight", "bias"):
+                key = f"{prefix}{path}.{kind}"
+                if key in present:
+                    roles[key] = (role, layer, kind)
+    return roles

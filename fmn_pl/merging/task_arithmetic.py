@@ -1,0 +1,122 @@
+"""Task arithmetic (Ilharco et al. 2023): theta = theta0 + lambda * sum_t tau_t, tau_t = theta_t - theta0.
+
+`TaskVectorMethod` is the part every task-vector method shares (TIES uses it too): the base model, each
+model's task vector of one tensor at a time (optionally DARE-processed), and the scaling lambda, fixed or
+chosen on selection data from a grid. Memory with a fixed lambda: the base tensor, one accumulator and
+one model's tensor. Choosing lambda holds the merged task vector of the whole body (one body copy) and
+one candidate body while it is scored.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+from fmn_pl.merging.dare import dare, dare_generator
+
+GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+def select_scaling(
+    ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str
+) -> float:
+    """The lambda of `grid` whose body theta0 + lambda * vector has the best mean selection score (first on ties).
+
+    Records the chosen value and every candidate's scores in `ctx.notes[name + "_scaling"]`.
+    """
+    if ctx.evaluate is None:
+        raise ValueError(f"{name}: scaling=null chooses lambda on selection data, which needs evaluation; "
+                         "give a fixed `scaling`")
+    scores: dict[float, dict[str, float]] = {}
+    for lam in grid:
+        scores[lam] = ctx.evaluate({k: ctx.base(k) + lam * v for k, v in vector.items()})
+        mean = sum(scores[lam].values()) / len(scores[lam])
+        ctx.log(f"{name}: lambda={lam} mean selection score={mean:.4f}")
+    means = {lam: sum(s.values()) / len(s) for lam, s in scores.items()}
+    best = max(grid, key=lambda lam: means[lam])
+    ctx.notes[f"{name}_scaling"] = {"chosen": best, "grid": list(grid), "mean_scores": means, "scores": scores}
+    return best
+
+
+class TaskVectorMethod(MergeMethod):
+    """Base of methods on task vectors: base model, per-model task vectors (with DARE), and lambda."""
+
+    needs = frozenset({"base"})
+    name = "task_vectors"
+
+    def __init__(
+        self, scaling: float | None, scalings: list[float] | None = None, dare_p: float = 0.0, dare_seed: int = 0
+    ) -> None:
+        if not 0.0 <= dare_p < 1.0:
+            raise ValueError(f"{self.name}: dare_p must be in [0, 1), got {dare_p}")
+        self.scaling, self.scalings = scaling, list(scalings) if scalings is not None else list(GRID)
+        if not self.scalings:
+            raise ValueError(f"{self.name}: scalings must not be empty")
+        self.dare_p, self.dare_seed = dare_p, dare_seed
+
+    def task_vector(self, ctx: MergeContext, i: int, key: str, base: torch.Tensor) -> torch.Tensor:
+        """tau_i of one tensor (DARE drop-and-rescale applied when dare_p > 0; same pattern on every call)."""
+        tau = ctx.models(key)[i] - base
+        if self.dare_p > 0:
+            tau = dare(tau, self.dare_p, dare_generator(self.dare_seed, i, key))
+        return tau
+
+    def task_vectors(self, ctx: MergeContext, key: str, base: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The models' task vectors of one tensor, one at a time (memory does not grow with the count)."""
+        for i in range(ctx.num_models):
+            yield self.task_vector(ctx, i, key, base)
+
+    def merged_vector(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
+        """The method's merged task vector of one tensor (before lambda)."""
+        raise NotImplementedError
+
+    def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        self.setup(ctx)
+        if self.scaling is not None:
+            for key in ctx.keys:
+                base = ctx.base(key)
+                yield key, base + self.scaling * self.merged_vector(key, ctx, base)
+            return
+        vector = {k: self.merged_vector(k, ctx, ctx.base(k)) for k in tqdm(ctx.keys, desc=f"{self.name} vector", leave=False)}
+        lam = select_scaling(ctx, vector, self.scalings, self.name)
+        for key in ctx.keys:
+            yield key, ctx.base(key) + lam * vector.pop(key)
+
+    def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
+        if self.scaling is None:
+            raise ValueError(f"{self.name}: scaling=null needs the whole-body merge (`merge`), not one tensor")
+        base = ctx.base(key)
+        return base + self.scaling * self.merged_vector(key, ctx, base)
+
+
+class TaskArithmetic(TaskVectorMethod):
+    """Task arithmetic: theta0 + lambda * sum_t tau_t."""
+
+    name = "task_arithmetic"
+
+    def __init__(
+        self,
+        scaling: float | None = None,
+        scalings: list[float] = GRID,  # noqa: B006 - read-only default, shown by --help
+        dare_p: float = 0.0,
+        dare_seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            scaling: lambda; null chooses it from `scalings` by the mean selection score over the tasks.
+            scalings: the grid lambda is chosen from when `scaling` is null.
+            dare_p: DARE drop rate applied to every task vector first (0 = off): drop each entry with
+                probability p and rescale the rest by 1/(1-p).
+            dare_seed: seed of DARE's drop pattern (one generator per seed, model and tensor).
+        """
+        super().__init__(scaling, scalings, dare_p, dare_seed)
+
+    def merged_vector(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
+        acc: torch.Tensor | None = None
+        for tau in self.task_vectors(ctx, key, base):
+            acc = tau if acc is None else acc.add_(tau)
+        assert acc is not None
+        return acc
