@@ -1,0 +1,179 @@
+"""Score models on GLUE with each task's own head: a task checkpoint, a merged folder, or a body swapped in.
+
+Evaluation is `trainer.validate` on the fine-tuning module (`GLUETransformer`) with the task's
+`GLUEDataModule`, so metrics, padding and truncation are exactly those of fine-tuning. A body
+({parameter name: tensor}, e.g. a merge held in memory) replaces the checkpoint's body before scoring;
+the head stays the task's own. Results of individual checkpoints can be cached beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+
+from fmn_pl.checkpoint import read_metadata, write_json
+from fmn_pl.data import GLUEDataModule, is_local_path
+
+CACHE_FILE = "fmn_pl_eval.json"
+CACHE_VERSION = 1
+Split = Literal["validation", "holdout", "train"]
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Which examples a task is scored on."""
+
+    data_dir: str = "../shared/data/glue"
+    """Local GLUE folder (parquet or TSV layout) or a hub dataset name."""
+    split: Split = "validation"
+    """validation: the task's GLUE validation split(s) (MNLI: matched and mismatched, score = their mean);
+    holdout: the training rows the checkpoint held out (its `data.holdout_samples`); train: training rows."""
+    max_samples: int | None = None
+    """Cap on the examples per split (a seeded sample without replacement); None: all."""
+    batch_size: int = 64
+    """Evaluation batch size."""
+    sample_seed: int = 0
+    """Seed of the capped sample."""
+
+    def identity(self) -> dict[str, Any]:
+        """What the scores depend on (for caches): the options, with a local data folder made absolute."""
+        d = asdict(self)
+        d.pop("batch_size")
+        if is_local_path(self.data_dir):
+            d["data_dir"] = str(Path(self.data_dir).expanduser().resolve())
+        return d
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's per-Trainer info lines and transformers' weight-loading bars while evaluating repeatedly."""
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    bars = hf_logging.is_progress_bar_enabled()
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _metric_name(key: str) -> str:
+    """`val/accuracy` -> `accuracy`; MNLI's `val_matched/accuracy` -> `matched/accuracy`."""
+    head, _, tail = key.partition("/")
+    split = head.removeprefix("val").lstrip("_")
+    return f"{split}/{tail}" if split else tail
+
+
+class Evaluator:
+    """Scores task checkpoints (or bodies in their place) on each checkpoint's own task and data."""
+
+    def __init__(
+        self, checkpoints: list[str | Path], data: EvalData, accelerator: str = "auto", progress: bool = True
+    ) -> None:
+        self.checkpoints = [Path(c) for c in checkpoints]
+        self.metadata = [read_metadata(c) for c in self.checkpoints]
+        self.tasks = [m["task"] for m in self.metadata]
+        self.data, self.accelerator, self.progress = data, accelerator, progress
+        self._modules: dict[int, GLUEDataModule] = {}
+
+    def datamodule(self, i: int) -> GLUEDataModule:
+        """Checkpoint i's task data (tokenized once, kept): its tokenizer and fine-tuning `max_length`."""
+        if i not in self._modules:
+            trained = self.metadata[i].get("data") or {}
+            holdout = int(trained.get("holdout_samples") or 0)
+            if self.data.split == "holdout" and holdout <= 0:
+                raise ValueError(f"{self.checkpoints[i]} held out no training rows (data.holdout_samples is 0): "
+                                 "choose on split validation or train instead, or fine-tune with holdout_samples")
+            dm = GLUEDataModule(
+                task=self.tasks[i], data_dir=self.data.data_dir, tokenizer=str(self.checkpoints[i]),
+                max_length=trained.get("max_length"), eval_batch_size=self.data.batch_size,
+                max_eval_samples=self.data.max_samples, sample_seed=self.data.sample_seed,
+                eval_splits=None if self.data.split == "validation" else [self.data.split],
+                holdout_samples=holdout,
+            )
+            dm.setup("validate")
+            self._modules[i] = dm
+        return self._modules[i]
+
+    def identity(self, i: int) -> dict[str, Any]:
+        """Everything checkpoint i's scores depend on besides the weights."""
+        trained = self.metadata[i].get("data") or {}
+        return {**self.data.identity(), "task": self.tasks[i], "max_length": trained.get("max_length"),
+                "holdout_samples": trained.get("holdout_samples") if self.data.split != "validation" else None}
+
+    def evaluate(self, i: int, model_dir: str | Path | None = None, body: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Metrics (and `score`) of checkpoint i's task for the model in `model_dir` (default: the checkpoint),
+        with its body replaced by `body` when given."""
+        import lightning as L
+
+        from fmn_pl.module import GLUETransformer
+
+        dm = self.datamodule(i)
+        with quiet_lightning():
+            module = GLUETransformer(str(model_dir or self.checkpoints[i]), self.tasks[i])
+            if body is not None:
+                result = module.model.load_state_dict(body, strict=False)
+                if result.unexpected_keys:
+                    raise ValueError(f"merged body has tensors the {self.tasks[i]} model lacks: {result.unexpected_keys[:3]}")
+            trainer = L.Trainer(
+                accelerator=self.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=self.progress, enable_model_summary=False,
+            )
+            trainer.validate(module, datamodule=dm, verbose=False)
+        return {_metric_name(k): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+
+    def scores(self, body: dict[str, torch.Tensor]) -> dict[str, float]:
+        """{task: score} of `body` with every task's own head (the selection function merge methods call)."""
+        return {task: self.evaluate(i, body=body)["score"] for i, task in enumerate(self.tasks)}
+
+
+class EvalCache:
+    """Scores remembered in `<checkpoint>/fmn_pl_eval.json` by key (options, data and weight fingerprints),
+    so a study of many merges evaluates each individual model (and each plain average) once."""
+
+    def __init__(self, enabled: bool = True, log: Callable[[str], None] = print) -> None:
+        self.enabled, self.log = enabled, log
+
+    @staticmethod
+    def digest(key: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def get(self, checkpoint: str | Path, key: dict[str, Any]) -> dict[str, float] | None:
+        if not self.enabled:
+            return None
+        entry = self._read(Path(checkpoint) / CACHE_FILE).get(self.digest(key))
+        return entry["metrics"] if entry else None
+
+    def put(self, checkpoint: str | Path, key: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Add one entry (re-reading the file first, so concurrent merges lose little); a read-only folder
+        only loses the cache."""
+        if not self.enabled:
+            return
+        path = Path(checkpoint) / CACHE_FILE
+        entries = self._read(path)
+        entries[self.digest(key)] = {"key": key, "metrics": metrics}
+        try:
+            write_json(path, entries)
+        except OSError as e:
+            self.log(f"could not cache evaluation results in {path}: {e}")

@@ -1,0 +1,152 @@
+"""Merge reports: `report.json` (everything), `report.md` (a table) and `report.png` (bars per task).
+
+A merge report's `results` maps each task to {"merged", "individual", "average": metrics with `score`,
+"normalized": merged score / individual score, "normalized_average": average / individual}. `rows`
+flattens one report into table rows, so a study's combined report can stack many of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fmn_pl.checkpoint import write_json
+
+
+def normalized(score: float | None, reference: float | None) -> float | None:
+    """score / reference, or None when the reference is not positive (e.g. a CoLA MCC of 0)."""
+    if score is None or reference is None or reference <= 0:
+        return None
+    return score / reference
+
+
+def task_result(merged: dict[str, float] | None, individual: dict[str, float] | None,
+                average: dict[str, float] | None) -> dict[str, Any]:
+    """One task's entry of `results`."""
+    score = lambda m: None if m is None else m.get("score")  # noqa: E731
+    return {
+        "merged": merged, "individual": individual, "average": average,
+        "normalized": normalized(score(merged), score(individual)),
+        "normalized_average": normalized(score(average), score(individual)),
+    }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summary(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Means over tasks of the scores and normalized scores."""
+    pick = lambda r, k: None if r.get(k) is None else r[k].get("score")  # noqa: E731
+    return {
+        "merged_score": _mean([pick(r, "merged") for r in results.values()]),
+        "individual_score": _mean([pick(r, "individual") for r in results.values()]),
+        "average_score": _mean([pick(r, "average") for r in results.values()]),
+        "normalized": _mean([r.get("normalized") for r in results.values()]),
+        "normalized_average": _mean([r.get("normalized_average") for r in results.values()]),
+    }
+
+
+def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per task: method, task, metric names, the three scores and both normalized scores."""
+    out = []
+    for task, r in report.get("results", {}).items():
+        metrics = [k for k in (r.get("merged") or r.get("individual") or {}) if k != "score"]
+        out.append({
+            "method": report.get("method"), "label": report.get("label") or report.get("method"), "task": task,
+            "metrics": metrics,
+            **{k: (r.get(k) or {}).get("score") for k in ("individual", "average", "merged")},
+            "normalized": r.get("normalized"), "normalized_average": r.get("normalized_average"),
+        })
+    return out
+
+
+def _fmt(x: float | None, scale: float = 100.0) -> str:
+    return "–" if x is None else f"{x * scale:.2f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: a table of scores (x100) per task plus a mean row, then method and timings."""
+    label = report.get("label") or report.get("method")
+    lines = [f"# Merge report: {label}", ""]
+    lines.append(f"Tasks: {', '.join(report.get('tasks', []))}. Method `{report.get('method')}` with options "
+                 f"`{json.dumps(report.get('options', {}), sort_keys=True)}`.")
+    ev = report.get("evaluation")
+    if ev:
+        cap = ev.get("max_samples")
+        lines.append(f"Scored on the `{ev.get('split')}` split ({'all examples' if cap is None else f'at most {cap} examples'}"
+                     f" per task); score = mean of the task's metrics, x100; normalized = merged / individual (%).")
+    sel = report.get("selection")
+    if sel:
+        lines.append(f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations).")
+    lines.append("")
+    table = rows(report)
+    if table:
+        lines += [f"| task | metrics | individual | average | {label} | {label} / individual | average / individual |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in table:
+            lines.append(f"| {r['task']} | {', '.join(r['metrics'])} | {_fmt(r['individual'])} | {_fmt(r['average'])} | "
+                         f"{_fmt(r['merged'])} | {_fmt(r['normalized'])} | {_fmt(r['normalized_average'])} |")
+        s = report.get("summary", {})
+        lines.append(f"| **mean** | | {_fmt(s.get('individual_score'))} | {_fmt(s.get('average_score'))} | "
+                     f"{_fmt(s.get('merged_score'))} | {_fmt(s.get('normalized'))} | {_fmt(s.get('normalized_average'))} |")
+    else:
+        lines.append("Not evaluated.")
+    t = report.get("timings", {})
+    if t:
+        lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, (int, float)))
+                  + (f"; peak RSS {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: str | Path) -> Path | None:
+    """Grouped bars per task (and the mean): individual, plain average, the method. None if not evaluated."""
+    table = rows(report)
+    if not table:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label = report.get("label") or report.get("method")
+    s = report.get("summary", {})
+    names = [r["task"] for r in table] + ["mean"]
+    series = {
+        "individual": [r["individual"] for r in table] + [s.get("individual_score")],
+        "average": [r["average"] for r in table] + [s.get("average_score")],
+        label: [r["merged"] for r in table] + [s.get("merged_score")],
+    }
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.6))
+    width = 0.8 / len(series)
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [100 * v if v is not None else 0 for v in values], width, label=name)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("score (x100)")
+    ax.set_title(f"{label}: {'+'.join(report.get('tasks', []))}")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize="small", ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(folder: str | Path, report: dict[str, Any]) -> list[Path]:
+    """Write report.json, report.md and (when evaluated) report.png into `folder`."""
+    folder = Path(folder)
+    write_json(folder / "report.json", report)
+    md = folder / "report.md"
+    tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
+    tmp.write_text(markdown(report))
+    tmp.replace(md)
+    written = [folder / "report.json", md]
+    png = plot(report, folder / "report.png")
+    return written + ([png] if png else [])
