@@ -96,6 +96,24 @@ def write_json(path: str | Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def check_export_target(target: str | Path, task: str, overwrite: bool = False) -> None:
+    """Refuse a non-empty `target` unless it holds an export of the same `task` (or `overwrite`)."""
+    target = Path(target)
+    if overwrite or not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder; refusing to export task {task!r} there")
+    if not any(target.iterdir()):
+        return
+    try:
+        other = read_metadata(target)["task"]
+    except (FileNotFoundError, ValueError):
+        other = None
+    if other != task:
+        what = f"an export of task {other!r}" if other else "files that are not an fmn-pl export"
+        raise FileExistsError(f"{target} already holds {what}; refusing to write task {task!r} there without overwrite")
+
+
 def export_checkpoint(
     model: Any,
     tokenizer: Any,
@@ -108,19 +126,8 @@ def export_checkpoint(
 
     An existing export of the same task is replaced; one of another task is refused unless `overwrite`.
     """
-    task = metadata["task"]
-
-    def same_task(p: Path) -> bool:
-        try:
-            return read_metadata(p)["task"] == task
-        except (FileNotFoundError, ValueError):
-            return False
-
     target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite and not same_task(target):
-        other = (target / METADATA_FILE).is_file() and json.loads((target / METADATA_FILE).read_text()).get("task")
-        what = f"an export of task {other!r}" if other else "files that are not an fmn-pl export"
-        raise FileExistsError(f"{target} already holds {what}; refusing to write task {task!r} there without overwrite")
+    check_export_target(target, metadata["task"], overwrite)
     with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -151,6 +158,11 @@ class ExportCheckpoint(L.Callback):
         self.best_metrics: dict[str, float] = {}
         self.best_epoch: int | None = None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse an occupied export folder before training, not after it."""
+        if stage == "fit" and self.dirpath is not None and trainer.is_global_zero:
+            check_export_target(self.dirpath, pl_module.task.name, self.overwrite)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.dirpath is None or trainer.state.fn != "fit":
             return
@@ -178,11 +190,16 @@ class ExportCheckpoint(L.Callback):
                 "epochs_trained": trainer.current_epoch,
                 "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
                 "num_train_examples": getattr(dm, "num_train_examples", None),
-                "data": dict(getattr(dm, "hparams", {})),
-                "model_hparams": dict(hp),
+                "data": _public(getattr(dm, "hparams", {})),
+                "model_hparams": _public(hp),
             }
             config = Path(trainer.log_dir or ".") / "config.yaml"
             tokenizer = getattr(dm, "tokenizer", None)
             export_checkpoint(pl_module.model, tokenizer, self.dirpath, metadata, config, self.overwrite)
             print(f"exported {pl_module.task.name} task checkpoint to {self.dirpath}")
         trainer.strategy.barrier("fmn_pl_export")
+
+
+def _public(hparams: Any) -> dict[str, Any]:
+    """Hyperparameters without LightningCLI's private entries (`_instantiator`)."""
+    return {k: v for k, v in dict(hparams).items() if not k.startswith("_")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -41,9 +42,26 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> FmnCLI
     )
 
 
+# What bad input raises (unknown task, missing file or column, wrong labels, occupied output folder).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    from_shell = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point. From the shell, bad input ends with one line `fmn-pl: error: ...` and exit status 2
+    (set FMN_PL_TRACEBACK=1 for the traceback); called with `argv`, errors propagate to the caller."""
+    if argv is not None:
+        return _main(list(argv), from_shell=False)
+    try:
+        _main(sys.argv[1:], from_shell=True)
+    except USER_ERRORS as e:
+        if os.environ.get("FMN_PL_TRACEBACK"):
+            raise
+        text = str(e).strip()
+        print(f"fmn-pl: error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(argv: list[str], from_shell: bool) -> None:
     if argv and argv[0] in STAGES:
         module, fn = STAGES[argv[0]][0].split(":")
         getattr(importlib.import_module(module), fn)(argv[1:])

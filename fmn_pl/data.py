@@ -121,14 +121,27 @@ def _read_hub(name: str, task: GlueTask, split: str) -> Columns:
 
 
 def _check_labels(labels: list, task: GlueTask, where: str) -> list:
+    """Class ids (from ids or label names) or scores, each checked against the task's range."""
     if task.is_regression:
-        return [float(x) for x in labels]
+        lo, hi = task.score_range
+        scores = []
+        for n, x in enumerate(labels):
+            try:
+                value = float(x)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: row {n}: label {x!r} is not a number (task {task.name!r})") from None
+            if not lo <= value <= hi:  # also refuses NaN
+                raise ValueError(f"{where}: row {n}: score {value} is outside {lo:g}..{hi:g} for task {task.name!r}")
+            scores.append(value)
+        return scores
     out = []
     for n, x in enumerate(labels):
         if isinstance(x, str) and not x.lstrip("-").isdigit():
             if x not in task.label_names:
                 raise ValueError(f"{where}: row {n}: label {x!r} is not one of {list(task.label_names)}")
             x = task.label_names.index(x)
+        if isinstance(x, bool) or not isinstance(x, (int, str)) and not (isinstance(x, float) and x.is_integer()):
+            raise ValueError(f"{where}: row {n}: label {x!r} is not a class id of task {task.name!r}")
         x = int(x)
         if not 0 <= x < task.num_labels:
             raise ValueError(f"{where}: row {n}: label {x} is outside 0..{task.num_labels - 1} for task {task.name!r}")

@@ -29,7 +29,9 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{name_or_path} is not a Hugging Face model folder or hub name: {e}") from e
+        if Path(name_or_path).expanduser().is_dir() and not (Path(name_or_path).expanduser() / "config.json").is_file():
+            raise ValueError(f"model folder {name_or_path} has no config.json: not a Hugging Face model folder") from e
+        raise ValueError(f"{name_or_path} is not a Hugging Face model folder or hub name: {_first_line(e)}") from e
     trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if trained_head and config.num_labels != task.num_labels:
         raise ValueError(
@@ -54,6 +56,13 @@ def load_model(
                 f"{name_or_path} ({config.model_type}) has no sequence-classification model in transformers"
             ) from e
         raise
+    except OSError as e:  # e.g. a config.json without weight files
+        raise ValueError(f"cannot load model weights from {name_or_path}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ class GlueTask:
     tsv_dir: str  # folder name in the original GLUE TSV release
     eval_splits: tuple[str, ...] = ("validation",)
     max_length: int = 128
+    score_range: tuple[float, float] = (0.0, 5.0)  # regression labels must lie here (STS-B: 0 to 5)
 
     @property
     def is_regression(self) -> bool:
