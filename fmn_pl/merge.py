@@ -110,6 +110,10 @@ class SafetensorsWriter:
         self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.written.add(key)
 
+    def abort(self) -> None:
+        """Close without the completeness check (the caller is failing anyway; its temp folder goes)."""
+        self._file.close()
+
     def close(self) -> None:
         self._file.close()
         missing = [k for k in self.specs if k not in self.written]
@@ -291,8 +295,10 @@ def write_body(folder: Path, inputs: Inputs, merged: Iterable[tuple[str, torch.T
         first = CheckpointReader(inputs.checkpoints[0])
         for key in inputs.fixed:
             writer.write(key, first.get(key))
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     return path
 
 
@@ -461,7 +467,8 @@ def run_merge(
         write_body(tmp, inputs, method.merge(ctx), progress)
         timings["merge_s"] = time.perf_counter() - t0
         report["peak_rss_merge_mb"] = peak_rss_mb()
-        write_body_folder(tmp, inputs)
+        if save_model:
+            write_body_folder(tmp, inputs)
         links = [write_task_folder(tmp, i, inputs, merge_info, log) for i in range(len(inputs.tasks))]
         report["storage"] = {"body_bytes": (tmp / BODY_FILE).stat().st_size, "task_body": sorted(set(links))}
         timings["write_s"] = time.perf_counter() - t0 - timings["merge_s"]
@@ -570,10 +577,16 @@ def _versions() -> dict[str, str]:
 
 
 def class_path(name: str) -> str:
-    """Registry name -> importable class path (other values unchanged)."""
-    if name in METHODS:
-        module, cls = METHODS[name].split(":")
-        return f"fmn_pl.merging.{module}.{cls}"
+    """A registry name (or a registered class's name) -> its importable class path; dotted paths unchanged."""
+    if "." in name:
+        return name
+    for key, target in METHODS.items():
+        module, cls = target.split(":")
+        if name in (key, cls):
+            return f"fmn_pl.merging.{module}.{cls}"
+    from fmn_pl.merging import method_class
+
+    method_class(name)  # raises: unknown merge method, with the known names
     return name
 
 
@@ -640,13 +653,19 @@ def _method_lines() -> str:
 
 
 def build_parser() -> Any:
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    import argparse
+
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+        """Keeps the description's line breaks (the method list)."""
 
     parser = ArgumentParser(
+        formatter_class=Formatter,
         prog="fmn-pl merge",
-        description="Merge task checkpoints' bodies, evaluate every task with its own head, report.\n\nMethods "
-        "(--method NAME; options as --method.OPTION VALUE; `--method NAME --help` or `--method.help NAME` lists "
-        "them):\n" + _method_lines(),
+        description="Merge task checkpoints' bodies, evaluate every task with its own head, report.\n\n"
+        "Methods (--method NAME; options as --method.OPTION VALUE; `--method NAME --help` lists them):\n"
+        + _method_lines(),
         exit_on_error=True,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (configs/merge/*.yaml)")
@@ -659,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = normalize_argv(argv)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"fmn-pl merge: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     parser = build_parser()

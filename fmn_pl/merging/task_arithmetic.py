@@ -9,6 +9,7 @@ one candidate body while it is scored.
 
 from __future__ import annotations
 
+import abc
 from typing import Iterator
 
 import torch
@@ -41,7 +42,7 @@ def select_scaling(
     return best
 
 
-class TaskVectorMethod(MergeMethod):
+class TaskVectorMethod(MergeMethod, abc.ABC):
     """Base of methods on task vectors: base model, per-model task vectors (with DARE), and lambda."""
 
     needs = frozenset({"base"})
@@ -69,9 +70,9 @@ class TaskVectorMethod(MergeMethod):
         for i in range(ctx.num_models):
             yield self.task_vector(ctx, i, key, base)
 
+    @abc.abstractmethod
     def merged_vector(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
         """The method's merged task vector of one tensor (before lambda)."""
-        raise NotImplementedError
 
     def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
         self.setup(ctx)
