@@ -38,7 +38,10 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'\"-")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *chars, *[f"##{c}" for c in chars]]
     (d / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    # transformers 5 takes `vocab` (a path or dict); `vocab_file=` is silently ignored (every token [UNK])
+    tok = BertTokenizerFast(vocab=str(d / "vocab.txt"))
+    assert len(tok) == len(dict.fromkeys(vocab)) <= 160, len(tok)
+    tok.save_pretrained(d)
     return d
 
 

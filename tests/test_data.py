@@ -278,6 +278,7 @@ def test_tokenize_single_sentence(tiny_glue, tokenizer_dir):
         item = dm.train_dataset[i]
         words = cols["sentence"][item["idx"]].split()
         assert item["input_ids"] == [tok.cls_token_id, *tok.convert_tokens_to_ids(words), tok.sep_token_id]
+        assert tok.unk_token_id not in item["input_ids"] and len(set(item["input_ids"])) > 3
         assert set(item["token_type_ids"]) == {0} and item["attention_mask"] == [1] * len(item["input_ids"])
         assert item["labels"] == cols["label"][item["idx"]]
 
@@ -293,6 +294,7 @@ def test_tokenize_sentence_pair(tiny_glue, tokenizer_dir):
     a, b = (tok.convert_tokens_to_ids(cols[k][item["idx"]].split()) for k in ("sentence1", "sentence2"))
     assert item["input_ids"] == [tok.cls_token_id, *a, tok.sep_token_id, *b, tok.sep_token_id]
     assert item["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    assert tok.unk_token_id not in item["input_ids"]
     assert item["labels"] == pytest.approx(cols["label"][item["idx"]])
 
 
