@@ -42,7 +42,7 @@ from fmn_pl.artifacts import FILES, Artifact, artifact_path, load_artifact
 from fmn_pl.checkpoint import FORMAT_VERSION, METADATA_FILE, atomic_dir, read_metadata, weights_fingerprint, write_json
 from fmn_pl.data import is_local_path
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
-from fmn_pl.merging.base import CheckpointReader
+from fmn_pl.merging.reader import DTYPES, FLOAT_DTYPES, FileReader
 
 BODY_FILE = "model.safetensors"
 TASK_BODY_FILE = "model-body.safetensors"
@@ -51,11 +51,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # Config attributes that must agree (read through each config's attribute map, e.g. DistilBERT's `dim`).
 ARCH_ATTRS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "hidden_dim", "vocab_size", "max_position_embeddings", "type_vocab_size")
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+_ST_DTYPES = {v: k for k, v in DTYPES.items()}
 _ST_SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 # ---------------------------------------------------------------------------------------------- safetensors I/O
@@ -63,19 +60,8 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 def read_header(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} of a model folder's model*.safetensors, read from the headers only."""
-    files = sorted(Path(folder).glob("model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no model*.safetensors weights")
-    out = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            try:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{f} is not a readable safetensors file: {e}") from e
-        out.update({k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"})
-    return out
+    reader = FileReader(folder)
+    return {k: (reader.dtype(k), reader.shape(k)) for k in reader.keys()}
 
 
 class SafetensorsWriter:
@@ -107,7 +93,7 @@ class SafetensorsWriter:
         if _ST_DTYPES.get(tensor.dtype) != dtype:
             raise ValueError(f"{self.path.name}: tensor {key!r} has dtype {tensor.dtype}, expected {dtype}")
         self._file.seek(self.start + self.offsets[key][0])
-        self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self.written.add(key)
 
     def abort(self) -> None:
@@ -122,7 +108,7 @@ class SafetensorsWriter:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return {v: k for k, v in _ST_DTYPES.items()}[name]
+    return DTYPES[name]
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -220,7 +206,7 @@ def check_inputs(checkpoints: Sequence[str | Path], method: MergeMethod, base: s
         for key, (dtype, shape) in body[0].items():
             if b[key][1] != shape:
                 raise ValueError(f"{p}: {key} has shape {b[key][1]}, but {paths[0]} has {shape}")
-    keys = [k for k, (dtype, _) in body[0].items() if dtype in _FLOAT_DTYPES]
+    keys = [k for k, (dtype, _) in body[0].items() if dtype in FLOAT_DTYPES]
     fixed = [k for k in body[0] if k not in keys]
     heads = [[k for k in h if not k.startswith(prefix)] for h in headers]
     inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body[0], headers)
@@ -263,7 +249,7 @@ def check_base(base: str | None, metadata: list[dict[str, Any]], inputs: Inputs,
             raise FileNotFoundError(f"method {name} needs the pretrained model; the checkpoints record {base}, "
                                     "which does not exist here: pass --base")
     path = resolve_model(base)
-    reader = CheckpointReader(path, prefix=inputs.body_prefix)
+    reader = FileReader(path, prefix=inputs.body_prefix)
     for key in inputs.keys:
         if key not in reader:
             raise ValueError(f"base model {base} lacks tensor {key!r}: is it the pretrained model of these checkpoints?")
@@ -292,7 +278,8 @@ def write_body(folder: Path, inputs: Inputs, merged: Iterable[tuple[str, torch.T
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"the merged tensor {key!r} has NaN or Inf entries")
             writer.write(key, tensor.to(torch_dtype(inputs.specs[key][0])))
-        first = CheckpointReader(inputs.checkpoints[0])
+            del tensor  # not held while the method computes the next one
+        first = FileReader(inputs.checkpoints[0])
         for key in inputs.fixed:
             writer.write(key, first.get(key))
     except BaseException:
@@ -321,7 +308,7 @@ def write_task_folder(folder: Path, i: int, inputs: Inputs, merge_info: dict[str
     task, src = inputs.tasks[i], inputs.checkpoints[i]
     d = folder / task
     d.mkdir()
-    reader = CheckpointReader(src)
+    reader = FileReader(src)
     head = {k: reader.get(k).contiguous() for k in inputs.heads[i]}
     save_file(head, str(d / TASK_HEAD_FILE), metadata={"format": "pt"})
     os.chmod(d / TASK_HEAD_FILE, (folder / BODY_FILE).stat().st_mode & 0o777)  # safetensors writes 0600
@@ -353,6 +340,23 @@ def write_body_folder(folder: Path, inputs: Inputs) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap threshold at 1 MiB, so every freed tensor of 1 MiB or more goes back to the system.
+
+    By default glibc raises the threshold to the size of the blocks freed (up to 32 MiB) and then keeps
+    freed layer-sized tensors in its heap: a merge streaming through hundreds of tensors would show about
+    one checkpoint more resident memory than it holds. No effect (False) outside glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def peak_rss_mb() -> float:
@@ -414,6 +418,7 @@ def run_merge(
         tqdm.write(f"merge: {msg}")
 
     start = time.perf_counter()
+    return_freed_memory()
     name = method_name(method)
     out = Path(output)
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -442,8 +447,8 @@ def run_merge(
         selection_calls += 1
         return selection.scores(body)
 
-    readers = [CheckpointReader(p) for p in inputs.checkpoints]
-    base_reader = CheckpointReader(inputs.base, prefix=inputs.body_prefix) if inputs.base else None
+    readers = [FileReader(p) for p in inputs.checkpoints]
+    base_reader = FileReader(inputs.base, prefix=inputs.body_prefix) if inputs.base else None
     ctx = MergeContext(
         checkpoints=inputs.checkpoints, tasks=inputs.tasks, config=inputs.config, body_prefix=inputs.body_prefix,
         keys=list(inputs.keys), readers=readers, base_reader=base_reader, evaluate=select, log=log,
@@ -533,7 +538,7 @@ def evaluate_all(
             average = {t: cache.get(inputs.checkpoints[i], keys[i]) for i, t in enumerate(inputs.tasks)}
             todo = [i for i, t in enumerate(inputs.tasks) if average[t] is None]
             if todo:
-                readers = [CheckpointReader(p) for p in inputs.checkpoints]
+                readers = [FileReader(p) for p in inputs.checkpoints]
                 ctx = MergeContext(checkpoints=inputs.checkpoints, tasks=inputs.tasks, config=inputs.config,
                                    body_prefix=inputs.body_prefix, keys=inputs.keys, readers=readers, log=log)
                 body = dict(Average().merge(ctx))

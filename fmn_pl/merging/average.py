@@ -33,10 +33,14 @@ def weighted_mean(models: LazyTensors, weights: Sequence[torch.Tensor | float]) 
     total = sum(weights)
     acc: torch.Tensor | None = None
     for j in range(len(models)):
-        theta = models[j]
+        theta = models[j]  # may be a view of a memory map: never modified in place
         share = weights[j] / total  # computed in the weights' precision (float64 for Fisher weights)
-        term = theta * (share.to(theta.dtype) if isinstance(share, torch.Tensor) else share)
-        acc = term if acc is None else acc.add_(term)
+        if isinstance(share, torch.Tensor):
+            share = share.to(theta.dtype)
+            acc = theta * share if acc is None else acc.addcmul_(theta, share)
+        else:
+            acc = theta * share if acc is None else acc.add_(theta, alpha=share)
+        del theta  # before the next model's tensor is read: one model's tensor at a time
     assert acc is not None
     return acc
 

@@ -17,6 +17,7 @@ import torch
 
 from fmn_pl.merging.average import check_coefficients
 from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+from fmn_pl.merging.reader import SafetensorsFile
 
 
 class Fisher(MergeMethod):
@@ -38,12 +39,14 @@ class Fisher(MergeMethod):
         self._c: list[float] = []
         self._norms: list[float] = []
         self._names: list[dict[str, str]] = []  # per model: body key -> key in its artifact
+        self._files: list[SafetensorsFile] = []  # the artifacts read without memory maps (checked when opened)
 
     def setup(self, ctx: MergeContext) -> None:
         self._c = check_coefficients(self.coefficients, ctx.num_models, "fisher")
-        self._names = []
+        self._names, self._files = [], []
         for i in range(ctx.num_models):
             art = ctx.artifact(i, "full_fisher")
+            self._files.append(SafetensorsFile(art.path))
             have = set(art.keys())
             names = {}
             for key in ctx.keys:
@@ -57,19 +60,23 @@ class Fisher(MergeMethod):
         if self.normalize:
             for i in range(ctx.num_models):
                 art = ctx.artifact(i, "full_fisher")
-                sq = sum(float(art.get(self._names[i][k]).double().square().sum()) for k in ctx.keys)
+                sq = sum(float(self._read(i, k).double().square().sum()) for k in ctx.keys)
                 if sq == 0:
                     raise ValueError(f"{art.path}: the Fisher is zero on the whole body, cannot normalise it")
                 self._norms[i] = math.sqrt(sq)
             ctx.notes["fisher_norms"] = self._norms
 
+    def _read(self, i: int, key: str) -> torch.Tensor:
+        f = self._files[i]
+        t = f.get(self._names[i][key]).float()
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise ValueError(f"{f.path}: Fisher of {key!r} has NaN, Inf or negative entries")
+        return t
+
     def fisher(self, ctx: MergeContext, i: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        art = ctx.artifact(i, "full_fisher")
-        f = art.get(self._names[i][key]).float()
+        f = self._read(i, key)
         if tuple(f.shape) != shape:
-            raise ValueError(f"{art.path}: Fisher of {key!r} has shape {tuple(f.shape)}, expected {shape}")
-        if (f < 0).any():
-            raise ValueError(f"{art.path}: Fisher of {key!r} has negative entries")
+            raise ValueError(f"{self._files[i].path}: Fisher of {key!r} has shape {tuple(f.shape)}, expected {shape}")
         return (f / self._norms[i]).clamp_min(self.epsilon)
 
     def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
@@ -83,6 +90,7 @@ class Fisher(MergeMethod):
                 num.addcmul_(w, theta)
                 den.add_(w)
                 plain.add_(theta, alpha=self._c[j])
+            del theta, w  # before the next model's tensors are read
         assert num is not None and den is not None and plain is not None
         zero = den == 0
         plain.div_(sum(self._c))

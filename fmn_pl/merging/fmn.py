@@ -168,8 +168,9 @@ class FMN(MergeMethod):
         share = (w / total).float()
         acc: torch.Tensor | None = None
         for j in range(len(models)):
-            term = models[j] * share[j]
-            acc = term if acc is None else acc.add_(term)
+            theta = models[j]
+            acc = theta * share[j] if acc is None else acc.addcmul_(theta, share[j])
+            del theta  # before the next model's tensor is read
         assert acc is not None
         return acc
 

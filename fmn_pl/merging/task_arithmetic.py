@@ -21,6 +21,12 @@ from fmn_pl.merging.dare import dare, dare_generator
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
+def owns_tensors(ctx: MergeContext, i: int) -> bool:
+    """True when model i's reader returns tensors the caller may modify (`fmn_pl.merging.reader.FileReader`);
+    tensors of a memory-mapped reader must not be written to."""
+    return bool(getattr(ctx.readers[i], "fresh", False))
+
+
 def select_scaling(
     ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str
 ) -> float:
@@ -59,8 +65,10 @@ class TaskVectorMethod(MergeMethod, abc.ABC):
         self.dare_p, self.dare_seed = dare_p, dare_seed
 
     def task_vector(self, ctx: MergeContext, i: int, key: str, base: torch.Tensor) -> torch.Tensor:
-        """tau_i of one tensor (DARE drop-and-rescale applied when dare_p > 0; same pattern on every call)."""
-        tau = ctx.models(key)[i] - base
+        """tau_i of one tensor, a tensor the caller owns (DARE drop-and-rescale applied when dare_p > 0; same
+        pattern on every call). Computed in place when the reader hands out fresh tensors (saves one copy)."""
+        theta = ctx.models(key)[i]
+        tau = theta.sub_(base) if owns_tensors(ctx, i) else theta - base
         if self.dare_p > 0:
             tau = dare(tau, self.dare_p, dare_generator(self.dare_seed, i, key))
         return tau
@@ -72,25 +80,28 @@ class TaskVectorMethod(MergeMethod, abc.ABC):
 
     @abc.abstractmethod
     def merged_vector(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
-        """The method's merged task vector of one tensor (before lambda)."""
+        """The method's merged task vector of one tensor (before lambda): a new tensor the caller may modify."""
 
     def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
         self.setup(ctx)
         if self.scaling is not None:
             for key in ctx.keys:
                 base = ctx.base(key)
-                yield key, base + self.scaling * self.merged_vector(key, ctx, base)
+                merged = self.merged_vector(key, ctx, base).mul_(self.scaling).add_(base)  # a new tensor: in place
+                del base  # not held while the consumer asks for the next tensor
+                yield key, merged
+                del merged
             return
         vector = {k: self.merged_vector(k, ctx, ctx.base(k)) for k in tqdm(ctx.keys, desc=f"{self.name} vector", leave=False)}
         lam = select_scaling(ctx, vector, self.scalings, self.name)
         for key in ctx.keys:
-            yield key, ctx.base(key) + lam * vector.pop(key)
+            yield key, vector.pop(key).mul_(lam).add_(ctx.base(key))
 
     def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
         if self.scaling is None:
             raise ValueError(f"{self.name}: scaling=null needs the whole-body merge (`merge`), not one tensor")
         base = ctx.base(key)
-        return base + self.scaling * self.merged_vector(key, ctx, base)
+        return self.merged_vector(key, ctx, base).mul_(self.scaling).add_(base)
 
 
 class TaskArithmetic(TaskVectorMethod):
@@ -119,5 +130,6 @@ class TaskArithmetic(TaskVectorMethod):
         acc: torch.Tensor | None = None
         for tau in self.task_vectors(ctx, key, base):
             acc = tau if acc is None else acc.add_(tau)
+            del tau  # before the next task vector is computed
         assert acc is not None
         return acc

@@ -36,19 +36,22 @@ def topk_threshold(magnitudes: np.ndarray, top_k: float) -> float:
 
 
 def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Zero the entries of `tau` below `threshold` in magnitude."""
-    return tau * (tau.abs() >= threshold)
+    """Zero the entries of `tau` below `threshold` in magnitude (in place; boolean temporaries only)."""
+    return tau.masked_fill_((tau < threshold) & (tau > -threshold), 0.0)
 
 
-def disjoint_mean(trimmed: Iterable[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
-    """Mean of the entries whose sign agrees with `sign` (positive where sign > 0, negative elsewhere)."""
+def disjoint_mean(trimmed: Iterable[torch.Tensor], positive: torch.Tensor) -> torch.Tensor:
+    """Mean of the entries that agree with the elected sign: the positive ones where `positive`, else the negative
+    ones (modifies the trimmed vectors in place; counts in int16)."""
     num = count = None
     for t in trimmed:
-        keep = torch.where(sign > 0, t > 0, t < 0)
-        num = t * keep if num is None else num.add_(t * keep)
-        count = keep.float() if count is None else count.add_(keep.float())
+        keep = torch.where(positive, t > 0, t < 0)
+        t = t.mul_(keep)
+        num = t if num is None else num.add_(t)
+        count = keep.to(torch.int16) if count is None else count.add_(keep)
+        del t, keep  # before the next task vector is computed
     assert num is not None and count is not None
-    return num / count.clamp_min(1.0)
+    return num.div_(count.clamp_min(1))
 
 
 class Ties(TaskVectorMethod):
@@ -88,34 +91,42 @@ class Ties(TaskVectorMethod):
             pos = 0
             for key in ctx.keys:
                 tau = self.task_vector(ctx, i, key, ctx.base(key))
-                buf[pos : pos + tau.numel()] = tau.abs().reshape(-1).numpy()
+                torch.abs(tau.reshape(-1), out=torch.from_numpy(buf[pos : pos + tau.numel()]))
                 pos += tau.numel()
+                del tau
             self._thresholds.append(topk_threshold(buf, self.top_k))
         del buf
-        total = 0.0
+        total = 0
         for key in ctx.keys:
-            total += float(torch.sign(self._trimmed_sum(key, ctx, ctx.base(key))).sum())
+            s = self._trimmed_sum(key, ctx, ctx.base(key))
+            total += int((s > 0).sum()) - int((s < 0).sum())
         self._majority = float(np.sign(total))
         ctx.notes["ties"] = {"thresholds": self._thresholds, "majority_sign": self._majority}
 
     def _trimmed(self, ctx: MergeContext, key: str, base: torch.Tensor) -> Iterator[torch.Tensor]:
         for i, tau in enumerate(self.task_vectors(ctx, key, base)):
             yield trim(tau, self._thresholds[i])
+            del tau
 
     def _trimmed_sum(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
         acc = None
         for t in self._trimmed(ctx, key, base):
             acc = t if acc is None else acc.add_(t)
+            del t
         assert acc is not None
         return acc
 
-    def elected_sign(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
-        sign = torch.sign(self._trimmed_sum(key, ctx, base))
-        return torch.where(sign == 0, torch.full_like(sign, self._majority), sign)
+    def elected_positive(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
+        """True where the elected sign is positive: the trimmed sum's sign, the majority sign where it is 0."""
+        s = self._trimmed_sum(key, ctx, base)
+        positive = s > 0
+        if self._majority > 0:
+            positive |= s == 0
+        return positive
 
     def merged_vector(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
-        sign = self.elected_sign(key, ctx, base)
-        return disjoint_mean(self._trimmed(ctx, key, base), sign)
+        positive = self.elected_positive(key, ctx, base)
+        return disjoint_mean(self._trimmed(ctx, key, base), positive)
 
 
 def ties_task_vector(ctx: MergeContext, top_k: float = 20.0) -> dict[str, torch.Tensor]:
