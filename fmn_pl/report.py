@@ -54,7 +54,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per task: method, task, metric names, the three scores and both normalized scores."""
     out = []
     for task, r in report.get("results", {}).items():
-        metrics = [k for k in (r.get("merged") or r.get("individual") or {}) if k != "score"]
+        metrics = [k for k in (r.get("merged") or r.get("individual") or {}) if not k.endswith("score")]
         out.append({
             "method": report.get("method"), "label": report.get("label") or report.get("method"), "task": task,
             "metrics": metrics,

@@ -111,10 +111,14 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from fmn_pl.evaluate import Evaluator
 
-    cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "cola"])]
+    cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mnli"])]
     for s, c in enumerate(cks):
         add_fisher(c, s)
     first = main(["--method=fmn", "--checkpoints", *map(str, cks), *common(tmp_path / "a", tiny_glue)])
+    # MNLI is scored on both validation splits, its score their mean
+    mnli = first["results"]["mnli"]["merged"]
+    assert set(mnli) == {"matched/accuracy", "matched/score", "mismatched/accuracy", "mismatched/score", "score"}
+    assert mnli["score"] == pytest.approx((mnli["matched/accuracy"] + mnli["mismatched/accuracy"]) / 2)
     calls: list[object] = []
     original = Evaluator.evaluate
 
@@ -126,7 +130,7 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
     second = main(["--method=fmn", "--method.broadcast=per_node", "--checkpoints", *map(str, cks),
                    *common(tmp_path / "b", tiny_glue)])
     assert len(calls) == 2 and all(c is not None for c in calls)  # only the two merged models
-    for t in ("rte", "cola"):
+    for t in ("rte", "mnli"):
         assert second["results"][t]["individual"] == first["results"][t]["individual"]
         assert second["results"][t]["average"] == first["results"][t]["average"]
     assert (cks[0] / "fmn_pl_eval.json").is_file()
