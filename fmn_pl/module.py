@@ -114,8 +114,17 @@ class GLUETransformer(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        if self._loggers_write_this_step():
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
+
+    def _loggers_write_this_step(self) -> bool:
+        """Log the step loss only where the loggers write it (every `log_every_n_steps`): logging every
+        step costs Lightning bookkeeping and, for the progress bar, a device sync on every step."""
+        try:
+            return bool(self.trainer._logger_connector.should_update_logs)
+        except (AttributeError, RuntimeError):  # no trainer attached, or Lightning internals moved
+            return True
 
     # -- evaluation: one metric collection per eval split (MNLI has matched and mismatched) --------------
     def _start_eval(self) -> None:
