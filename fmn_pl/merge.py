@@ -268,13 +268,15 @@ def method_name(method: MergeMethod) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_body(folder: Path, inputs: Inputs, merged: Iterable[tuple[str, torch.Tensor]], progress: bool = True) -> Path:
-    """Stream the method's (key, tensor) pairs into folder/model.safetensors (in each tensor's original dtype),
-    plus the body's non-merged tensors from the first checkpoint."""
-    path = folder / BODY_FILE
+def write_body(folder: Path, inputs: Inputs, merged: Iterable[tuple[str, torch.Tensor]], progress: bool = True,
+               name: str = BODY_FILE) -> Path:
+    """Stream the method's (key, tensor) pairs into folder/`name` (in each tensor's original dtype), plus the
+    body's non-merged tensors from the first checkpoint."""
+    path = folder / name
     writer = SafetensorsWriter(path, {k: inputs.specs[k] for k in inputs.keys + inputs.fixed})
     try:
-        for key, tensor in tqdm(merged, total=len(inputs.keys), desc="merge tensors", disable=not progress):
+        for key, tensor in tqdm(merged, total=len(inputs.keys), desc=f"{'merge' if name == BODY_FILE else folder.name} tensors",
+                                disable=not progress):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"the merged tensor {key!r} has NaN or Inf entries")
             writer.write(key, tensor.to(torch_dtype(inputs.specs[key][0])))
@@ -300,8 +302,10 @@ def link_or_copy(src: Path, dst: Path, log: Callable[[str], None] = print) -> st
         return "copy"
 
 
-def write_task_folder(folder: Path, i: int, inputs: Inputs, merge_info: dict[str, Any], log: Callable[[str], None]) -> str:
-    """folder/<task>: the merged body (linked), the task's own head, an index over both, config and tokenizer."""
+def write_task_folder(folder: Path, i: int, inputs: Inputs, merge_info: dict[str, Any], log: Callable[[str], None],
+                      body: Iterable[tuple[str, torch.Tensor]] | None = None, progress: bool = False) -> str:
+    """folder/<task>: the merged body (linked) or the task's own `body` (methods such as TALL), the task's own
+    head, an index over both, config and tokenizer."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -312,7 +316,11 @@ def write_task_folder(folder: Path, i: int, inputs: Inputs, merge_info: dict[str
     head = {k: reader.get(k).contiguous() for k in inputs.heads[i]}
     save_file(head, str(d / TASK_HEAD_FILE), metadata={"format": "pt"})
     os.chmod(d / TASK_HEAD_FILE, (folder / BODY_FILE).stat().st_mode & 0o777)  # safetensors writes 0600
-    how = link_or_copy(folder / BODY_FILE, d / TASK_BODY_FILE, log)
+    if body is None:
+        how = link_or_copy(folder / BODY_FILE, d / TASK_BODY_FILE, log)
+    else:
+        os.chmod(write_body(d, inputs, body, progress, name=TASK_BODY_FILE), (folder / BODY_FILE).stat().st_mode & 0o777)
+        how = "own"
     sizes = sum(t.numel() * t.element_size() for t in head.values())
     sizes += sum(_ST_SIZES[dt] * math.prod(s) for dt, s in (inputs.specs[k] for k in inputs.keys + inputs.fixed))
     weight_map = {**{k: TASK_BODY_FILE for k in inputs.keys + inputs.fixed}, **{k: TASK_HEAD_FILE for k in head}}
@@ -440,18 +448,26 @@ def run_merge(
         selection_split = "holdout" if held else "validation"
     selection = Evaluator(inputs.checkpoints, EvalData(data_dir, selection_split, selection_samples, batch_size),
                           accelerator, progress=False)
-    selection_calls = 0
+    selection_calls, adapted = 0, False
 
-    def select(body: dict[str, torch.Tensor]) -> dict[str, float]:
+    def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None) -> dict[str, float]:
         nonlocal selection_calls
         selection_calls += 1
-        return selection.scores(body)
+        if tasks is None:
+            return selection.scores(body)
+        return {t: selection.evaluate(inputs.tasks.index(t), body=body)["score"] for t in tasks}
+
+    def selection_inputs(i: int) -> Any:
+        nonlocal adapted
+        adapted = True
+        return selection.datamodule(i)
 
     readers = [FileReader(p) for p in inputs.checkpoints]
     base_reader = FileReader(inputs.base, prefix=inputs.body_prefix) if inputs.base else None
     ctx = MergeContext(
         checkpoints=inputs.checkpoints, tasks=inputs.tasks, config=inputs.config, body_prefix=inputs.body_prefix,
-        keys=list(inputs.keys), readers=readers, base_reader=base_reader, evaluate=select, log=log,
+        keys=list(inputs.keys), readers=readers, base_reader=base_reader, evaluate=select,
+        selection_inputs=selection_inputs, accelerator=accelerator, progress=progress, log=log,
         _artifacts=dict(inputs.artifacts or {}),
     )
     merge_info = {"method": name, "options": method.options(), "checkpoints": [str(p) for p in inputs.checkpoints],
@@ -468,19 +484,22 @@ def run_merge(
     timings: dict[str, float] = {"check_s": time.perf_counter() - start}
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        ctx.workdir = tmp / name
         t0 = time.perf_counter()
         write_body(tmp, inputs, method.merge(ctx), progress)
         timings["merge_s"] = time.perf_counter() - t0
         report["peak_rss_merge_mb"] = peak_rss_mb()
         if save_model:
             write_body_folder(tmp, inputs)
-        links = [write_task_folder(tmp, i, inputs, merge_info, log) for i in range(len(inputs.tasks))]
+        links = [write_task_folder(tmp, i, inputs, merge_info, log, method.task_body(i, ctx), progress)
+                 for i in range(len(inputs.tasks))]
         report["storage"] = {"body_bytes": (tmp / BODY_FILE).stat().st_size, "task_body": sorted(set(links))}
         timings["write_s"] = time.perf_counter() - t0 - timings["merge_s"]
-        if selection_calls:
-            report["selection"] = {**selection.data.identity(), "evaluations": selection_calls,
+        if selection_calls or adapted:
+            report["selection"] = {**selection.data.identity(), "evaluations": selection_calls, "adapted": adapted,
                                    "transductive": selection_split == "validation"}
         report["notes"] = _jsonable(ctx.notes)
+        report["remarks"] = list(ctx.remarks)
         del ctx, readers
 
         if evaluate:

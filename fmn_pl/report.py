@@ -80,8 +80,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"Scored on the `{ev.get('split')}` split ({'all examples' if cap is None else f'at most {cap} examples'}"
                      f" per task); score = mean of the task's metrics, x100; normalized = merged / individual (%).")
     sel = report.get("selection")
-    if sel:
+    if sel and sel.get("evaluations"):
         lines.append(f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations).")
+    if sel and sel.get("adapted"):
+        lines.append(f"Coefficients adapted on the unlabeled inputs of the `{sel.get('split')}` split"
+                     + (" (transductive: the examples scored below)." if sel.get("transductive") else "."))
+    lines += [f"- {r}" for r in report.get("remarks", [])]
     lines.append("")
     table = rows(report)
     if table:

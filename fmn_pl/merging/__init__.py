@@ -11,6 +11,10 @@ METHODS: dict[str, str] = {
     "fisher": "fisher:Fisher",
     "task_arithmetic": "task_arithmetic:TaskArithmetic",
     "ties": "ties:Ties",
+    "regmean": "regmean:RegMean",
+    "adamerging": "adamerging:AdaMerging",
+    "tall": "tall:Tall",
+    "consensus": "consensus:Consensus",
 }
 
 

@@ -35,13 +35,14 @@ class AdaMergingModule(L.LightningModule):
 
     `models[t]` is task t's classifier (its own head); its body is replaced functionally by the merged
     body, so the models' own body weights are never used (they are shared with `base` to save memory).
+    A task that is not adapted may have no model (None). `history` keeps each step's entropy per task.
     """
 
     def __init__(
         self,
         base: dict[str, torch.Tensor],
         task_vectors: list[dict[str, torch.Tensor]],
-        models: list[nn.Module],
+        models: list[nn.Module | None],
         tasks: list[str],
         adapt: list[bool] | None = None,
         granularity: Literal["task", "layer"] = "task",
@@ -57,11 +58,13 @@ class AdaMergingModule(L.LightningModule):
         # Plain containers: not submodules or buffers, so the state_dict (and checkpoints) hold only the coefficients.
         self._base, self._taus, self._models = dict(base), list(task_vectors), list(models)
         for m in self._models:
-            m.requires_grad_(False).eval()
-            m.load_state_dict(self._base, strict=False, assign=True)  # share the base storage, drop own body
+            if m is not None:
+                m.requires_grad_(False).eval()
+                m.load_state_dict(self._base, strict=False, assign=True)  # share the base storage, drop own body
         shape = (len(tasks),) if granularity == "task" else (len(tasks), len(self.keys))
         self.coefficients = nn.Parameter(torch.full(shape, float(init)))
         self.register_buffer("_adapt_mask", torch.tensor(self.adapt), persistent=False)
+        self.history: list[dict[str, float]] = []
 
     def effective(self) -> torch.Tensor:
         """The coefficients in use: learned ones for adapted tasks, `init` for the others; always [T] or [T, K]."""
@@ -87,17 +90,21 @@ class AdaMergingModule(L.LightningModule):
         self._base = {k: v.to(dev) for k, v in self._base.items()}
         self._taus = [{k: v.to(dev) for k, v in tau.items()} for tau in self._taus]
         for m in self._models:
-            m.to(dev)
+            if m is not None:
+                m.to(dev)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         body = self.merged_body()
         total = 0.0
+        step: dict[str, float] = {}
         for name, b in batch.items():
             if b is None:
                 continue
             h = self.task_entropy(self.tasks.index(name), b, body)
             self.log(f"entropy/{name}", h, prog_bar=True, batch_size=len(b["input_ids"]))
+            step[name] = float(h.detach())
             total = total + h
+        self.history.append(step)
         self.log("entropy/sum", total, batch_size=1)
         return total
 
@@ -140,3 +147,126 @@ def train_coefficients(
     )
     trainer.fit(module, train_dataloaders=CombinedLoader(loaders, mode="max_size_cycle"))
     return module
+
+
+def ties_processed_vectors(ctx: MergeContext, top_k: float) -> list[dict[str, torch.Tensor]]:
+    """AdaMerging++'s task vectors: each trimmed to its top `top_k` percent and kept only where its sign agrees
+    with TIES' elected sign (the entries TIES' disjoint mean averages); all models, whole body, in memory."""
+    from fmn_pl.merging.ties import Ties
+
+    ties = Ties(top_k=top_k, scaling=1.0)
+    ties.setup(ctx)
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(ctx.num_models)]
+    for key in ctx.keys:
+        base = ctx.base(key)
+        positive = ties.elected_positive(key, ctx, base)
+        for i, t in enumerate(ties._trimmed(ctx, key, base)):
+            out[i][key] = t.mul_(torch.where(positive, t > 0, t < 0))
+    return out
+
+
+class AdaMerging(MergeMethod):
+    """AdaMerging: task-vector coefficients learned by minimising each task's prediction entropy (++: TIES vectors)."""
+
+    needs = frozenset({"base"})
+
+    def __init__(
+        self,
+        granularity: Literal["task", "layer"] = "task",
+        plus: bool = False,
+        init: float = 0.3,
+        lr: float = 1e-3,
+        steps: int = 500,
+        batch_size: int = 16,
+        top_k: float = 20.0,
+        regression: Literal["exclude", "refuse"] = "exclude",
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            granularity: task: one coefficient per task; layer: one per task per body tensor.
+            plus: AdaMerging++: learn the coefficients of TIES-processed task vectors (trimmed, sign-elected).
+            init: initial coefficient (also the fixed coefficient of tasks that are not adapted).
+            lr: Adam learning rate.
+            steps: optimisation steps; each step sees one batch of every adapted task.
+            batch_size: unlabeled examples per task per step, drawn from the merge stage's selection split.
+            top_k: with `plus`, the percentage of each task vector's largest entries TIES keeps.
+            regression: a regression task (STS-B) has no predictive entropy: exclude it from the adaptation
+                (its task vector keeps `init`; a warning in the log and the report) or refuse the merge.
+            seed: seed of the order in which the unlabeled inputs are drawn.
+        """
+        if granularity not in ("task", "layer"):
+            raise ValueError(f"adamerging granularity must be 'task' or 'layer', got {granularity!r}")
+        if regression not in ("exclude", "refuse"):
+            raise ValueError(f"adamerging regression must be 'exclude' or 'refuse', got {regression!r}")
+        if not 0.0 <= init <= 1.0:
+            raise ValueError(f"adamerging init must be in [0, 1] (coefficients are clamped there), got {init}")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"adamerging steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        if not 0.0 < top_k <= 100.0:
+            raise ValueError(f"adamerging top_k is a percentage in (0, 100], got {top_k}")
+        self.granularity, self.plus, self.init, self.lr = granularity, plus, init, lr
+        self.steps, self.batch_size, self.top_k, self.regression, self.seed = steps, batch_size, top_k, regression, seed
+
+    def _adapted(self, ctx: MergeContext) -> list[bool]:
+        """Which tasks adapt: the classification ones; regression tasks refused or excluded with a remark."""
+        from fmn_pl.tasks import get_task
+
+        regression = [t for t in ctx.tasks if get_task(t).is_regression]
+        if regression and self.regression == "refuse":
+            raise ValueError(f"adamerging minimises the prediction entropy of classifiers, and {', '.join(regression)} "
+                             "is a regression task: leave it out, or pass --method.regression exclude")
+        for t in regression:
+            ctx.remark(f"Warning: {t} is a regression task (no predictive distribution, so no entropy): AdaMerging "
+                       f"did not adapt on it; its task vector keeps the initial coefficient {self.init}.")
+        if len(regression) == len(ctx.tasks):
+            raise ValueError("adamerging needs at least one classification task to adapt on")
+        if ctx.selection_inputs is None:
+            raise ValueError("adamerging adapts on unlabeled inputs: it needs the merge stage's selection data")
+        return [t not in regression for t in ctx.tasks]
+
+    def _loader(self, datamodule: Any, i: int) -> DataLoader:
+        """Task i's selection examples (MNLI: both splits), shuffled by a seeded generator; labels unused."""
+        from torch.utils.data import ConcatDataset
+
+        sets = list(datamodule.eval_datasets.values())
+        return DataLoader(sets[0] if len(sets) == 1 else ConcatDataset(sets), batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.seed * 1000 + i), collate_fn=datamodule.collator())
+
+    def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        import tempfile
+
+        from fmn_pl.merging.task_arithmetic import owns_tensors
+        from fmn_pl.module import load_model
+        from fmn_pl.tasks import get_task
+
+        adapt = self._adapted(ctx)
+        base = {k: ctx.base(k) for k in ctx.keys}
+        if self.plus:
+            taus = ties_processed_vectors(ctx, self.top_k)
+        else:
+            taus = [{k: (t.sub_(base[k]) if owns_tensors(ctx, i) else t - base[k]) for k in ctx.keys
+                     for t in (ctx.models(k)[i],)} for i in range(ctx.num_models)]
+        models = [load_model(str(c), get_task(t)) if a else None for c, t, a in zip(ctx.checkpoints, ctx.tasks, adapt)]
+        loaders = {t: self._loader(ctx.selection_inputs(i), i) for i, t in enumerate(ctx.tasks) if adapt[i]}
+        module = AdaMergingModule(base, taus, models, ctx.tasks, adapt, self.granularity, self.init, self.lr)
+        del base, taus, models
+        with tempfile.TemporaryDirectory() as scratch:
+            root = ctx.workdir if ctx.workdir is not None else Path(scratch)
+            train_coefficients(module, loaders, self.steps, root, ctx.accelerator, ctx.progress)
+        coef = module.effective().detach().cpu()
+        named = {t: (float(coef[i]) if self.granularity == "task" else dict(zip(module.keys, coef[i].tolist())))
+                 for i, t in enumerate(ctx.tasks)}
+        ctx.notes["adamerging"] = {
+            "adapted": [t for t, a in zip(ctx.tasks, adapt) if a], "not_adapted": [t for t, a in zip(ctx.tasks, adapt) if not a],
+            "steps": len(module.history), "entropy_first_step": module.history[0], "entropy_last_step": module.history[-1],
+            "coefficients": named,
+        }
+        ctx.log(f"adamerging: entropy {module.history[0]} -> {module.history[-1]}")
+        with torch.no_grad():
+            for j, key in enumerate(module.keys):
+                w = coef if self.granularity == "task" else coef[:, j]
+                merged = module._base.pop(key).cpu()
+                for t, tau in enumerate(module._taus):
+                    merged.add_(tau.pop(key).cpu(), alpha=float(w[t]))
+                yield key, merged

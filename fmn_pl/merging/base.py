@@ -85,11 +85,20 @@ class MergeContext:
     keys: list[str]  # floating-point body tensors to merge (integer buffers are never merged)
     readers: list[CheckpointReader]
     base_reader: CheckpointReader | None = None
-    evaluate: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None
-    """Scores a merged body ({key: tensor}) on each task's selection data: {task: score}."""
+    evaluate: Callable[..., dict[str, float]] | None = None
+    """`evaluate(body, tasks=None)`: scores a merged body ({key: tensor}) on the selection data of every task
+    (or of `tasks` only): {task: score}."""
+    selection_inputs: Callable[[int], Any] | None = None
+    """Task i's selection data (a set-up `GLUEDataModule`), for methods that adapt on unlabeled inputs."""
+    workdir: Path | None = None
+    """A folder inside the output where a method may keep files (AdaMerging's logs, TALL's masks)."""
+    accelerator: str = "cpu"
+    progress: bool = True
     log: Callable[[str], None] = print
     notes: dict[str, Any] = field(default_factory=dict)
     """Anything a method wants in the report (chosen lambda, ridge fallbacks, ...)."""
+    remarks: list[str] = field(default_factory=list)
+    """Lines for the report's text (warnings, storage figures): add them with `remark`."""
     _artifacts: dict[tuple[int, str], Artifact] = field(default_factory=dict, repr=False)
 
     @property
@@ -109,6 +118,11 @@ class MergeContext:
         """tau_i = theta_i - theta_0 for one tensor, all models (holds M tensors: use when needed)."""
         base = self.base(key)
         return [t - base for t in self.models(key)]
+
+    def remark(self, line: str) -> None:
+        """Log `line` and repeat it in report.md (e.g. a task a method had to leave out)."""
+        self.log(line)
+        self.remarks.append(line)
 
     def artifact(self, i: int, kind: str) -> Artifact:
         """Model i's artifact of `kind`, checked against its checkpoint once and cached."""
@@ -134,6 +148,11 @@ class MergeMethod:
         self.setup(ctx)
         for key in ctx.keys:
             yield key, self.merge_tensor(key, ctx.models(key), ctx)
+
+    def task_body(self, i: int, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """Task i's own body, for methods that serve each task with a different one (TALL masks); called after
+        `merge`. None (the default): every task uses the merged body."""
+        return None
 
     def options(self) -> dict[str, Any]:
         """The method's options as given (for reports); subclasses' __init__ args by default."""

@@ -4,9 +4,11 @@ tau_MTL is the underlying method's merged task vector (task arithmetic: sum_t ta
 trimmed, sign-elected disjoint mean). Task t's mask keeps the entries where task t's own vector
 dominates what the others add:  m_t = 1{|tau_t| >= lambda_t |tau_MTL - tau_t|},  lambda_t chosen per
 task on its selection data from `lambdas`.
-- TALL: task t is served by theta0 + m_t * tau_MTL. Storage: theta0, tau_MTL and T bit-packed masks.
-- Consensus: keep entries where at least k masks agree, theta = theta0 + alpha * (m_cons * tau_MTL);
-  k = 0 keeps everything and reduces to the underlying method with lambda = alpha.
+- TALL (`Tall`, here): task t is served by theta0 + m_t * tau_MTL, its own body. Storage: theta0, tau_MTL
+  and T bit-packed masks. The merge stage writes theta0 + tau_MTL as the output's body (the model every
+  mask selects from, not one to use alone), each task folder's own body, and the packed masks in
+  `tall/masks.safetensors`.
+- Consensus (`fmn_pl.merging.consensus`): one body from the entries at least k masks keep.
 
 Memory: not streamed. Holds tau_MTL (one body copy, float32), one task's tau_t, one candidate body,
 and the masks bit-packed (T/32 of a body); the base is read lazily from its file.
@@ -14,6 +16,7 @@ and the masks bit-packed (T/32 of a body); the base is read lazily from its file
 
 from __future__ import annotations
 
+import json
 from typing import Iterator, Literal
 
 import numpy as np
@@ -61,7 +64,7 @@ class _TaskMasks(MergeMethod):
     """Shared by TALL and Consensus: tau_MTL from the underlying method, and per-task masks with lambda_t
     chosen on each task's selection data."""
 
-    needs = frozenset({"base", "evaluate"})
+    needs = frozenset({"base"})
     name = "tall"  # prefix of this method's notes in the report
 
     def __init__(
@@ -94,12 +97,12 @@ class _TaskMasks(MergeMethod):
         if ctx.evaluate is None:
             raise ValueError("choosing lambda per task needs selection data (the merge stage's evaluator); "
                              "or give a single value in `lambdas`")
-        return float(ctx.evaluate(body)[task])
+        return float(ctx.evaluate(body, [task])[task])
 
     def select_masks(self, ctx: MergeContext, tau_mtl: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Per task: lambda_t maximising its own score with theta0 + m_t * tau_MTL; its mask, bit-packed."""
         chosen, scores, density, masks = {}, {}, {}, []
-        for i, task in enumerate(tqdm(ctx.tasks, desc="TALL masks")):
+        for i, task in enumerate(tqdm(ctx.tasks, desc=f"{self.name} masks", leave=False, disable=not ctx.progress)):
             tau = self.task_vector(ctx, i)
             if len(self.lambdas) == 1:
                 lam = self.lambdas[0]
@@ -120,60 +123,65 @@ class _TaskMasks(MergeMethod):
         return masks
 
 
-class Consensus(_TaskMasks):
-    """Consensus merging: theta0 + alpha * (m_cons * tau_MTL), m_cons = entries kept by >= k task masks."""
+class Tall(_TaskMasks):
+    """TALL masks: task t is served by theta0 + m_t * tau_MTL, its own body (one merged vector plus bit masks)."""
 
-    name = "consensus"
+    name = "tall"
 
     def __init__(
         self,
         over: Literal["task_arithmetic", "ties"] = "task_arithmetic",
-        k: int = 2,
-        alpha: float | None = None,
-        alphas: list[float] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # noqa: B006
-        lambdas: list[float] = [0.2, 0.3, 0.4, 0.5, 0.6],  # noqa: B006
+        lambdas: list[float] = [0.2, 0.3, 0.4, 0.5, 0.6],  # noqa: B006 - read-only default, shown by --help
         top_k: float = 20.0,
     ) -> None:
         """
         Args:
-            over: the underlying merge whose task vector is masked: task arithmetic (sum of task vectors)
-                or TIES (trimmed, sign-elected disjoint mean).
-            k: keep an entry when at least k tasks' TALL masks keep it (k=0: the underlying method).
-            alpha: scale of the masked vector; None chooses it from `alphas` by the mean selection score.
-            alphas: grid for alpha when it is None.
-            lambdas: grid for each task's TALL mask threshold lambda_t, chosen on that task's selection data.
+            over: the underlying merge whose task vector tau_MTL is masked: task arithmetic (sum of task
+                vectors) or TIES (trimmed, sign-elected disjoint mean).
+            lambdas: grid for each task's mask threshold lambda_t, chosen on that task's selection data (one
+                value: no selection).
             top_k: with `over: ties`, the percentage of each task vector's largest entries TIES keeps.
         """
         super().__init__(over, lambdas, top_k)
-        if k < 0:
-            raise ValueError(f"consensus k must be >= 0, got {k}")
-        self.k, self.alpha, self.alphas = k, alpha, list(alphas)
+        self._tau: dict[str, torch.Tensor] | None = None
+        self._masks: list[dict[str, torch.Tensor]] = []
 
     def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
-        tau_mtl = self.merged_task_vector(ctx)
-        if self.k == 0:  # every entry is kept: no masks needed
-            keep = {k: torch.ones_like(v, dtype=torch.bool) for k, v in tau_mtl.items()}
-        else:
-            masks = self.select_masks(ctx, tau_mtl)
-            keep = {}
-            for key, v in tau_mtl.items():
-                count = sum(unpack_mask(m[key], tuple(v.shape)).to(torch.uint8) for m in masks)
-                keep[key] = consensus_mask(count, self.k)
-        kept = {k: keep[k] * tau_mtl[k] for k in ctx.keys}
-        del tau_mtl
-        ctx.notes["consensus_kept_fraction"] = (
-            sum(int(m.sum()) for m in keep.values()) / sum(m.numel() for m in keep.values()))
-        alpha = self.alpha
-        if alpha is None:
-            if ctx.evaluate is None:
-                raise ValueError("consensus alpha=None chooses alpha on selection data; give `alpha` without an evaluator")
-            means = {}
-            for a in self.alphas:
-                scores = ctx.evaluate({k: ctx.base(k) + a * kept[k] for k in ctx.keys})
-                means[a] = sum(scores.values()) / len(scores)
-                ctx.log(f"consensus: alpha={a} mean selection score={means[a]:.4f}")
-            alpha = max(self.alphas, key=lambda a: means[a])
-            ctx.notes["consensus_alpha_scores"] = means
-        ctx.notes["consensus_alpha"] = alpha
+        """Choose the masks, save them packed, report the storage, and yield theta0 + tau_MTL."""
+        self._tau = self.merged_task_vector(ctx)
+        self._masks = self.select_masks(ctx, self._tau)
+        numel = sum(v.numel() for v in self._tau.values())
+        itemsize = ctx.readers[0].get(ctx.keys[0]).element_size()
+        sizes = compression(numel, itemsize, ctx.num_models)
+        if ctx.workdir is not None:
+            from safetensors.torch import save_file
+
+            ctx.workdir.mkdir(parents=True, exist_ok=True)
+            path = ctx.workdir / "masks.safetensors"
+            meta = {"over": self.over, "lambdas": json.dumps(ctx.notes[f"{self.name}_lambdas"]),
+                    "shapes": json.dumps({k: list(v.shape) for k, v in self._tau.items()})}
+            save_file({f"{t}/{k}": m for t, masks in zip(ctx.tasks, self._masks) for k, m in masks.items()},
+                      str(path), metadata=meta)
+            sizes["mask_file_bytes"] = path.stat().st_size
+        ctx.notes["tall_compression"] = sizes
+        mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
+        ctx.remark(f"TALL storage: base {mb(sizes['base_bytes'])} + merged vector {mb(sizes['merged_vector_bytes'])} + "
+                   f"{ctx.num_models} packed masks {mb(sizes['mask_bytes'])} = {mb(sizes['total_bytes'])}, against "
+                   f"{mb(sizes['checkpoints_bytes'])} for the {ctx.num_models} fine-tuned bodies ({sizes['ratio']:.2f}x); "
+                   "each task is evaluated with its own body theta0 + m_t * tau_MTL.")
         for key in ctx.keys:
-            yield key, ctx.base(key) + alpha * kept[key]
+            yield key, self._tau[key] + ctx.base(key)
+
+    def task_body(self, i: int, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._tau is None:
+            raise ValueError("tall: task_body is called after merge")
+        return self._task_body(i, ctx)
+
+    def _task_body(self, i: int, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        tau = self._tau
+        assert tau is not None
+        for key in ctx.keys:
+            keep = unpack_mask(self._masks[i][key], tuple(tau[key].shape))
+            yield key, (tau[key] * keep).add_(ctx.base(key))
+        if i == ctx.num_models - 1:  # the last task's body is written: free tau_MTL before evaluation
+            self._tau, self._masks = None, []
