@@ -1,0 +1,498 @@
+"""Fisher artifacts beside a task checkpoint: mask-node Fisher (FMN), full diagonal Fisher, and Grams.
+
+`fmn-pl fisher --checkpoint DIR --kind mask|full|grams` runs one validation-style pass over N training
+examples of the checkpoint's task and writes, atomically, into DIR:
+
+    mask_fisher.safetensors   head [layers, heads], neuron [layers, ffn]: mean_i (dL_i/dm)^2 at m = 1
+                              (per_batch: sum over batches of (d mean_batch L / dm)^2, the reference rule)
+    full_fisher.safetensors   one tensor per body parameter (`bert.encoder...weight`): mean_i (dL_i/dtheta)^2
+    grams.safetensors         X^T X / n of every body linear layer's inputs (RegMean; see fmn_pl.grams)
+
+Each is a Lightning callback (`MaskFisherCallback`, `FullFisherCallback`, `GramCallback`) that a user can add
+to their own `trainer.validate(...)`: it takes its gradients inside the pass with `torch.inference_mode(False)`
+and `torch.enable_grad()`, so the Trainer's `inference_mode` setting does not matter. Under DDP each rank sums
+its own shard (use `GLUEDataModule(unpadded_shards=True)` and `Trainer(use_distributed_sampler=False)`, so no
+example is counted twice); sums and counts are all-reduced once at the end and rank zero writes the file.
+
+Losses: classification uses -log p(y|x); regression (STS-B) the MSE loss (f - y)^2. Labels: `empirical` (the
+dataset's), `sampled` (drawn from the model's predictive distribution, or y ~ N(f, 1) for regression, seeded
+per example so that sharding does not change them), `expected` (sum_y p(y|x) g_y^2, exact with C backward
+passes; for regression E_y[(2 (f - y))^2] (df)^2 = 4 (df)^2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from fmn_pl.artifacts import artifact_path, save_artifact
+from fmn_pl.checkpoint import weights_fingerprint
+from fmn_pl.nodes import adapter_for, node_shape
+
+Aggregation = Literal["per_example", "per_batch"]
+LabelMode = Literal["empirical", "sampled", "expected"]
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+# ---------------------------------------------------------------------------------------------- mask nodes
+
+
+class MaskNodes:
+    """Forward pre-hooks that scale each head's context vector and each FFN neuron's activation by a mask.
+
+    Set `head` ([L, H], or [B, L, H] for one mask per example) and `neuron` ([L, F] or [B, L, F]) before a
+    forward; None leaves that node type unmasked. Head masks act on the input of the attention output
+    projection reshaped to (..., H, d_head), so every attention implementation (eager, sdpa, flash) is covered.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        adapter = adapter_for(model.config)
+        self.layers, self.heads, self.ffn = node_shape(model.config)
+        layers = model.base_model.get_submodule(adapter.layers)
+        self.attn_out = [layer.get_submodule(adapter.attn_out) for layer in layers]
+        self.ffn_out = [layer.get_submodule(adapter.ffn_out) for layer in layers]
+        self.head: torch.Tensor | None = None
+        self.neuron: torch.Tensor | None = None
+
+    @staticmethod
+    def _scale(x: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
+        """x [..., groups * d] times mask [groups] or [B, groups] (one row per example), per group."""
+        xg = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+        m = mask.to(x.dtype)
+        m = m.reshape(*([1] * (x.dim() - 1)), groups, 1) if m.dim() == 1 else m.reshape(
+            m.shape[0], *([1] * (x.dim() - 2)), groups, 1)
+        return (xg * m).reshape(x.shape)
+
+    def _hook(self, layer: int, kind: str):  # noqa: ANN202 - a torch hook
+        def pre(module: nn.Module, args: tuple) -> tuple | None:
+            mask = self.head if kind == "head" else self.neuron
+            if mask is None:
+                return None
+            groups = self.heads if kind == "head" else self.ffn
+            return (self._scale(args[0], mask[..., layer, :], groups), *args[1:])
+
+        return pre
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator["MaskNodes"]:
+        """Install the hooks for the duration of the block; always removed, even on error."""
+        handles = [m.register_forward_pre_hook(self._hook(i, "head")) for i, m in enumerate(self.attn_out)]
+        handles += [m.register_forward_pre_hook(self._hook(i, "neuron")) for i, m in enumerate(self.ffn_out)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.head = self.neuron = None
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def _example_generator(seed: int, idx: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(idx))
+
+
+def label_losses(
+    logits: torch.Tensor, labels: torch.Tensor, mode: str, seed: int = 0, idx: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Per-example losses [B] whose squared gradients, summed over the returned list, give the Fisher.
+
+    One entry for empirical and sampled labels; C entries for expected (class c weighted by sqrt p_c, detached).
+    """
+    idx = idx if idx is not None else torch.arange(len(logits))
+    if logits.shape[-1] == 1:  # regression, MSE
+        f = logits[:, 0]
+        if mode == "empirical":
+            return [(f - labels.to(f.dtype)) ** 2]
+        if mode == "sampled":
+            noise = torch.stack([torch.randn((), generator=_example_generator(seed, i, torch.device("cpu")))
+                                 for i in idx.tolist()]).to(f)
+            return [(f - (f.detach() + noise)) ** 2]
+        if mode == "expected":
+            return [2 * f]
+    else:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if mode == "empirical":
+            return [-logp.gather(1, labels.long()[:, None])[:, 0]]
+        if mode == "sampled":
+            p = logp.detach().exp().cpu()
+            y = torch.stack([torch.multinomial(p[j], 1, generator=_example_generator(seed, i, torch.device("cpu")))[0]
+                             for j, i in enumerate(idx.tolist())]).to(logits.device)
+            return [-logp.gather(1, y[:, None])[:, 0]]
+        if mode == "expected":
+            w = logp.detach().exp().sqrt()
+            return [-(w[:, c] * logp[:, c]) for c in range(logits.shape[-1])]
+    raise ValueError(f"unknown labels mode {mode!r}; expected empirical, sampled or expected")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's inputs from a collated batch."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module, trainable: Sequence[nn.Parameter] = ()) -> Iterator[None]:
+    """Only `trainable` parameters require grad inside the block; the previous flags come back afterwards."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in trainable}
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------------------------------------- accumulators
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class MaskFisher:
+    """Sums of squared mask-node gradients over batches: `step(model, batch)`, then `result()`."""
+
+    kind = "mask_fisher"
+
+    def __init__(self, model: nn.Module, aggregation: str = "per_example", labels: str = "empirical", seed: int = 0):
+        if aggregation not in ("per_example", "per_batch"):
+            raise ValueError(f"unknown aggregation {aggregation!r}; expected per_example or per_batch")
+        self.model, self.aggregation, self.labels, self.seed = model, aggregation, labels, seed
+        self.nodes = MaskNodes(model)
+        device = next(model.parameters()).device
+        dt = _sum_dtype(device)
+        L_, H, F = self.nodes.layers, self.nodes.heads, self.nodes.ffn
+        self.sums = {"head": torch.zeros(L_, H, dtype=dt, device=device),
+                     "neuron": torch.zeros(L_, F, dtype=dt, device=device)}
+        self.count = torch.zeros((), dtype=dt, device=device)  # examples (per_example) or batches (per_batch)
+        self.examples = torch.zeros((), dtype=dt, device=device)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["MaskFisher"]:
+        """Hooks installed and every weight frozen for the block."""
+        with self.nodes.hooks(), frozen(self.model):
+            yield self
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        inputs = model_inputs(batch)
+        n = len(inputs["input_ids"])
+        device = inputs["input_ids"].device
+        lead = (n,) if self.aggregation == "per_example" else ()
+        head = torch.ones(*lead, self.nodes.layers, self.nodes.heads, device=device, requires_grad=True)
+        neuron = torch.ones(*lead, self.nodes.layers, self.nodes.ffn, device=device, requires_grad=True)
+        self.nodes.head, self.nodes.neuron = head, neuron
+        logits = self.model(**inputs).logits
+        losses = label_losses(logits, batch["labels"], self.labels, self.seed, batch.get("idx"))
+        reduce = torch.sum if self.aggregation == "per_example" else torch.mean
+        for i, loss in enumerate(losses):
+            gh, gn = torch.autograd.grad(reduce(loss), (head, neuron), retain_graph=i < len(losses) - 1)
+            for key, g in (("head", gh), ("neuron", gn)):
+                sq = g.to(self.sums[key].dtype) ** 2
+                self.sums[key] += sq.sum(0) if self.aggregation == "per_example" else sq
+        self.nodes.head = self.nodes.neuron = None
+        self.count += n if self.aggregation == "per_example" else 1
+        self.examples += n
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything to all-reduce (in place) across ranks."""
+        return [*self.sums.values(), self.count, self.examples]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """float32 on CPU: means over examples (per_example) or sums over batches (per_batch, the reference)."""
+        div = self.count if self.aggregation == "per_example" else torch.ones_like(self.count)
+        return {k: (v / div).float().cpu() for k, v in self.sums.items()}
+
+
+class FullFisher(MaskFisher):
+    """Diagonal Fisher of every body parameter from per-example gradients (each example unpadded, alone)."""
+
+    kind = "full_fisher"
+
+    def __init__(self, model: nn.Module, aggregation: str = "per_example", labels: str = "expected", seed: int = 0):
+        if aggregation not in ("per_example", "per_batch"):
+            raise ValueError(f"unknown aggregation {aggregation!r}; expected per_example or per_batch")
+        self.model, self.aggregation, self.labels, self.seed = model, aggregation, labels, seed
+        prefix = model.base_model_prefix
+        self.params = {f"{prefix}.{n}": p for n, p in model.base_model.named_parameters()}
+        dt = _sum_dtype(next(model.parameters()).device)
+        self.sums = {n: torch.zeros_like(p, dtype=dt) for n, p in self.params.items()}
+        self.count = torch.zeros((), dtype=dt, device=next(model.parameters()).device)
+        self.examples = torch.zeros_like(self.count)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["FullFisher"]:
+        with frozen(self.model, list(self.params.values())):
+            yield self
+
+    def _accumulate(self, logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor | None, mean: bool) -> None:
+        losses = label_losses(logits, labels, self.labels, self.seed, idx)
+        params = list(self.params.values())
+        for i, loss in enumerate(losses):
+            loss = loss.mean() if mean else loss.sum()
+            grads = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
+            for (name, _), g in zip(self.params.items(), grads):
+                if g is not None:
+                    self.sums[name] += g.to(self.sums[name].dtype) ** 2
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        inputs = model_inputs(batch)
+        n = len(inputs["input_ids"])
+        idx = batch.get("idx")
+        if self.aggregation == "per_batch":
+            self._accumulate(self.model(**inputs).logits, batch["labels"], idx, mean=True)
+            self.count += 1
+        else:
+            mask = inputs.get("attention_mask")
+            for j in range(n):
+                keep = mask[j].bool() if mask is not None else slice(None)
+                one = {k: v[j][keep][None] for k, v in inputs.items()}
+                self._accumulate(self.model(**one).logits, batch["labels"][j:j + 1],
+                                 None if idx is None else idx[j:j + 1], mean=False)
+            self.count += n
+        self.examples += n
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+
+
+class _PassCallback(L.Callback):
+    """Shared life cycle: build the accumulator at the start of the pass, step it on every batch inside
+    `inference_mode(False)` + `enable_grad()`, all-reduce and write from rank zero at the end, clean up always."""
+
+    kind = ""
+
+    def __init__(self, checkpoint_dir: str | Path, metadata: Optional[dict[str, Any]] = None) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.metadata = dict(metadata or {})
+        self.acc: Any = None
+        self._stack: contextlib.ExitStack | None = None
+        self._start = 0.0
+        self.path: Path | None = None
+
+    def make(self, model: nn.Module) -> Any:
+        raise NotImplementedError
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with torch.inference_mode(False):  # sums updated in place outside the loop's inference mode
+            self.acc = self.make(pl_module.model)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self.acc.active())
+        self._start = time.perf_counter()
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            # Cloned here: tensors made under the loop's inference mode cannot be saved for backward.
+            self.acc.step({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+
+    def _close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            for t in self.acc.tensors():
+                dist.all_reduce(t)
+        seconds = time.perf_counter() - self._start
+        if trainer.is_global_zero:
+            if not int(self.acc.examples.item()):
+                raise ValueError(f"the {self.kind} pass saw no examples: is the split empty?")
+            meta = {"kind": self.kind, "fingerprint": weights_fingerprint(self.checkpoint_dir),
+                    "num_examples": int(self.acc.examples.item()), "seconds": round(seconds, 3),
+                    "world_size": trainer.world_size, **self.meta(), **self.metadata}
+            self.path = save_artifact(artifact_path(self.checkpoint_dir, self.kind), self.acc.result(), meta)
+        trainer.strategy.barrier()
+
+    def meta(self) -> dict[str, Any]:
+        return {"aggregation": self.acc.aggregation, "labels": self.acc.labels, "seed": self.acc.seed}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+
+class MaskFisherCallback(_PassCallback):
+    """Mask-node Fisher of the validation pass's examples, written to `mask_fisher.safetensors`."""
+
+    kind = "mask_fisher"
+
+    def __init__(self, checkpoint_dir: str | Path, aggregation: Aggregation = "per_example",
+                 labels: LabelMode = "empirical", seed: int = 0, metadata: Optional[dict[str, Any]] = None) -> None:
+        """
+        Args:
+            checkpoint_dir: the task checkpoint the pass runs on; the artifact is written there.
+            aggregation: per_example (exact per-example gradients, one backward per batch) or per_batch (reference).
+            labels: empirical, sampled (from the model) or expected (sum over classes weighted by p).
+            seed: seed of sampled labels (per example).
+            metadata: extra header entries (task, split, data settings, ...).
+        """
+        super().__init__(checkpoint_dir, metadata)
+        self.aggregation, self.labels, self.seed = aggregation, labels, seed
+
+    def make(self, model: nn.Module) -> MaskFisher:
+        return MaskFisher(model, self.aggregation, self.labels, self.seed)
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "family": adapter_for(self.acc.model.config).family,
+                "nodes": list(node_shape(self.acc.model.config))}
+
+
+class FullFisherCallback(MaskFisherCallback):
+    """Diagonal Fisher of every body parameter (Fisher merging's input), written to `full_fisher.safetensors`."""
+
+    kind = "full_fisher"
+
+    def __init__(self, checkpoint_dir: str | Path, aggregation: Aggregation = "per_example",
+                 labels: LabelMode = "expected", seed: int = 0, metadata: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(checkpoint_dir, aggregation, labels, seed, metadata)
+
+    def make(self, model: nn.Module) -> FullFisher:
+        return FullFisher(model, self.aggregation, self.labels, self.seed)
+
+    def meta(self) -> dict[str, Any]:
+        return _PassCallback.meta(self)
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+class _NodePass(L.LightningModule):
+    """The task model in a validation loop: a plain forward (`forward=True`, for hook-based passes such as
+    the Grams) or nothing at all (the Fisher callbacks run their own forward and backward)."""
+
+    def __init__(self, model: nn.Module, forward: bool = False) -> None:
+        super().__init__()
+        self.model, self.forward_in_step = model, forward
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.forward_in_step:
+            self.model(**model_inputs(batch))
+
+
+KIND_DEFAULTS = {  # kind -> (artifact kind, aggregation, labels, batch size)
+    "mask": ("mask_fisher", "per_example", "empirical", 32),
+    "full": ("full_fisher", "per_example", "expected", 16),
+    "grams": ("grams", None, None, 32),
+}
+
+
+def run_fisher(
+    checkpoint: str,
+    kind: Literal["mask", "full", "grams"] = "mask",
+    task: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    split: str = "train",
+    num_examples: Optional[int] = 2048,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    aggregation: Optional[Aggregation] = None,
+    labels: Optional[LabelMode] = None,
+    include_padding: bool = False,
+    max_length: Optional[int] = None,
+    trainer: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Compute one artifact of a task checkpoint and write it beside the weights.
+
+    Args:
+        checkpoint: task checkpoint folder (written by `fmn-pl fit`); the artifact is written there.
+        kind: mask (mask-node Fisher, FMN), full (diagonal Fisher of every body parameter), grams (RegMean).
+        task: GLUE task; default the checkpoint's. A different one is an error.
+        data_dir: GLUE data (parquet/TSV folder or hub name); default the one the checkpoint was trained on.
+        split: split to read; "train" excludes the rows the checkpoint held out (`holdout_samples`).
+        num_examples: examples drawn without replacement with `seed` (None: the whole split).
+        batch_size: examples per batch (default 32; 16 for full).
+        seed: seed of the example sample and of sampled labels.
+        aggregation: per_example (default; exact) or per_batch (the FMN reference code). Fisher kinds only.
+        labels: empirical (default for mask), sampled, or expected (default for full). Fisher kinds only.
+        include_padding: grams only: count padding positions too (the RegMean reference does).
+        max_length: truncation length (default: the checkpoint's fine-tuning setting).
+        trainer: Lightning Trainer options (devices, strategy, accelerator, precision, ...).
+    """
+    from fmn_pl.checkpoint import read_metadata
+    from fmn_pl.data import GLUEDataModule
+    from fmn_pl.grams import GramCallback
+    from fmn_pl.module import load_model
+    from fmn_pl.tasks import get_task
+
+    if kind not in KIND_DEFAULTS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KIND_DEFAULTS)}")
+    meta = read_metadata(checkpoint)
+    if task is not None and task != meta["task"]:
+        raise ValueError(f"{checkpoint} is a {meta['task']!r} checkpoint, not {task!r}")
+    if kind == "grams" and (aggregation is not None or labels is not None):
+        raise ValueError("aggregation and labels apply to Fisher kinds only, not grams")
+    art_kind, default_agg, default_labels, default_bs = KIND_DEFAULTS[kind]
+    trained = meta.get("data", {})
+    task_ = get_task(meta["task"])
+    data_dir = data_dir or trained.get("data_dir")
+    if not data_dir:
+        raise ValueError(f"{checkpoint} does not record its data folder: pass --data_dir")
+    dm = GLUEDataModule(
+        task=task_.name, data_dir=data_dir, tokenizer=str(checkpoint),
+        max_length=max_length or trained.get("max_length"), eval_batch_size=batch_size or default_bs,
+        max_eval_samples=num_examples, sample_seed=seed, eval_splits=[split], unpadded_shards=True,
+        holdout_samples=trained.get("holdout_samples", 0) or 0,
+    )
+    info = {"task": task_.name, "split": split, "data_dir": str(data_dir), "batch_size": dm.hparams.eval_batch_size,
+            "max_length": dm.max_length, "sample_seed": seed, "holdout_samples": dm.hparams.holdout_samples}
+    if kind == "grams":
+        callback: L.Callback = GramCallback(checkpoint, include_padding=include_padding, metadata=info)
+    else:
+        cls = MaskFisherCallback if kind == "mask" else FullFisherCallback
+        callback = cls(checkpoint, aggregation or default_agg, labels or default_labels, seed, metadata=info)
+    options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+               **(trainer or {}), "use_distributed_sampler": False}
+    options["callbacks"] = [*(options.get("callbacks") or []), callback]
+    pl_trainer = L.Trainer(**options)
+    model = load_model(str(checkpoint), task_)
+    pl_trainer.validate(_NodePass(model, forward=kind == "grams"), datamodule=dm, verbose=False)
+    path = artifact_path(checkpoint, art_kind)
+    if pl_trainer.is_global_zero:
+        print(f"wrote {path}")
+    return path
+
+
+def build_parser() -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="fmn-pl fisher", description="Compute a mask-node Fisher, full Fisher or Gram "
+                            "artifact beside a task checkpoint (see configs/fisher/).", exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    parser.add_function_arguments(run_fisher, as_group=False, skip={"trainer"})
+    parser.add_class_arguments(L.Trainer, "trainer", skip={"logger", "enable_checkpointing", "use_distributed_sampler"},
+                               instantiate=False)
+    parser.set_defaults({"trainer.enable_model_summary": False})
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path | None:
+    """`fmn-pl fisher ...`: bad input ends with one line, `fmn-pl fisher: error: ...`, exit status 2."""
+    parser = build_parser()
+    cfg = parser.instantiate_classes(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    kwargs = {k: v for k, v in vars(cfg).items() if k not in ("config", "trainer", "__path__")}
+    trainer = dict(vars(cfg.trainer))
+    try:
+        return run_fisher(**kwargs, trainer=trainer)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        if argv is not None:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"fmn-pl fisher: error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
