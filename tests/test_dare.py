@@ -45,3 +45,33 @@ def test_seeded_per_model_and_key_independent_of_order() -> None:
 def test_bad_rate_refused() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         dare(torch.ones(3), 1.0)
+
+
+def test_methods_with_p_zero_equal_the_underlying_method(tmp_path) -> None:  # noqa: ANN001
+    from fmn_pl.merging.task_arithmetic import TaskArithmetic
+    from fmn_pl.merging.ties import Ties
+    from tests.test_merging import BASE, TAUS, vector_ctx
+
+    for name, make in (("ta", lambda **kw: TaskArithmetic(scaling=0.4, **kw)),
+                       ("ties", lambda **kw: Ties(top_k=60.0, scaling=0.8, **kw))):
+        plain = dict(make().merge(vector_ctx(tmp_path / f"{name}-plain", BASE, TAUS)))
+        zero = dict(make(dare_p=0.0, dare_seed=9).merge(vector_ctx(tmp_path / f"{name}-zero", BASE, TAUS)))
+        dropped = dict(make(dare_p=0.5, dare_seed=9).merge(vector_ctx(tmp_path / f"{name}-half", BASE, TAUS)))
+        for k in BASE:
+            assert torch.equal(zero[k], plain[k])
+        assert any(not torch.equal(dropped[k], plain[k]) for k in BASE)
+
+
+def test_task_arithmetic_with_dare_is_unbiased_over_seeds(tmp_path) -> None:  # noqa: ANN001
+    """Task arithmetic is linear in the task vectors, so its DARE merge averages to the plain merge."""
+    from fmn_pl.merging.task_arithmetic import TaskArithmetic
+    from tests.test_merging import vector_ctx
+
+    base = {"w": torch.zeros(64)}
+    taus = [{"w": torch.randn(64)} for _ in range(2)]
+    p, n = 0.5, 300
+    ctx = vector_ctx(tmp_path, base, taus)
+    mean = sum(dict(TaskArithmetic(scaling=1.0, dare_p=p, dare_seed=s).merge(ctx))["w"] for s in range(n)) / n
+    plain = taus[0]["w"] + taus[1]["w"]
+    tol = 5 * (taus[0]["w"].abs() + taus[1]["w"].abs()) * (p / (1 - p)) ** 0.5 / n**0.5
+    assert ((mean - plain).abs() <= tol + 1e-6).all()
