@@ -225,7 +225,8 @@ class FullFisher(MaskFisher):
         prefix = model.base_model_prefix
         self.params = {f"{prefix}.{n}": p for n, p in model.base_model.named_parameters()}
         dt = _sum_dtype(next(model.parameters()).device)
-        self.sums = {n: torch.zeros_like(p, dtype=dt) for n, p in self.params.items()}
+        # float32 sums: one per parameter, updated N x C times, where float64 would double the time and memory.
+        self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         self.count = torch.zeros((), dtype=dt, device=next(model.parameters()).device)
         self.examples = torch.zeros_like(self.count)
 
@@ -242,7 +243,8 @@ class FullFisher(MaskFisher):
             grads = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
             for (name, _), g in zip(self.params.items(), grads):
                 if g is not None:
-                    self.sums[name] += g.to(self.sums[name].dtype) ** 2
+                    g = g.float()
+                    self.sums[name].addcmul_(g, g)
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         inputs = model_inputs(batch)

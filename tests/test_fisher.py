@@ -379,3 +379,25 @@ def test_artifact_checks(make_checkpoint: Callable, tiny_glue: Path) -> None:
     save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, str(path), metadata=meta)
     with pytest.raises(ValueError, match="every entry is zero"):
         load_artifact(ckpt, "mask_fisher")
+
+
+def test_cli_under_ddp_launcher_equals_one_process(make_checkpoint: Callable, tiny_glue: Path) -> None:
+    """`fmn-pl fisher --trainer.strategy ddp --trainer.devices 2` as a user runs it: Lightning relaunches the
+    command for rank 1 (gloo on CPU); the artifact equals the single-process one."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt = make_checkpoint("rte")
+    args = ["--checkpoint", str(ckpt), "--data_dir", str(tiny_glue), "--num_examples", "21", "--batch_size", "4",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    main(args)
+    one = load_artifact(ckpt, "mask_fisher").load_all()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-m", "fmn_pl.cli", "fisher", *args, "--trainer.strategy", "ddp",
+                          "--trainer.devices", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    art = load_artifact(ckpt, "mask_fisher")
+    assert art.metadata["world_size"] == 2 and art.metadata["num_examples"] == 21
+    for key, value in art.load_all().items():
+        _rel_close(value, one[key])
