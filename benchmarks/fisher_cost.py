@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from fmn_pl.data import GLUEDataModule
-from fmn_pl.fisher import FullFisher, MaskFisher, model_inputs
-from fmn_pl.module import load_model
+from fmn_pl.fisher import FullFisher, MaskFisher
+from fmn_pl.module import load_model, model_inputs
 from fmn_pl.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,11 +34,11 @@ from torch import nn
 
 from fmn_pl.artifacts import artifact_path, save_artifact
 from fmn_pl.checkpoint import weights_fingerprint
+from fmn_pl.module import model_inputs
 from fmn_pl.nodes import adapter_for, node_shape
 
 Aggregation = Literal["per_example", "per_batch"]
 LabelMode = Literal["empirical", "sampled", "expected"]
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 # ---------------------------------------------------------------------------------------------- mask nodes
@@ -131,11 +131,6 @@ def label_losses(
             w = logp.detach().exp().sqrt()
             return [-(w[:, c] * logp[:, c]) for c in range(logits.shape[-1])]
     raise ValueError(f"unknown labels mode {mode!r}; expected empirical, sampled or expected")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's inputs from a collated batch."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 @contextlib.contextmanager
