@@ -28,7 +28,7 @@ def regmean_solve(
     gs = [scale_off_diagonal(g.double(), alpha) for g in grams]
     total = sum(gs)
     rhs = sum(g @ w.double().T for g, w in zip(gs, weights))
-    eig = torch.linalg.eigvalsh(total)
+    eig = eigvalsh_one_thread(total)
     singular = bool(eig[0] <= rcond * eig[-1].clamp_min(torch.finfo(torch.float64).tiny))
     if singular:
         delta = ridge * total.diagonal().mean().clamp_min(1e-12) / len(gs)
@@ -36,6 +36,17 @@ def regmean_solve(
         total = total + len(gs) * delta * eye
         rhs = rhs + delta * sum(w.double().T for w in weights)
     return torch.linalg.solve(total, rhs).T.float(), singular
+
+
+def eigvalsh_one_thread(matrix: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric CPU matrix on one thread: LAPACK's multi-threaded solver took seconds per
+    384 x 384 Gram on a busy 2-core machine where one thread takes milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigvalsh(matrix)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
