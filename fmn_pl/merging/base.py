@@ -156,4 +156,4 @@ class MergeMethod:
 
     def options(self) -> dict[str, Any]:
         """The method's options as given (for reports); subclasses' __init__ args by default."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "needs"}

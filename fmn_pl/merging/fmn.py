@@ -17,20 +17,27 @@ W_j = lambda_j x (model j's head/neuron Fisher, normalised and floored, broadcas
 Where the weights of every model are zero the entry falls back to the lambda-weighted plain average.
 The weights normalise, so merging full weights or task vectors gives the same result (no base needed).
 Memory: the node Fisher of all models (M x L x (H + F) numbers), one accumulator and one model's tensor.
+
+`scaling` s (fmn-pl's addition, 1 = the rule above) scales the merged task vector:
+theta = theta0 + s (theta* - theta0) = theta0 + s sum_j W_j tau_j / sum_j W_j. A weighted *mean* of task
+vectors shrinks each task's own direction by about 1/M; s > 1 restores it, as task arithmetic's lambda does
+for a sum. null chooses s from `scalings` on the selection split (the body is held in memory meanwhile).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 
 from fmn_pl.merging.average import check_coefficients
 from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+from fmn_pl.merging.task_arithmetic import select_scaling
 from fmn_pl.nodes import adapter_for, node_shape
 
 Normalize = Literal["none", "mean", "type", "layer"]
 Broadcast = Literal["reference", "per_node"]
+SCALINGS = [1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0]
 
 
 def normalize_fisher(head: torch.Tensor, neuron: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +81,8 @@ class FMN(MergeMethod):
         universal: bool = True,
         epsilon: float = 0.0,
         coefficients: list[float] | None = None,
+        scaling: float | None = 1.0,
+        scalings: list[float] = SCALINGS,  # noqa: B006 - read-only default, shown by --help
     ) -> None:
         """
         Args:
@@ -86,6 +95,9 @@ class FMN(MergeMethod):
             epsilon: floor on every (normalised) node Fisher, so near-zero sums cannot blow up; 0 = reference
                 (entries where every model's weight is exactly 0 fall back to the plain average).
             coefficients: per-model multipliers lambda_j of the weights, one per checkpoint (None: all 1).
+            scaling: s in theta0 + s (theta* - theta0); 1 = the reference rule (no base model needed); null
+                chooses s from `scalings` by the mean selection score (needs the base model).
+            scalings: the grid s is chosen from when `scaling` is null.
         """
         if broadcast not in ("reference", "per_node"):
             raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
@@ -95,6 +107,11 @@ class FMN(MergeMethod):
             raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
         self.broadcast, self.normalize, self.universal = broadcast, normalize, universal
         self.epsilon, self.coefficients = epsilon, coefficients
+        if scaling is not None and scaling <= 0 or not scalings or min(scalings) <= 0:
+            raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
+        self.scaling, self.scalings = scaling, list(scalings)
+        if scaling != 1.0:  # an instance's needs: the base model for the task vectors
+            self.needs = frozenset({"mask_fisher", "base"})
         self._c: torch.Tensor = torch.ones(0)
         self._head: torch.Tensor = torch.zeros(0)  # [M, L, H]
         self._neuron: torch.Tensor = torch.zeros(0)  # [M, L, F]
@@ -157,6 +174,20 @@ class FMN(MergeMethod):
             return _expand(w * self._c, len(shape))
         w = w * self._c[:, None]  # [M, rows]
         return w.reshape(M, shape[0], *([1] * (len(shape) - 1)))
+
+    def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.scaling == 1.0:
+            yield from super().merge(ctx)
+            return
+        if self.scaling is not None:
+            for key, merged in super().merge(ctx):
+                base = ctx.base(key)
+                yield key, merged.sub_(base).mul_(self.scaling).add_(base)
+            return
+        vector = {key: merged.sub_(ctx.base(key)) for key, merged in super().merge(ctx)}
+        s = select_scaling(ctx, vector, self.scalings, "fmn")
+        for key in ctx.keys:
+            yield key, vector.pop(key).mul_(s).add_(ctx.base(key))
 
     def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
         shape = tuple(ctx.readers[0].shape(key))

@@ -1,0 +1,53 @@
+"""FMN's scaling option (issue 8) against a slow per-tensor computation: theta0 + s (FMN - theta0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from fmn_pl.merging.fmn import FMN
+from tests.test_merging import model_ctx, random_fisher
+
+
+def _ctx(make_checkpoint: Callable, tiny_base: Callable, evaluate: Callable | None = None):  # noqa: ANN202
+    ckpts = [make_checkpoint("rte", seed=s, name=f"m{s}") for s in (0, 1)]
+    return model_ctx(ckpts, [random_fisher(0), random_fisher(1, scale=30.0)], base=tiny_base("bert"), evaluate=evaluate)
+
+
+def test_scaling_one_is_the_reference_rule_and_needs_no_base() -> None:
+    assert "base" not in FMN().needs and "base" in FMN(scaling=1.5).needs and "base" in FMN(scaling=None).needs
+    assert "needs" not in FMN(scaling=2.0).options()
+
+
+def test_fixed_scaling_scales_the_merged_task_vector(make_checkpoint: Callable, tiny_base: Callable) -> None:
+    plain = dict(FMN(normalize="mean").merge(_ctx(make_checkpoint, tiny_base)))
+    ctx = _ctx(make_checkpoint, tiny_base)
+    scaled = dict(FMN(normalize="mean", scaling=1.7).merge(ctx))
+    for key, value in plain.items():
+        base = ctx.base(key)
+        torch.testing.assert_close(scaled[key], base + 1.7 * (value - base), rtol=1e-5, atol=1e-6)
+
+
+def test_null_scaling_is_chosen_on_selection_scores(make_checkpoint: Callable, tiny_base: Callable) -> None:
+    plain = dict(FMN().merge(_ctx(make_checkpoint, tiny_base)))
+    ref_ctx = _ctx(make_checkpoint, tiny_base)
+    target = {k: ref_ctx.base(k) + 2.0 * (v - ref_ctx.base(k)) for k, v in plain.items()}
+
+    def evaluate(body: dict[str, torch.Tensor]) -> dict[str, float]:
+        d = -sum(float((body[k] - target[k]).abs().sum()) for k in body)
+        return {"rte": d}
+
+    ctx = _ctx(make_checkpoint, tiny_base, evaluate)
+    merged = dict(FMN(scaling=None, scalings=[1.0, 2.0, 3.0]).merge(ctx))
+    assert ctx.notes["fmn_scaling"]["chosen"] == 2.0
+    for key in target:
+        torch.testing.assert_close(merged[key], target[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(scaling=0.0), dict(scaling=None, scalings=[]), dict(scalings=[1.0, -1.0])])
+def test_bad_scaling(bad: dict) -> None:
+    with pytest.raises(ValueError, match="scaling"):
+        FMN(**bad)
