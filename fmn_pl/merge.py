@@ -443,9 +443,7 @@ def run_merge(
             raise ValueError(f"{p}: its weights changed since export ({METADATA_FILE} records {m['fingerprint']}, "
                              f"the files hash to {fp})")
 
-    if selection_split == "auto":
-        held = all(int((m.get("data") or {}).get("holdout_samples") or 0) > 0 for m in inputs.metadata)
-        selection_split = "holdout" if held else "validation"
+    selection_split = resolve_selection_split(selection_split, inputs.metadata)
     selection = Evaluator(inputs.checkpoints, EvalData(data_dir, selection_split, selection_samples, batch_size),
                           accelerator, progress=False)
     selection_calls, adapted = 0, False
@@ -531,6 +529,71 @@ def run_merge(
     else:
         log(f"{name}: merged in {timings['merge_s']:.1f} s; output: {out}")
     return report
+
+
+def resolve_selection_split(split: str, metadata: list[dict[str, Any]]) -> str:
+    """`auto` -> holdout when every checkpoint held training rows out, else validation; other splits unchanged."""
+    if split != "auto":
+        return split
+    held = all(int((m.get("data") or {}).get("holdout_samples") or 0) > 0 for m in metadata)
+    return "holdout" if held else "validation"
+
+
+def merge_body(
+    checkpoints: Sequence[str | Path],
+    method: MergeMethod,
+    base: str | None = None,
+    data_dir: str = "../shared/data/glue",
+    selection_split: Literal["auto", "holdout", "validation", "train"] = "auto",
+    selection_samples: int | None = None,
+    batch_size: int = 64,
+    accelerator: str = "auto",
+    selection: Any = None,
+    notes: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The merged body {key: tensor} (in the checkpoints' dtypes) held in memory: `run_merge`'s checks and
+    context without files or evaluation, for studies of many merges (score it with `Evaluator.evaluate(body=)`).
+
+    `selection`: an `Evaluator` whose checkpoints cover these tasks, reused (with its tokenized data) by methods
+    that choose options; default a new one on `selection_split`. `notes` (a dict) receives the method's notes
+    (chosen lambda, ...). Methods that serve each task its own body (TALL) are refused.
+    """
+    from fmn_pl.evaluate import EvalData, Evaluator
+
+    if type(method).task_body is not MergeMethod.task_body:
+        raise ValueError(f"method {method_name(method)} gives each task its own body: use run_merge, not merge_body")
+    log = log or (lambda msg: tqdm.write(f"merge: {msg}"))
+    inputs = check_inputs(checkpoints, method, base)
+    if selection is None:
+        split = resolve_selection_split(selection_split, inputs.metadata)
+        selection = Evaluator(inputs.checkpoints, EvalData(data_dir, split, selection_samples, batch_size),
+                              accelerator, progress=False)
+    if missing := [t for t in inputs.tasks if t not in selection.tasks]:
+        raise ValueError(f"the selection evaluator has no checkpoint of task(s) {missing}")
+    where = [selection.tasks.index(t) for t in inputs.tasks]
+
+    def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None) -> dict[str, float]:
+        return {t: selection.evaluate(where[inputs.tasks.index(t)], body=body)["score"] for t in tasks or inputs.tasks}
+
+    readers = [FileReader(p) for p in inputs.checkpoints]
+    ctx = MergeContext(
+        checkpoints=inputs.checkpoints, tasks=inputs.tasks, config=inputs.config, body_prefix=inputs.body_prefix,
+        keys=list(inputs.keys), readers=readers,
+        base_reader=FileReader(inputs.base, prefix=inputs.body_prefix) if inputs.base else None, evaluate=select,
+        selection_inputs=lambda i: selection.datamodule(where[i]), accelerator=accelerator, progress=False, log=log,
+        _artifacts=dict(inputs.artifacts or {}),
+    )
+    body = {}
+    for key, tensor in method.merge(ctx):
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"the merged tensor {key!r} has NaN or Inf entries")
+        body[key] = tensor.to(torch_dtype(inputs.specs[key][0]))
+    for key in inputs.fixed:
+        body[key] = readers[0].get(key)
+    if notes is not None:
+        notes.update(_jsonable(ctx.notes))
+    return body
 
 
 def evaluate_all(
