@@ -401,3 +401,46 @@ def test_cli_under_ddp_launcher_equals_one_process(make_checkpoint: Callable, ti
     assert art.metadata["world_size"] == 2 and art.metadata["num_examples"] == 21
     for key, value in art.load_all().items():
         _rel_close(value, one[key])
+
+
+def test_hooks_and_flags_restored_when_the_pass_fails(make_checkpoint: Callable, tiny_glue: Path, monkeypatch) -> None:
+    ckpt = make_checkpoint("rte")
+    calls = []
+
+    def failing_step(self: MaskFisher, batch: dict) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        MaskFisher.__dict__["_orig_step"](self, batch)
+
+    monkeypatch.setattr(MaskFisher, "_orig_step", MaskFisher.step, raising=False)
+    monkeypatch.setattr(MaskFisher, "step", failing_step)
+    module = GLUETransformer(str(ckpt), "rte")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[MaskFisherCallback(ckpt)])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.validate(module, datamodule=_dm(ckpt, tiny_glue), verbose=False)
+    assert not any(m._forward_pre_hooks for m in module.modules())
+    assert all(p.requires_grad for p in module.parameters())
+    assert not list(ckpt.glob("*mask_fisher*"))
+
+
+def test_deberta_v2_adapter_semantics() -> None:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("deberta-v2", vocab_size=160, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37, max_position_embeddings=64)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    batch = _batch()
+    nodes = MaskNodes(model)
+    with torch.no_grad(), nodes.hooks():
+        nodes.head = torch.ones(2, 4)
+        nodes.head[1, 3] = 0
+        masked = _hidden(model, batch)
+    value = _layer(model, 1).get_submodule(adapter_for(config).value)
+    with torch.no_grad():
+        value.weight[24:32] = 0
+        value.bias[24:32] = 0
+        expected = _hidden(model, batch)
+    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)

@@ -73,3 +73,23 @@ def test_minilm_sst2_fit_export_reload(tmp_path, monkeypatch):
         f"--trainer.default_root_dir={tmp_path / 'val'}",
     ])
     assert float(val.trainer.callback_metrics["val/accuracy"]) == pytest.approx(accuracy)
+
+    # the Fisher stage on the real export: the artifact's shape and metadata, and the per-example mask Fisher
+    # of a few real examples against the hook-free slow loop of tests/test_fisher.py
+    from fmn_pl.artifacts import load_artifact
+    from fmn_pl.fisher import MaskFisher
+    from fmn_pl.fisher import main as fisher
+    from tests.test_fisher import _rel_close, _slow_mask_fisher
+
+    fisher(["--checkpoint", str(export), "--num_examples", "48", "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false"])
+    art = load_artifact(export, "mask_fisher", shapes={"head": (6, 12), "neuron": (6, 1536)})
+    assert (art.metadata["task"], art.metadata["split"], art.metadata["num_examples"]) == ("sst2", "train", 48)
+    assert (art.get("head") > 0).float().mean() > 0.9
+    few = {k: v[:4] for k, v in batch.items()}
+    acc = MaskFisher(model.eval())
+    with acc.active():
+        acc.step(few)
+    fast, slow = acc.result(), _slow_mask_fisher(model, [few])
+    for key in ("head", "neuron"):
+        _rel_close(fast[key], slow[key], rtol=1e-4)
