@@ -1,12 +1,13 @@
 """Peak memory and time of `fmn-pl merge` for 2, 4 and 8 checkpoints, against one checkpoint's size.
 
 Makes task checkpoints from one pretrained model (its body plus seeded noise, a fresh head per GLUE task,
-random mask-Fisher artifacts) in a temporary folder, then runs each merge without evaluation in a fresh
-process and prints JSON. `net_rss` is the peak resident memory minus the process's resident memory
+random mask-Fisher and Gram artifacts) in a temporary folder, then runs each merge without evaluation in a
+fresh process and prints JSON. Methods that choose options on data get one candidate (no search); AdaMerging
+runs a few steps on real GLUE inputs (`--data_dir`). `net_rss` is the peak resident memory minus the process's resident memory
 after imports; the goal is net_rss <= 3x one checkpoint whatever the count.
 
     python benchmarks/merge_memory.py [--model ../shared/models/all-MiniLM-L6-v2] [--counts 2 4 8]
-        [--methods average fmn ties]
+        [--methods average fmn ties regmean tall consensus adamerging]
 """
 
 from __future__ import annotations
@@ -26,16 +27,22 @@ METHOD_ARGS = {
     "fisher": [],
     "ties": ["--method.scaling=1.0"],
     "task_arithmetic": ["--method.scaling=0.5"],
+    "regmean": [],
+    "tall": ["--method.lambdas=[0.4]"],
+    "consensus": ["--method.lambdas=[0.4]", "--method.scaling=0.5"],
+    "adamerging": ["--method.steps=5", "--method.batch_size=8", "--selection_samples=64"],
 }
 
 
 def make_checkpoints(model: str, root: Path, count: int) -> list[Path]:
-    """`count` task checkpoints of distinct GLUE tasks: the model's body plus seeded noise, with mask Fisher."""
+    """`count` task checkpoints of distinct GLUE tasks: the model's body plus seeded noise, with mask Fisher and
+    Grams (random, of the right shapes)."""
     import torch
     from transformers import AutoTokenizer
 
     from fmn_pl.artifacts import artifact_path, save_artifact
     from fmn_pl.checkpoint import export_checkpoint, weights_fingerprint
+    from fmn_pl.grams import gram_keys
     from fmn_pl.module import load_model
     from fmn_pl.nodes import node_shape
     from fmn_pl.tasks import get_task
@@ -59,15 +66,31 @@ def make_checkpoints(model: str, root: Path, count: int) -> list[Path]:
             save_artifact(artifact_path(target, "mask_fisher"),
                           {"head": torch.rand(layers, heads, generator=g), "neuron": torch.rand(layers, ffn, generator=g)},
                           {"kind": "mask_fisher", "task": name, "fingerprint": weights_fingerprint(target)})
-            del net
+            modules = dict(net.named_modules())
+            grams = {}
+            for key in dict.fromkeys(gram_keys(net).values()):
+                x = torch.randn(2 * modules[key].in_features, modules[key].in_features, generator=g)
+                grams[key] = x.T @ x / len(x)
+            save_artifact(artifact_path(target, "grams"), grams,
+                          {"kind": "grams", "task": name, "fingerprint": weights_fingerprint(target)})
+            del net, grams
         out.append(target)
     return out
 
 
-def child(argv: list[str]) -> None:
-    """One merge in this process: print {net, peak and baseline RSS, timings} as JSON on the last line."""
+def vm_hwm() -> int:
+    """Peak resident bytes of this process image (VmHWM). Not `ru_maxrss`: a child started by vfork/exec keeps
+    the parent's peak there, so a large parent hides the child's own figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(argv: list[str]) -> None:
+    """One merge in this process: print {net, peak and baseline RSS, timings} as JSON on the last line."""
     import psutil
 
     import fmn_pl.merge as merge  # noqa: F401 - imports counted in the baseline
@@ -78,7 +101,7 @@ def child(argv: list[str]) -> None:
     start = time.perf_counter()
     report = merge.main(argv)
     total = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = vm_hwm()
     print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "net_rss": peak - baseline,
                       "merge_s": report["timings"]["merge_s"], "total_s": total}))
 
@@ -88,6 +111,7 @@ def main() -> None:
     parser.add_argument("--model", default="../shared/models/all-MiniLM-L6-v2")
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=["average", "fmn", "ties"], choices=sorted(METHOD_ARGS))
+    parser.add_argument("--data_dir", default="../shared/data/glue", help="GLUE data (AdaMerging adapts on it)")
     parser.add_argument("--workdir", default=None, help="keep the generated checkpoints here (default: a temp dir)")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -103,7 +127,8 @@ def main() -> None:
             for count in args.counts:
                 out = root / f"merge-{method}-{count}"
                 argv = ["--method", method, *METHOD_ARGS[method], "--checkpoints", *map(str, checkpoints[:count]),
-                        "--output", str(out), "--evaluate", "false", "--progress", "false", "--base", args.model]
+                        "--output", str(out), "--evaluate", "false", "--progress", "false", "--base", args.model,
+                        "--data_dir", args.data_dir]
                 proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True)
                 if proc.returncode:
                     raise SystemExit(f"{method} x{count} failed:\n{proc.stderr[-3000:]}")

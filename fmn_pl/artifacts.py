@@ -67,6 +67,7 @@ class Artifact:
                 f"{self.path} does not exist: compute it with `fmn-pl fisher --checkpoint {self.path.parent}`"
                 + ("" if kind == "mask_fisher" else f" --kind {kind.removesuffix('_fisher')}")
             )
+        self._reader: Any = None
         try:
             self._file = safe_open(str(self.path), framework="pt")
             self.metadata = _decode(self._file.metadata() or {})
@@ -86,9 +87,14 @@ class Artifact:
         return list(self._file.keys())
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor, checked for NaN/Inf."""
+        """One tensor, checked for NaN/Inf. Read with plain file reads: the pages of a memory map stay resident
+        while the artifact is open (a whole Gram or full-Fisher artifact per checkpoint during a merge)."""
+        from fmn_pl.merging.reader import SafetensorsFile  # here: fmn_pl.merging imports this module
+
         try:
-            t = self._file.get_tensor(key)
+            if self._reader is None:
+                self._reader = SafetensorsFile(self.path)
+            t = self._reader.get(key)
         except Exception as e:
             raise ValueError(f"{self.path}: cannot read tensor {key!r} (corrupt or truncated file?): {e}") from e
         if not torch.isfinite(t).all():

@@ -7,12 +7,14 @@ Output folder (written in a temporary folder beside it, renamed when complete):
 
     config.json, tokenizer*, model.safetensors   the merged body: AutoModel.from_pretrained(out)
     <task>/                                      AutoModelForSequenceClassification.from_pretrained(out/<task>):
-        model-body.safetensors                   a hard link to ../model.safetensors (the body is stored once)
+        model-body.safetensors                   a hard link to ../model.safetensors (the body is stored once);
+                                                 the task's own body for methods that give each task one (TALL)
         model-head.safetensors                   the task's own classifier head
         model.safetensors.index.json             maps every tensor to one of the two files
         config.json, tokenizer*, fmn_pl.json     an fmn-pl task checkpoint of the merged model
     report.json, report.md, report.png           merged vs individual vs plain average, per task
     config.yaml                                  the resolved configuration of this run
+    <method>/                                    files a method keeps, if any (AdaMerging's logs, TALL's masks)
 
 Inputs are checked before any work: at least two checkpoints of distinct tasks, one architecture,
 vocabulary and tokenizer, the artifacts the method needs (present, of the right kind, computed on these
@@ -397,8 +399,9 @@ def run_merge(
 
     Args:
         checkpoints: fmn-pl task checkpoint folders (two or more, distinct tasks, one architecture and tokenizer).
-        method: the merge method: a registered name (average, fmn, fisher, task_arithmetic, ties, ...) with its
-            options as --method.<option>; `--method.help NAME` lists a method's options.
+        method: the merge method: a registered name (average, fmn, fisher, task_arithmetic, ties, regmean,
+            adamerging, tall, consensus, ...) with its options as --method.<option>; `--method NAME --help` lists
+            a method's options.
         output: folder to write (refused if it exists and is not empty, unless `overwrite`).
         base: the pretrained model (folder or hub name) for methods on task vectors; default: the checkpoints'
             recorded base_model.
@@ -408,9 +411,10 @@ def run_merge(
         data_dir: GLUE data: a local folder (parquet or TSV layout) or a hub dataset name.
         max_eval_samples: cap on the validation examples per task (a seeded sample); None: all.
         batch_size: evaluation batch size.
-        selection_split: data on which methods choose their options (task arithmetic's lambda, ...): holdout (the
-            training rows each checkpoint held out), validation (the scored examples: transductive), train;
-            auto: holdout when every checkpoint held rows out, else validation.
+        selection_split: data on which methods choose their options (task arithmetic's lambda, TALL's masks, ...)
+            or adapt on unlabeled inputs (AdaMerging): holdout (the training rows each checkpoint held out),
+            validation (the scored examples: transductive), train; auto: holdout when every checkpoint held rows
+            out, else validation.
         selection_samples: cap on the selection examples per task; None: all.
         compare_average: also score the plain average (cached per checkpoint set); the report's baseline.
         cache: remember individual and plain-average scores beside each checkpoint (fmn_pl_eval.json).

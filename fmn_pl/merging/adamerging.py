@@ -262,7 +262,13 @@ class AdaMerging(MergeMethod):
             "steps": len(module.history), "entropy_first_step": module.history[0], "entropy_last_step": module.history[-1],
             "coefficients": named,
         }
-        ctx.log(f"adamerging: entropy {module.history[0]} -> {module.history[-1]}")
+        per_task = coef if self.granularity == "task" else coef.mean(1)
+        ctx.remark(f"AdaMerging{'++' if self.plus else ''} ({self.granularity}-wise, {len(module.history)} steps) "
+                   + ("coefficients" if self.granularity == "task" else "mean coefficients over tensors") + ": "
+                   + ", ".join(f"{t} {float(c):.3f}" + ("" if a else " (not adapted)")
+                               for t, c, a in zip(ctx.tasks, per_task, adapt))
+                   + "; entropy first -> last step: " + ", ".join(
+                       f"{t} {module.history[0][t]:.3f} -> {module.history[-1][t]:.3f}" for t in module.history[0]))
         with torch.no_grad():
             for j, key in enumerate(module.keys):
                 w = coef if self.granularity == "task" else coef[:, j]
