@@ -8,11 +8,11 @@ examples of the checkpoint's task and writes, atomically, into DIR:
     full_fisher.safetensors   one tensor per body parameter (`bert.encoder...weight`): mean_i (dL_i/dtheta)^2
     grams.safetensors         X^T X / n of every body linear layer's inputs (RegMean; see fmn_pl.grams)
 
-Each is a Lightning callback (`MaskFisherCallback`, `FullFisherCallback`, `GramCallback`) that a user can add
-to their own `trainer.validate(...)`: it takes its gradients inside the pass with `torch.inference_mode(False)`
-and `torch.enable_grad()`, so the Trainer's `inference_mode` setting does not matter. Under DDP each rank sums
-its own shard (use `GLUEDataModule(unpadded_shards=True)` and `Trainer(use_distributed_sampler=False)`, so no
-example is counted twice); sums and counts are all-reduced once at the end and rank zero writes the file.
+Each is a Lightning callback (`MaskFisherCallback`, `FullFisherCallback`, `GramCallback`; life cycle in
+fmn_pl.passes) that a user can add to their own `trainer.validate(...)`, whatever its `inference_mode`.
+Under DDP each rank sums its own shard (use `GLUEDataModule(unpadded_shards=True)` and
+`Trainer(use_distributed_sampler=False)`, so no example is counted twice); sums and counts are all-reduced
+once at the end and rank zero writes the file.
 
 Losses: classification uses -log p(y|x); regression (STS-B) the MSE loss (f - y)^2. Labels: `empirical` (the
 dataset's), `sampled` (drawn from the model's predictive distribution, or y ~ N(f, 1) for regression, seeded
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -32,10 +31,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from fmn_pl.artifacts import artifact_path, save_artifact
-from fmn_pl.checkpoint import weights_fingerprint
+from fmn_pl.artifacts import artifact_path
 from fmn_pl.module import model_inputs
 from fmn_pl.nodes import adapter_for, node_shape
+from fmn_pl.passes import ArtifactPass
 
 Aggregation = Literal["per_example", "per_batch"]
 LabelMode = Literal["empirical", "sampled", "expected"]
@@ -202,6 +201,11 @@ class MaskFisher:
         """Everything to all-reduce (in place) across ranks."""
         return [*self.sums.values(), self.count, self.examples]
 
+    def meta(self) -> dict[str, Any]:
+        """Header entries of the artifact."""
+        return {"aggregation": self.aggregation, "labels": self.labels, "seed": self.seed,
+                "family": adapter_for(self.model.config).family, "nodes": list(node_shape(self.model.config))}
+
     def result(self) -> dict[str, torch.Tensor]:
         """float32 on CPU: means over examples (per_example) or sums over batches (per_batch, the reference)."""
         div = self.count if self.aggregation == "per_example" else torch.ones_like(self.count)
@@ -224,6 +228,9 @@ class FullFisher(MaskFisher):
         self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
         self.count = torch.zeros((), dtype=dt, device=next(model.parameters()).device)
         self.examples = torch.zeros_like(self.count)
+
+    def meta(self) -> dict[str, Any]:
+        return {"aggregation": self.aggregation, "labels": self.labels, "seed": self.seed}
 
     @contextlib.contextmanager
     def active(self) -> Iterator["FullFisher"]:
@@ -262,66 +269,7 @@ class FullFisher(MaskFisher):
 # ---------------------------------------------------------------------------------------------- callbacks
 
 
-class _PassCallback(L.Callback):
-    """Shared life cycle: build the accumulator at the start of the pass, step it on every batch inside
-    `inference_mode(False)` + `enable_grad()`, all-reduce and write from rank zero at the end, clean up always."""
-
-    kind = ""
-
-    def __init__(self, checkpoint_dir: str | Path, metadata: Optional[dict[str, Any]] = None) -> None:
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.metadata = dict(metadata or {})
-        self.acc: Any = None
-        self._stack: contextlib.ExitStack | None = None
-        self._start = 0.0
-        self.path: Path | None = None
-
-    def make(self, model: nn.Module) -> Any:
-        raise NotImplementedError
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        with torch.inference_mode(False):  # sums updated in place outside the loop's inference mode
-            self.acc = self.make(pl_module.model)
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self.acc.active())
-        self._start = time.perf_counter()
-
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
-        with torch.inference_mode(False), torch.enable_grad():
-            # Cloned here: tensors made under the loop's inference mode cannot be saved for backward.
-            self.acc.step({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-
-    def _close(self) -> None:
-        if self._stack is not None:
-            self._stack.close()
-            self._stack = None
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close()
-        if trainer.world_size > 1:
-            import torch.distributed as dist
-
-            for t in self.acc.tensors():
-                dist.all_reduce(t)
-        seconds = time.perf_counter() - self._start
-        if trainer.is_global_zero:
-            if not int(self.acc.examples.item()):
-                raise ValueError(f"the {self.kind} pass saw no examples: is the split empty?")
-            meta = {"kind": self.kind, "fingerprint": weights_fingerprint(self.checkpoint_dir),
-                    "num_examples": int(self.acc.examples.item()), "seconds": round(seconds, 3),
-                    "world_size": trainer.world_size, **self.meta(), **self.metadata}
-            self.path = save_artifact(artifact_path(self.checkpoint_dir, self.kind), self.acc.result(), meta)
-        trainer.strategy.barrier()
-
-    def meta(self) -> dict[str, Any]:
-        return {"aggregation": self.acc.aggregation, "labels": self.acc.labels, "seed": self.acc.seed}
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._close()
-
-
-class MaskFisherCallback(_PassCallback):
+class MaskFisherCallback(ArtifactPass):
     """Mask-node Fisher of the validation pass's examples, written to `mask_fisher.safetensors`."""
 
     kind = "mask_fisher"
@@ -342,10 +290,6 @@ class MaskFisherCallback(_PassCallback):
     def make(self, model: nn.Module) -> MaskFisher:
         return MaskFisher(model, self.aggregation, self.labels, self.seed)
 
-    def meta(self) -> dict[str, Any]:
-        return {**super().meta(), "family": adapter_for(self.acc.model.config).family,
-                "nodes": list(node_shape(self.acc.model.config))}
-
 
 class FullFisherCallback(MaskFisherCallback):
     """Diagonal Fisher of every body parameter (Fisher merging's input), written to `full_fisher.safetensors`."""
@@ -358,9 +302,6 @@ class FullFisherCallback(MaskFisherCallback):
 
     def make(self, model: nn.Module) -> FullFisher:
         return FullFisher(model, self.aggregation, self.labels, self.seed)
-
-    def meta(self) -> dict[str, Any]:
-        return _PassCallback.meta(self)
 
 
 # ---------------------------------------------------------------------------------------------- stage

@@ -16,13 +16,11 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
-import lightning as L
 import torch
 from torch import nn
 
-from fmn_pl.artifacts import artifact_path, save_artifact
-from fmn_pl.checkpoint import weights_fingerprint
 from fmn_pl.nodes import adapter_for
+from fmn_pl.passes import ArtifactPass
 
 
 def gram_keys(model: nn.Module) -> dict[str, str]:
@@ -64,6 +62,7 @@ class GramAccumulator:
     def __init__(self, model: nn.Module, include_padding: bool = False) -> None:
         self.include_padding = include_padding
         self.attention_mask: torch.Tensor | None = None
+        self.examples = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
         modules = dict(model.named_modules())
         self.modules = {g: modules[g] for g in dict.fromkeys(gram_keys(model).values())}
         # Allocated up front on each layer's device, so every rank holds the same tensors to all-reduce.
@@ -93,6 +92,23 @@ class GramAccumulator:
             for h in handles:
                 h.remove()
 
+    def active(self) -> contextlib.AbstractContextManager:
+        return self.hooks()
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        """Before the module's forward of `batch`: remember its attention mask and count its examples."""
+        self.attention_mask = batch.get("attention_mask")
+        self.examples += len(batch["input_ids"])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.sums.values(), *self.rows.values(), self.examples]
+
+    def meta(self) -> dict[str, Any]:
+        return {"include_padding": self.include_padding, "rows": {n: int(r.item()) for n, r in self.rows.items()}}
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return self.grams()
+
     def grams(self) -> dict[str, torch.Tensor]:
         """G = sum X^T X / rows per layer, float32 on CPU (call after any all-reduce of sums and rows)."""
         missing = [n for n in self.modules if not self.rows[n]]
@@ -101,11 +117,12 @@ class GramAccumulator:
         return {n: (self.sums[n] / self.rows[n]).float().cpu() for n in self.modules}
 
 
-class GramCallback(L.Callback):
+class GramCallback(ArtifactPass):
     """Collects the Grams during a validation-style pass and writes `grams.safetensors` beside the checkpoint.
 
-    Each rank sums its own shard; sums and row counts are all-reduced once at the end (shard without
-    padding: `GLUEDataModule(unpadded_shards=True)`), and rank zero writes the artifact atomically.
+    The Grams are read by hooks during the module's own forward (the pass needs no gradients). Each rank
+    sums its own shard; sums and row counts are all-reduced once at the end (shard without padding:
+    `GLUEDataModule(unpadded_shards=True)`), and rank zero writes the artifact atomically.
     """
 
     kind = "grams"
@@ -118,45 +135,8 @@ class GramCallback(L.Callback):
             include_padding: also count padding positions (the reference RegMean code does).
             metadata: extra header entries (task, data settings, ...).
         """
-        self.checkpoint_dir, self.include_padding = Path(checkpoint_dir), include_padding
-        self.metadata = dict(metadata or {})
-        self.acc: GramAccumulator | None = None
-        self._stack: contextlib.ExitStack | None = None
-        self.examples = 0
-        self.path: Path | None = None
+        super().__init__(checkpoint_dir, metadata)
+        self.include_padding = include_padding
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.acc = GramAccumulator(pl_module.model, self.include_padding)
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self.acc.hooks())
-        self.examples = 0
-
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.acc.attention_mask = batch.get("attention_mask")
-        self.examples += len(batch["input_ids"])
-
-    def _close(self) -> None:
-        if self._stack is not None:
-            self._stack.close()
-            self._stack = None
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close()
-        acc = self.acc
-        examples = torch.tensor(float(self.examples), dtype=torch.float64, device=pl_module.device)
-        if trainer.world_size > 1:
-            import torch.distributed as dist
-
-            for t in (*acc.sums.values(), *acc.rows.values(), examples):
-                dist.all_reduce(t)
-        self.examples = int(examples.item())
-        if trainer.is_global_zero:
-            meta = {"kind": self.kind, "fingerprint": weights_fingerprint(self.checkpoint_dir),
-                    "num_examples": self.examples, "include_padding": self.include_padding,
-                    "rows": {n: int(r.item()) for n, r in acc.rows.items()}, **self.metadata}
-            self.path = save_artifact(artifact_path(self.checkpoint_dir, self.kind), acc.grams(), meta)
-        trainer.strategy.barrier()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._close()
+    def make(self, model: nn.Module) -> GramAccumulator:
+        return GramAccumulator(model, self.include_padding)
