@@ -247,7 +247,12 @@ class AdaMerging(MergeMethod):
         else:
             taus = [{k: (t.sub_(base[k]) if owns_tensors(ctx, i) else t - base[k]) for k in ctx.keys
                      for t in (ctx.models(k)[i],)} for i in range(ctx.num_models)]
-        models = [load_model(str(c), get_task(t)) if a else None for c, t, a in zip(ctx.checkpoints, ctx.tasks, adapt)]
+        models = []
+        for c, t, a in zip(ctx.checkpoints, ctx.tasks, adapt):
+            model = load_model(str(c), get_task(t)) if a else None
+            if model is not None:  # drop its own body now, before the next model loads (the heads are what it adds)
+                model.load_state_dict(base, strict=False, assign=True)
+            models.append(model)
         loaders = {t: self._loader(ctx.selection_inputs(i), i) for i, t in enumerate(ctx.tasks) if adapt[i]}
         module = AdaMergingModule(base, taus, models, ctx.tasks, adapt, self.granularity, self.init, self.lr)
         del base, taus, models

@@ -86,7 +86,10 @@ class _TaskMasks(MergeMethod):
             from fmn_pl.merging.ties import ties_task_vector
 
             return ties_task_vector(ctx, self.top_k)
-        return {k: sum(ctx.task_vectors(k)) for k in tqdm(ctx.keys, desc="tau_MTL", leave=False)}
+        from fmn_pl.merging.task_arithmetic import TaskArithmetic
+
+        ta = TaskArithmetic(scaling=1.0)  # its sum holds one model's tensor at a time
+        return {k: ta.merged_vector(k, ctx, ctx.base(k)) for k in tqdm(ctx.keys, desc="tau_MTL", leave=False)}
 
     @staticmethod
     def task_vector(ctx: MergeContext, i: int) -> dict[str, torch.Tensor]:
@@ -114,9 +117,14 @@ class _TaskMasks(MergeMethod):
                     ctx.log(f"{self.name}: {task} lambda={lam} score={scores[task][lam]:.4f}")
                 lam = max(self.lambdas, key=lambda x: scores[task][x])  # first best on ties
             chosen[task] = lam
-            mask = {k: tall_mask(tau[k], tau_mtl[k], lam) for k in ctx.keys}
-            density[task] = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
-            masks.append({k: pack_mask(m) for k, m in mask.items()})
+            packed, kept = {}, 0
+            for k in ctx.keys:  # one tensor's boolean mask at a time
+                m = tall_mask(tau.pop(k), tau_mtl[k], lam)
+                kept += int(m.sum())
+                packed[k] = pack_mask(m)
+            density[task] = kept / sum(v.numel() for v in tau_mtl.values())
+            masks.append(packed)
+            del tau
         ctx.notes.update({f"{self.name}_lambdas": chosen, f"{self.name}_mask_density": density})
         if scores:
             ctx.notes[f"{self.name}_lambda_scores"] = scores
