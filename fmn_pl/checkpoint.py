@@ -177,6 +177,7 @@ class ExportCheckpoint(L.Callback):
             return
         if self.best_state is not None:
             pl_module.model.load_state_dict(self.best_state)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone (deadlock)
         if trainer.is_global_zero:
             dm = trainer.datamodule
             hp = pl_module.hparams
@@ -193,7 +194,7 @@ class ExportCheckpoint(L.Callback):
                 "data": _public(getattr(dm, "hparams", {})),
                 "model_hparams": _public(hp),
             }
-            config = Path(trainer.log_dir or ".") / "config.yaml"
+            config = Path(log_dir or ".") / "config.yaml"
             tokenizer = getattr(dm, "tokenizer", None)
             export_checkpoint(pl_module.model, tokenizer, self.dirpath, metadata, config, self.overwrite)
             print(f"exported {pl_module.task.name} task checkpoint to {self.dirpath}")
