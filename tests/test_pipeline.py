@@ -1,0 +1,202 @@
+"""`fmn-pl pipeline`: the whole line on a tiny random model and synthetic GLUE data (configs/pipeline/tiny.yaml),
+resume (nothing recomputed; a changed merge option recomputes that merge and the report only; an interrupted
+stage is redone), the dry run of the paper's config, option errors, ranks under an external launcher, and a
+fine-tuning stage under DDP with two CPU processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from fmn_pl import pipeline
+from fmn_pl.artifacts import load_artifact
+from fmn_pl.checkpoint import read_metadata, weights_fingerprint
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
+TINY = CONFIGS / "tiny.yaml"
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter", "ignore:.*Checkpoint directory.*")
+
+
+def run(config: Path, out: Path, base: Path, data: Path, *extra: str) -> dict[str, str]:
+    return pipeline.main(["--config", str(config), f"--model={base}", f"--data_dir={data}", f"--output={out}", *extra])
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    """Modification times of the outputs (not logs, stamps, the resolved config or the merges' score cache)."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()
+            and "logs" not in p.parts and "stamps" not in p.parts and p.name not in ("pipeline.yaml", "fmn_pl_eval.json")}
+
+
+def with_scaling(tmp_path: Path, scaling: float) -> Path:
+    """tiny.yaml with another task_arithmetic scaling."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["merge"]["methods"][1]["options"]["scaling"] = scaling
+    path = tmp_path / f"tiny-{scaling}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, capsys) -> None:
+    base, out = tiny_base("bert"), tmp_path / "run"
+    status = run(TINY, out, base, tiny_glue)
+    stages = ["fit/rte", "fit/mrpc", "fisher/rte/mask_fisher", "fisher/mrpc/mask_fisher", "merge/rte+mrpc/fmn",
+              "merge/rte+mrpc/task_arithmetic", "report"]
+    assert status == {s: "ran" for s in stages}
+
+    # Every stage's output: checkpoints, artifacts tied to them, merges, the combined report.
+    for task in ("rte", "mrpc"):
+        ckpt = out / "checkpoints" / task
+        meta = read_metadata(ckpt)
+        assert meta["task"] == task and meta["num_train_examples"] == 48  # 64 rows, 16 held out
+        art = load_artifact(ckpt, "mask_fisher")
+        assert art.metadata["fingerprint"] == weights_fingerprint(ckpt) and art.metadata["num_examples"] == 32
+    report = json.loads((out / "report.json").read_text())
+    assert report["labels"] == ["average", "fmn", "task_arithmetic"]
+    for label in ("fmn", "task_arithmetic"):  # the combined table repeats each merge's own report
+        own = json.loads((out / "merges" / "rte+mrpc" / label / "report.json").read_text())
+        assert label == "fmn" or own["options"]["scaling"] == 0.5
+        for task, r in own["results"].items():
+            row = next(x for x in report["results"] if (x["combination"], x["task"], x["column"]) == ("rte+mrpc", task, label))
+            assert row["score"] == r["merged"]["score"] and row["normalized"] == r["normalized"]
+            ind = next(x for x in report["results"] if (x["task"], x["column"]) == (task, "individual"))
+            assert ind["score"] == r["individual"]["score"]
+        norm = [r["normalized"] for r in own["results"].values()]
+        assert report["summary"]["rte+mrpc"][label]["normalized"] == pytest.approx(sum(norm) / len(norm))
+    assert set(report["cost_s"]) == {"fit", "fisher", "merge"} and all(v > 0 for v in report["cost_s"].values())
+    md = (out / "report.md").read_text()
+    assert "rte 48 training examples (capped at 64), 1 epoch(s)" in md and "at most 32 validation examples" in md
+    assert "mask_fisher on 32 training examples per task" in md
+    for png in ("normalized.png", "scores-rte+mrpc.png", "cost.png"):
+        assert (out / "plots" / png).stat().st_size > 1000
+    assert yaml.safe_load((out / "pipeline.yaml").read_text())["tasks"] == ["rte", "mrpc"]
+
+    # A second run computes nothing and touches no output.
+    before = mtimes(out)
+    capsys.readouterr()
+    assert set(run(TINY, out, base, tiny_glue).values()) == {"skipped"}
+    assert mtimes(out) == before
+    assert "0 stage(s) ran, 7 up to date" in capsys.readouterr().out
+
+    # A changed merge option recomputes that merge and the report, nothing else.
+    status = run(with_scaling(tmp_path, 0.3), out, base, tiny_glue)
+    assert {s for s, v in status.items() if v == "ran"} == {"merge/rte+mrpc/task_arithmetic", "report"}
+    own = json.loads((out / "merges" / "rte+mrpc" / "task_arithmetic" / "report.json").read_text())
+    assert own["options"]["scaling"] == 0.3
+    after = mtimes(out)
+    assert {k for k in after if after[k] != before.get(k)} <= {
+        k for k in after if k.startswith(("merges/rte+mrpc/task_arithmetic", "report", "plots"))}
+
+    # --rerun forces a stage; what reads its output follows (the artifact records its compute time, so its
+    # bytes change), what does not read it stays.
+    status = run(with_scaling(tmp_path, 0.3), out, base, tiny_glue, "--rerun=fisher/rte")
+    assert {s for s, v in status.items() if v == "ran"} == {"fisher/rte/mask_fisher", "merge/rte+mrpc/fmn", "report"}
+
+
+def test_interrupted_stage_is_redone(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path,
+                                     monkeypatch) -> None:
+    """A stage killed after writing its output but before its stamp is not taken for finished."""
+    base, out = tiny_base("bert"), tmp_path / "run"
+    real = pipeline.run_stage
+
+    def killed(stage, cfg, log, alone=False):  # noqa: ANN001
+        real(stage, cfg, log, alone)
+        if stage.id == "merge/rte+mrpc/fmn":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_stage", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(TINY, out, base, tiny_glue)
+    assert (out / "merges" / "rte+mrpc" / "fmn" / "report.json").is_file()
+    assert not pipeline.stamp_path(pipeline.parse_config(["--config", str(TINY), f"--output={out}"])[0],
+                                   pipeline.Stage("merge/rte+mrpc/fmn", "merge", [], {}, [], None, out)).exists()
+    monkeypatch.setattr(pipeline, "run_stage", real)
+    status = run(TINY, out, base, tiny_glue)
+    assert status["merge/rte+mrpc/fmn"] == "ran" and status["fit/rte"] == status["fisher/mrpc/mask_fisher"] == "skipped"
+    assert status["merge/rte+mrpc/task_arithmetic"] == "ran"  # never reached before the interruption
+
+
+def test_only_needs_finished_inputs(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(pipeline.StageFailed, match="fit/rte is needed by the selected stages.*run it first"):
+        run(TINY, out, tiny_base("bert"), tiny_glue, "--only=fisher")
+    with pytest.raises(ValueError, match="matches no stage"):
+        run(TINY, out, tiny_base("bert"), tiny_glue, "--only=fit/cola")
+    assert run(TINY, out, tiny_base("bert"), tiny_glue, "--only=fit/rte") == {"fit/rte": "ran"}
+
+
+def test_dry_run_of_the_paper_config(capsys) -> None:
+    """paper.yaml (bert-base-uncased and GLUE from the hub, 7 tasks, 21 pairs) validates without computing."""
+    assert pipeline.main(["--config", str(CONFIGS / "paper.yaml"), "--dry_run=true"]) == []
+    out = capsys.readouterr().out
+    cfg = yaml.safe_load((CONFIGS / "paper.yaml").read_text())
+    n_methods, n_kinds = len(cfg["merge"]["methods"]), 3
+    assert f"dry run: {7 + 7 * n_kinds + 21 * n_methods + 1} stages" in out and "0 problem(s)" in out
+    assert "merge/mrpc+rte/fmn_per_node: would run" in out
+    assert "--method=fmn --method.broadcast=per_node" in out
+    assert not Path("runs/paper").exists() or not any(Path("runs/paper").iterdir())
+
+
+def test_dry_run_reports_problems(tmp_path: Path, capsys) -> None:
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["merge"]["methods"][0]["options"] = {"broadcas": "per_node"}
+    cfg["fit"]["args"] = {"trainer.max_epochz": 2}
+    cfg["data_dir"] = str(tmp_path / "nowhere")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--config", str(path), f"--output={tmp_path / 'out'}", "--dry_run=true"])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert "problem: merge/rte+mrpc/fmn: its arguments do not parse" in out and "broadcas" in out
+    assert "problem: fit/rte: its arguments do not parse" in out and "max_epochz" in out
+    assert f"problem: data of rte: folder {tmp_path / 'nowhere'} does not exist" in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"tasks": ["rte", "RTE"]}, "lists a task twice"),
+    ({"merge": {"methods": [{"name": "fmn"}, {"name": "fmn"}]}}, "appear twice; give each a distinct `label`"),
+    ({"merge": {"methods": [{"name": "magic"}]}}, "unknown merge method 'magic'"),
+    ({"merge": {"combinations": [["rte", "cola"]]}}, r"names \['cola'\], not in tasks"),
+    ({"fit": {"per_task": {"rte": {"learning_rat": 1.0}}}}, r"fit.per_task.rte: unknown option\(s\) \['learning_rat'\]"),
+    ({"fisher": {"kinds": ["grams"]}}, r"lacks \['mask_fisher'\], which merge.methods need"),
+])
+def test_option_errors(tmp_path: Path, change: dict, error: str) -> None:
+    cfg = yaml.safe_load(TINY.read_text())
+    for key, value in change.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=error):
+        pipeline.plan(pipeline.parse_config(["--config", str(path)])[0])
+
+
+def test_other_ranks_leave_single_process_stages_to_rank_zero(tmp_path: Path, monkeypatch) -> None:
+    """Under torchrun/srun (one pipeline per rank), a rank other than 0 runs only the stages that need a
+    launcher; here there are none, so it runs nothing and writes nothing."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg, _ = pipeline.parse_config(["--config", str(TINY), f"--output={tmp_path / 'out'}"])
+    monkeypatch.setattr(pipeline, "run_stage", lambda *a, **k: pytest.fail("rank 1 ran a single-process stage"))
+    status = pipeline.execute(cfg)
+    assert set(status.values()) == {"rank 0"} and len(status) == 7
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ddp_stage_with_two_cpu_processes(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path) -> None:
+    """A fine-tuning stage with devices 2 and strategy ddp runs as its own `python -m fmn_pl.cli fit` process,
+    whose Lightning launcher starts the second rank (gloo on CPU); rank 0 exports, the pipeline stamps."""
+    out = tmp_path / "run"
+    status = run(TINY, out, tiny_base("bert"), tiny_glue, "--only=fit/rte", "--fit.launch.accelerator=cpu",
+                 "--fit.launch.devices=2", "--fit.launch.strategy=ddp")
+    assert status == {"fit/rte": "ran"}
+    log = (out / "logs" / "fit__rte.log").read_text()
+    assert "--trainer.devices=2" in log.splitlines()[0] and "MEMBER: 2/2" in log
+    assert read_metadata(out / "checkpoints" / "rte")["task"] == "rte"
+    stamp = json.loads((out / "stamps" / "fit__rte.json").read_text())
+    assert stamp["launch"]["devices"] == 2 and stamp["launch"]["strategy"] == "ddp"
