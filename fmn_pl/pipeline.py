@@ -721,6 +721,15 @@ def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False)
         raise StageFailed(f"exit status {rc}")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system, all threads): a stage's cost that,
+    unlike wall time, does not grow when other jobs share the cores. A Lightning-launched rank counts too."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def _matches(stage_id: str, patterns: Optional[Sequence[str]]) -> bool:
     return patterns is None or any(fnmatch.fnmatchcase(stage_id, p) or stage_id.startswith(p.rstrip("/") + "/")
                                    for p in patterns)
@@ -801,7 +810,7 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
         log = out / "logs" / (stage.id.replace("/", "__") + ("" if zero else f".rank{global_rank()}") + ".log")
         if zero:
             echo(f"{prefix}: running, {why} (log: {log})")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         try:
             run_stage(stage, cfg, log, alone=multi and not on_every_rank(stage))
         except BaseException as e:
@@ -812,7 +821,7 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
             if isinstance(e, Exception):
                 raise StageFailed(f"stage {stage.id} failed; see {log}") from e
             raise
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         status[stage.id] = "ran"
         if not zero:  # rank 0 checks and stamps the output (it may write it after this rank is done)
             done[stage.id] = wait_for_rank_zero(stage, cfg, key, started)
@@ -824,7 +833,7 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
         done[stage.id] = current
         stamp_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(stamp_file, {
-            "stage": stage.id, "key": key, "output": current, "wall_s": round(wall, 3),
+            "stage": stage.id, "key": key, "output": current, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished_unix": time.time(),
             "command": stage.command(), "launch": asdict(stage.launch) if stage.launch else None,
             "options": stage.options,
@@ -889,7 +898,7 @@ def gather(cfg: PipelineConfig) -> dict[str, Any]:
     for s in stages:
         if s.kind != "report":
             stamp = read_stamp(stamp_path(cfg, s)) or {}
-            costs.append({"stage": s.id, "kind": s.kind, "wall_s": stamp.get("wall_s"),
+            costs.append({"stage": s.id, "kind": s.kind, "wall_s": stamp.get("wall_s"), "cpu_s": stamp.get("cpu_s"),
                           "finished": stamp.get("finished"), "launch": stamp.get("launch")})
     checkpoints = {}
     for t in cfg.tasks:
@@ -906,6 +915,7 @@ def gather(cfg: PipelineConfig) -> dict[str, Any]:
         **opts, "labels": labels, "checkpoints": checkpoints, "results": table, "summary": summary,
         "overall": overall, "stages": costs,
         "cost_s": {k: round(sum(c["wall_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")},
+        "cpu_s": {k: round(sum(c["cpu_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")},
     }
 
 
@@ -953,15 +963,17 @@ def report_markdown(data: dict[str, Any]) -> str:
             metrics = ", ".join(index[(combo, t, "individual")]["metrics"])
             lines.append(f"| {combo} | {t} | {metrics} | "
                          + " | ".join(_pct((index.get((combo, t, c)) or {}).get("score")) for c in cols) + " |")
-    lines += ["", "## Cost (wall time per stage)", "",
-              ", ".join(f"{k}: {v:.0f} s" for k, v in data["cost_s"].items()) + ".", "",
-              "| stage | wall s | where |", "|---|---:|---|"]
+    lines += ["", "## Cost per stage", "",
+              "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items())
+              + "; CPU time (all cores; does not grow when other jobs share them): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in data["cpu_s"].items()) + ".", "",
+              "| stage | wall s | CPU s | where |", "|---|---:|---:|---|"]
     for c in data["stages"]:
         launch = c.get("launch")
         where = (f"{launch['devices']} device(s) x {launch['num_nodes']} node(s), {launch['accelerator']}, "
                  f"{launch['strategy']}") if launch else "one process"
-        wall = "–" if c["wall_s"] is None else f"{c['wall_s']:.1f}"
-        lines.append(f"| {c['stage']} | {wall} | {where} |")
+        wall, cpu = ("–" if c[k] is None else f"{c[k]:.1f}" for k in ("wall_s", "cpu_s"))
+        lines.append(f"| {c['stage']} | {wall} | {cpu} | {where} |")
     lines += ["", "Plots: `plots/normalized.png`, `plots/scores-<tasks>.png`, `plots/cost.png`. Each merge's own "
               "report: `merges/<tasks>/<label>/report.md`."]
     return "\n".join(lines) + "\n"
@@ -1019,15 +1031,20 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
         _bars(ax, tasks, {c: [index.get((combo, t, c)) for t in tasks] for c in cols}, "score (x100)")
         ax.set_title(f"Scores per task: {combo}")
         paths.append(_save(fig, folder / f"scores-{combo}.png"))
-    costs = [c for c in data["stages"] if c["wall_s"] is not None]
+    costs = [c for c in data["stages"] if c["wall_s"] is not None][::-1]
     if costs:
         colors = {"fit": "tab:blue", "fisher": "tab:orange", "merge": "tab:green"}
-        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.22 * len(costs)))
-        ax.barh([c["stage"] for c in costs][::-1], [c["wall_s"] for c in costs][::-1],
-                color=[colors.get(c["kind"], "tab:gray") for c in costs][::-1])
-        ax.set_xlabel("wall time (s)")
-        ax.tick_params(axis="y", labelsize=7)
-        ax.set_title("Cost per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items()))
+        fig, ax = plt.subplots(figsize=(7, 1.4 + 0.26 * len(costs)))
+        ys = range(len(costs))
+        ax.barh([y + 0.2 for y in ys], [c["wall_s"] for c in costs], 0.4, label="wall",
+                color=[colors.get(c["kind"], "tab:gray") for c in costs])
+        ax.barh([y - 0.2 for y in ys], [c["cpu_s"] or 0 for c in costs], 0.4, label="CPU (hatched)", hatch="///",
+                color="white", edgecolor=[colors.get(c["kind"], "tab:gray") for c in costs])
+        ax.set_yticks(list(ys), [c["stage"] for c in costs], fontsize=7)
+        ax.set_xlabel("seconds")
+        ax.legend(fontsize="small", loc="lower right")
+        ax.set_title("Cost per stage, wall: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items()),
+                     fontsize="medium")
         paths.append(_save(fig, folder / "cost.png"))
     return paths
 
