@@ -286,6 +286,8 @@ class Study:
             cached = json.loads(path.read_text())
             if cached.get("key") == key:
                 return cached
+        if self.args.cached_only:
+            return None
         t0 = time.perf_counter()
         notes: dict[str, Any] = {}
         body = None
@@ -336,6 +338,8 @@ def select(summary: dict[str, dict[str, Any]], merges: list[dict[str, Any]]) -> 
     fmn = [m for m in merges if m["method"] == "fmn" and m["label"] in summary]
     if not fmn:
         return None
+    most = max(summary[m["label"]]["holdout"]["cells"] for m in fmn)
+    fmn = [m for m in fmn if summary[m["label"]]["holdout"]["cells"] == most]  # compare rows on the same cells
     chosen = max(fmn, key=lambda m: summary[m["label"]]["holdout"]["mean_gain"])
     oracle = max(fmn, key=lambda m: summary[m["label"]]["validation"]["mean_gain"])
     v = summary[chosen["label"]]["validation"]
@@ -365,11 +369,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for combo in todo:
             results[(m["label"], combo)] = study.cell(m["label"], combo, m)
 
-    labels = [*BASELINES, *(m["label"] for m in merges)]
+    missing = {k for k, v in results.items() if v is None}  # --cached_only: cells never computed
+    if any(k[0] in BASELINES for k in missing):
+        raise ValueError(f"--cached_only: baseline cells missing for {sorted({'+'.join(k[1]) for k in missing})}")
+    labels = [*BASELINES, *(m["label"] for m in merges if any(k[0] == m["label"] and k not in missing for k in results))]
     by_label = {m["label"]: m for m in merges}
     cells = []
     for combo in todo:
         for label in labels:
+            if (label, combo) in missing:
+                continue
             r = results[(label, (combo[0],))] if label == "individual" else results[(label, combo)]
             for t in combo:
                 s = results[("individual", (t,))]["scores"][t] if label == "individual" else r["scores"][t]
@@ -474,7 +483,7 @@ def markdown(report: dict[str, Any], merges: list[dict[str, Any]]) -> str:
         lines.append("| average (score) | " + " | ".join(f"{score[k]:.2f}" for k in keys) + " |")
         for label in report["summary"]["pairs"]:
             if label != "average":
-                lines.append(f"| {label} | " + " | ".join(f"{gains[(label, *k)]:+.2f}" for k in keys) + " |")
+                lines.append(f"| {label} | " + " | ".join(f"{gains[(label, *k)]:+.2f}" if (label, *k) in gains else "" for k in keys) + " |")
         lines.append("")
     costs = report["costs"]["artifacts"]
     if costs:
@@ -506,7 +515,7 @@ def plot(report: dict[str, Any], labels: list[str], path: Path) -> Path:
     cells = [c for c in report["cells"] if c["pair"]]
     keys = list(dict.fromkeys((c["combo"], c["task"]) for c in cells))
     gain = {(c["label"], c["combo"], c["task"]): c["gain_validation"] for c in cells}
-    matrix = [[gain[(lb, *k)] for k in keys] for lb in rows]
+    matrix = [[gain.get((lb, *k), float("nan")) for k in keys] for lb in rows]  # nan: a cell not computed
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6 + 0.45 * len(keys), 1.2 + 0.32 * len(rows)),
                                    gridspec_kw={"width_ratios": [1, max(1.0, len(keys) / 8)]})
     ys = range(len(rows))
@@ -555,6 +564,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full_fisher_examples", type=int, default=None, help="examples of the full Fisher (default grid: 256)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--print_grid", action="store_true", help="print the grid as YAML and exit")
+    p.add_argument("--cached_only", action="store_true",
+                   help="compute nothing: report the cells already in <out>/cells (a row over the cells it has)")
     return p.parse_args(argv)
 
 
