@@ -218,7 +218,8 @@ def build_parser() -> Any:
     parser.add_class_arguments(PipelineConfig, None)
     parser.add_argument(
         "--dry_run", type=bool, default=False,
-        help="check every stage's inputs, write the stage configs and print the plan; compute nothing",
+        help="check the model, the data and every stage's arguments, print which stages would run and why; "
+        "compute and write nothing",
     )
     parser.add_argument(
         "--only", type=Optional[Union[list[str], str]], default=None,
@@ -285,6 +286,8 @@ def combinations(cfg: PipelineConfig) -> list[list[str]]:
             raise ValueError(f"merge.combinations 'pairs' needs at least two tasks, got {cfg.tasks}")
         return [list(c) for c in itertools.combinations(cfg.tasks, 2)]
     if combos == "all":
+        if len(cfg.tasks) < 2:
+            raise ValueError(f"merge.combinations 'all' needs at least two tasks, got {cfg.tasks}")
         return [list(cfg.tasks)]
     out = []
     for combo in combos:
@@ -466,10 +469,8 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                 id=f"merge/{name}/{spec.column}", kind="merge", deps=deps,
                 options={**opts, "tasks": combo}, argv=argv, launch=None, output=folder / "report.json",
             ))
-    merges = [s.id for s in stages if s.kind == "merge"]
-    fits = [s.id for s in stages if s.kind != "merge"]
-    stages.append(Stage(
-        id="report", kind="report", deps=fits + merges, options={"report": report_options(cfg)},
+    stages.append(Stage(  # reads the merges' reports and every stage's stamp (its cost)
+        id="report", kind="report", deps=[s.id for s in stages], options={"report": report_options(cfg)},
         argv=[], launch=None, output=out / "report.json",
     ))
     return stages
@@ -666,7 +667,7 @@ def tail(path: Path, lines: int = 25) -> str:
 
 
 class StageFailed(RuntimeError):
-    pass
+    """A stage failed or cannot run; the message names it (and its log)."""
 
 
 def write_files(stage: Stage) -> None:
@@ -678,11 +679,12 @@ def write_files(stage: Stage) -> None:
         tmp.replace(path)
 
 
-def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False) -> None:
+def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False, port_offset: int = 0) -> None:
     """Run one stage: in this process when it needs no launcher, else as `python -m fmn_pl.cli <stage>`.
 
     `alone`: a single-process stage under an external launcher; it runs in a child process that does not see
-    the launcher's rank variables (so Lightning does not wait for ranks that will never join)."""
+    the launcher's rank variables (so Lightning does not wait for ranks that will never join). `port_offset`:
+    the stage's number, which every rank knows, for a port of its own under torchrun."""
     write_files(stage)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"$ {' '.join(stage.command())}\n")
@@ -714,6 +716,11 @@ def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False)
     if alone:
         for var in LAUNCHER_VARS:
             env.pop(var, None)
+    elif env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's workers share its agent's store, where one stage's process group would find the previous
+        # stage's (dead) addresses: each stage gets its own store, hosted by its rank 0 on a port of its own.
+        env["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+        env["MASTER_PORT"] = str(int(env.get("MASTER_PORT", "29500")) + 1 + port_offset)
     cmd = [sys.executable, "-m", "fmn_pl.cli", stage.kind, *argv]
     with open(log, "a") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
@@ -722,8 +729,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False)
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (user + system, all threads): a stage's cost that,
-    unlike wall time, does not grow when other jobs share the cores. A Lightning-launched rank counts too."""
+    """CPU time of this process and its finished children (user + system, all threads; a rank that Lightning
+    launched counts too): with the load average, it tells a stage's cost on shared cores from its wall time."""
     import resource
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -812,7 +819,7 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
             echo(f"{prefix}: running, {why} (log: {log})")
         start, cpu = time.perf_counter(), cpu_seconds()
         try:
-            run_stage(stage, cfg, log, alone=multi and not on_every_rank(stage))
+            run_stage(stage, cfg, log, alone=multi and not on_every_rank(stage), port_offset=n)
         except BaseException as e:
             if zero:
                 echo(f"{prefix}: FAILED ({e}); last lines of {log}:\n{tail(log)}")
@@ -834,6 +841,7 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
         stamp_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(stamp_file, {
             "stage": stage.id, "key": key, "output": current, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+            "load": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),  # how shared the machine was
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished_unix": time.time(),
             "command": stage.command(), "launch": asdict(stage.launch) if stage.launch else None,
             "options": stage.options,
@@ -899,6 +907,7 @@ def gather(cfg: PipelineConfig) -> dict[str, Any]:
         if s.kind != "report":
             stamp = read_stamp(stamp_path(cfg, s)) or {}
             costs.append({"stage": s.id, "kind": s.kind, "wall_s": stamp.get("wall_s"), "cpu_s": stamp.get("cpu_s"),
+                          "load": stamp.get("load"), "cpus": stamp.get("cpus"),
                           "finished": stamp.get("finished"), "launch": stamp.get("launch")})
     checkpoints = {}
     for t in cfg.tasks:
@@ -963,17 +972,21 @@ def report_markdown(data: dict[str, Any]) -> str:
             metrics = ", ".join(index[(combo, t, "individual")]["metrics"])
             lines.append(f"| {combo} | {t} | {metrics} | "
                          + " | ".join(_pct((index.get((combo, t, c)) or {}).get("score")) for c in cols) + " |")
+    loads = any(c.get("load") is not None for c in data["stages"])
     lines += ["", "## Cost per stage", "",
               "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items())
-              + "; CPU time (all cores; does not grow when other jobs share them): "
-              + ", ".join(f"{k} {v:.0f} s" for k, v in data["cpu_s"].items()) + ".", "",
-              "| stage | wall s | CPU s | where |", "|---|---:|---:|---|"]
+              + "; CPU time (all threads): " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cpu_s"].items())
+              + ". On shared cores wall time grows, and CPU time too (threads waiting for a core spin)"
+              + ("; load: the 1-minute load average when the stage ended / the machine's cores." if loads else "."),
+              "", "| stage | wall s | CPU s |" + (" load |" if loads else "") + " where |",
+              "|---|---:|---:|" + ("---:|" if loads else "") + "---|"]
     for c in data["stages"]:
         launch = c.get("launch")
         where = (f"{launch['devices']} device(s) x {launch['num_nodes']} node(s), {launch['accelerator']}, "
                  f"{launch['strategy']}") if launch else "one process"
-        wall, cpu = ("–" if c[k] is None else f"{c[k]:.1f}" for k in ("wall_s", "cpu_s"))
-        lines.append(f"| {c['stage']} | {wall} | {cpu} | {where} |")
+        wall, cpu, load = ("–" if c.get(k) is None else f"{c[k]:.1f}" for k in ("wall_s", "cpu_s", "load"))
+        load = f" {load} / {c.get('cpus') or '?'} |" if loads else ""
+        lines.append(f"| {c['stage']} | {wall} | {cpu} |{load} {where} |")
     lines += ["", "Plots: `plots/normalized.png`, `plots/scores-<tasks>.png`, `plots/cost.png`. Each merge's own "
               "report: `merges/<tasks>/<label>/report.md`."]
     return "\n".join(lines) + "\n"
@@ -1193,7 +1206,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str] | list[str]:
         tmp.write_text(config_yaml(cfg))
         tmp.replace(path)
     start = time.perf_counter()
-    status = execute(cfg, flags["only"], flags["rerun"])
+    try:
+        status = execute(cfg, flags["only"], flags["rerun"])
+    except StageFailed as e:  # the stage's log tail is printed already: one line, no traceback
+        print(f"fmn-pl pipeline: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     if is_global_zero():
         ran = sum(v == "ran" for v in status.values())
         report = f"; report: {out / 'report.md'}" if (out / "report.md").is_file() else ""

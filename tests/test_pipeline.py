@@ -102,8 +102,8 @@ def test_interrupted_stage_is_redone(tmp_path: Path, tiny_base: Callable[[str], 
     base, out = tiny_base("bert"), tmp_path / "run"
     real = pipeline.run_stage
 
-    def killed(stage, cfg, log, alone=False):  # noqa: ANN001
-        real(stage, cfg, log, alone)
+    def killed(stage, cfg, log, **kw):  # noqa: ANN001
+        real(stage, cfg, log, **kw)
         if stage.id == "merge/rte+mrpc/fmn":
             raise KeyboardInterrupt
 
@@ -119,10 +119,12 @@ def test_interrupted_stage_is_redone(tmp_path: Path, tiny_base: Callable[[str], 
     assert status["merge/rte+mrpc/task_arithmetic"] == "ran"  # never reached before the interruption
 
 
-def test_only_needs_finished_inputs(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path) -> None:
+def test_only_needs_finished_inputs(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, capsys) -> None:
     out = tmp_path / "run"
-    with pytest.raises(pipeline.StageFailed, match="fit/rte is needed by the selected stages.*run it first"):
+    with pytest.raises(SystemExit) as e:
         run(TINY, out, tiny_base("bert"), tiny_glue, "--only=fisher")
+    assert e.value.code == 1
+    assert "error: fit/rte is needed by the selected stages but it is not finished" in capsys.readouterr().err
     with pytest.raises(ValueError, match="matches no stage"):
         run(TINY, out, tiny_base("bert"), tiny_glue, "--only=fit/cola")
     assert run(TINY, out, tiny_base("bert"), tiny_glue, "--only=fit/rte") == {"fit/rte": "ran"}
@@ -200,3 +202,30 @@ def test_ddp_stage_with_two_cpu_processes(tmp_path: Path, tiny_base: Callable[[s
     assert read_metadata(out / "checkpoints" / "rte")["task"] == "rte"
     stamp = json.loads((out / "stamps" / "fit__rte.json").read_text())
     assert stamp["launch"]["devices"] == 2 and stamp["launch"]["strategy"] == "ddp"
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_ranks(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path) -> None:
+    """examples/torchrun.sh with 2 CPU ranks: one pipeline per rank; two consecutive DDP stages (each with a
+    store of its own: torchrun's shared one would hand the second stage the first one's dead addresses); rank 1
+    waits for rank 0's stamp between them; rank 0 alone stamps."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HF_HUB_OFFLINE": "1"}
+    script = Path(__file__).resolve().parents[1] / "examples" / "torchrun.sh"
+    proc = subprocess.run(["bash", str(script), str(TINY), "2", f"--model={tiny_base('bert')}",
+                           f"--data_dir={tiny_glue}", f"--output={out}", "--trainer.accelerator=cpu",
+                           "--only=fit/rte,fisher/rte/mask_fisher"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "pipeline: 2 stage(s) ran" in proc.stdout
+    for stage in ("fit__rte", "fisher__rte__mask_fisher"):
+        assert "MEMBER: 1/2" in (out / "logs" / f"{stage}.log").read_text()
+        assert "MEMBER: 2/2" in (out / "logs" / f"{stage}.rank1.log").read_text()
+        assert json.loads((out / "stamps" / f"{stage}.json").read_text())["launch"]["devices"] == 2
+    art = load_artifact(out / "checkpoints" / "rte", "mask_fisher")
+    assert art.metadata["world_size"] == 2 and art.metadata["num_examples"] == 32
