@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fmn_pl.checkpoint import weights_fingerprint
+from fmn_pl.tensorfile import SafetensorsFile
 
 FILES = {
     "mask_fisher": "mask_fisher.safetensors",
@@ -89,8 +90,6 @@ class Artifact:
     def get(self, key: str) -> torch.Tensor:
         """One tensor, checked for NaN/Inf. Read with plain file reads: the pages of a memory map stay resident
         while the artifact is open (a whole Gram or full-Fisher artifact per checkpoint during a merge)."""
-        from fmn_pl.merging.reader import SafetensorsFile  # here: fmn_pl.merging imports this module
-
         try:
             if self._reader is None:
                 self._reader = SafetensorsFile(self.path)

@@ -17,7 +17,7 @@ import torch
 
 from fmn_pl.merging.average import check_coefficients
 from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
-from fmn_pl.merging.reader import SafetensorsFile
+from fmn_pl.tensorfile import SafetensorsFile
 
 
 class Fisher(MergeMethod):
