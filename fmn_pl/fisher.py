@@ -149,6 +149,15 @@ def frozen(model: nn.Module, trainable: Sequence[nn.Parameter] = ()) -> Iterator
 # ---------------------------------------------------------------------------------------------- accumulators
 
 
+def check_modes(aggregation: str, labels: str) -> tuple[str, str]:
+    """The two Fisher options, checked before any pass starts."""
+    if aggregation not in ("per_example", "per_batch"):
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected per_example or per_batch")
+    if labels not in ("empirical", "sampled", "expected"):
+        raise ValueError(f"unknown labels mode {labels!r}; expected empirical, sampled or expected")
+    return aggregation, labels
+
+
 def _sum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -159,9 +168,7 @@ class MaskFisher:
     kind = "mask_fisher"
 
     def __init__(self, model: nn.Module, aggregation: str = "per_example", labels: str = "empirical", seed: int = 0):
-        if aggregation not in ("per_example", "per_batch"):
-            raise ValueError(f"unknown aggregation {aggregation!r}; expected per_example or per_batch")
-        self.model, self.aggregation, self.labels, self.seed = model, aggregation, labels, seed
+        self.model, self.aggregation, self.labels, self.seed = model, *check_modes(aggregation, labels), seed
         self.nodes = MaskNodes(model)
         device = next(model.parameters()).device
         dt = _sum_dtype(device)
@@ -218,9 +225,7 @@ class FullFisher(MaskFisher):
     kind = "full_fisher"
 
     def __init__(self, model: nn.Module, aggregation: str = "per_example", labels: str = "expected", seed: int = 0):
-        if aggregation not in ("per_example", "per_batch"):
-            raise ValueError(f"unknown aggregation {aggregation!r}; expected per_example or per_batch")
-        self.model, self.aggregation, self.labels, self.seed = model, aggregation, labels, seed
+        self.model, self.aggregation, self.labels, self.seed = model, *check_modes(aggregation, labels), seed
         prefix = model.base_model_prefix
         self.params = {f"{prefix}.{n}": p for n, p in model.base_model.named_parameters()}
         dt = _sum_dtype(next(model.parameters()).device)
@@ -285,7 +290,8 @@ class MaskFisherCallback(ArtifactPass):
             metadata: extra header entries (task, split, data settings, ...).
         """
         super().__init__(checkpoint_dir, metadata)
-        self.aggregation, self.labels, self.seed = aggregation, labels, seed
+        self.aggregation, self.labels = check_modes(aggregation, labels)
+        self.seed = seed
 
     def make(self, model: nn.Module) -> MaskFisher:
         return MaskFisher(model, self.aggregation, self.labels, self.seed)

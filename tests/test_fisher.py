@@ -444,3 +444,9 @@ def test_deberta_v2_adapter_semantics() -> None:
         value.bias[24:32] = 0
         expected = _hidden(model, batch)
     torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(aggregation="per_token"), dict(labels="soft")])
+def test_bad_modes_are_refused_when_the_callback_is_built(bad: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        MaskFisherCallback(tmp_path, **bad)
