@@ -47,6 +47,19 @@ def _layer(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     return model.base_model.get_submodule(adapter_for(model.config).layers)[layer]
 
 
+def _with_node_off(model: torch.nn.Module, batch: dict, kind: str, layer: int, index: int) -> torch.Tensor:
+    """Hidden states with one head (kind "head") or FFN neuron ("neuron") masked to 0 by the hooks."""
+    layers, heads, ffn = node_shape(model.config)
+    nodes = MaskNodes(model)
+    with torch.no_grad(), nodes.hooks():
+        mask = torch.ones(layers, heads if kind == "head" else ffn)
+        mask[layer, index] = 0
+        setattr(nodes, kind, mask)
+        out = _hidden(model, batch)
+    assert not any(m._forward_pre_hooks for m in model.modules()), "hooks must be removed"
+    return out
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_head_mask_zero_equals_zeroed_value_rows(family: str, attn: str) -> None:
@@ -54,14 +67,9 @@ def test_head_mask_zero_equals_zeroed_value_rows(family: str, attn: str) -> None
     model.set_attn_implementation(attn)
     assert model.config._attn_implementation == attn
     adapter = adapter_for(model.config)
-    layers, heads, _ = node_shape(model.config)
+    heads = node_shape(model.config)[1]
     batch, (l, h) = _batch(), (1, 2)
-    nodes = MaskNodes(model)
-    with torch.no_grad(), nodes.hooks():
-        nodes.head = torch.ones(layers, heads)
-        nodes.head[l, h] = 0
-        masked = _hidden(model, batch)
-    assert not any(m._forward_pre_hooks for m in model.modules()), "hooks must be removed"
+    masked = _with_node_off(model, batch, "head", l, h)
     ref = copy.deepcopy(model)
     value = _layer(ref, l).get_submodule(adapter.value)
     d = value.out_features // heads
@@ -78,13 +86,8 @@ def test_head_mask_zero_equals_zeroed_value_rows(family: str, attn: str) -> None
 def test_neuron_mask_zero_equals_zeroed_intermediate_row(family: str) -> None:
     model = tiny_model(family).eval()
     adapter = adapter_for(model.config)
-    layers, _, ffn = node_shape(model.config)
     batch, (l, j) = _batch(), (0, 7)
-    nodes = MaskNodes(model)
-    with torch.no_grad(), nodes.hooks():
-        nodes.neuron = torch.ones(layers, ffn)
-        nodes.neuron[l, j] = 0
-        masked = _hidden(model, batch)
+    masked = _with_node_off(model, batch, "neuron", l, j)
     ref = copy.deepcopy(model)
     ffn_in = _layer(ref, l).get_submodule(adapter.ffn_in)
     with torch.no_grad():
@@ -433,11 +436,7 @@ def test_deberta_v2_adapter_semantics() -> None:
                                   num_attention_heads=4, intermediate_size=37, max_position_embeddings=64)
     model = AutoModelForSequenceClassification.from_config(config).eval()
     batch = _batch()
-    nodes = MaskNodes(model)
-    with torch.no_grad(), nodes.hooks():
-        nodes.head = torch.ones(2, 4)
-        nodes.head[1, 3] = 0
-        masked = _hidden(model, batch)
+    masked = _with_node_off(model, batch, "head", 1, 3)
     value = _layer(model, 1).get_submodule(adapter_for(config).value)
     with torch.no_grad():
         value.weight[24:32] = 0
