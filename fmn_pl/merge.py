@@ -133,6 +133,16 @@ class Inputs:
     base: Path | None = None
     artifacts: dict[tuple[int, str], Artifact] | None = None
 
+    def context(self, **kw: Any) -> MergeContext:
+        """A merge context over these checkpoints (plain-read, base model when given, checked artifacts);
+        `kw` sets the rest (evaluate, selection_inputs, accelerator, progress, log)."""
+        return MergeContext(
+            checkpoints=self.checkpoints, tasks=self.tasks, config=self.config, body_prefix=self.body_prefix,
+            keys=list(self.keys), readers=[FileReader(p) for p in self.checkpoints],
+            base_reader=FileReader(self.base, prefix=self.body_prefix) if self.base else None,
+            _artifacts=dict(self.artifacts or {}), **kw,
+        )
+
 
 def body_prefix(config: Any) -> tuple[str, str]:
     """("bert.", "BertModel"): the parameter prefix of the base model inside the task model, and its class."""
@@ -464,14 +474,8 @@ def run_merge(
         adapted = True
         return selection.datamodule(i)
 
-    readers = [FileReader(p) for p in inputs.checkpoints]
-    base_reader = FileReader(inputs.base, prefix=inputs.body_prefix) if inputs.base else None
-    ctx = MergeContext(
-        checkpoints=inputs.checkpoints, tasks=inputs.tasks, config=inputs.config, body_prefix=inputs.body_prefix,
-        keys=list(inputs.keys), readers=readers, base_reader=base_reader, evaluate=select,
-        selection_inputs=selection_inputs, accelerator=accelerator, progress=progress, log=log,
-        _artifacts=dict(inputs.artifacts or {}),
-    )
+    ctx = inputs.context(evaluate=select, selection_inputs=selection_inputs, accelerator=accelerator,
+                         progress=progress, log=log)
     merge_info = {"method": name, "options": method.options(), "checkpoints": [str(p) for p in inputs.checkpoints],
                   "fingerprints": fingerprints}
     report: dict[str, Any] = {
@@ -502,7 +506,7 @@ def run_merge(
                                    "transductive": selection_split == "validation"}
         report["notes"] = _jsonable(ctx.notes)
         report["remarks"] = list(ctx.remarks)
-        del ctx, readers
+        del ctx
 
         if evaluate:
             t0 = time.perf_counter()
@@ -580,21 +584,15 @@ def merge_body(
     def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None) -> dict[str, float]:
         return {t: selection.evaluate(where[inputs.tasks.index(t)], body=body)["score"] for t in tasks or inputs.tasks}
 
-    readers = [FileReader(p) for p in inputs.checkpoints]
-    ctx = MergeContext(
-        checkpoints=inputs.checkpoints, tasks=inputs.tasks, config=inputs.config, body_prefix=inputs.body_prefix,
-        keys=list(inputs.keys), readers=readers,
-        base_reader=FileReader(inputs.base, prefix=inputs.body_prefix) if inputs.base else None, evaluate=select,
-        selection_inputs=lambda i: selection.datamodule(where[i]), accelerator=accelerator, progress=False, log=log,
-        _artifacts=dict(inputs.artifacts or {}),
-    )
+    ctx = inputs.context(evaluate=select, selection_inputs=lambda i: selection.datamodule(where[i]),
+                         accelerator=accelerator, progress=False, log=log)
     body = {}
     for key, tensor in method.merge(ctx):
         if not torch.isfinite(tensor).all():
             raise ValueError(f"the merged tensor {key!r} has NaN or Inf entries")
         body[key] = tensor.to(torch_dtype(inputs.specs[key][0]))
     for key in inputs.fixed:
-        body[key] = readers[0].get(key)
+        body[key] = ctx.readers[0].get(key)
     if notes is not None:
         notes.update(_jsonable(ctx.notes))
     return body
@@ -624,10 +622,7 @@ def evaluate_all(
             average = {t: cache.get(inputs.checkpoints[i], keys[i]) for i, t in enumerate(inputs.tasks)}
             todo = [i for i, t in enumerate(inputs.tasks) if average[t] is None]
             if todo:
-                readers = [FileReader(p) for p in inputs.checkpoints]
-                ctx = MergeContext(checkpoints=inputs.checkpoints, tasks=inputs.tasks, config=inputs.config,
-                                   body_prefix=inputs.body_prefix, keys=inputs.keys, readers=readers, log=log)
-                body = dict(Average().merge(ctx))
+                body = dict(Average().merge(inputs.context(log=log)))
                 for i in tqdm(todo, desc="evaluate average", disable=not progress):
                     average[inputs.tasks[i]] = evaluator.evaluate(i, body=body)
                 del body
