@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fmn_pl.artifacts import artifact_path
-from fmn_pl.module import model_inputs
+from fmn_pl.module import load_model, model_inputs
 from fmn_pl.nodes import adapter_for, node_shape
 from fmn_pl.passes import ArtifactPass
 
@@ -368,7 +368,6 @@ def run_fisher(
     from fmn_pl.checkpoint import read_metadata
     from fmn_pl.data import GLUEDataModule
     from fmn_pl.grams import GramCallback
-    from fmn_pl.module import load_model
     from fmn_pl.tasks import get_task
 
     if kind not in KIND_DEFAULTS:
