@@ -1,4 +1,5 @@
-"""FMN's scaling option (issue 8) against a slow per-tensor computation: theta0 + s (FMN - theta0)."""
+"""FMN's scaling and power options (issue 8) against slow computations: theta0 + s (FMN - theta0), and FMN on
+Fisher values raised to the power p entry by entry (p = 0: the plain average)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from fmn_pl.merging.fmn import FMN
-from tests.test_merging import model_ctx, random_fisher
+from tests.test_merging import model_ctx, plain_average, random_fisher, slow_fmn
 
 
 def _ctx(make_checkpoint: Callable, tiny_base: Callable, evaluate: Callable | None = None):  # noqa: ANN202
@@ -51,3 +52,31 @@ def test_null_scaling_is_chosen_on_selection_scores(make_checkpoint: Callable, t
 def test_bad_scaling(bad: dict) -> None:
     with pytest.raises(ValueError, match="scaling"):
         FMN(**bad)
+
+
+@pytest.mark.parametrize("broadcast", ["reference", "per_node"])
+def test_power_is_fmn_on_powered_fishers(make_checkpoint: Callable, broadcast: str) -> None:
+    cks = [make_checkpoint("rte", seed=s, noise=0.05, name=f"p{s}") for s in (0, 1)]
+    fishers = [random_fisher(0), random_fisher(1, scale=30.0)]
+    fishers[0]["head"][1, 0] = 0.0  # 0 ** 0.5 = 0: still no weight there
+    ctx = model_ctx(cks, fishers)
+    merged = dict(FMN(broadcast=broadcast, power=0.5).merge(ctx))
+    powered = [{k: v.double().sqrt() for k, v in f.items()} for f in fishers]
+    expected = slow_fmn(ctx, powered, broadcast)
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_power_zero_is_the_plain_average(make_checkpoint: Callable) -> None:
+    cks = [make_checkpoint("rte", seed=s, noise=0.05, name=f"z{s}") for s in (0, 1, 2)]
+    fishers = [random_fisher(0), random_fisher(1, scale=30.0), random_fisher(2)]
+    fishers[2] = {k: torch.zeros_like(v) for k, v in fishers[0].items()}  # even a zero Fisher weighs 0 ** 0 = 1
+    ctx = model_ctx(cks, fishers)
+    merged = dict(FMN(broadcast="per_node", power=0.0).merge(ctx))
+    for key, avg in plain_average(ctx).items():
+        torch.testing.assert_close(merged[key], avg, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_bad_power() -> None:
+    with pytest.raises(ValueError, match="power"):
+        FMN(power=-0.5)

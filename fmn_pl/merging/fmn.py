@@ -2,7 +2,7 @@
 
     theta* = sum_j W_j theta_j / sum_j W_j   (elementwise over the body)
 
-W_j = lambda_j x (model j's head/neuron Fisher, normalised and floored, broadcast to the parameters):
+W_j = lambda_j x (model j's head/neuron Fisher, normalised, floored and raised to `power`, broadcast to the parameters):
 
     role (per layer l)            reference broadcast            per_node broadcast
     query, key rows/bias of h     F_head[l, h]                   F_head[l, h]
@@ -83,6 +83,7 @@ class FMN(MergeMethod):
         coefficients: list[float] | None = None,
         scaling: float | None = 1.0,
         scalings: list[float] = SCALINGS,  # noqa: B006 - read-only default, shown by --help
+        power: float = 1.0,
     ) -> None:
         """
         Args:
@@ -98,6 +99,8 @@ class FMN(MergeMethod):
             scaling: s in theta0 + s (theta* - theta0); 1 = the reference rule (no base model needed); null
                 chooses s from `scalings` by the mean selection score (needs the base model).
             scalings: the grid s is chosen from when `scaling` is null.
+            power: p in W = F^p (fmn-pl's addition): 1 = reference; 0 = equal weights (the plain average, or task
+                arithmetic with lambda = s / M); between, one task's much larger Fisher dominates less.
         """
         if broadcast not in ("reference", "per_node"):
             raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
@@ -105,8 +108,10 @@ class FMN(MergeMethod):
             raise ValueError(f"fmn normalize must be one of none, mean, type, layer; got {normalize!r}")
         if epsilon < 0:
             raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
+        if power < 0:
+            raise ValueError(f"fmn power must be >= 0, got {power}")
         self.broadcast, self.normalize, self.universal = broadcast, normalize, universal
-        self.epsilon, self.coefficients = epsilon, coefficients
+        self.epsilon, self.coefficients, self.power = epsilon, coefficients, power
         if scaling is not None and scaling <= 0 or not scalings or min(scalings) <= 0:
             raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
         self.scaling, self.scalings = scaling, list(scalings)
@@ -131,8 +136,8 @@ class FMN(MergeMethod):
             if (head < 0).any() or (neuron < 0).any():
                 raise ValueError(f"{art.path}: Fisher values must be >= 0")
             head, neuron = normalize_fisher(head, neuron, self.normalize)
-            heads.append(head.clamp_min(self.epsilon))
-            neurons.append(neuron.clamp_min(self.epsilon))
+            heads.append(head.clamp_min(self.epsilon).pow(self.power))  # 0 ** 0 = 1: power 0 is the average
+            neurons.append(neuron.clamp_min(self.epsilon).pow(self.power))
         self._head, self._neuron = torch.stack(heads), torch.stack(neurons)
         self._roles = parameter_roles(ctx.config, ctx.body_prefix, ctx.keys)
         ctx.notes["fmn"] = {
