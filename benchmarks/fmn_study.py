@@ -332,22 +332,40 @@ def summarize(cells: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[
     return out
 
 
-def select(summary: dict[str, dict[str, Any]], merges: list[dict[str, Any]]) -> dict[str, Any] | None:
+def pooled_summary(cells: list[dict[str, Any]], labels: list[str], pool: list[str] | None) -> dict[str, Any] | None:
+    """The pair-cell summary of this study plus the pair cells of other studies' study.json (e.g. the same grid on
+    checkpoints of another fine-tuning setting), so that one choice is made on every holdout cell; None if no pool."""
+    if not pool:
+        return None
+    pooled = [c for c in cells if c["pair"]]
+    for path in pool:
+        other = json.loads(Path(path).read_text())
+        pooled += [{**c, "combo": f"{path}:{c['combo']}"} for c in other["cells"] if c["pair"]]
+    return summarize(pooled, [lb for lb in labels if any(c["label"] == lb for c in pooled)])
+
+
+def select(summary: dict[str, dict[str, Any]], merges: list[dict[str, Any]],
+           pooled: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """The FMN option with the best mean holdout gain (first in grid order on ties), with its validation numbers;
-    the best on validation is shown for reference only (choosing on it would tune on the reported numbers)."""
-    fmn = [m for m in merges if m["method"] == "fmn" and m["label"] in summary]
+    the best on validation is shown for reference only (choosing on it would tune on the reported numbers).
+    `pooled`: the summary of this study's cells plus other studies' (`--pool`), chosen on instead of `summary`."""
+    on = pooled or summary
+    fmn = [m for m in merges if m["method"] == "fmn" and m["label"] in summary and m["label"] in on]
     if not fmn:
         return None
-    most = max(summary[m["label"]]["holdout"]["cells"] for m in fmn)
-    fmn = [m for m in fmn if summary[m["label"]]["holdout"]["cells"] == most]  # compare rows on the same cells
-    chosen = max(fmn, key=lambda m: summary[m["label"]]["holdout"]["mean_gain"])
+    most = max(on[m["label"]]["holdout"]["cells"] for m in fmn)
+    fmn = [m for m in fmn if on[m["label"]]["holdout"]["cells"] == most]  # compare rows on the same cells
+    chosen = max(fmn, key=lambda m: on[m["label"]]["holdout"]["mean_gain"])
     oracle = max(fmn, key=lambda m: summary[m["label"]]["validation"]["mean_gain"])
     v = summary[chosen["label"]]["validation"]
-    return {"chosen": chosen["label"], "method": chosen["method"], "options": chosen["resolved"],
-            "artifact": chosen["artifact"], "selected_on": "holdout", "holdout": summary[chosen["label"]]["holdout"],
-            "validation": v, "goal": GOAL,
-            "goal_met": v["mean_gain"] >= GOAL["mean_gain"] and v["wins"] >= GOAL["wins_fraction"] * v["cells"],
-            "best_on_validation_for_reference": oracle["label"]}
+    out = {"chosen": chosen["label"], "method": chosen["method"], "options": chosen["resolved"],
+           "artifact": chosen["artifact"], "selected_on": "holdout" if pooled is None else "holdout, pooled",
+           "holdout": on[chosen["label"]]["holdout"], "validation": v, "goal": GOAL,
+           "goal_met": v["mean_gain"] >= GOAL["mean_gain"] and v["wins"] >= GOAL["wins_fraction"] * v["cells"],
+           "best_on_validation_for_reference": oracle["label"]}
+    if pooled is not None:
+        out["pooled_validation"] = on[chosen["label"]]["validation"]
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -402,7 +420,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tasks": study.tasks, "checkpoints": {t: str(c) for t, c in study.checkpoints.items()},
         "fingerprints": study.fingerprints,
         "data": {s: e.data.identity() for s, e in study.evaluators.items()},
-        "summary": summary, "selection": select(summary["pairs"], merges),
+        "summary": summary, "selection": select(summary["pairs"], merges, pooled_summary(cells, labels, args.pool)),
+        "pooled_from": args.pool or [],
         "costs": {"artifacts": study.costs(merges),
                   "merge_s": {lb: _mean([c["merge_s"] for c in cells if c["label"] == lb and c["merge_s"] is not None])
                               for lb in labels if lb != "individual"}},
@@ -465,13 +484,18 @@ def markdown(report: dict[str, Any], merges: list[dict[str, Any]]) -> str:
     sel = report["selection"]
     if sel:
         v, h = sel["validation"], sel["holdout"]
+        where = "the pair cells" if not report.get("pooled_from") else \
+            f"the pair cells of this study and of {', '.join(report['pooled_from'])}"
         lines += ["## Selection", "",
-                  f"Chosen on holdout (best mean holdout gain among the FMN rows over the pair cells): **{sel['chosen']}** "
+                  f"Chosen on holdout (best mean holdout gain among the FMN rows over {where}): **{sel['chosen']}** "
                   f"({_describe(by_label[sel['chosen']])}): holdout gain {h['mean_gain']:+.2f}, {h['wins']}/{h['cells']} wins; "
                   f"validation score {v['mean_score']:.2f}, gain {v['mean_gain']:+.2f}, {v['wins']}/{v['cells']} wins. "
                   f"Goal (gain >= {GOAL['mean_gain']:+.1f} and wins >= {GOAL['wins_fraction']:.0%} of cells on validation): "
                   f"{'met' if sel['goal_met'] else 'not met'}. For reference only, the best FMN row on validation: "
-                  f"{sel['best_on_validation_for_reference']}.", ""]
+                  f"{sel['best_on_validation_for_reference']}."
+                  + ("" if "pooled_validation" not in sel else
+                     f" Over the pooled cells, validation gain {sel['pooled_validation']['mean_gain']:+.2f}, "
+                     f"{sel['pooled_validation']['wins']}/{sel['pooled_validation']['cells']} wins."), ""]
     pair_cells = [c for c in report["cells"] if c["pair"]]
     keys = list(dict.fromkeys((c["combo"], c["task"]) for c in pair_cells))
     if keys:
@@ -563,6 +587,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only the merges whose label equals or matches (fnmatch glob) one of these")
     p.add_argument("--full_fisher_examples", type=int, default=None, help="examples of the full Fisher (default grid: 256)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--pool", nargs="+", default=None, metavar="STUDY_JSON",
+                   help="other studies' study.json whose pair cells join the holdout selection (e.g. other checkpoints)")
     p.add_argument("--print_grid", action="store_true", help="print the grid as YAML and exit")
     p.add_argument("--cached_only", action="store_true",
                    help="compute nothing: report the cells already in <out>/cells (a row over the cells it has)")

@@ -201,3 +201,28 @@ def test_merge_body_equals_saved_merge(make_checkpoint, tiny_glue: Path, tmp_pat
         for key in saved:
             assert torch.equal(saved[key], body[key]), key
     assert notes["task_arithmetic_scaling"]["chosen"] in (0.3, 0.9)
+
+
+def test_pooled_selection_chooses_on_every_holdout_cell(tmp_path: Path) -> None:
+    """--pool: the choice is made on this study's and another study's holdout cells together (b wins there by
+    more than a wins here); the reported validation numbers stay this study's, the pooled ones beside them."""
+    study = load_study()
+
+    def cells(gains: dict[str, tuple[float, float]]) -> list[dict]:
+        return [{"label": lb, "pair": True, "combo": "x+y", "task": t, "validation": v, "holdout": h,
+                 "gain_validation": v, "gain_holdout": h}
+                for lb, (v, h) in gains.items() for t in ("x", "y")]
+
+    here = cells({"fmn a": (1.0, 2.0), "fmn b": (3.0, 1.0)})
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"cells": cells({"fmn a": (0.0, 0.0), "fmn b": (-1.0, 4.0)})}))
+    merges = [{"label": lb, "method": "fmn", "resolved": {}, "artifact": None} for lb in ("fmn a", "fmn b")]
+    summary = study.summarize(here, ["fmn a", "fmn b"])
+    assert study.select(summary, merges)["chosen"] == "fmn a"  # this study alone: a (holdout 2.0 > 1.0)
+    pooled = study.pooled_summary(here, ["fmn a", "fmn b"], [str(other)])
+    assert pooled["fmn b"]["holdout"] == {"mean_score": 2.5, "mean_gain": 2.5, "wins": 4, "cells": 4}
+    sel = study.select(summary, merges, pooled)
+    assert sel["chosen"] == "fmn b" and sel["selected_on"] == "holdout, pooled"
+    assert sel["validation"] == summary["fmn b"]["validation"]  # reported: this study's cells
+    assert sel["pooled_validation"]["mean_gain"] == pytest.approx(1.0) and sel["pooled_validation"]["cells"] == 4
+    assert study.pooled_summary(here, ["fmn a"], None) is None
