@@ -31,6 +31,8 @@ ROWS: dict[str, list[str]] = {
     "fmn per_node": ["--method", "fmn", "--method.broadcast", "per_node"],
     "fmn mean/per_node/scaled": ["--method", "fmn", "--method.normalize", "mean", "--method.broadcast", "per_node",
                                  "--method.scaling", "null"],
+    "fmn per_node p0.5/scaled": ["--method", "fmn", "--method.broadcast", "per_node", "--method.power", "0.5",
+                                 "--method.scaling", "null"],
     "fisher": ["--method", "fisher"],
     "task_arithmetic": ["--method", "task_arithmetic"],
     "task_arithmetic dare": ["--method", "task_arithmetic", "--method.dare_p", "0.5"],
