@@ -33,6 +33,8 @@ ROWS: dict[str, list[str]] = {
                                  "--method.scaling", "null"],
     "fmn per_node p0.5/scaled": ["--method", "fmn", "--method.broadcast", "per_node", "--method.power", "0.5",
                                  "--method.scaling", "null"],
+    "fmn per_node p0.25/scaled": ["--method", "fmn", "--method.broadcast", "per_node", "--method.power", "0.25",
+                                  "--method.scaling", "null"],
     "fisher": ["--method", "fisher"],
     "task_arithmetic": ["--method", "task_arithmetic"],
     "task_arithmetic dare": ["--method", "task_arithmetic", "--method.dare_p", "0.5"],
