@@ -23,6 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fmn_pl.checkpoint import write_json  # noqa: E402
+
 # label -> `fmn-pl merge` method arguments. Options left out take the method's defaults (TA/TIES/TALL/Consensus
 # choose lambda on the selection split; AdaMerging's steps cut from 500 to fit a CPU).
 ROWS: dict[str, list[str]] = {
@@ -66,7 +71,7 @@ def run_row(label: str, checkpoints: list[str], out: Path, common: list[str]) ->
             raise SystemExit(f"{label}: fmn-pl merge failed (exit {proc.returncode}); see {folder.with_suffix('.log')}")
         data = json.loads(report.read_text())
         data["command_s"] = time.perf_counter() - start
-        report.write_text(json.dumps(data, indent=2))
+        write_json(report, data)  # atomic: a rerun never reads half a report
     return json.loads(report.read_text())
 
 
@@ -76,7 +81,7 @@ def table(reports: dict[str, dict]) -> str:
     tasks = list(first["tasks"])
     res = first["results"]
     head = "| method | " + " | ".join(tasks) + " | normalized % | merge s | command s | peak RSS GB |"
-    lines = [head, "|" + "---|" * 1 + "---:|" * (len(tasks) + 4)]
+    lines = [head, "|---|" + "---:|" * (len(tasks) + 4)]
     for base in ("individual", "average")[: 1 if "average" in reports else 2]:  # a run average row has its cost
         cells = [f"{100 * res[t][base]['score']:.1f}" for t in tasks]
         norm = 100.0 if base == "individual" else 100 * first["summary"]["normalized_average"]
