@@ -340,7 +340,7 @@ def pooled_summary(cells: list[dict[str, Any]], labels: list[str], pool: list[st
     pooled = [c for c in cells if c["pair"]]
     for path in pool:
         other = json.loads(Path(path).read_text())
-        pooled += [{**c, "combo": f"{path}:{c['combo']}"} for c in other["cells"] if c["pair"]]
+        pooled += [c for c in other["cells"] if c["pair"]]
     return summarize(pooled, [lb for lb in labels if any(c["label"] == lb for c in pooled)])
 
 
@@ -350,7 +350,7 @@ def select(summary: dict[str, dict[str, Any]], merges: list[dict[str, Any]],
     the best on validation is shown for reference only (choosing on it would tune on the reported numbers).
     `pooled`: the summary of this study's cells plus other studies' (`--pool`), chosen on instead of `summary`."""
     on = pooled or summary
-    fmn = [m for m in merges if m["method"] == "fmn" and m["label"] in summary and m["label"] in on]
+    fmn = [m for m in merges if m["method"] == "fmn" and m["label"] in summary]  # pooled has every such label
     if not fmn:
         return None
     most = max(on[m["label"]]["holdout"]["cells"] for m in fmn)

@@ -64,7 +64,6 @@ def run_row(label: str, checkpoints: list[str], out: Path, common: list[str]) ->
         argv = [sys.executable, "-m", "fmn_pl.cli", "merge", *ROWS[label], "--checkpoints", *checkpoints,
                 "--output", str(folder), "--overwrite", "true", "--save_model", "false", "--label", label, *common]
         start = time.perf_counter()
-        folder.mkdir(parents=True, exist_ok=True)
         with open(folder.with_suffix(".log"), "w") as log:
             proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode:
