@@ -44,6 +44,7 @@ from fmn_pl.artifacts import FILES, Artifact, artifact_path  # noqa: E402
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint, write_json  # noqa: E402
 from fmn_pl.evaluate import CACHE_FILE, EvalData, Evaluator  # noqa: E402
 from fmn_pl.merging import METHODS, MergeMethod, method_class  # noqa: E402
+from fmn_pl.merging.fmn import REFERENCE  # noqa: E402
 
 ARTIFACT_KINDS = {"mask_fisher": "mask", "full_fisher": "full", "grams": "grams"}  # artifact kind -> run_fisher kind
 VIEW_RECORD = "study_artifact.json"  # in a view: the options its artifact was computed with
@@ -67,10 +68,10 @@ DEFAULT_GRID: dict[str, Any] = {
     # Merges: label, registered method, its options, and `artifact` (a variant of the kind the method needs;
     # default: the first of that kind). Options not given take the method's defaults (recorded resolved).
     "merges": [
-        *({"label": f"fmn {n}/{b}", "method": "fmn", "options": {"normalize": n, "broadcast": b}, "artifact": "n512"}
-          for b in ("reference", "per_node") for n in ("none", "mean", "type", "layer")),
-        *({"label": f"fmn [{v}]", "method": "fmn", "options": {}, "artifact": v}
-          for v in ("n128", "n2048", "per_batch", "sampled", "expected")),
+        *({"label": f"fmn {n}/{b}", "method": "fmn", "options": {**REFERENCE, "normalize": n, "broadcast": b},
+           "artifact": "n512"} for b in ("reference", "per_node") for n in ("none", "mean", "type", "layer")),
+        *({"label": f"fmn defaults [{v}]", "method": "fmn", "options": {}, "artifact": v}
+          for v in ("n512", "n128", "n2048", "per_batch", "sampled", "expected")),
         {"label": "task_arithmetic", "method": "task_arithmetic", "options": {"scaling": None}},
         {"label": "ties", "method": "ties", "options": {"scaling": None}},
         {"label": "fisher", "method": "fisher", "options": {}, "artifact": "full256"},

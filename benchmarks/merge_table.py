@@ -32,14 +32,11 @@ from fmn_pl.checkpoint import write_json  # noqa: E402
 # choose lambda on the selection split; AdaMerging's steps cut from 500 to fit a CPU).
 ROWS: dict[str, list[str]] = {
     "average": ["--method", "average"],
-    "fmn": ["--method", "fmn"],
-    "fmn per_node": ["--method", "fmn", "--method.broadcast", "per_node"],
-    "fmn mean/per_node/scaled": ["--method", "fmn", "--method.normalize", "mean", "--method.broadcast", "per_node",
-                                 "--method.scaling", "null"],
-    "fmn per_node p0.5/scaled": ["--method", "fmn", "--method.broadcast", "per_node", "--method.power", "0.5",
-                                 "--method.scaling", "null"],
-    "fmn per_node p0.25/scaled": ["--method", "fmn", "--method.broadcast", "per_node", "--method.power", "0.25",
-                                  "--method.scaling", "null"],
+    "fmn": ["--method", "fmn"],  # the defaults: the FMN study's holdout selection (per_node, F^0.25, s chosen)
+    "fmn reference": ["--method", "fmn", "--method.broadcast", "reference", "--method.power", "1", "--method.scaling", "1"],
+    "fmn reference per_node": ["--method", "fmn", "--method.broadcast", "per_node", "--method.power", "1",
+                               "--method.scaling", "1"],
+    "fmn mean/per_node/scaled": ["--method", "fmn", "--method.normalize", "mean", "--method.power", "1"],
     "fisher": ["--method", "fisher"],
     "task_arithmetic": ["--method", "task_arithmetic"],
     "task_arithmetic dare": ["--method", "task_arithmetic", "--method.dare_p", "0.5"],

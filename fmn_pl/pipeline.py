@@ -272,7 +272,7 @@ def normalize(cfg: PipelineConfig) -> PipelineConfig:
     if bad:
         raise ValueError(f"merge.methods: label(s) {bad} cannot name a folder")
     for m in cfg.merge.methods:
-        _method_needs(m.name)  # an unknown method fails here, with the known names
+        build_method(m.name, m.options)  # an unknown method fails here, with the known names
     return replace(cfg, tasks=tasks, fit=replace(cfg.fit, per_task=per_task))
 
 
@@ -348,7 +348,7 @@ def artifact_kinds(cfg: PipelineConfig) -> list[str]:
     """The artifact kinds to compute: as configured, or those the merge methods need."""
     needed: list[str] = []
     for spec in cfg.merge.methods:
-        needs = _method_needs(spec.name)
+        needs = build_method(spec.name, spec.options).needs
         needed += [k for k in ARTIFACT_KINDS if k in needs]
     if cfg.fisher.kinds is None:
         return list(dict.fromkeys(needed))
@@ -359,10 +359,22 @@ def artifact_kinds(cfg: PipelineConfig) -> list[str]:
     return list(dict.fromkeys(cfg.fisher.kinds))
 
 
-def _method_needs(name: str) -> frozenset[str]:
+def build_method(name: str, options: dict[str, Any]) -> Any:
+    """The merge method `name` built with `options`, for its `needs` (an instance's: options can change them) and
+    its resolved `options()` (defaults filled in, so a changed default changes the merge stage's key). Bad options
+    give the class: the stage's argument check reports them with every other problem."""
     from fmn_pl.merging import method_class
 
-    return frozenset(method_class(name).needs)
+    cls = method_class(name)  # an unknown name fails here, with the known names
+    try:
+        return cls(**options)
+    except (TypeError, ValueError):
+        return cls
+
+
+def resolved_options(method: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """A built method's options with its defaults, as JSON; the given ones when it could not be built."""
+    return given if isinstance(method, type) else json.loads(json.dumps(method.options(), default=str))
 
 
 def fit_options(cfg: PipelineConfig, task: str) -> dict[str, Any]:
@@ -448,7 +460,8 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     for combo in combinations(cfg):
         name = "+".join(combo)
         for spec in cfg.merge.methods:
-            needs = _method_needs(spec.name)
+            method = build_method(spec.name, spec.options)
+            needs = method.needs
             folder = out / "merges" / name / spec.column
             opts: dict[str, Any] = {
                 "method": spec.name,
@@ -467,7 +480,8 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
             deps += [f"fisher/{t}/{k}" for t in combo for k in ARTIFACT_KINDS if k in needs and k in kinds]
             stages.append(Stage(
                 id=f"merge/{name}/{spec.column}", kind="merge", deps=deps,
-                options={**opts, "tasks": combo}, argv=argv, launch=None, output=folder / "report.json",
+                options={**opts, "tasks": combo, "resolved": resolved_options(method, spec.options)},
+                argv=argv, launch=None, output=folder / "report.json",
             ))
     stages.append(Stage(  # reads the merges' reports and every stage's stamp (its cost)
         id="report", kind="report", deps=[s.id for s in stages], options={"report": report_options(cfg)},
@@ -566,7 +580,7 @@ def stage_key(stage: Stage, cfg: PipelineConfig, ids: Identities, done: dict[str
         inputs["data"] = ids.data(cfg.data_dir, task)
     if stage.kind == "merge":
         inputs["data"] = {t: ids.data(cfg.data_dir, t) for t in stage.options["tasks"]}
-        if "base" in _method_needs(stage.options["method"]):
+        if stage.options["base"] is not None:
             inputs["base"] = ids.model(cfg.model)
     return hash_json({"stage": stage.id, "options": stage.options, "inputs": inputs})
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fmn_pl.merging.fmn import FMN
-from tests.test_merging import model_ctx, plain_average, random_fisher, slow_fmn
+from tests.test_merging import model_ctx, plain_average, random_fisher, ref_fmn, slow_fmn
 
 
 def _ctx(make_checkpoint: Callable, tiny_base: Callable, evaluate: Callable | None = None):  # noqa: ANN202
@@ -19,21 +19,28 @@ def _ctx(make_checkpoint: Callable, tiny_base: Callable, evaluate: Callable | No
 
 
 def test_scaling_one_is_the_reference_rule_and_needs_no_base() -> None:
-    assert "base" not in FMN().needs and "base" in FMN(scaling=1.5).needs and "base" in FMN(scaling=None).needs
-    assert "needs" not in FMN(scaling=2.0).options()
+    assert "base" not in ref_fmn().needs and "base" in ref_fmn(scaling=1.5).needs and "base" in ref_fmn(scaling=None).needs
+    assert "needs" not in ref_fmn(scaling=2.0).options()
+
+
+def test_defaults_are_the_study_selection() -> None:
+    """The code defaults are the FMN study's holdout choice (docs/study): per_node, F^0.25, s chosen on data."""
+    options = FMN().options()
+    assert (options["broadcast"], options["normalize"], options["power"], options["scaling"]) == ("per_node", "none", 0.25, None)
+    assert options["scalings"] == [1.0, 1.5, 2.0, 2.5] and "base" in FMN().needs
 
 
 def test_fixed_scaling_scales_the_merged_task_vector(make_checkpoint: Callable, tiny_base: Callable) -> None:
-    plain = dict(FMN(normalize="mean").merge(_ctx(make_checkpoint, tiny_base)))
+    plain = dict(ref_fmn(normalize="mean").merge(_ctx(make_checkpoint, tiny_base)))
     ctx = _ctx(make_checkpoint, tiny_base)
-    scaled = dict(FMN(normalize="mean", scaling=1.7).merge(ctx))
+    scaled = dict(ref_fmn(normalize="mean", scaling=1.7).merge(ctx))
     for key, value in plain.items():
         base = ctx.base(key)
         torch.testing.assert_close(scaled[key], base + 1.7 * (value - base), rtol=1e-5, atol=1e-6)
 
 
 def test_null_scaling_is_chosen_on_selection_scores(make_checkpoint: Callable, tiny_base: Callable) -> None:
-    plain = dict(FMN().merge(_ctx(make_checkpoint, tiny_base)))
+    plain = dict(ref_fmn().merge(_ctx(make_checkpoint, tiny_base)))
     ref_ctx = _ctx(make_checkpoint, tiny_base)
     target = {k: ref_ctx.base(k) + 2.0 * (v - ref_ctx.base(k)) for k, v in plain.items()}
 
@@ -42,7 +49,7 @@ def test_null_scaling_is_chosen_on_selection_scores(make_checkpoint: Callable, t
         return {"rte": d}
 
     ctx = _ctx(make_checkpoint, tiny_base, evaluate)
-    merged = dict(FMN(scaling=None, scalings=[1.0, 2.0, 3.0]).merge(ctx))
+    merged = dict(ref_fmn(scaling=None, scalings=[1.0, 2.0, 3.0]).merge(ctx))
     assert ctx.notes["fmn_scaling"]["chosen"] == 2.0
     for key in target:
         torch.testing.assert_close(merged[key], target[key], rtol=1e-5, atol=1e-6)
@@ -51,7 +58,7 @@ def test_null_scaling_is_chosen_on_selection_scores(make_checkpoint: Callable, t
 @pytest.mark.parametrize("bad", [dict(scaling=0.0), dict(scaling=None, scalings=[]), dict(scalings=[1.0, -1.0])])
 def test_bad_scaling(bad: dict) -> None:
     with pytest.raises(ValueError, match="scaling"):
-        FMN(**bad)
+        ref_fmn(**bad)
 
 
 @pytest.mark.parametrize("broadcast", ["reference", "per_node"])
@@ -60,7 +67,7 @@ def test_power_is_fmn_on_powered_fishers(make_checkpoint: Callable, broadcast: s
     fishers = [random_fisher(0), random_fisher(1, scale=30.0)]
     fishers[0]["head"][1, 0] = 0.0  # 0 ** 0.5 = 0: still no weight there
     ctx = model_ctx(cks, fishers)
-    merged = dict(FMN(broadcast=broadcast, power=0.5).merge(ctx))
+    merged = dict(ref_fmn(broadcast=broadcast, power=0.5).merge(ctx))
     powered = [{k: v.double().sqrt() for k, v in f.items()} for f in fishers]
     expected = slow_fmn(ctx, powered, broadcast)
     for key in expected:
@@ -72,11 +79,11 @@ def test_power_zero_is_the_plain_average(make_checkpoint: Callable) -> None:
     fishers = [random_fisher(0), random_fisher(1, scale=30.0), random_fisher(2)]
     fishers[2] = {k: torch.zeros_like(v) for k, v in fishers[0].items()}  # even a zero Fisher weighs 0 ** 0 = 1
     ctx = model_ctx(cks, fishers)
-    merged = dict(FMN(broadcast="per_node", power=0.0).merge(ctx))
+    merged = dict(ref_fmn(broadcast="per_node", power=0.0).merge(ctx))
     for key, avg in plain_average(ctx).items():
         torch.testing.assert_close(merged[key], avg, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_bad_power() -> None:
     with pytest.raises(ValueError, match="power"):
-        FMN(power=-0.5)
+        ref_fmn(power=-0.5)

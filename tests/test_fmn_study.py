@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from fmn_pl.checkpoint import read_metadata, write_json
+from fmn_pl.merging.fmn import FMN, REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["rte", "mrpc", "stsb"]
@@ -22,9 +23,9 @@ GRID = {
     "mask_fisher": {"a": {"num_examples": 16}, "b": {"num_examples": 16, "aggregation": "per_batch"}},
     "full_fisher": {"f": {"num_examples": 8}},
     "merges": [
-        {"label": "fmn none/reference", "method": "fmn", "options": {"normalize": "none"}, "artifact": "a"},
-        {"label": "fmn mean/per_node", "method": "fmn", "options": {"normalize": "mean", "broadcast": "per_node"}},
-        {"label": "fmn [b]", "method": "fmn", "artifact": "b"},
+        {"label": "fmn none/reference", "method": "fmn", "options": {**REFERENCE}, "artifact": "a"},
+        {"label": "fmn mean/per_node", "method": "fmn", "options": {**REFERENCE, "normalize": "mean", "broadcast": "per_node"}},
+        {"label": "fmn [b]", "method": "fmn", "artifact": "b"},  # the defaults: s chosen on the holdout rows
         {"label": "task_arithmetic", "method": "task_arithmetic", "options": {"scaling": None, "scalings": [0.5, 1.0]}},
         {"label": "fisher", "method": "fisher", "artifact": "f"},
     ],
@@ -132,10 +133,9 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
 
     # one cell against the saved model of `fmn-pl merge` on the same view
     from fmn_pl.merge import run_merge
-    from fmn_pl.merging.fmn import FMN
 
     views = [str(out / "views" / "a" / t) for t in ("rte", "stsb")]
-    merged = run_merge(views, FMN(normalize="mean", broadcast="per_node"), str(tmp_path / "merged"),
+    merged = run_merge(views, FMN(**{**REFERENCE, "normalize": "mean", "broadcast": "per_node"}), str(tmp_path / "merged"),
                        data_dir=str(tiny_glue), batch_size=16, cache=False, compare_average=False, accelerator="cpu",
                        progress=False)
     for task in ("rte", "stsb"):
@@ -149,7 +149,7 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps
     assert [c for c in again["cells"]] == cells
     grid.write_text(yaml.safe_dump({**GRID, "merges": [*GRID["merges"], {
-        "label": "fmn layer/reference", "method": "fmn", "options": {"normalize": "layer"}, "artifact": "b"}]}))
+        "label": "fmn layer/reference", "method": "fmn", "options": {**REFERENCE, "normalize": "layer"}, "artifact": "b"}]}))
     more = study.main([*argv, "--combos", "all"])
     assert more["computed"] == {"cells": 3 + 1 + len(GRID["merges"]) + 1, "artifacts": 0}
     md = (out / "study.md").read_text()

@@ -56,12 +56,12 @@ def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: 
     for s, c in enumerate(cks):
         add_fisher(c, s)
     out = tmp_path / "out"
-    report = main(["--method", "fmn", "--method.broadcast", "per_node", "--method.normalize=mean",
+    report = main(["--method", "fmn", "--method.broadcast", "per_node", "--method.normalize=mean", "--method.scaling=1",
                    "--checkpoints", *map(str, cks), *common(out, tiny_glue)])
     assert report is not None
 
     # the saved per-task models are the in-memory merge with each task's own head
-    merged = memory_merge(cks, FMN(broadcast="per_node", normalize="mean"))
+    merged = memory_merge(cks, FMN(broadcast="per_node", normalize="mean", scaling=1.0))
     ids = torch.randint(5, 150, (3, 11))
     for ck in cks:
         task = read_metadata(ck)["task"]
@@ -114,7 +114,7 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mnli"])]
     for s, c in enumerate(cks):
         add_fisher(c, s)
-    first = main(["--method=fmn", "--checkpoints", *map(str, cks), *common(tmp_path / "a", tiny_glue)])
+    first = main(["--method=fmn", "--method.scaling=1", "--checkpoints", *map(str, cks), *common(tmp_path / "a", tiny_glue)])
     # MNLI is scored on both validation splits, its score their mean
     mnli = first["results"]["mnli"]["merged"]
     assert set(mnli) == {"matched/accuracy", "matched/score", "mismatched/accuracy", "mismatched/score", "score"}
@@ -127,7 +127,7 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
         return original(self, i, model_dir, body)
 
     monkeypatch.setattr(Evaluator, "evaluate", counting)
-    second = main(["--method=fmn", "--method.broadcast=per_node", "--checkpoints", *map(str, cks),
+    second = main(["--method=fmn", "--method.broadcast=reference", "--method.scaling=1", "--checkpoints", *map(str, cks),
                    *common(tmp_path / "b", tiny_glue)])
     assert len(calls) == 2 and all(c is not None for c in calls)  # only the two merged models
     for t in ("rte", "mnli"):
@@ -144,6 +144,17 @@ def test_task_arithmetic_scaling_chosen_and_reported(make_checkpoint: Callable, 
     assert sel["split"] == "validation" and sel["transductive"] and sel["evaluations"] == 2 and sel["max_samples"] == 8
     assert report["notes"]["task_arithmetic_scaling"]["chosen"] in (0.5, 1.0)
     assert "chosen on the `validation` split" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_fmn_defaults_choose_the_scaling(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
+    cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "sst2"])]
+    for s, c in enumerate(cks):
+        add_fisher(c, s)
+    report = main(["--method", "fmn", "--checkpoints", *map(str, cks), "--selection_samples", "8",
+                   *common(tmp_path / "o", tiny_glue)])
+    assert report["options"]["power"] == 0.25 and report["options"]["broadcast"] == "per_node"
+    assert report["selection"]["evaluations"] == 4 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
+    assert report["notes"]["fmn_scaling"]["chosen"] in (1.0, 1.5, 2.0, 2.5)
 
 
 def test_ties_uses_recorded_base_and_no_eval(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
@@ -170,7 +181,7 @@ def test_shipped_configs_parse(path: Path) -> None:
     cfg = parser.parse_args(normalize_argv(["--config", str(path)]))
     init = parser.instantiate(cfg)
     module = type(init.method).__module__.removeprefix("fmn_pl.merging.")
-    assert path.stem == module or path.stem.startswith(f"{module}_")  # fmn_selected.yaml is an fmn config
+    assert path.stem == module or path.stem.startswith(f"{module}_")  # fmn_reference.yaml is an fmn config
     assert len(init.checkpoints) >= 2 and init.output
 
 

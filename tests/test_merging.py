@@ -19,9 +19,14 @@ from fmn_pl.merging.average import Average
 from fmn_pl.merging.base import CheckpointReader, MergeContext
 from fmn_pl.merging.dare import dare, dare_generator
 from fmn_pl.merging.fisher import Fisher
-from fmn_pl.merging.fmn import FMN, normalize_fisher
+from fmn_pl.merging.fmn import FMN, REFERENCE, normalize_fisher
 from fmn_pl.merging.task_arithmetic import TaskArithmetic
 from fmn_pl.merging.ties import Ties, ties_task_vector
+
+
+def ref_fmn(**options: object) -> FMN:
+    """FMN with the paper's rule (`REFERENCE`) under `options`: what the slow loops below compute."""
+    return FMN(**{**REFERENCE, **options})  # type: ignore[arg-type]
 
 L, H, F, HIDDEN = 2, 4, 37, 32  # tests/conftest.py tiny_config
 D = HIDDEN // H
@@ -116,7 +121,7 @@ def test_fmn_equals_per_parameter_loop(make_checkpoint, broadcast: str) -> None:
     for f in fishers:
         f["neuron"][1, 5] = 0.0  # zero in every model: plain average
     ctx = model_ctx(cks, fishers)
-    merged = dict(FMN(broadcast=broadcast).merge(ctx))
+    merged = dict(ref_fmn(broadcast=broadcast).merge(ctx))
     expected = slow_fmn(ctx, fishers, broadcast)
     assert merged.keys() == expected.keys()
     for key in expected:
@@ -127,7 +132,7 @@ def test_fmn_universal_off_and_coefficients_against_loop(make_checkpoint) -> Non
     cks = [make_checkpoint("rte", seed=s, noise=0.05, name=f"m{s}") for s in range(2)]
     fishers = [random_fisher(10 + s) for s in range(2)]
     ctx = model_ctx(cks, fishers)
-    merged = dict(FMN(universal=False, coefficients=[3.0, 0.5]).merge(ctx))
+    merged = dict(ref_fmn(universal=False, coefficients=[3.0, 0.5]).merge(ctx))
     expected = slow_fmn(ctx, fishers, universal=False, coefficients=[3.0, 0.5])
     for key in expected:
         torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -143,7 +148,7 @@ def test_fmn_with_equal_fishers_is_the_plain_average(make_checkpoint, normalize:
     cks = [make_checkpoint("rte", seed=s, noise=0.05, name=f"m{s}") for s in range(3)]
     f = random_fisher(7)
     ctx = model_ctx(cks, [f, f, f])
-    merged = dict(FMN(broadcast=broadcast, normalize=normalize).merge(ctx))
+    merged = dict(ref_fmn(broadcast=broadcast, normalize=normalize).merge(ctx))
     for key, avg in plain_average(ctx).items():
         torch.testing.assert_close(merged[key], avg, rtol=1e-5, atol=1e-6, msg=key)
 
@@ -153,7 +158,7 @@ def test_zero_fisher_model_contributes_nothing(make_checkpoint) -> None:
     zero = {"head": torch.zeros(L, H), "neuron": torch.zeros(L, F)}
     ctx = model_ctx(cks, [random_fisher(3), zero])
     for broadcast in ("reference", "per_node"):
-        merged = dict(FMN(broadcast=broadcast).merge(ctx))
+        merged = dict(ref_fmn(broadcast=broadcast).merge(ctx))
         for key in ctx.keys:  # the other model's Fisher is positive everywhere: its weights win everywhere
             torch.testing.assert_close(merged[key], ctx.readers[0].get(key), msg=key)
 
@@ -165,7 +170,7 @@ def test_all_zero_nodes_fall_back_to_the_average(make_checkpoint) -> None:
         f["head"][0, 1] = 0.0
         f["neuron"][1, 7] = 0.0
     ctx = model_ctx(cks, fishers)
-    merged = dict(FMN().merge(ctx))
+    merged = dict(ref_fmn().merge(ctx))
     avg = plain_average(ctx)
     q, ffn = "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.intermediate.dense.bias"
     torch.testing.assert_close(merged[q][D : 2 * D], avg[q][D : 2 * D])  # head 1 of layer 0
@@ -180,19 +185,19 @@ def test_epsilon_floor(make_checkpoint) -> None:
     zero = {"head": torch.zeros(L, H), "neuron": torch.zeros(L, F)}
     ctx = model_ctx(cks, [fa, zero])
     eps = 0.05
-    merged = dict(FMN(epsilon=eps).merge(ctx))
+    merged = dict(ref_fmn(epsilon=eps).merge(ctx))
     key = "bert.encoder.layer.1.intermediate.dense.weight"  # rows by neuron: (max(F_a, eps) a + eps b) / (. + eps)
     wa = fa["neuron"][1].clamp_min(eps)[:, None]
     a, b = ctx.readers[0].get(key), ctx.readers[1].get(key)
     torch.testing.assert_close(merged[key], (wa * a + eps * b) / (wa + eps))
     # a floor far above every Fisher makes all weights equal: the plain average
-    huge = dict(FMN(epsilon=1e3).merge(ctx))
+    huge = dict(ref_fmn(epsilon=1e3).merge(ctx))
     for k, avg in plain_average(ctx).items():
         torch.testing.assert_close(huge[k], avg, rtol=1e-5, atol=1e-6)
     # a floor far below every positive Fisher changes nothing where both are positive
     fb = random_fisher(8)
     ctx2 = model_ctx(cks, [fa, fb])
-    tiny, ref = dict(FMN(epsilon=1e-12).merge(ctx2)), dict(FMN().merge(ctx2))
+    tiny, ref = dict(ref_fmn(epsilon=1e-12).merge(ctx2)), dict(ref_fmn().merge(ctx2))
     for k in ref:
         torch.testing.assert_close(tiny[k], ref[k])
 
@@ -226,7 +231,7 @@ def test_normalization_removes_per_model_scale(make_checkpoint) -> None:
     layer_scaled["neuron"][1] *= 40.0
 
     def run(fishers: list[dict], normalize: str) -> dict[str, torch.Tensor]:
-        return dict(FMN(normalize=normalize).merge(model_ctx(cks, fishers)))
+        return dict(ref_fmn(normalize=normalize).merge(model_ctx(cks, fishers)))
 
     def same(x: dict, y: dict) -> bool:
         return all(torch.allclose(x[k], y[k], rtol=1e-5, atol=1e-6) for k in x)
@@ -245,29 +250,29 @@ def test_fmn_reads_real_artifacts_and_checks_shapes(make_checkpoint) -> None:
         save_artifact(artifact_path(c, "mask_fisher"), f, {"kind": "mask_fisher", "task": "rte",
                                                            "fingerprint": weights_fingerprint(c)})
     ctx = model_ctx(cks)
-    merged = dict(FMN(broadcast="per_node").merge(ctx))
-    ref = dict(FMN(broadcast="per_node").merge(model_ctx(cks, fishers)))
+    merged = dict(ref_fmn(broadcast="per_node").merge(ctx))
+    ref = dict(ref_fmn(broadcast="per_node").merge(model_ctx(cks, fishers)))
     for k in ref:
         torch.testing.assert_close(merged[k], ref[k])
     save_artifact(artifact_path(cks[1], "mask_fisher"), {"head": torch.rand(L, H + 1), "neuron": torch.rand(L, F)},
                   {"kind": "mask_fisher", "task": "rte", "fingerprint": weights_fingerprint(cks[1])})
     with pytest.raises(ValueError, match=r"'head' has shape \(2, 5\), expected \(2, 4\)"):
-        dict(FMN().merge(model_ctx(cks)))
+        dict(ref_fmn().merge(model_ctx(cks)))
 
 
 def test_fmn_option_errors() -> None:
     with pytest.raises(ValueError, match="broadcast"):
-        FMN(broadcast="rows")  # type: ignore[arg-type]
+        ref_fmn(broadcast="rows")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="normalize"):
-        FMN(normalize="max")  # type: ignore[arg-type]
+        ref_fmn(normalize="max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="epsilon"):
-        FMN(epsilon=-1.0)
+        ref_fmn(epsilon=-1.0)
 
 
 def test_coefficient_count_is_checked(make_checkpoint) -> None:
     cks = [make_checkpoint("rte", seed=s, name=f"m{s}") for s in range(2)]
     with pytest.raises(ValueError, match="3 coefficients given for 2 checkpoints"):
-        dict(FMN(coefficients=[1, 1, 1]).merge(model_ctx(cks, [random_fisher(0), random_fisher(1)])))
+        dict(ref_fmn(coefficients=[1, 1, 1]).merge(model_ctx(cks, [random_fisher(0), random_fisher(1)])))
     with pytest.raises(ValueError, match="positive sum"):
         dict(Average(coefficients=[0, 0]).merge(model_ctx(cks)))
 

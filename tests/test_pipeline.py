@@ -40,7 +40,8 @@ def with_scaling(tmp_path: Path, scaling: float) -> Path:
     return path
 
 
-def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, capsys) -> None:
+def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, capsys,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     base, out = tiny_base("bert"), tmp_path / "run"
     status = run(TINY, out, base, tiny_glue)
     stages = ["fit/rte", "fit/mrpc", "fisher/rte/mask_fisher", "fisher/mrpc/mask_fisher", "merge/rte+mrpc/fmn",
@@ -90,6 +91,16 @@ def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path]
     assert {k for k in after if after[k] != before.get(k)} <= {
         k for k in after if k.startswith(("merges/rte+mrpc/task_arithmetic", "report", "plots"))}
 
+    # A method whose defaults changed (a new fmn-pl) recomputes its merges: the key holds the resolved options.
+    from fmn_pl.merging.fmn import FMN
+
+    options = FMN.options
+    monkeypatch.setattr(FMN, "options", lambda self: {**options(self), "power": 0.5})
+    assert pipeline.main(["--config", str(with_scaling(tmp_path, 0.3)), f"--model={base}", f"--data_dir={tiny_glue}",
+                          f"--output={out}", "--dry_run=true"]) == []
+    assert "merge/rte+mrpc/fmn: would run (options or inputs changed)" in capsys.readouterr().out
+    monkeypatch.undo()
+
     # --rerun forces a stage; what reads its output follows (the artifact records its compute time, so its
     # bytes change), what does not read it stays.
     status = run(with_scaling(tmp_path, 0.3), out, base, tiny_glue, "--rerun=fisher/rte")
@@ -137,8 +148,8 @@ def test_dry_run_of_the_paper_config(capsys) -> None:
     cfg = yaml.safe_load((CONFIGS / "paper.yaml").read_text())
     n_methods, n_kinds = len(cfg["merge"]["methods"]), 3
     assert f"dry run: {7 + 7 * n_kinds + 21 * n_methods + 1} stages" in out and "0 problem(s)" in out
-    assert "merge/mrpc+rte/fmn_per_node: would run" in out
-    assert "--method=fmn --method.broadcast=per_node" in out
+    assert "merge/mrpc+rte/fmn_reference: would run" in out
+    assert "--method=fmn --method.broadcast=reference --method.normalize=none --method.power=1.0" in out
     assert not Path("runs/paper").exists() or not any(Path("runs/paper").iterdir())
 
 

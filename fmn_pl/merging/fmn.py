@@ -18,6 +18,9 @@ Where the weights of every model are zero the entry falls back to the lambda-wei
 The weights normalise, so merging full weights or task vectors gives the same result (no base needed).
 Memory: the node Fisher of all models (M x L x (H + F) numbers), one accumulator and one model's tensor.
 
+Defaults: the setting the FMN study chose on held-out training rows (README "Choosing FMN's options honestly"):
+per_node broadcast, weights F^0.25, and s chosen on the selection split. `REFERENCE` is the rule above exactly.
+
 `scaling` s (fmn-pl's addition, 1 = the rule above) scales the merged task vector:
 theta = theta0 + s (theta* - theta0) = theta0 + s sum_j W_j tau_j / sum_j W_j. A weighted *mean* of task
 vectors shrinks each task's own direction by about 1/M; s > 1 restores it, as task arithmetic's lambda does
@@ -37,7 +40,9 @@ from fmn_pl.nodes import adapter_for, node_shape
 
 Normalize = Literal["none", "mean", "type", "layer"]
 Broadcast = Literal["reference", "per_node"]
-SCALINGS = [1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0]
+SCALINGS = [1.0, 1.5, 2.0, 2.5]
+# The FMN paper's rule (its reference code), as options: what `fmn_reference.yaml` and the study's baseline row set.
+REFERENCE = {"broadcast": "reference", "normalize": "none", "power": 1.0, "scaling": 1.0}
 
 
 def normalize_fisher(head: torch.Tensor, neuron: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,16 +81,17 @@ class FMN(MergeMethod):
 
     def __init__(
         self,
-        broadcast: Broadcast = "reference",
+        broadcast: Broadcast = "per_node",
         normalize: Normalize = "none",
         universal: bool = True,
         epsilon: float = 0.0,
         coefficients: list[float] | None = None,
-        scaling: float | None = 1.0,
+        scaling: float | None = None,
         scalings: list[float] = SCALINGS,  # noqa: B006 - read-only default, shown by --help
-        power: float = 1.0,
+        power: float = 0.25,
     ) -> None:
-        """
+        """Defaults: the FMN study's holdout selection; `REFERENCE` gives the paper's rule.
+
         Args:
             broadcast: reference = value/attention-output/FFN-output weights by the layer's mean node Fisher;
                 per_node = value rows, attention-output input columns and FFN-output input columns by their own node.
