@@ -141,18 +141,22 @@ def export_checkpoint(
 class ExportCheckpoint(L.Callback):
     """At the end of `fit`, export the best validation epoch's weights as a task checkpoint.
 
-    It keeps a CPU copy of the weights whenever `val/score` improves (so it needs no Lightning
+    It keeps a CPU copy of the weights whenever the monitored score improves (so it needs no Lightning
     checkpoint file), then writes `dirpath` from rank zero with the metrics of that epoch.
     """
 
-    def __init__(self, dirpath: str | None = None, select: Literal["best", "last"] = "best", overwrite: bool = False):
+    def __init__(self, dirpath: str | None = None, select: Literal["best", "last"] = "best", overwrite: bool = False,
+                 monitor: str = "val/score"):
         """
         Args:
             dirpath: where to write the task checkpoint (None: no export).
-            select: export the epoch with the best `val/score`, or the last one.
+            select: export the epoch with the best `monitor` score (higher is better), or the last one.
             overwrite: replace a folder that holds another task's export (or other files).
+            monitor: the logged metric that picks the epoch. With `data.eval_splits: [holdout, validation]`,
+                `val_holdout/score` picks it on the held-out training rows and leaves validation unseen
+                (`val/score` is then the mean of both splits).
         """
-        self.dirpath, self.select, self.overwrite = dirpath, select, overwrite
+        self.dirpath, self.select, self.overwrite, self.monitor = dirpath, select, overwrite, monitor
         self.best_score: float | None = None
         self.best_state: dict[str, Any] | None = None
         self.best_metrics: dict[str, float] = {}
@@ -167,7 +171,10 @@ class ExportCheckpoint(L.Callback):
         if trainer.sanity_checking or self.dirpath is None or trainer.state.fn != "fit":
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
-        score = metrics.get("val/score", float("nan"))
+        if self.select == "best" and self.monitor not in metrics:
+            raise ValueError(f"export.monitor {self.monitor!r} is not a logged validation metric; "
+                             f"logged: {', '.join(sorted(metrics))}")
+        score = metrics.get(self.monitor, float("nan"))
         if self.select == "last" or self.best_score is None or score > self.best_score:
             self.best_score, self.best_metrics, self.best_epoch = score, metrics, trainer.current_epoch
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.model.state_dict().items()}

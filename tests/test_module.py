@@ -105,6 +105,36 @@ def first_batch(dm) -> dict[str, torch.Tensor]:
     return next(iter(loader[0] if isinstance(loader, list) else loader))
 
 
+def test_export_monitor_picks_the_epoch_on_holdout(tiny_base, glue_dir, tmp_path, monkeypatch):
+    """`export.monitor: val_holdout/score` with eval splits holdout and validation: the exported epoch is the
+    best on the held-out rows, whatever validation says; a monitor that is not logged is refused by name."""
+    monkeypatch.chdir(tmp_path)
+    extra = ["--data.holdout_samples=16", "--data.eval_splits=[holdout, validation]", "--export.monitor=val_holdout/score"]
+    lightning_cli(fit_args(tiny_base("bert"), glue_dir, tmp_path, "rte", 4, *extra))
+    holdout = epoch_means(read_csv_log(tmp_path), "val_holdout/score")
+    meta = read_metadata(tmp_path / "export")
+    assert len(holdout) == 4 and meta["epoch"] == holdout.index(max(holdout))
+    assert meta["metrics"]["val_holdout/score"] == pytest.approx(max(holdout)) and "val_validation/score" in meta["metrics"]
+    with pytest.raises(ValueError, match=r"export.monitor 'val/acc' is not a logged validation metric; logged: .*val/score"):
+        lightning_cli(fit_args(tiny_base("bert"), glue_dir, tmp_path / "b", "rte", 1, "--export.monitor=val/acc"))
+
+
+def test_export_keeps_the_best_epoch_of_the_monitored_metric():
+    """The kept epoch follows `monitor`, not `val/score`: here they peak at different epochs."""
+    from types import SimpleNamespace
+
+    from fmn_pl.checkpoint import ExportCheckpoint
+
+    module = SimpleNamespace(model=torch.nn.Linear(1, 1))
+    for monitor, best in (("val_holdout/score", 2), ("val/score", 1)):
+        cb = ExportCheckpoint(dirpath="unused", monitor=monitor)
+        for epoch, (both, held) in enumerate([(0.5, 0.5), (0.9, 0.4), (0.6, 0.7), (0.7, 0.6)]):
+            trainer = SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn="fit"), current_epoch=epoch,
+                                      callback_metrics={"val/score": torch.tensor(both), "val_holdout/score": torch.tensor(held)})
+            cb.on_validation_end(trainer, module)
+        assert cb.best_epoch == best, monitor
+
+
 # -- fit, export, reload --------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FIT_FAMILIES)
 def test_fit_lowers_loss_exports_and_reloads(family, tiny_base, glue_dir, tmp_path, monkeypatch):

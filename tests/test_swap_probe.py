@@ -1,0 +1,48 @@
+"""benchmarks/swap_probe.py on two tiny checkpoints: `none` scores the merge itself, `all` the task's own model,
+and a layer swap changes exactly that layer's tensors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from fmn_pl.evaluate import EvalData, Evaluator
+from fmn_pl.merge import merge_body
+from fmn_pl.merging.average import Average
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_probe():  # noqa: ANN201
+    spec = importlib.util.spec_from_file_location("swap_probe", REPO / "benchmarks" / "swap_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_swap_probe(make_checkpoint: Callable, tiny_glue: Path, capsys: pytest.CaptureFixture) -> None:
+    sp = load_probe()
+    cks = [str(make_checkpoint(t, seed=s, noise=0.3)) for s, t in enumerate(["rte", "mrpc"])]
+    result = sp.main(["--checkpoints", *cks, "--data_dir", str(tiny_glue), "--split", "validation",
+                      "--max_samples", "16"])
+    assert json.loads(capsys.readouterr().out) == result
+    assert list(result["rte"]) == ["none", "embeddings", "layer0", "layer1", "pooler", "norms", "all"]
+    ev = Evaluator(cks, EvalData(str(tiny_glue), "validation", 16), accelerator="cpu", progress=False)
+    body = merge_body(cks, Average(), selection=ev)
+    for i, task in enumerate(["rte", "mrpc"]):
+        assert result[task]["all"] == pytest.approx(100 * ev.evaluate(i)["score"])
+        assert result[task]["none"] == pytest.approx(100 * ev.evaluate(i, body=body)["score"])
+
+
+def test_groups_split_the_layers(tiny_base: Callable[[str], Path]) -> None:
+    from transformers import AutoConfig
+
+    sp = load_probe()
+    named = sp.groups(AutoConfig.from_pretrained(tiny_base("bert")))
+    key = "bert.encoder.layer.1.attention.self.query.weight"
+    assert [n for n, picks in named.items() if picks(key)] == ["layer1", "all"]
+    assert [n for n, picks in named.items() if picks("bert.embeddings.LayerNorm.weight")] == ["embeddings", "norms", "all"]
