@@ -81,7 +81,10 @@ def markdown(report: dict[str, Any]) -> str:
                      f" per task); score = mean of the task's metrics, x100; normalized = merged / individual (%).")
     sel = report.get("selection")
     if sel and sel.get("evaluations"):
-        lines.append(f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations).")
+        chosen = [f"{k.removesuffix('_scaling')} scaling {v['chosen']} (of {v['grid']})"
+                  for k, v in (report.get("notes") or {}).items() if k.endswith("_scaling") and isinstance(v, dict) and "chosen" in v]
+        lines.append(f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations)"
+                     + (f": {', '.join(chosen)}." if chosen else "."))
     if sel and sel.get("adapted"):
         lines.append(f"Coefficients adapted on the unlabeled inputs of the `{sel.get('split')}` split"
                      + (" (transductive: the examples scored below)." if sel.get("transductive") else "."))

@@ -154,7 +154,9 @@ def test_fmn_defaults_choose_the_scaling(make_checkpoint: Callable, tiny_glue: P
                    *common(tmp_path / "o", tiny_glue)])
     assert report["options"]["power"] == 0.25 and report["options"]["broadcast"] == "per_node"
     assert report["selection"]["evaluations"] == 4 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
-    assert report["notes"]["fmn_scaling"]["chosen"] in (1.0, 1.5, 2.0, 2.5)
+    chosen = report["notes"]["fmn_scaling"]["chosen"]
+    assert chosen in (1.0, 1.5, 2.0, 2.5)
+    assert f"(4 evaluations): fmn scaling {chosen} (of [1.0, 1.5, 2.0, 2.5])." in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_ties_uses_recorded_base_and_no_eval(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:

@@ -196,7 +196,7 @@ class FMN(MergeMethod):
                 yield key, merged.sub_(base).mul_(self.scaling).add_(base)
             return
         vector = {key: merged.sub_(ctx.base(key)) for key, merged in super().merge(ctx)}
-        s = select_scaling(ctx, vector, self.scalings, "fmn")
+        s = select_scaling(ctx, vector, self.scalings, "fmn", symbol="s")
         for key in ctx.keys:
             yield key, vector.pop(key).mul_(s).add_(ctx.base(key))
 

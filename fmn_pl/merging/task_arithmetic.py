@@ -28,9 +28,10 @@ def owns_tensors(ctx: MergeContext, i: int) -> bool:
 
 
 def select_scaling(
-    ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str
+    ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str, symbol: str = "lambda"
 ) -> float:
     """The lambda of `grid` whose body theta0 + lambda * vector has the best mean selection score (first on ties).
+    `symbol` names it in the log (FMN's is s).
 
     Records the chosen value and every candidate's scores in `ctx.notes[name + "_scaling"]`.
     """
@@ -41,7 +42,7 @@ def select_scaling(
     for lam in grid:
         scores[lam] = ctx.evaluate({k: ctx.base(k) + lam * v for k, v in vector.items()})
         mean = sum(scores[lam].values()) / len(scores[lam])
-        ctx.log(f"{name}: lambda={lam} mean selection score={mean:.4f}")
+        ctx.log(f"{name}: {symbol}={lam} mean selection score={mean:.4f}")
     means = {lam: sum(s.values()) / len(s) for lam, s in scores.items()}
     best = max(grid, key=lambda lam: means[lam])
     ctx.notes[f"{name}_scaling"] = {"chosen": best, "grid": list(grid), "mean_scores": means, "scores": scores}
