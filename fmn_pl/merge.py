@@ -24,6 +24,7 @@ weights), and the base model when the method needs one.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import math
@@ -132,6 +133,7 @@ class Inputs:
     headers: list[dict[str, tuple[str, tuple[int, ...]]]]
     base: Path | None = None
     artifacts: dict[tuple[int, str], Artifact] | None = None
+    own: list[str] | None = None  # body tensors each task keeps from its own checkpoint (they joined `heads`)
 
     def context(self, **kw: Any) -> MergeContext:
         """A merge context over these checkpoints (plain-read, base model when given, checked artifacts);
@@ -181,8 +183,10 @@ def resolve_model(name_or_path: str) -> Path:
         raise FileNotFoundError(f"base model {name_or_path!r} is neither a folder nor a reachable hub model: {e}") from e
 
 
-def check_inputs(checkpoints: Sequence[str | Path], method: MergeMethod, base: str | None) -> Inputs:
-    """Every check a merge needs before it starts, with a one-line error naming the culprit."""
+def check_inputs(checkpoints: Sequence[str | Path], method: MergeMethod, base: str | None,
+                 own_tensors: Sequence[str] = ()) -> Inputs:
+    """Every check a merge needs before it starts, with a one-line error naming the culprit. Body tensors that
+    match an `own_tensors` pattern are not merged: each task keeps its own, as part of its head."""
     from transformers import AutoConfig
 
     name = method_name(method)
@@ -219,9 +223,17 @@ def check_inputs(checkpoints: Sequence[str | Path], method: MergeMethod, base: s
             if b[key][1] != shape:
                 raise ValueError(f"{p}: {key} has shape {b[key][1]}, but {paths[0]} has {shape}")
     keys = [k for k, (dtype, _) in body[0].items() if dtype in FLOAT_DTYPES]
-    fixed = [k for k in body[0] if k not in keys]
-    heads = [[k for k in h if not k.startswith(prefix)] for h in headers]
-    inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body[0], headers)
+    own = [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in own_tensors)]
+    for p in own_tensors:
+        if not any(fnmatch.fnmatchcase(k, p) for k in keys):
+            raise ValueError(f"own_tensors pattern {p!r} matches no body tensor of {paths[0]} (names look like "
+                             f"{keys[0]!r}, {keys[-1]!r})")
+    if len(own) == len(keys):
+        raise ValueError(f"own_tensors {list(own_tensors)} match every body tensor: nothing would be merged")
+    keys = [k for k in keys if k not in own]
+    fixed = [k for k in body[0] if k not in keys and k not in own]
+    heads = [[k for k in h if not k.startswith(prefix)] + own for h in headers]
+    inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body[0], headers, own=own)
     inputs.artifacts = check_artifacts(paths, method)
     if "base" in method.needs:
         inputs.base = check_base(base, metadata, inputs, name)
@@ -403,6 +415,7 @@ def run_merge(
     progress: bool = True,
     label: str | None = None,
     config_yaml: str | None = None,
+    own_tensors: list[str] | None = None,
 ) -> dict[str, Any]:
     """Merge task checkpoints' bodies with `method`, save the merged model, evaluate every task with its own head
     on its GLUE validation split, and report against the individual models and the plain average.
@@ -432,6 +445,9 @@ def run_merge(
         progress: show progress bars.
         label: the name of this merge in reports (default: the method name).
         config_yaml: the resolved configuration, saved as config.yaml (set by the CLI).
+        own_tensors: glob patterns of body tensors that are not merged: each task keeps its own, with its head
+            (e.g. ["*.pooler.*"]: BERT's pooler, which RoBERTa and DistilBERT already keep in their heads). The
+            plain average the report compares with keeps them too; the bare merged body lacks them.
     """
     from fmn_pl.evaluate import EvalCache, EvalData, Evaluator
     from fmn_pl.report import summary, task_result, write_report
@@ -450,7 +466,7 @@ def run_merge(
     for c in checkpoints:
         if out.resolve() == Path(c).resolve() or Path(c).resolve().is_relative_to(out.resolve()):
             raise ValueError(f"output {out} would replace the input checkpoint {c}")
-    inputs = check_inputs(checkpoints, method, base)
+    inputs = check_inputs(checkpoints, method, base, own_tensors or ())
     fingerprints = [weights_fingerprint(p) for p in inputs.checkpoints]
     for p, m, fp in zip(inputs.checkpoints, inputs.metadata, fingerprints):
         if m.get("fingerprint") not in (None, fp):
@@ -487,6 +503,9 @@ def run_merge(
         ],
         "base": None if inputs.base is None else {"path": str(inputs.base), "fingerprint": weights_fingerprint(inputs.base)},
     }
+    if inputs.own:
+        report["own_tensors"] = {"patterns": list(own_tensors or ()), "tensors": inputs.own,
+                                 "parameters": sum(math.prod(inputs.specs[k][1]) for k in inputs.own)}
     timings: dict[str, float] = {"check_s": time.perf_counter() - start}
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -559,20 +578,22 @@ def merge_body(
     selection: Any = None,
     notes: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    own_tensors: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """The merged body {key: tensor} (in the checkpoints' dtypes) held in memory: `run_merge`'s checks and
     context without files or evaluation, for studies of many merges (score it with `Evaluator.evaluate(body=)`).
 
     `selection`: an `Evaluator` whose checkpoints cover these tasks, reused (with its tokenized data) by methods
     that choose options; default a new one on `selection_split`. `notes` (a dict) receives the method's notes
-    (chosen lambda, ...). Methods that serve each task its own body (TALL) are refused.
+    (chosen lambda, ...). Methods that serve each task its own body (TALL) are refused. Tensors matching
+    `own_tensors` are left out of the body, so `Evaluator.evaluate(body=)` scores each task with its own.
     """
     from fmn_pl.evaluate import EvalData, Evaluator
 
     if type(method).task_body is not MergeMethod.task_body:
         raise ValueError(f"method {method_name(method)} gives each task its own body: use run_merge, not merge_body")
     log = log or (lambda msg: tqdm.write(f"merge: {msg}"))
-    inputs = check_inputs(checkpoints, method, base)
+    inputs = check_inputs(checkpoints, method, base, own_tensors)
     if selection is None:
         split = resolve_selection_split(selection_split, inputs.metadata)
         selection = Evaluator(inputs.checkpoints, EvalData(data_dir, split, selection_samples, batch_size),
@@ -615,7 +636,9 @@ def evaluate_all(
             individual[task] = evaluator.evaluate(i)
             cache.put(inputs.checkpoints[i], key, individual[task])
     if compare_average:
-        keys = [{"what": "average", "fingerprints": fingerprints, **evaluator.identity(i)} for i in range(len(inputs.tasks))]
+        own = {"own_tensors": inputs.own} if inputs.own else {}  # the average keeps them too: another baseline
+        keys = [{"what": "average", "fingerprints": fingerprints, **own, **evaluator.identity(i)}
+                for i in range(len(inputs.tasks))]
         if reuse_average:
             average = dict(merged)
         else:

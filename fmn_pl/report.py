@@ -79,6 +79,10 @@ def markdown(report: dict[str, Any]) -> str:
         cap = ev.get("max_samples")
         lines.append(f"Scored on the `{ev.get('split')}` split ({'all examples' if cap is None else f'at most {cap} examples'}"
                      f" per task); score = mean of the task's metrics, x100; normalized = merged / individual (%).")
+    own = report.get("own_tensors")
+    if own:
+        lines.append(f"Not merged: each task keeps its own {len(own['tensors'])} tensors ({own['parameters']:,} parameters) "
+                     f"matching {', '.join(f'`{p}`' for p in own['patterns'])}, and so does the plain average.")
     sel = report.get("selection")
     if sel and sel.get("evaluations"):
         chosen = [f"{k.removesuffix('_scaling')} scaling {v['chosen']} (of {v['grid']})"

@@ -319,3 +319,41 @@ def test_nothing_half_written_when_a_merge_fails(make_checkpoint: Callable, tiny
         run_merge([str(c) for c in cks], Average(), str(out), overwrite=True, data_dir=str(tiny_glue), progress=False)
     assert [p.name for p in out.iterdir()] == ["previous.txt"]  # the old output survives, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(c.name for c in cks)])  # no temp folder
+
+
+def test_own_tensors_stay_with_each_task(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
+    """--own_tensors: matching body tensors are each task's own (in its folder and in its score), the rest is the
+    merge; the plain average baseline keeps them too; the bare body lacks them; bad patterns are refused."""
+    from fmn_pl.evaluate import EvalData, Evaluator
+    from fmn_pl.merge import merge_body
+    from fmn_pl.merging.average import Average
+
+    cks = [make_checkpoint(t, seed=s, noise=0.3) for s, t in enumerate(["rte", "mrpc"])]
+    out = tmp_path / "o"
+    report = main(["--method", "average", "--own_tensors", '["*.pooler.*"]', "--checkpoints", *map(str, cks),
+                   *common(out, tiny_glue)])
+    own = ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    assert sorted(report["own_tensors"]["tensors"]) == own and report["own_tensors"]["parameters"] == 32 * 32 + 32
+    assert "each task keeps its own 2 tensors (1,056 parameters) matching `*.pooler.*`" in (out / "report.md").read_text()
+    readers = [CheckpointReader(c) for c in cks]
+    for i, task in enumerate(["rte", "mrpc"]):
+        saved = CheckpointReader(out / task)
+        for k in own:
+            torch.testing.assert_close(saved.get(k), readers[i].get(k), rtol=0, atol=0)
+        key = "bert.encoder.layer.0.attention.self.query.weight"
+        torch.testing.assert_close(saved.get(key), (readers[0].get(key) + readers[1].get(key)) / 2)
+    assert not any("pooler" in k for k in CheckpointReader(out).keys())
+    # the scores: the independent in-memory average without the pooler, each task with its own
+    ev = Evaluator(cks, EvalData(str(tiny_glue), max_samples=16), accelerator="cpu", progress=False)
+    body = merge_body(cks, Average(), selection=ev, own_tensors=["*.pooler.*"])
+    assert not any("pooler" in k for k in body)
+    for i, task in enumerate(["rte", "mrpc"]):
+        assert report["results"][task]["merged"] == pytest.approx(ev.evaluate(i, body=body))
+    plain = main(["--method", "average", "--checkpoints", *map(str, cks), *common(tmp_path / "p", tiny_glue)])
+    assert plain["results"]["rte"]["average"] != report["results"]["rte"]["average"] or \
+        plain["results"]["mrpc"]["average"] != report["results"]["mrpc"]["average"]  # a baseline of its own
+    for patterns, error in ((["*.nothing.*"], r"own_tensors pattern '\*.nothing.\*' matches no body tensor"),
+                            (["*"], "match every body tensor: nothing would be merged")):
+        with pytest.raises(ValueError, match=error):
+            run_merge(list(map(str, cks)), Average(), str(tmp_path / "x"), own_tensors=patterns, evaluate=False)
+        assert not (tmp_path / "x").exists()
