@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -66,7 +68,8 @@ def atomic_dir(
     """Yield a fresh temporary folder beside `target`; on success it replaces `target` in one rename.
 
     An existing non-empty `target` is refused unless `overwrite` or `may_replace(target)` says yes.
-    On error the temporary folder is removed and `target` is left as it was.
+    On error the temporary folder is removed and `target` is left as it was; so it is on SIGTERM (a cluster's
+    time limit or preemption), which raises SystemExit(143) here while the folder is being written.
     """
     target = Path(target)
     if target.exists() and any(target.iterdir()) and not (overwrite or may_replace(target)):
@@ -74,11 +77,12 @@ def atomic_dir(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _sigterm_raises():
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
@@ -86,6 +90,24 @@ def atomic_dir(
     tmp.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit(128 + 15) so `finally`/`except` clean-ups run (main thread only;
+    the previous handler, e.g. Lightning's, is restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -135,6 +135,26 @@ def test_export_keeps_the_best_epoch_of_the_monitored_metric():
         assert cb.best_epoch == best, monitor
 
 
+def test_sigterm_while_writing_leaves_nothing(tmp_path):
+    """A process killed by SIGTERM (a cluster's time limit) inside `atomic_dir` exits 143 and leaves neither the
+    target nor its temporary folder; outside the block the previous SIGTERM handler is back."""
+    import signal
+    import subprocess
+
+    from fmn_pl.checkpoint import atomic_dir
+
+    script = ("import os, signal, sys, time\nfrom fmn_pl.checkpoint import atomic_dir\n"
+              "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'half.bin').write_bytes(b'x')\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=repo, timeout=60)
+    assert proc.returncode == 143 and list(tmp_path.iterdir()) == []
+    before = signal.getsignal(signal.SIGTERM)
+    with atomic_dir(tmp_path / "ok") as tmp:
+        (tmp / "f").write_text("done")
+    assert signal.getsignal(signal.SIGTERM) is before and (tmp_path / "ok" / "f").read_text() == "done"
+
+
 # -- fit, export, reload --------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FIT_FAMILIES)
 def test_fit_lowers_loss_exports_and_reloads(family, tiny_base, glue_dir, tmp_path, monkeypatch):
