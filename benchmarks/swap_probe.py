@@ -52,10 +52,11 @@ def probe(checkpoints: list[str], method: object, data: EvalData) -> dict[str, d
     named = groups(AutoConfig.from_pretrained(checkpoints[0]))  # merge_body checked: one architecture
     out = {}
     for i, task in enumerate(evaluator.tasks):
-        own = FileReader(checkpoints[i])
+        reader = FileReader(checkpoints[i])
+        own = {k: reader.get(k) for k in body}  # read once: every group swaps from these
         out[task] = {}
         for name, picks in named.items():
-            swapped = {k: own.get(k) if picks(k) else v for k, v in body.items()}
+            swapped = {k: own[k] if picks(k) else v for k, v in body.items()}
             out[task][name] = 100 * evaluator.evaluate(i, body=swapped)["score"]
     return out
 

@@ -223,15 +223,15 @@ def check_inputs(checkpoints: Sequence[str | Path], method: MergeMethod, base: s
             if b[key][1] != shape:
                 raise ValueError(f"{p}: {key} has shape {b[key][1]}, but {paths[0]} has {shape}")
     keys = [k for k, (dtype, _) in body[0].items() if dtype in FLOAT_DTYPES]
-    own = [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in own_tensors)]
+    fixed = [k for k in body[0] if k not in keys]
     for p in own_tensors:
         if not any(fnmatch.fnmatchcase(k, p) for k in keys):
             raise ValueError(f"own_tensors pattern {p!r} matches no body tensor of {paths[0]} (names look like "
                              f"{keys[0]!r}, {keys[-1]!r})")
+    own = [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in own_tensors)]
     if len(own) == len(keys):
         raise ValueError(f"own_tensors {list(own_tensors)} match every body tensor: nothing would be merged")
     keys = [k for k in keys if k not in own]
-    fixed = [k for k in body[0] if k not in keys and k not in own]
     heads = [[k for k in h if not k.startswith(prefix)] + own for h in headers]
     inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body[0], headers, own=own)
     inputs.artifacts = check_artifacts(paths, method)

@@ -272,7 +272,7 @@ def normalize(cfg: PipelineConfig) -> PipelineConfig:
     if bad:
         raise ValueError(f"merge.methods: label(s) {bad} cannot name a folder")
     for m in cfg.merge.methods:
-        build_method(m.name, m.options)  # an unknown method fails here, with the known names
+        resolve_method(m.name, m.options)  # an unknown method fails here, with the known names
     return replace(cfg, tasks=tasks, fit=replace(cfg.fit, per_task=per_task))
 
 
@@ -348,7 +348,7 @@ def artifact_kinds(cfg: PipelineConfig) -> list[str]:
     """The artifact kinds to compute: as configured, or those the merge methods need."""
     needed: list[str] = []
     for spec in cfg.merge.methods:
-        needs = build_method(spec.name, spec.options).needs
+        needs, _ = resolve_method(spec.name, spec.options)
         needed += [k for k in ARTIFACT_KINDS if k in needs]
     if cfg.fisher.kinds is None:
         return list(dict.fromkeys(needed))
@@ -359,22 +359,19 @@ def artifact_kinds(cfg: PipelineConfig) -> list[str]:
     return list(dict.fromkeys(cfg.fisher.kinds))
 
 
-def build_method(name: str, options: dict[str, Any]) -> Any:
-    """The merge method `name` built with `options`, for its `needs` (an instance's: options can change them) and
-    its resolved `options()` (defaults filled in, so a changed default changes the merge stage's key). Bad options
-    give the class: the stage's argument check reports them with every other problem."""
+def resolve_method(name: str, options: dict[str, Any]) -> tuple[frozenset[str], dict[str, Any]]:
+    """What merge method `name` with `options` needs (an instance's: options can change it, e.g. FMN's
+    `scaling: null` needs the base model) and its resolved options as JSON (defaults filled in, so a changed
+    default changes the merge stage's key). An unknown name fails here, with the known names; bad options give
+    the class's needs and the given options, and the stage's argument check reports them with every other problem."""
     from fmn_pl.merging import method_class
 
-    cls = method_class(name)  # an unknown name fails here, with the known names
+    cls = method_class(name)
     try:
-        return cls(**options)
+        method = cls(**options)
     except (TypeError, ValueError):
-        return cls
-
-
-def resolved_options(method: Any, given: dict[str, Any]) -> dict[str, Any]:
-    """A built method's options with its defaults, as JSON; the given ones when it could not be built."""
-    return given if isinstance(method, type) else json.loads(json.dumps(method.options(), default=str))
+        return frozenset(cls.needs), dict(options)
+    return frozenset(method.needs), json.loads(json.dumps(method.options(), default=str))
 
 
 def fit_options(cfg: PipelineConfig, task: str) -> dict[str, Any]:
@@ -457,11 +454,11 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                 argv=_flags(opts), launch=_launch(cfg, cfg.fisher.launch),
                 output=artifact_path(out / "checkpoints" / task, kind),
             ))
+    methods = {spec.column: resolve_method(spec.name, spec.options) for spec in cfg.merge.methods}
     for combo in combinations(cfg):
         name = "+".join(combo)
         for spec in cfg.merge.methods:
-            method = build_method(spec.name, spec.options)
-            needs = method.needs
+            needs, resolved = methods[spec.column]
             folder = out / "merges" / name / spec.column
             opts: dict[str, Any] = {
                 "method": spec.name,
@@ -480,7 +477,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
             deps += [f"fisher/{t}/{k}" for t in combo for k in ARTIFACT_KINDS if k in needs and k in kinds]
             stages.append(Stage(
                 id=f"merge/{name}/{spec.column}", kind="merge", deps=deps,
-                options={**opts, "tasks": combo, "resolved": resolved_options(method, spec.options)},
+                options={**opts, "tasks": combo, "resolved": resolved},
                 argv=argv, launch=None, output=folder / "report.json",
             ))
     stages.append(Stage(  # reads the merges' reports and every stage's stamp (its cost)
