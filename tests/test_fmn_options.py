@@ -87,3 +87,41 @@ def test_power_zero_is_the_plain_average(make_checkpoint: Callable) -> None:
 def test_bad_power() -> None:
     with pytest.raises(ValueError, match="power"):
         ref_fmn(power=-0.5)
+
+
+@pytest.mark.parametrize("objective", ["mean", "worst_gain"])
+def test_objective_chooses_s_as_a_brute_force_search(make_checkpoint: Callable, tiny_base: Callable, objective: str) -> None:
+    """worst_gain: the s whose smallest per-task gain over the plain average is largest (then the mean); the two
+    objectives pick different values here, and each matches a search written out over independent bodies."""
+    grid = [1.0, 1.5, 2.0, 2.5, 3.0]
+    plain = dict(ref_fmn().merge(_ctx(make_checkpoint, tiny_base)))
+    ref_ctx = _ctx(make_checkpoint, tiny_base)
+    base = {k: ref_ctx.base(k) for k in plain}
+    average = plain_average(ref_ctx)
+    key = next(iter(plain))
+    direction = plain[key] - base[key]
+    unit = float((direction * direction).sum())
+
+    def evaluate(body: dict[str, torch.Tensor]) -> dict[str, float]:
+        x = float(((body[key] - base[key]) * direction).sum()) / unit  # s for the candidates
+        return {"a": 10.0 - (x - 3.0) ** 2, "b": -abs(x - 1.4)}  # a wants s = 3, b wants s near 1.4
+
+    candidates = {s: evaluate({key: base[key] + s * direction}) for s in grid}
+    avg = evaluate(average)
+    by_mean = max(grid, key=lambda s: sum(candidates[s].values()))
+    by_worst = max(grid, key=lambda s: (min(candidates[s][t] - avg[t] for t in avg), sum(candidates[s].values())))
+    assert by_mean != by_worst  # the test tells the objectives apart
+    want = by_mean if objective == "mean" else by_worst
+    ctx = _ctx(make_checkpoint, tiny_base, evaluate)
+    merged = dict(ref_fmn(scaling=None, scalings=grid, objective=objective).merge(ctx))
+    notes = ctx.notes["fmn_scaling"]
+    assert notes["chosen"] == want and notes["objective"] == objective
+    assert ("average_scores" in notes) == (objective == "worst_gain")
+    if objective == "worst_gain":
+        assert notes["average_scores"] == pytest.approx(avg)
+    torch.testing.assert_close(merged[key], base[key] + want * direction, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_objective() -> None:
+    with pytest.raises(ValueError, match="objective"):
+        ref_fmn(objective="median")  # type: ignore[arg-type]

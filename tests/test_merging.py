@@ -142,7 +142,7 @@ def plain_average(ctx: MergeContext) -> dict[str, torch.Tensor]:
     return {k: sum(r.get(k).double() for r in ctx.readers).float() / len(ctx.readers) for k in ctx.keys}
 
 
-@pytest.mark.parametrize("normalize", ["none", "mean", "type", "layer"])
+@pytest.mark.parametrize("normalize", ["none", "mean", "type", "layer", "rank"])
 @pytest.mark.parametrize("broadcast", ["reference", "per_node"])
 def test_fmn_with_equal_fishers_is_the_plain_average(make_checkpoint, normalize: str, broadcast: str) -> None:
     cks = [make_checkpoint("rte", seed=s, noise=0.05, name=f"m{s}") for s in range(3)]
@@ -220,6 +220,24 @@ def test_normalize_fisher_as_documented() -> None:
     assert h is f["head"] and n is f["neuron"]
 
 
+def test_rank_normalization_is_the_percentile_per_node_type() -> None:
+    """rank: scipy's average rank within heads (and within neurons) / count; ties share, zeros stay 0."""
+    from scipy.stats import rankdata
+
+    f = random_fisher(13, scale=5.0)
+    f["head"][0, :2] = 1.5  # a tie
+    f["neuron"][1, 3] = 0.0  # a node no example depends on
+    h, n = normalize_fisher(f["head"], f["neuron"], "rank")
+    for got, x in ((h, f["head"]), (n, f["neuron"])):
+        want = rankdata(x.flatten().numpy(), method="average").reshape(x.shape) / x.numel()
+        want[x.numpy() == 0] = 0.0
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    assert h[0, 0] == h[0, 1] and n[1, 3] == 0 and float(n.max()) == 1.0
+    # scale-free and invariant to any increasing transform (e.g. STS-B's larger loss scale, or F ** 3)
+    h2, n2 = normalize_fisher(40.0 * f["head"] ** 3, 40.0 * f["neuron"] ** 3, "rank")
+    assert torch.equal(h, h2) and torch.equal(n, n2)
+
+
 def test_normalization_removes_per_model_scale(make_checkpoint) -> None:
     """Scaling one model's Fisher by a constant changes the reference merge, not the normalised ones;
     scaling one layer only is undone by `layer` normalisation alone."""
@@ -237,7 +255,7 @@ def test_normalization_removes_per_model_scale(make_checkpoint) -> None:
         return all(torch.allclose(x[k], y[k], rtol=1e-5, atol=1e-6) for k in x)
 
     assert not same(run([fa, fb], "none"), run([fa, scaled], "none"))
-    for normalize in ("mean", "type", "layer"):
+    for normalize in ("mean", "type", "layer", "rank"):
         assert same(run([fa, fb], normalize), run([fa, scaled], normalize)), normalize
     assert same(run([fa, fb], "layer"), run([fa, layer_scaled], "layer"))
     assert not same(run([fa, fb], "mean"), run([fa, layer_scaled], "mean"))

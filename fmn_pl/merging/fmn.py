@@ -35,10 +35,10 @@ import torch
 
 from fmn_pl.merging.average import check_coefficients
 from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
-from fmn_pl.merging.task_arithmetic import select_scaling
+from fmn_pl.merging.task_arithmetic import Objective, check_objective, select_scaling
 from fmn_pl.nodes import adapter_for, node_shape
 
-Normalize = Literal["none", "mean", "type", "layer"]
+Normalize = Literal["none", "mean", "type", "layer", "rank"]
 Broadcast = Literal["reference", "per_node"]
 SCALINGS = [1.0, 1.5, 2.0, 2.5]
 # The FMN paper's rule (its reference code), as options: what `fmn_reference.yaml` and the study's baseline row set.
@@ -50,7 +50,9 @@ def normalize_fisher(head: torch.Tensor, neuron: torch.Tensor, how: str) -> tupl
 
     none: unchanged (reference). mean: divided by its mean over all nodes (heads and neurons together).
     type: heads and neurons each divided by their own mean. layer: each layer's heads and each layer's
-    neurons divided by their own mean. A group whose mean is 0 stays 0.
+    neurons divided by their own mean. A group whose mean is 0 stays 0. rank: each node's percentile among its
+    model's nodes of its type, in (0, 1] (ties share their mean rank; a zero Fisher stays 0): scale-free, so a
+    task whose loss is on a larger scale (STS-B's MSE) does not take every node.
     """
 
     def unit(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -66,7 +68,20 @@ def normalize_fisher(head: torch.Tensor, neuron: torch.Tensor, how: str) -> tupl
         return unit(head), unit(neuron)
     if how == "layer":
         return unit(head, 1), unit(neuron, 1)
-    raise ValueError(f"fmn normalize must be one of none, mean, type, layer; got {how!r}")
+    if how == "rank":
+        return percentile(head), percentile(neuron)
+    raise ValueError(f"fmn normalize must be one of none, mean, type, layer, rank; got {how!r}")
+
+
+def percentile(x: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank among all entries of `x` divided by their number, in (0, 1]; equal values share their
+    mean rank and zeros stay 0 (a node no example depends on keeps no weight)."""
+    flat = x.reshape(-1)
+    values, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)  # sorted ascending
+    last = counts.cumsum(0).to(torch.float64)  # 1-based rank of each distinct value's last copy
+    mean_rank = last - (counts.to(torch.float64) - 1) / 2
+    ranks = (mean_rank / flat.numel())[inverse]
+    return torch.where(flat > 0, ranks, torch.zeros_like(ranks)).reshape(x.shape).to(x.dtype)
 
 
 def universal_weight(head: torch.Tensor, neuron: torch.Tensor) -> torch.Tensor:
@@ -89,6 +104,7 @@ class FMN(MergeMethod):
         scaling: float | None = None,
         scalings: list[float] = SCALINGS,  # noqa: B006 - read-only default, shown by --help
         power: float = 0.25,
+        objective: Objective = "mean",
     ) -> None:
         """Defaults: the FMN study's holdout selection; `REFERENCE` gives the paper's rule.
 
@@ -96,7 +112,8 @@ class FMN(MergeMethod):
             broadcast: reference = value/attention-output/FFN-output weights by the layer's mean node Fisher;
                 per_node = value rows, attention-output input columns and FFN-output input columns by their own node.
             normalize: per-model Fisher scaling before merging: none (reference), mean (unit mean over all its
-                nodes), type (unit mean of heads and of neurons separately), layer (unit mean per layer and node type).
+                nodes), type (unit mean of heads and of neurons separately), layer (unit mean per layer and node type),
+                rank (each node's percentile among the model's heads, or neurons: scale-free).
             universal: weight embeddings, pooler and other non-layer body tensors by the universal Fisher U
                 (mean over layers of mean head + mean neuron Fisher); false = plain average there.
             epsilon: floor on every (normalised) node Fisher, so near-zero sums cannot blow up; 0 = reference
@@ -107,11 +124,13 @@ class FMN(MergeMethod):
             scalings: the grid s is chosen from when `scaling` is null.
             power: p in W = F^p (fmn-pl's addition): 1 = reference; 0 = equal weights (the plain average, or task
                 arithmetic with lambda = s / M); between, one task's much larger Fisher dominates less.
+            objective: what a chosen s maximises: mean (the mean selection score over the tasks) or worst_gain
+                (the smallest gain over the plain average among the tasks, then the mean; one more evaluation).
         """
         if broadcast not in ("reference", "per_node"):
             raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
-        if normalize not in ("none", "mean", "type", "layer"):
-            raise ValueError(f"fmn normalize must be one of none, mean, type, layer; got {normalize!r}")
+        if normalize not in ("none", "mean", "type", "layer", "rank"):
+            raise ValueError(f"fmn normalize must be one of none, mean, type, layer, rank; got {normalize!r}")
         if epsilon < 0:
             raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
         if power < 0:
@@ -121,6 +140,7 @@ class FMN(MergeMethod):
         if scaling is not None and scaling <= 0 or not scalings or min(scalings) <= 0:
             raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
         self.scaling, self.scalings = scaling, list(scalings)
+        self.objective = check_objective(objective, "fmn")
         if scaling != 1.0:  # an instance's needs: the base model for the task vectors
             self.needs = frozenset({"mask_fisher", "base"})
         self._c: torch.Tensor = torch.ones(0)
@@ -196,7 +216,7 @@ class FMN(MergeMethod):
                 yield key, merged.sub_(base).mul_(self.scaling).add_(base)
             return
         vector = {key: merged.sub_(ctx.base(key)) for key, merged in super().merge(ctx)}
-        s = select_scaling(ctx, vector, self.scalings, "fmn", symbol="s")
+        s = select_scaling(ctx, vector, self.scalings, "fmn", symbol="s", objective=self.objective)
         for key in ctx.keys:
             yield key, vector.pop(key).mul_(s).add_(ctx.base(key))
 

@@ -10,7 +10,7 @@ one candidate body while it is scored.
 from __future__ import annotations
 
 import abc
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +19,8 @@ from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
 from fmn_pl.merging.dare import dare, dare_generator
 
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+Objective = Literal["mean", "worst_gain"]
+OBJECTIVES = ("mean", "worst_gain")
 
 
 def owns_tensors(ctx: MergeContext, i: int) -> bool:
@@ -27,25 +29,45 @@ def owns_tensors(ctx: MergeContext, i: int) -> bool:
     return bool(getattr(ctx.readers[i], "fresh", False))
 
 
+def check_objective(objective: str, name: str) -> str:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{name}: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    return objective
+
+
 def select_scaling(
-    ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str, symbol: str = "lambda"
+    ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str, symbol: str = "lambda",
+    objective: Objective = "mean",
 ) -> float:
-    """The lambda of `grid` whose body theta0 + lambda * vector has the best mean selection score (first on ties).
+    """The lambda of `grid` whose body theta0 + lambda * vector scores best on the selection data (first on ties).
     `symbol` names it in the log (FMN's is s).
 
-    Records the chosen value and every candidate's scores in `ctx.notes[name + "_scaling"]`.
+    objective: mean = the mean selection score over the tasks; worst_gain = the smallest gain over the plain
+    average among the tasks (one more evaluation, of the average), then the mean: the value that leaves no task
+    further behind plain averaging. Records the chosen value and every candidate's scores in
+    `ctx.notes[name + "_scaling"]`.
     """
+    from fmn_pl.merging.average import Average
+
+    check_objective(objective, name)
     if ctx.evaluate is None:
         raise ValueError(f"{name}: scaling=null chooses lambda on selection data, which needs evaluation; "
                          "give a fixed `scaling`")
+    reference = ctx.evaluate(dict(Average().merge(ctx))) if objective == "worst_gain" else None
+
+    def worst(scores: dict[str, float]) -> float:
+        return min(scores[t] - reference[t] for t in reference) if reference else 0.0
+
     scores: dict[float, dict[str, float]] = {}
     for lam in grid:
         scores[lam] = ctx.evaluate({k: ctx.base(k) + lam * v for k, v in vector.items()})
         mean = sum(scores[lam].values()) / len(scores[lam])
-        ctx.log(f"{name}: {symbol}={lam} mean selection score={mean:.4f}")
+        ctx.log(f"{name}: {symbol}={lam} mean selection score={mean:.4f}"
+                + (f", worst gain over the average={worst(scores[lam]):+.4f}" if reference else ""))
     means = {lam: sum(s.values()) / len(s) for lam, s in scores.items()}
-    best = max(grid, key=lambda lam: means[lam])
-    ctx.notes[f"{name}_scaling"] = {"chosen": best, "grid": list(grid), "mean_scores": means, "scores": scores}
+    best = max(grid, key=lambda lam: (worst(scores[lam]), means[lam]))
+    ctx.notes[f"{name}_scaling"] = {"chosen": best, "grid": list(grid), "objective": objective, "mean_scores": means,
+                                    "scores": scores, **({"average_scores": reference} if reference else {})}
     return best
 
 
@@ -56,8 +78,10 @@ class TaskVectorMethod(MergeMethod, abc.ABC):
     name = "task_vectors"
 
     def __init__(
-        self, scaling: float | None, scalings: list[float] | None = None, dare_p: float = 0.0, dare_seed: int = 0
+        self, scaling: float | None, scalings: list[float] | None = None, dare_p: float = 0.0, dare_seed: int = 0,
+        objective: Objective = "mean",
     ) -> None:
+        self.objective = check_objective(objective, self.name)
         if not 0.0 <= dare_p < 1.0:
             raise ValueError(f"{self.name}: dare_p must be in [0, 1), got {dare_p}")
         self.scaling, self.scalings = scaling, list(scalings) if scalings is not None else list(GRID)
@@ -94,7 +118,7 @@ class TaskVectorMethod(MergeMethod, abc.ABC):
                 del merged
             return
         vector = {k: self.merged_vector(k, ctx, ctx.base(k)) for k in tqdm(ctx.keys, desc=f"{self.name} vector", leave=False)}
-        lam = select_scaling(ctx, vector, self.scalings, self.name)
+        lam = select_scaling(ctx, vector, self.scalings, self.name, objective=self.objective)
         for key in ctx.keys:
             yield key, vector.pop(key).mul_(lam).add_(ctx.base(key))
 
@@ -116,16 +140,19 @@ class TaskArithmetic(TaskVectorMethod):
         scalings: list[float] = GRID,  # noqa: B006 - read-only default, shown by --help
         dare_p: float = 0.0,
         dare_seed: int = 0,
+        objective: Objective = "mean",
     ) -> None:
         """
         Args:
-            scaling: lambda; null chooses it from `scalings` by the mean selection score over the tasks.
+            scaling: lambda; null chooses it from `scalings` on the selection split (see `objective`).
             scalings: the grid lambda is chosen from when `scaling` is null.
             dare_p: DARE drop rate applied to every task vector first (0 = off): drop each entry with
                 probability p and rescale the rest by 1/(1-p).
             dare_seed: seed of DARE's drop pattern (one generator per seed, model and tensor).
+            objective: what a chosen lambda maximises: mean (the mean selection score over the tasks) or
+                worst_gain (the smallest gain over the plain average among the tasks, then the mean).
         """
-        super().__init__(scaling, scalings, dare_p, dare_seed)
+        super().__init__(scaling, scalings, dare_p, dare_seed, objective)
 
     def merged_vector(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
         acc: torch.Tensor | None = None

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fmn_pl.merging.base import MergeContext
-from fmn_pl.merging.task_arithmetic import GRID, TaskVectorMethod
+from fmn_pl.merging.task_arithmetic import GRID, Objective, TaskVectorMethod
 
 
 def topk_threshold(magnitudes: np.ndarray, top_k: float) -> float:
@@ -66,6 +66,7 @@ class Ties(TaskVectorMethod):
         scalings: list[float] = GRID,  # noqa: B006 - read-only default, shown by --help
         dare_p: float = 0.0,
         dare_seed: int = 0,
+        objective: Objective = "mean",
     ) -> None:
         """
         Args:
@@ -74,10 +75,12 @@ class Ties(TaskVectorMethod):
             scalings: the grid lambda is chosen from when `scaling` is null.
             dare_p: DARE drop rate applied to every task vector before trimming (0 = off).
             dare_seed: seed of DARE's drop pattern (one generator per seed, model and tensor).
+            objective: what a chosen lambda maximises: mean (the mean selection score over the tasks) or
+                worst_gain (the smallest gain over the plain average among the tasks, then the mean).
         """
         if not 0.0 < top_k <= 100.0:
             raise ValueError(f"ties top_k is a percentage in (0, 100], got {top_k}")
-        super().__init__(scaling, scalings, dare_p, dare_seed)
+        super().__init__(scaling, scalings, dare_p, dare_seed, objective)
         self.top_k = top_k
         self._thresholds: list[float] = []
         self._majority = 1.0
