@@ -85,8 +85,10 @@ def markdown(report: dict[str, Any]) -> str:
                      f"matching {', '.join(f'`{p}`' for p in own['patterns'])}, and so does the plain average.")
     sel = report.get("selection")
     if sel and sel.get("evaluations"):
-        chosen = [f"{k.removesuffix('_scaling')} scaling {v['chosen']} (of {v['grid']})"
-                  for k, v in (report.get("notes") or {}).items() if k.endswith("_scaling") and isinstance(v, dict) and "chosen" in v]
+        chosen = [f"{k.rsplit('_', 1)[0]} {k.rsplit('_', 1)[1]} {v['chosen']} (of {v['grid']})"  # e.g. fmn_power
+                  + (f", by {v['objective']}" if v.get("objective", "mean") != "mean" else "")
+                  for k, v in (report.get("notes") or {}).items()
+                  if k.endswith(("_scaling", "_power")) and isinstance(v, dict) and "chosen" in v]
         lines.append(f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations)"
                      + (f": {', '.join(chosen)}." if chosen else "."))
     if sel and sel.get("adapted"):

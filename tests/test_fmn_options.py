@@ -84,11 +84,6 @@ def test_power_zero_is_the_plain_average(make_checkpoint: Callable) -> None:
         torch.testing.assert_close(merged[key], avg, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_bad_power() -> None:
-    with pytest.raises(ValueError, match="power"):
-        ref_fmn(power=-0.5)
-
-
 @pytest.mark.parametrize("objective", ["mean", "worst_gain"])
 def test_objective_chooses_s_as_a_brute_force_search(make_checkpoint: Callable, tiny_base: Callable, objective: str) -> None:
     """worst_gain: the s whose smallest per-task gain over the plain average is largest (then the mean); the two
@@ -125,3 +120,42 @@ def test_objective_chooses_s_as_a_brute_force_search(make_checkpoint: Callable, 
 def test_bad_objective() -> None:
     with pytest.raises(ValueError, match="objective"):
         ref_fmn(objective="median")  # type: ignore[arg-type]
+
+
+def test_null_power_is_chosen_with_s_as_a_brute_force_search(make_checkpoint: Callable, tiny_base: Callable) -> None:
+    """power null: every (p, s) of powers x scalings scored, the best by the objective kept; the candidate bodies
+    here are built independently from FMN at each fixed power (p = 0: task arithmetic with lambda = s / M)."""
+    powers, grid = [1.0, 0.25, 0.0], [1.0, 2.0]
+    ref_ctx = _ctx(make_checkpoint, tiny_base)
+    base = {k: ref_ctx.base(k) for k in ref_ctx.keys}
+    bodies = {}
+    for p in powers:
+        plain = dict(ref_fmn(power=p).merge(_ctx(make_checkpoint, tiny_base)))
+        for s in grid:
+            bodies[(p, s)] = {k: base[k] + s * (plain[k] - base[k]) for k in plain}
+    tau = {k: ref_ctx.readers[1].get(k) - base[k] for k in base}  # the second task vector
+
+    def evaluate(body: dict[str, torch.Tensor]) -> dict[str, float]:  # rewards the second model's direction
+        along = sum(float(((body[k] - base[k]) * tau[k]).sum()) for k in tau)
+        size = sum(float(((body[k] - base[k]) ** 2).sum()) for k in tau)
+        return {"a": along - 0.3 * size, "b": -0.01 * size}
+
+    for objective in ("mean", "worst_gain"):
+        avg = evaluate(plain_average(ref_ctx))
+        def rank(c: tuple[float, float]) -> tuple[float, float]:  # noqa: E306
+            sc = evaluate(bodies[c])
+            return (min(sc[t] - avg[t] for t in sc) if objective == "worst_gain" else 0.0, sum(sc.values()))
+        want = max(bodies, key=rank)
+        assert want != (powers[0], grid[0])  # not merely the first candidate
+        ctx = _ctx(make_checkpoint, tiny_base, evaluate)
+        merged = dict(ref_fmn(power=None, powers=powers, scaling=None, scalings=grid, objective=objective).merge(ctx))
+        assert (ctx.notes["fmn_power"]["chosen"], ctx.notes["fmn_scaling"]["chosen"]) == want, objective
+        assert set(ctx.notes["fmn_scaling"]["scores"]) == {f"p={p} s={s}" for p in powers for s in grid}
+        for key in base:
+            torch.testing.assert_close(merged[key], bodies[want][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("bad", [dict(power=-1.0), dict(power=None, powers=[]), dict(powers=[0.5, -0.5])])
+def test_bad_power_grid(bad: dict) -> None:
+    with pytest.raises(ValueError, match="power"):
+        ref_fmn(**bad)

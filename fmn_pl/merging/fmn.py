@@ -35,12 +35,13 @@ import torch
 
 from fmn_pl.merging.average import check_coefficients
 from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
-from fmn_pl.merging.task_arithmetic import Objective, check_objective, select_scaling
+from fmn_pl.merging.task_arithmetic import Objective, check_objective, choose_body
 from fmn_pl.nodes import adapter_for, node_shape
 
 Normalize = Literal["none", "mean", "type", "layer", "rank"]
 Broadcast = Literal["reference", "per_node"]
 SCALINGS = [1.0, 1.5, 2.0, 2.5]
+POWERS = [0.25, 0.0]
 # The FMN paper's rule (its reference code), as options: what `fmn_reference.yaml` and the study's baseline row set.
 REFERENCE = {"broadcast": "reference", "normalize": "none", "power": 1.0, "scaling": 1.0}
 
@@ -103,7 +104,8 @@ class FMN(MergeMethod):
         coefficients: list[float] | None = None,
         scaling: float | None = None,
         scalings: list[float] = SCALINGS,  # noqa: B006 - read-only default, shown by --help
-        power: float = 0.25,
+        power: float | None = 0.25,
+        powers: list[float] = POWERS,  # noqa: B006 - read-only default, shown by --help
         objective: Objective = "mean",
     ) -> None:
         """Defaults: the FMN study's holdout selection; `REFERENCE` gives the paper's rule.
@@ -123,9 +125,12 @@ class FMN(MergeMethod):
                 chooses s from `scalings` by the mean selection score (needs the base model).
             scalings: the grid s is chosen from when `scaling` is null.
             power: p in W = F^p (fmn-pl's addition): 1 = reference; 0 = equal weights (the plain average, or task
-                arithmetic with lambda = s / M); between, one task's much larger Fisher dominates less.
-            objective: what a chosen s maximises: mean (the mean selection score over the tasks) or worst_gain
-                (the smallest gain over the plain average among the tasks, then the mean; one more evaluation).
+                arithmetic with lambda = s / M); between, one task's much larger Fisher dominates less. null
+                chooses p from `powers` on the selection split, together with s (needs the base model).
+            powers: the grid p is chosen from when `power` is null (every p with every s of `scalings`).
+            objective: what a chosen s (and p) maximises: mean (the mean selection score over the tasks) or
+                worst_gain (the smallest gain over the plain average among the tasks, then the mean; one more
+                evaluation).
         """
         if broadcast not in ("reference", "per_node"):
             raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
@@ -133,18 +138,19 @@ class FMN(MergeMethod):
             raise ValueError(f"fmn normalize must be one of none, mean, type, layer, rank; got {normalize!r}")
         if epsilon < 0:
             raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
-        if power < 0:
-            raise ValueError(f"fmn power must be >= 0, got {power}")
+        if power is not None and power < 0 or not powers or min(powers) < 0:
+            raise ValueError(f"fmn power and powers must be >= 0, got {power} and {powers}")
         self.broadcast, self.normalize, self.universal = broadcast, normalize, universal
-        self.epsilon, self.coefficients, self.power = epsilon, coefficients, power
+        self.epsilon, self.coefficients, self.power, self.powers = epsilon, coefficients, power, list(powers)
         if scaling is not None and scaling <= 0 or not scalings or min(scalings) <= 0:
             raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
         self.scaling, self.scalings = scaling, list(scalings)
         self.objective = check_objective(objective, "fmn")
-        if scaling != 1.0:  # an instance's needs: the base model for the task vectors
+        if scaling != 1.0 or power is None:  # an instance's needs: the base model for the task vectors
             self.needs = frozenset({"mask_fisher", "base"})
         self._c: torch.Tensor = torch.ones(0)
-        self._head: torch.Tensor = torch.zeros(0)  # [M, L, H]
+        self._fisher: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(0), torch.zeros(0))  # normalised, floored
+        self._head: torch.Tensor = torch.zeros(0)  # [M, L, H], raised to the power in use
         self._neuron: torch.Tensor = torch.zeros(0)  # [M, L, F]
         self._roles: dict[str, tuple[str, int, str]] = {}  # key -> (role, layer, "weight" | "bias")
 
@@ -162,9 +168,10 @@ class FMN(MergeMethod):
             if (head < 0).any() or (neuron < 0).any():
                 raise ValueError(f"{art.path}: Fisher values must be >= 0")
             head, neuron = normalize_fisher(head, neuron, self.normalize)
-            heads.append(head.clamp_min(self.epsilon).pow(self.power))  # 0 ** 0 = 1: power 0 is the average
-            neurons.append(neuron.clamp_min(self.epsilon).pow(self.power))
-        self._head, self._neuron = torch.stack(heads), torch.stack(neurons)
+            heads.append(head.clamp_min(self.epsilon))
+            neurons.append(neuron.clamp_min(self.epsilon))
+        self._fisher = (torch.stack(heads), torch.stack(neurons))
+        self.use_power(self.powers[0] if self.power is None else self.power)
         self._roles = parameter_roles(ctx.config, ctx.body_prefix, ctx.keys)
         ctx.notes["fmn"] = {
             "universal_weights": [float(universal_weight(h, n)) for h, n in zip(self._head, self._neuron)],
@@ -172,6 +179,10 @@ class FMN(MergeMethod):
             "mean_neuron_fisher": [float(n.mean()) for n in self._neuron],
             "universal_keys": [k for k in ctx.keys if k not in self._roles],
         }
+
+    def use_power(self, p: float) -> None:
+        """Weights from the node Fisher raised to p (0 ** 0 = 1: power 0 is the plain average)."""
+        self._head, self._neuron = self._fisher[0].pow(p), self._fisher[1].pow(p)
 
     # -- weights --------------------------------------------------------------------------------------
     def weights(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -207,16 +218,34 @@ class FMN(MergeMethod):
         return w.reshape(M, shape[0], *([1] * (len(shape) - 1)))
 
     def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
-        if self.scaling == 1.0:
+        if self.power is not None and self.scaling == 1.0:
             yield from super().merge(ctx)
             return
-        if self.scaling is not None:
+        if self.power is not None and self.scaling is not None:
             for key, merged in super().merge(ctx):
                 base = ctx.base(key)
                 yield key, merged.sub_(base).mul_(self.scaling).add_(base)
             return
-        vector = {key: merged.sub_(ctx.base(key)) for key, merged in super().merge(ctx)}
-        s = select_scaling(ctx, vector, self.scalings, "fmn", symbol="s", objective=self.objective)
+        # choose p and/or s on the selection split: one merged task vector per p held in memory meanwhile
+        self.setup(ctx)
+        powers = self.powers if self.power is None else [self.power]
+        scalings = self.scalings if self.scaling is None else [self.scaling]
+        vectors = {}
+        for p in powers:
+            self.use_power(p)
+            vectors[p] = {key: self.merge_tensor(key, ctx.models(key), ctx).sub_(ctx.base(key)) for key in ctx.keys}
+        grid = {(f"p={p} s={s}" if self.power is None else s): (p, s) for p in powers for s in scalings}
+        candidates = {key: lambda p=p, s=s: {k: ctx.base(k) + s * v for k, v in vectors[p].items()}
+                      for key, (p, s) in grid.items()}
+        best, measured = choose_body(ctx, candidates, "fmn", self.objective,
+                                     describe=lambda key: key if self.power is None else f"s={key}")
+        p, s = grid[best]
+        ctx.notes["fmn_scaling"] = {"chosen": s, "grid": scalings, **measured}
+        if self.power is None:
+            ctx.notes["fmn_power"] = {"chosen": p, "grid": powers}
+        self.use_power(p)
+        vector = vectors.pop(p)
+        vectors.clear()
         for key in ctx.keys:
             yield key, vector.pop(key).mul_(s).add_(ctx.base(key))
 

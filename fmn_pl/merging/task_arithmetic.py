@@ -10,7 +10,7 @@ one candidate body while it is scored.
 from __future__ import annotations
 
 import abc
-from typing import Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -35,39 +35,50 @@ def check_objective(objective: str, name: str) -> str:
     return objective
 
 
-def select_scaling(
-    ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str, symbol: str = "lambda",
-    objective: Objective = "mean",
-) -> float:
-    """The lambda of `grid` whose body theta0 + lambda * vector scores best on the selection data (first on ties).
-    `symbol` names it in the log (FMN's is s).
+def choose_body(
+    ctx: MergeContext, candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]], name: str,
+    objective: Objective = "mean", describe: Callable[[Any], str] = str,
+) -> tuple[Any, dict[str, Any]]:
+    """The key of `candidates` ({key: builder of a candidate body}) whose body scores best on the selection data
+    (first in order on ties), and what was measured: {"objective", "scores", "mean_scores"[, "average_scores"]}.
 
     objective: mean = the mean selection score over the tasks; worst_gain = the smallest gain over the plain
-    average among the tasks (one more evaluation, of the average), then the mean: the value that leaves no task
-    further behind plain averaging. Records the chosen value and every candidate's scores in
-    `ctx.notes[name + "_scaling"]`.
+    average among the tasks (one more evaluation, of the average), then the mean: the candidate that leaves no
+    task further behind plain averaging. Candidates are built one at a time.
     """
     from fmn_pl.merging.average import Average
 
     check_objective(objective, name)
     if ctx.evaluate is None:
-        raise ValueError(f"{name}: scaling=null chooses lambda on selection data, which needs evaluation; "
-                         "give a fixed `scaling`")
+        raise ValueError(f"{name}: an option set to null is chosen on selection data, which needs evaluation; "
+                         "give a fixed value")
     reference = ctx.evaluate(dict(Average().merge(ctx))) if objective == "worst_gain" else None
 
     def worst(scores: dict[str, float]) -> float:
         return min(scores[t] - reference[t] for t in reference) if reference else 0.0
 
-    scores: dict[float, dict[str, float]] = {}
-    for lam in grid:
-        scores[lam] = ctx.evaluate({k: ctx.base(k) + lam * v for k, v in vector.items()})
-        mean = sum(scores[lam].values()) / len(scores[lam])
-        ctx.log(f"{name}: {symbol}={lam} mean selection score={mean:.4f}"
-                + (f", worst gain over the average={worst(scores[lam]):+.4f}" if reference else ""))
-    means = {lam: sum(s.values()) / len(s) for lam, s in scores.items()}
-    best = max(grid, key=lambda lam: (worst(scores[lam]), means[lam]))
-    ctx.notes[f"{name}_scaling"] = {"chosen": best, "grid": list(grid), "objective": objective, "mean_scores": means,
-                                    "scores": scores, **({"average_scores": reference} if reference else {})}
+    scores: dict[Any, dict[str, float]] = {}
+    for key, build in candidates.items():
+        scores[key] = ctx.evaluate(build())
+        mean = sum(scores[key].values()) / len(scores[key])
+        ctx.log(f"{name}: {describe(key)} mean selection score={mean:.4f}"
+                + (f", worst gain over the average={worst(scores[key]):+.4f}" if reference else ""))
+    means = {key: sum(s.values()) / len(s) for key, s in scores.items()}
+    best = max(candidates, key=lambda key: (worst(scores[key]), means[key]))
+    measured = {"objective": objective, "scores": scores, "mean_scores": means}
+    return best, {**measured, "average_scores": reference} if reference else measured
+
+
+def select_scaling(
+    ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str, symbol: str = "lambda",
+    objective: Objective = "mean",
+) -> float:
+    """The lambda of `grid` whose body theta0 + lambda * vector scores best by `objective` (`choose_body`).
+    `symbol` names it in the log (FMN's is s). Records the chosen value, the grid and every candidate's scores
+    in `ctx.notes[name + "_scaling"]`."""
+    candidates = {lam: lambda lam=lam: {k: ctx.base(k) + lam * v for k, v in vector.items()} for lam in grid}
+    best, measured = choose_body(ctx, candidates, name, objective, describe=lambda lam: f"{symbol}={lam}")
+    ctx.notes[f"{name}_scaling"] = {"chosen": best, "grid": list(grid), **measured}
     return best
 
 
