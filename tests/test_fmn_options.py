@@ -24,10 +24,11 @@ def test_scaling_one_is_the_reference_rule_and_needs_no_base() -> None:
 
 
 def test_defaults_are_the_study_selection() -> None:
-    """The code defaults are the FMN study's holdout choice (docs/study): per_node, F^0.25, s chosen on data."""
+    """The code defaults (docs/study): per_node; p from {0.25, 0} and s chosen on data by the worst-task gain."""
     options = FMN().options()
-    assert (options["broadcast"], options["normalize"], options["power"], options["scaling"]) == ("per_node", "none", 0.25, None)
-    assert options["scalings"] == [1.0, 1.5, 2.0, 2.5] and "base" in FMN().needs
+    assert (options["broadcast"], options["normalize"], options["power"], options["scaling"]) == ("per_node", "none", None, None)
+    assert options["powers"] == [0.25, 0.0] and options["scalings"] == [1.0, 1.5, 2.0, 2.5]
+    assert options["objective"] == "worst_gain" and "base" in FMN().needs
 
 
 def test_fixed_scaling_scales_the_merged_task_vector(make_checkpoint: Callable, tiny_base: Callable) -> None:
@@ -159,3 +160,21 @@ def test_null_power_is_chosen_with_s_as_a_brute_force_search(make_checkpoint: Ca
 def test_bad_power_grid(bad: dict) -> None:
     with pytest.raises(ValueError, match="power"):
         ref_fmn(**bad)
+
+
+def test_null_power_with_fixed_scaling_one_needs_no_base(make_checkpoint: Callable) -> None:
+    """power null, scaling 1: p alone is chosen, among the FMN bodies themselves (no task vectors, no base)."""
+    cks = [make_checkpoint("rte", seed=s, noise=0.05, name=f"q{s}") for s in (0, 1)]
+    fishers = [random_fisher(0), random_fisher(1, scale=30.0)]
+    method = ref_fmn(power=None, powers=[1.0, 0.0], scaling=1.0)
+    assert "base" not in method.needs
+    target = plain_average(model_ctx(cks, fishers))  # p = 0 is the plain average: the body this evaluation wants
+
+    def evaluate(body: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"rte": -sum(float((body[k] - target[k]).abs().sum()) for k in target)}
+
+    ctx = model_ctx(cks, fishers, evaluate=evaluate)
+    merged = dict(method.merge(ctx))
+    assert ctx.notes["fmn_power"]["chosen"] == 0.0 and ctx.notes["fmn_scaling"]["chosen"] == 1.0
+    for key in target:
+        torch.testing.assert_close(merged[key], target[key], rtol=1e-5, atol=1e-6, msg=key)

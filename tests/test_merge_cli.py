@@ -57,11 +57,12 @@ def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: 
         add_fisher(c, s)
     out = tmp_path / "out"
     report = main(["--method", "fmn", "--method.broadcast", "per_node", "--method.normalize=mean", "--method.scaling=1",
+                   "--method.power=0.25",
                    "--checkpoints", *map(str, cks), *common(out, tiny_glue)])
     assert report is not None
 
     # the saved per-task models are the in-memory merge with each task's own head
-    merged = memory_merge(cks, FMN(broadcast="per_node", normalize="mean", scaling=1.0))
+    merged = memory_merge(cks, FMN(broadcast="per_node", normalize="mean", scaling=1.0, power=0.25))
     ids = torch.randint(5, 150, (3, 11))
     for ck in cks:
         task = read_metadata(ck)["task"]
@@ -114,7 +115,8 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mnli"])]
     for s, c in enumerate(cks):
         add_fisher(c, s)
-    first = main(["--method=fmn", "--method.scaling=1", "--checkpoints", *map(str, cks), *common(tmp_path / "a", tiny_glue)])
+    first = main(["--method=fmn", "--method.scaling=1", "--method.power=0.25", "--checkpoints", *map(str, cks),
+                  *common(tmp_path / "a", tiny_glue)])
     # MNLI is scored on both validation splits, its score their mean
     mnli = first["results"]["mnli"]["merged"]
     assert set(mnli) == {"matched/accuracy", "matched/score", "mismatched/accuracy", "mismatched/score", "score"}
@@ -127,8 +129,8 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
         return original(self, i, model_dir, body)
 
     monkeypatch.setattr(Evaluator, "evaluate", counting)
-    second = main(["--method=fmn", "--method.broadcast=reference", "--method.scaling=1", "--checkpoints", *map(str, cks),
-                   *common(tmp_path / "b", tiny_glue)])
+    second = main(["--method=fmn", "--method.broadcast=reference", "--method.scaling=1", "--method.power=0.25",
+                   "--checkpoints", *map(str, cks), *common(tmp_path / "b", tiny_glue)])
     assert len(calls) == 2 and all(c is not None for c in calls)  # only the two merged models
     for t in ("rte", "mnli"):
         assert second["results"][t]["individual"] == first["results"][t]["individual"]
@@ -146,17 +148,20 @@ def test_task_arithmetic_scaling_chosen_and_reported(make_checkpoint: Callable, 
     assert "chosen on the `validation` split" in (tmp_path / "o" / "report.md").read_text()
 
 
-def test_fmn_defaults_choose_the_scaling(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
+def test_fmn_defaults_choose_power_and_scaling(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "sst2"])]
     for s, c in enumerate(cks):
         add_fisher(c, s)
     report = main(["--method", "fmn", "--checkpoints", *map(str, cks), "--selection_samples", "8",
                    *common(tmp_path / "o", tiny_glue)])
-    assert report["options"]["power"] == 0.25 and report["options"]["broadcast"] == "per_node"
-    assert report["selection"]["evaluations"] == 4 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
-    chosen = report["notes"]["fmn_scaling"]["chosen"]
-    assert chosen in (1.0, 1.5, 2.0, 2.5)
-    assert f"(4 evaluations): fmn scaling {chosen} (of [1.0, 1.5, 2.0, 2.5])." in (tmp_path / "o" / "report.md").read_text()
+    assert report["options"]["power"] is None and report["options"]["broadcast"] == "per_node"
+    # the plain average, then every (p, s) of [0.25, 0] x [1, 1.5, 2, 2.5]
+    assert report["selection"]["evaluations"] == 9 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
+    s, p = report["notes"]["fmn_scaling"]["chosen"], report["notes"]["fmn_power"]["chosen"]
+    assert s in (1.0, 1.5, 2.0, 2.5) and p in (0.25, 0.0) and len(report["notes"]["fmn_scaling"]["scores"]) == 8
+    assert set(report["notes"]["fmn_scaling"]["average_scores"]) == {"rte", "sst2"}
+    assert (f"(9 evaluations): fmn scaling {s} (of [1.0, 1.5, 2.0, 2.5]), by worst_gain, fmn power {p} (of [0.25, 0.0])."
+            in (tmp_path / "o" / "report.md").read_text())
 
 
 def test_ties_uses_recorded_base_and_no_eval(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:

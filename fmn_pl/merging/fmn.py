@@ -18,13 +18,16 @@ Where the weights of every model are zero the entry falls back to the lambda-wei
 The weights normalise, so merging full weights or task vectors gives the same result (no base needed).
 Memory: the node Fisher of all models (M x L x (H + F) numbers), one accumulator and one model's tensor.
 
-Defaults: the setting the FMN study chose on held-out training rows (README "Choosing FMN's options honestly"):
-per_node broadcast, weights F^0.25, and s chosen on the selection split. `REFERENCE` is the rule above exactly.
+Defaults (README "Choosing FMN's options honestly"): per_node broadcast, and the power p (0.25, or 0: no Fisher
+weighting) and the scaling s chosen together on the selection split by the worst-task gain over the plain average
+(`objective: worst_gain`). `REFERENCE` is the rule above exactly.
 
 `scaling` s (fmn-pl's addition, 1 = the rule above) scales the merged task vector:
 theta = theta0 + s (theta* - theta0) = theta0 + s sum_j W_j tau_j / sum_j W_j. A weighted *mean* of task
 vectors shrinks each task's own direction by about 1/M; s > 1 restores it, as task arithmetic's lambda does
-for a sum. null chooses s from `scalings` on the selection split (the body is held in memory meanwhile).
+for a sum. null chooses s from `scalings` on the selection split; `power: null` chooses p from `powers` with it
+(every pair scored: 1 + len(powers) x len(scalings) evaluations with worst_gain; one merged task vector per p and
+one candidate body are held in memory meanwhile).
 """
 
 from __future__ import annotations
@@ -104,11 +107,11 @@ class FMN(MergeMethod):
         coefficients: list[float] | None = None,
         scaling: float | None = None,
         scalings: list[float] = SCALINGS,  # noqa: B006 - read-only default, shown by --help
-        power: float | None = 0.25,
+        power: float | None = None,
         powers: list[float] = POWERS,  # noqa: B006 - read-only default, shown by --help
-        objective: Objective = "mean",
+        objective: Objective = "worst_gain",
     ) -> None:
-        """Defaults: the FMN study's holdout selection; `REFERENCE` gives the paper's rule.
+        """Defaults: p and s chosen on the selection split by the worst-task gain; `REFERENCE` gives the paper's rule.
 
         Args:
             broadcast: reference = value/attention-output/FFN-output weights by the layer's mean node Fisher;
@@ -126,7 +129,7 @@ class FMN(MergeMethod):
             scalings: the grid s is chosen from when `scaling` is null.
             power: p in W = F^p (fmn-pl's addition): 1 = reference; 0 = equal weights (the plain average, or task
                 arithmetic with lambda = s / M); between, one task's much larger Fisher dominates less. null
-                chooses p from `powers` on the selection split, together with s (needs the base model).
+                chooses p from `powers` on the selection split, together with s when that is null too.
             powers: the grid p is chosen from when `power` is null (every p with every s of `scalings`).
             objective: what a chosen s (and p) maximises: mean (the mean selection score over the tasks) or
                 worst_gain (the smallest gain over the plain average among the tasks, then the mean; one more
@@ -146,7 +149,7 @@ class FMN(MergeMethod):
             raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
         self.scaling, self.scalings = scaling, list(scalings)
         self.objective = check_objective(objective, "fmn")
-        if scaling != 1.0 or power is None:  # an instance's needs: the base model for the task vectors
+        if scaling != 1.0:  # an instance's needs: the base model for the task vectors
             self.needs = frozenset({"mask_fisher", "base"})
         self._c: torch.Tensor = torch.ones(0)
         self._fisher: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(0), torch.zeros(0))  # normalised, floored
@@ -227,15 +230,17 @@ class FMN(MergeMethod):
                 yield key, merged.sub_(base).mul_(self.scaling).add_(base)
             return
         # choose p and/or s on the selection split: one merged task vector per p held in memory meanwhile
+        # (with s = 1 the merged bodies themselves: no base model needed)
+        origin = ctx.base if self.scaling != 1.0 else (lambda key: 0.0)
         self.setup(ctx)
         powers = self.powers if self.power is None else [self.power]
         scalings = self.scalings if self.scaling is None else [self.scaling]
         vectors = {}
         for p in powers:
             self.use_power(p)
-            vectors[p] = {key: self.merge_tensor(key, ctx.models(key), ctx).sub_(ctx.base(key)) for key in ctx.keys}
+            vectors[p] = {key: self.merge_tensor(key, ctx.models(key), ctx).sub_(origin(key)) for key in ctx.keys}
         grid = {(f"p={p} s={s}" if self.power is None else s): (p, s) for p in powers for s in scalings}
-        candidates = {key: lambda p=p, s=s: {k: ctx.base(k) + s * v for k, v in vectors[p].items()}
+        candidates = {key: lambda p=p, s=s: {k: origin(k) + s * v for k, v in vectors[p].items()}
                       for key, (p, s) in grid.items()}
         best, measured = choose_body(ctx, candidates, "fmn", self.objective,
                                      describe=lambda key: key if self.power is None else f"s={key}")
@@ -247,7 +252,7 @@ class FMN(MergeMethod):
         vector = vectors.pop(p)
         vectors.clear()
         for key in ctx.keys:
-            yield key, vector.pop(key).mul_(s).add_(ctx.base(key))
+            yield key, vector.pop(key).mul_(s).add_(origin(key))
 
     def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
         shape = tuple(ctx.readers[0].shape(key))
