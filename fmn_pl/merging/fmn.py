@@ -81,7 +81,7 @@ def percentile(x: torch.Tensor) -> torch.Tensor:
     """Each entry's rank among all entries of `x` divided by their number, in (0, 1]; equal values share their
     mean rank and zeros stay 0 (a node no example depends on keeps no weight)."""
     flat = x.reshape(-1)
-    values, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)  # sorted ascending
+    _, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)  # sorted ascending
     last = counts.cumsum(0).to(torch.float64)  # 1-based rank of each distinct value's last copy
     mean_rank = last - (counts.to(torch.float64) - 1) / 2
     ranks = (mean_rank / flat.numel())[inverse]
@@ -125,7 +125,7 @@ class FMN(MergeMethod):
                 (entries where every model's weight is exactly 0 fall back to the plain average).
             coefficients: per-model multipliers lambda_j of the weights, one per checkpoint (None: all 1).
             scaling: s in theta0 + s (theta* - theta0); 1 = the reference rule (no base model needed); null
-                chooses s from `scalings` by the mean selection score (needs the base model).
+                chooses s from `scalings` on the selection split by `objective` (needs the base model).
             scalings: the grid s is chosen from when `scaling` is null.
             power: p in W = F^p (fmn-pl's addition): 1 = reference; 0 = equal weights (the plain average, or task
                 arithmetic with lambda = s / M); between, one task's much larger Fisher dominates less. null
