@@ -151,6 +151,7 @@ def test_null_power_is_chosen_with_s_as_a_brute_force_search(make_checkpoint: Ca
         ctx = _ctx(make_checkpoint, tiny_base, evaluate)
         merged = dict(ref_fmn(power=None, powers=powers, scaling=None, scalings=grid, objective=objective).merge(ctx))
         assert (ctx.notes["fmn_power"]["chosen"], ctx.notes["fmn_scaling"]["chosen"]) == want, objective
+        assert bool(ctx.remarks) == (want[0] == 0.0)  # a chosen power 0 is named in the report
         assert set(ctx.notes["fmn_scaling"]["scores"]) == {f"p={p} s={s}" for p in powers for s in grid}
         for key in base:
             torch.testing.assert_close(merged[key], bodies[want][key], rtol=1e-5, atol=1e-6, msg=key)
@@ -176,5 +177,7 @@ def test_null_power_with_fixed_scaling_one_needs_no_base(make_checkpoint: Callab
     ctx = model_ctx(cks, fishers, evaluate=evaluate)
     merged = dict(method.merge(ctx))
     assert ctx.notes["fmn_power"]["chosen"] == 0.0 and ctx.notes["fmn_scaling"]["chosen"] == 1.0
+    assert ctx.remarks == ["fmn: the selection split chose power 0, the unweighted merge: the plain average itself "
+                           "(no candidate scored better)"]
     for key in target:
         torch.testing.assert_close(merged[key], target[key], rtol=1e-5, atol=1e-6, msg=key)

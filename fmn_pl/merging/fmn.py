@@ -248,6 +248,10 @@ class FMN(MergeMethod):
         ctx.notes["fmn_scaling"] = {"chosen": s, "grid": scalings, **measured}
         if self.power is None:
             ctx.notes["fmn_power"] = {"chosen": p, "grid": powers}
+        if p == 0:  # say what the chosen body is: no Fisher weighting is left in it
+            ctx.remark("fmn: the selection split chose power 0, the unweighted merge: "
+                       + ("the plain average itself (no candidate scored better)" if s == 1 else
+                          f"task arithmetic with lambda = s / {ctx.num_models} = {s / ctx.num_models:g}"))
         self.use_power(p)
         vector = vectors.pop(p)
         vectors.clear()
