@@ -30,6 +30,7 @@ def owns_tensors(ctx: MergeContext, i: int) -> bool:
 
 
 def check_objective(objective: str, name: str) -> str:
+    """`objective` if it is one of OBJECTIVES, else a one-line error naming the method."""
     if objective not in OBJECTIVES:
         raise ValueError(f"{name}: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     return objective
