@@ -224,14 +224,20 @@ def test_under_torchrun_two_ranks(tmp_path: Path, tiny_base: Callable[[str], Pat
     import subprocess
     import sys
 
-    out = tmp_path / "run"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "HF_HUB_OFFLINE": "1"}
     script = Path(__file__).resolve().parents[1] / "examples" / "torchrun.sh"
-    proc = subprocess.run(["bash", str(script), str(TINY), "2", f"--model={tiny_base('bert')}",
-                           f"--data_dir={tiny_glue}", f"--output={out}", "--trainer.accelerator=cpu",
-                           "--only=fit/rte,fisher/rte/mask_fisher"], env=env, capture_output=True, text=True,
-                          timeout=600)
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        proc = subprocess.run(["bash", str(script), str(TINY), "2", f"--model={tiny_base('bert')}",
+                               f"--data_dir={tiny_glue}", f"--output={out}", "--trainer.accelerator=cpu",
+                               "--only=fit/rte,fisher/rte/mask_fisher"], env=env, capture_output=True, text=True,
+                              timeout=600)
+        rank1 = out / "logs" / "fit__rte.rank1.log"
+        # Seen once on an oversubscribed 2-core machine: rank 1's gloo process aborted ("terminate called without
+        # an active exception") during the fit; a second try passed. Retry that one failure once, nothing else.
+        if proc.returncode == 0 or not (rank1.is_file() and "without an active exception" in rank1.read_text()):
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pipeline: 2 stage(s) ran" in proc.stdout
     for stage in ("fit__rte", "fisher__rte__mask_fisher"):
