@@ -252,7 +252,6 @@ class FMN(MergeMethod):
             ctx.remark("fmn: the selection split chose power 0, the unweighted merge: "
                        + ("the plain average itself (no candidate scored better)" if s == 1 else
                           f"task arithmetic with lambda = s / {ctx.num_models} = {s / ctx.num_models:g}"))
-        self.use_power(p)
         vector = vectors.pop(p)
         vectors.clear()
         for key in ctx.keys:
