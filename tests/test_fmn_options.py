@@ -181,3 +181,32 @@ def test_null_power_with_fixed_scaling_one_needs_no_base(make_checkpoint: Callab
                            "(no candidate scored better)"]
     for key in target:
         torch.testing.assert_close(merged[key], target[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("coefficients", [None, [2.0, 2.0], [1.0, 3.0]])
+def test_worst_gain_reference_is_the_average_candidate_when_there_is_one(
+    make_checkpoint: Callable, tiny_base: Callable, coefficients: list[float] | None
+) -> None:
+    """With p = 0, s = 1 among the candidates and equal coefficients, that candidate is the plain average: its
+    scores are worst_gain's reference and the average is not scored again (8 evaluations, not 9). With unequal
+    coefficients p = 0 is a weighted mean, so the plain average is scored on its own."""
+    average = plain_average(_ctx(make_checkpoint, tiny_base))
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def evaluate(body: dict[str, torch.Tensor]) -> dict[str, float]:
+        seen.append(body)
+        return {"a": float(sum(v.double().sum() for v in body.values())), "b": float(len(seen))}
+
+    ctx = _ctx(make_checkpoint, tiny_base, evaluate)
+    dict(FMN(coefficients=coefficients).merge(ctx))
+    notes = ctx.notes["fmn_scaling"]
+    assert len(notes["scores"]) == 8 and list(notes["scores"])[0] == "p=0.25 s=1.0"  # reported in grid order
+    shared = coefficients != [1.0, 3.0]
+    assert len(seen) == (8 if shared else 9)
+    assert (notes["average_scores"] == notes["scores"]["p=0.0 s=1.0"]) == shared
+    for key in average:  # the first body scored is the plain average, the reference
+        torch.testing.assert_close(seen[0][key], average[key], rtol=1e-5, atol=1e-5, msg=key)
+    p = ctx.notes["fmn_power"]["chosen"]
+    assert ctx.notes["fmn"]["power"] == p  # the notes describe the chosen weights
+    if p == 0.0:
+        assert len(set(ctx.notes["fmn"]["universal_weights"])) == 1

@@ -155,12 +155,14 @@ def test_fmn_defaults_choose_power_and_scaling(make_checkpoint: Callable, tiny_g
     report = main(["--method", "fmn", "--checkpoints", *map(str, cks), "--selection_samples", "8",
                    *common(tmp_path / "o", tiny_glue)])
     assert report["options"]["power"] is None and report["options"]["broadcast"] == "per_node"
-    # the plain average, then every (p, s) of [0.25, 0] x [1, 1.5, 2, 2.5]
-    assert report["selection"]["evaluations"] == 9 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
+    # every (p, s) of [0.25, 0] x [1, 1.5, 2, 2.5]; p = 0, s = 1 is the average, the reference of worst_gain
+    assert report["selection"]["evaluations"] == 8 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
     s, p = report["notes"]["fmn_scaling"]["chosen"], report["notes"]["fmn_power"]["chosen"]
     assert s in (1.0, 1.5, 2.0, 2.5) and p in (0.25, 0.0) and len(report["notes"]["fmn_scaling"]["scores"]) == 8
-    assert set(report["notes"]["fmn_scaling"]["average_scores"]) == {"rte", "sst2"}
-    assert (f"(9 evaluations): fmn scaling {s} (of [1.0, 1.5, 2.0, 2.5]), by worst_gain, fmn power {p} (of [0.25, 0.0])."
+    notes = report["notes"]
+    assert notes["fmn_scaling"]["average_scores"] == notes["fmn_scaling"]["scores"]["p=0.0 s=1.0"]
+    assert notes["fmn"]["power"] == p
+    assert (f"(8 evaluations): fmn scaling {s} (of [1.0, 1.5, 2.0, 2.5]), by worst_gain, fmn power {p} (of [0.25, 0.0])."
             in (tmp_path / "o" / "report.md").read_text())
 
 

@@ -26,8 +26,8 @@ weighting) and the scaling s chosen together on the selection split by the worst
 theta = theta0 + s (theta* - theta0) = theta0 + s sum_j W_j tau_j / sum_j W_j. A weighted *mean* of task
 vectors shrinks each task's own direction by about 1/M; s > 1 restores it, as task arithmetic's lambda does
 for a sum. null chooses s from `scalings` on the selection split; `power: null` chooses p from `powers` with it
-(every pair scored: 1 + len(powers) x len(scalings) evaluations with worst_gain; one merged task vector per p and
-one candidate body are held in memory meanwhile).
+(every (p, s) scored: len(powers) x len(scalings) evaluations, one more with worst_gain unless p = 0, s = 1, the
+average itself, is among them; one merged task vector per p and one candidate body are held in memory meanwhile).
 """
 
 from __future__ import annotations
@@ -174,18 +174,20 @@ class FMN(MergeMethod):
             heads.append(head.clamp_min(self.epsilon))
             neurons.append(neuron.clamp_min(self.epsilon))
         self._fisher = (torch.stack(heads), torch.stack(neurons))
-        self.use_power(self.powers[0] if self.power is None else self.power)
         self._roles = parameter_roles(ctx.config, ctx.body_prefix, ctx.keys)
+        self.use_power(self.powers[0] if self.power is None else self.power, ctx)
+
+    def use_power(self, p: float, ctx: MergeContext) -> None:
+        """Weights from the node Fisher raised to p (0 ** 0 = 1: power 0 is the plain average); the weights in use
+        are what `ctx.notes["fmn"]` describes."""
+        self._head, self._neuron = self._fisher[0].pow(p), self._fisher[1].pow(p)
         ctx.notes["fmn"] = {
+            "power": p,
             "universal_weights": [float(universal_weight(h, n)) for h, n in zip(self._head, self._neuron)],
             "mean_head_fisher": [float(h.mean()) for h in self._head],
             "mean_neuron_fisher": [float(n.mean()) for n in self._neuron],
             "universal_keys": [k for k in ctx.keys if k not in self._roles],
         }
-
-    def use_power(self, p: float) -> None:
-        """Weights from the node Fisher raised to p (0 ** 0 = 1: power 0 is the plain average)."""
-        self._head, self._neuron = self._fisher[0].pow(p), self._fisher[1].pow(p)
 
     # -- weights --------------------------------------------------------------------------------------
     def weights(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -237,14 +239,18 @@ class FMN(MergeMethod):
         scalings = self.scalings if self.scaling is None else [self.scaling]
         vectors = {}
         for p in powers:
-            self.use_power(p)
+            self.use_power(p, ctx)
             vectors[p] = {key: self.merge_tensor(key, ctx.models(key), ctx).sub_(origin(key)) for key in ctx.keys}
         grid = {(f"p={p} s={s}" if self.power is None else s): (p, s) for p in powers for s in scalings}
         candidates = {key: lambda p=p, s=s: {k: origin(k) + s * v for k, v in vectors[p].items()}
                       for key, (p, s) in grid.items()}
-        best, measured = choose_body(ctx, candidates, "fmn", self.objective,
+        # p = 0, s = 1 is the plain average when the coefficients are equal: its scores are worst_gain's reference
+        equal = self.coefficients is None or len(set(self.coefficients)) == 1
+        average = next((key for key, ps in grid.items() if ps == (0.0, 1.0)), None) if equal else None
+        best, measured = choose_body(ctx, candidates, "fmn", self.objective, average=average,
                                      describe=lambda key: key if self.power is None else f"s={key}")
         p, s = grid[best]
+        self.use_power(p, ctx)  # the notes describe the chosen weights
         ctx.notes["fmn_scaling"] = {"chosen": s, "grid": scalings, **measured}
         if self.power is None:
             ctx.notes["fmn_power"] = {"chosen": p, "grid": powers}

@@ -38,14 +38,15 @@ def check_objective(objective: str, name: str) -> str:
 
 def choose_body(
     ctx: MergeContext, candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]], name: str,
-    objective: Objective = "mean", describe: Callable[[Any], str] = str,
+    objective: Objective = "mean", describe: Callable[[Any], str] = str, average: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The key of `candidates` ({key: builder of a candidate body}) whose body scores best on the selection data
     (first in order on ties), and what was measured: {"objective", "scores", "mean_scores"[, "average_scores"]}.
 
     objective: mean = the mean selection score over the tasks; worst_gain = the smallest gain over the plain
-    average among the tasks (one more evaluation, of the average), then the mean: the candidate that leaves no
-    task further behind plain averaging. Candidates are built one at a time.
+    average among the tasks (one more evaluation, of the average, unless `average` names the candidate that is
+    the plain average), then the mean: the candidate that leaves no task further behind plain averaging.
+    Candidates are built one at a time.
     """
     from fmn_pl.merging.average import Average
 
@@ -53,17 +54,26 @@ def choose_body(
     if ctx.evaluate is None:
         raise ValueError(f"{name}: an option set to null is chosen on selection data, which needs evaluation; "
                          "give a fixed value")
-    reference = ctx.evaluate(dict(Average().merge(ctx))) if objective == "worst_gain" else None
+    if average is not None and average not in candidates:
+        raise ValueError(f"{name}: average={average!r} is not one of the candidates {list(candidates)}")
+    scores: dict[Any, dict[str, float]] = {}
+    reference = None
+    if objective == "worst_gain":
+        if average is None:
+            reference = ctx.evaluate(dict(Average().merge(ctx)))
+        else:  # score the candidate that is the average first: its scores are the reference
+            scores[average] = reference = ctx.evaluate(candidates[average]())
 
     def worst(scores: dict[str, float]) -> float:
         return min(scores[t] - reference[t] for t in reference) if reference else 0.0
 
-    scores: dict[Any, dict[str, float]] = {}
     for key, build in candidates.items():
-        scores[key] = ctx.evaluate(build())
+        if key not in scores:
+            scores[key] = ctx.evaluate(build())
         mean = sum(scores[key].values()) / len(scores[key])
         ctx.log(f"{name}: {describe(key)} mean selection score={mean:.4f}"
                 + (f", worst gain over the average={worst(scores[key]):+.4f}" if reference else ""))
+    scores = {key: scores[key] for key in candidates}  # in the candidates' order
     means = {key: sum(s.values()) / len(s) for key, s in scores.items()}
     best = max(candidates, key=lambda key: (worst(scores[key]), means[key]))
     measured = {"objective": objective, "scores": scores, "mean_scores": means}
