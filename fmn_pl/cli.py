@@ -59,6 +59,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = str(e).strip()
         print(f"fmn-pl: error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy a DDP process group this process still holds (Lightning leaves it open), so that its
+    communication threads stop before the interpreter exits rather than during its teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _main(argv: list[str], from_shell: bool) -> None:
