@@ -397,6 +397,34 @@ def test_task_arithmetic_chooses_scaling_on_selection_scores(tmp_path: Path) -> 
         dict(TaskArithmetic(scaling=None).merge(vector_ctx(tmp_path / "n", BASE, TAUS)))
 
 
+@pytest.mark.parametrize("grid, dare_p, evaluations", [([0.2, 0.5, 1.0], 0.0, 3), ([0.2, 1.0], 0.0, 3),
+                                                       ([0.2, 0.5, 1.0], 0.3, 4)])
+def test_task_arithmetic_worst_gain_by_brute_force(tmp_path: Path, grid: list[float], dare_p: float,
+                                                   evaluations: int) -> None:
+    """worst_gain: the lambda whose smallest per-task gain over the plain average is largest, checked against a
+    search over bodies built by hand. With two models lambda = 0.5 is the average itself, scored once as the
+    reference; without it in the grid, or with DARE, the average is scored on its own (one more evaluation)."""
+    calls: list[dict[str, torch.Tensor]] = []
+
+    def evaluate(body: dict[str, torch.Tensor]) -> dict[str, float]:  # rte wants lambda 1.0 of tau_0, mrpc 0.35
+        calls.append(body)
+        x = float((body["w"] - BASE["w"])[0]) / float((TAUS[0]["w"] + TAUS[1]["w"])[0])
+        return {"rte": -abs(x - 1.0), "mrpc": -abs(x - 0.35)}  # by the mean, 1.0 beats 0.2
+
+    ctx = vector_ctx(tmp_path, BASE, TAUS, evaluate)
+    lam = TaskArithmetic(scaling=None, scalings=grid, dare_p=dare_p, objective="worst_gain")
+    dict(lam.merge(ctx))
+    assert len(calls) == evaluations
+    avg = {k: (2 * BASE[k] + TAUS[0][k] + TAUS[1][k]) / 2 for k in BASE}
+    reference = evaluate(avg)
+    if dare_p == 0:
+        def rank(x: float) -> tuple[float, float]:  # noqa: E306
+            sc = evaluate({k: BASE[k] + x * (TAUS[0][k] + TAUS[1][k]) for k in BASE})
+            return min(sc[t] - reference[t] for t in sc), sum(sc.values())
+        assert ctx.notes["task_arithmetic_scaling"]["chosen"] == max(grid, key=rank)
+    assert ctx.notes["task_arithmetic_scaling"]["average_scores"] == pytest.approx(reference)
+
+
 def test_dare_option_drops_and_rescales_each_task_vector(tmp_path: Path) -> None:
     big = {"w": torch.zeros(2000)}
     taus = [{"w": torch.randn(2000)} for _ in range(2)]

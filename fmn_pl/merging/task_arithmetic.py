@@ -10,6 +10,7 @@ one candidate body while it is scored.
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any, Callable, Iterator, Literal
 
 import torch
@@ -82,13 +83,15 @@ def choose_body(
 
 def select_scaling(
     ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str, symbol: str = "lambda",
-    objective: Objective = "mean",
+    objective: Objective = "mean", average: float | None = None,
 ) -> float:
     """The lambda of `grid` whose body theta0 + lambda * vector scores best by `objective` (`choose_body`).
-    `symbol` names it in the log (FMN's is s). Records the chosen value, the grid and every candidate's scores
-    in `ctx.notes[name + "_scaling"]`."""
+    `symbol` names it in the log (FMN's is s); `average`, the lambda (if any) whose body is the plain average.
+    Records the chosen value, the grid and every candidate's scores in `ctx.notes[name + "_scaling"]`."""
     candidates = {lam: lambda lam=lam: {k: ctx.base(k) + lam * v for k, v in vector.items()} for lam in grid}
-    best, measured = choose_body(ctx, candidates, name, objective, describe=lambda lam: f"{symbol}={lam}")
+    average = next((lam for lam in grid if average is not None and math.isclose(lam, average)), None)
+    best, measured = choose_body(ctx, candidates, name, objective, average=average,
+                                 describe=lambda lam: f"{symbol}={lam}")
     ctx.notes[f"{name}_scaling"] = {"chosen": best, "grid": list(grid), **measured}
     return best
 
@@ -140,9 +143,14 @@ class TaskVectorMethod(MergeMethod, abc.ABC):
                 del merged
             return
         vector = {k: self.merged_vector(k, ctx, ctx.base(k)) for k in tqdm(ctx.keys, desc=f"{self.name} vector", leave=False)}
-        lam = select_scaling(ctx, vector, self.scalings, self.name, objective=self.objective)
+        lam = select_scaling(ctx, vector, self.scalings, self.name, objective=self.objective,
+                             average=self.average_scaling(ctx))
         for key in ctx.keys:
             yield key, vector.pop(key).mul_(lam).add_(ctx.base(key))
+
+    def average_scaling(self, ctx: MergeContext) -> float | None:
+        """The lambda at which this method's body is the plain average (worst_gain's reference), if there is one."""
+        return None
 
     def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
         if self.scaling is None:
@@ -175,6 +183,9 @@ class TaskArithmetic(TaskVectorMethod):
                 worst_gain (the smallest gain over the plain average among the tasks, then the mean).
         """
         super().__init__(scaling, scalings, dare_p, dare_seed, objective)
+
+    def average_scaling(self, ctx: MergeContext) -> float | None:
+        return 1.0 / ctx.num_models if self.dare_p == 0 else None  # theta0 + sum_t tau_t / M: the plain average
 
     def merged_vector(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
         acc: torch.Tensor | None = None
