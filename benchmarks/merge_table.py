@@ -32,7 +32,7 @@ from fmn_pl.checkpoint import write_json  # noqa: E402
 # choose lambda on the selection split; AdaMerging's steps cut from 500 to fit a CPU).
 ROWS: dict[str, list[str]] = {
     "average": ["--method", "average"],
-    "fmn": ["--method", "fmn"],  # the defaults: per_node, p in {0.25, 0} and s chosen by the worst-task gain
+    "fmn": ["--method", "fmn"],  # the defaults: per_node, p in {0.25, 0} and s chosen by the mean score
     "fmn reference": ["--method", "fmn", "--method.broadcast", "reference", "--method.power", "1", "--method.scaling", "1"],
     "fmn reference per_node": ["--method", "fmn", "--method.broadcast", "per_node", "--method.power", "1",
                                "--method.scaling", "1"],

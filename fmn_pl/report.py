@@ -86,7 +86,7 @@ def markdown(report: dict[str, Any]) -> str:
     sel = report.get("selection")
     if sel and sel.get("evaluations"):
         chosen = [f"{k.rsplit('_', 1)[0]} {k.rsplit('_', 1)[1]} {v['chosen']} (of {v['grid']})"  # e.g. fmn_power
-                  + (f", by {v['objective']}" if v.get("objective", "mean") != "mean" else "")
+                  + (f", by {v['objective']}" if v.get("objective") else "")
                   for k, v in (report.get("notes") or {}).items()
                   if k.endswith(("_scaling", "_power")) and isinstance(v, dict) and "chosen" in v]
         lines.append(f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations)"

@@ -24,11 +24,11 @@ def test_scaling_one_is_the_reference_rule_and_needs_no_base() -> None:
 
 
 def test_defaults_are_the_study_selection() -> None:
-    """The code defaults (docs/study): per_node; p from {0.25, 0} and s chosen on data by the worst-task gain."""
+    """The code defaults (docs/study): per_node; p from {0.25, 0} and s chosen on data by the mean score."""
     options = FMN().options()
     assert (options["broadcast"], options["normalize"], options["power"], options["scaling"]) == ("per_node", "none", None, None)
     assert options["powers"] == [0.25, 0.0] and options["scalings"] == [1.0, 1.5, 2.0, 2.5]
-    assert options["objective"] == "worst_gain" and "base" in FMN().needs
+    assert options["objective"] == "mean" and "base" in FMN().needs
 
 
 def test_fixed_scaling_scales_the_merged_task_vector(make_checkpoint: Callable, tiny_base: Callable) -> None:
@@ -198,7 +198,7 @@ def test_worst_gain_reference_is_the_average_candidate_when_there_is_one(
         return {"a": float(sum(v.double().sum() for v in body.values())), "b": float(len(seen))}
 
     ctx = _ctx(make_checkpoint, tiny_base, evaluate)
-    dict(FMN(coefficients=coefficients).merge(ctx))
+    dict(FMN(coefficients=coefficients, objective="worst_gain").merge(ctx))
     notes = ctx.notes["fmn_scaling"]
     assert len(notes["scores"]) == 8 and list(notes["scores"])[0] == "p=0.25 s=1.0"  # reported in grid order
     shared = coefficients != [1.0, 3.0]

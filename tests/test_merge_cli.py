@@ -155,14 +155,14 @@ def test_fmn_defaults_choose_power_and_scaling(make_checkpoint: Callable, tiny_g
     report = main(["--method", "fmn", "--checkpoints", *map(str, cks), "--selection_samples", "8",
                    *common(tmp_path / "o", tiny_glue)])
     assert report["options"]["power"] is None and report["options"]["broadcast"] == "per_node"
-    # every (p, s) of [0.25, 0] x [1, 1.5, 2, 2.5]; p = 0, s = 1 is the average, the reference of worst_gain
+    # every (p, s) of [0.25, 0] x [1, 1.5, 2, 2.5], by the mean score (p = 0, s = 1 is the average itself)
     assert report["selection"]["evaluations"] == 8 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
     s, p = report["notes"]["fmn_scaling"]["chosen"], report["notes"]["fmn_power"]["chosen"]
     assert s in (1.0, 1.5, 2.0, 2.5) and p in (0.25, 0.0) and len(report["notes"]["fmn_scaling"]["scores"]) == 8
     notes = report["notes"]
-    assert notes["fmn_scaling"]["average_scores"] == notes["fmn_scaling"]["scores"]["p=0.0 s=1.0"]
-    assert notes["fmn"]["power"] == p
-    assert (f"(8 evaluations): fmn scaling {s} (of [1.0, 1.5, 2.0, 2.5]), by worst_gain, fmn power {p} (of [0.25, 0.0])."
+    means = notes["fmn_scaling"]["mean_scores"]
+    assert means[f"p={p} s={s}"] == max(means.values()) and notes["fmn"]["power"] == p
+    assert (f"(8 evaluations): fmn scaling {s} (of [1.0, 1.5, 2.0, 2.5]), by mean, fmn power {p} (of [0.25, 0.0])."
             in (tmp_path / "o" / "report.md").read_text())
 
 

@@ -19,8 +19,8 @@ The weights normalise, so merging full weights or task vectors gives the same re
 Memory: the node Fisher of all models (M x L x (H + F) numbers), one accumulator and one model's tensor.
 
 Defaults (README "Choosing FMN's options honestly"): per_node broadcast, and the power p (0.25, or 0: no Fisher
-weighting) and the scaling s chosen together on the selection split by the worst-task gain over the plain average
-(`objective: worst_gain`). `REFERENCE` is the rule above exactly.
+weighting) and the scaling s chosen together on the selection split by the mean selection score over the tasks
+(`objective: mean`; `worst_gain` is the alternative). `REFERENCE` is the rule above exactly.
 
 `scaling` s (fmn-pl's addition, 1 = the rule above) scales the merged task vector:
 theta = theta0 + s (theta* - theta0) = theta0 + s sum_j W_j tau_j / sum_j W_j. A weighted *mean* of task
@@ -109,9 +109,9 @@ class FMN(MergeMethod):
         scalings: list[float] = SCALINGS,  # noqa: B006 - read-only default, shown by --help
         power: float | None = None,
         powers: list[float] = POWERS,  # noqa: B006 - read-only default, shown by --help
-        objective: Objective = "worst_gain",
+        objective: Objective = "mean",
     ) -> None:
-        """Defaults: p and s chosen on the selection split by the worst-task gain; `REFERENCE` gives the paper's rule.
+        """Defaults: p and s chosen on the selection split by the mean score; `REFERENCE` gives the paper's rule.
 
         Args:
             broadcast: reference = value/attention-output/FFN-output weights by the layer's mean node Fisher;
@@ -132,8 +132,8 @@ class FMN(MergeMethod):
                 chooses p from `powers` on the selection split, together with s when that is null too.
             powers: the grid p is chosen from when `power` is null (every p with every s of `scalings`).
             objective: what a chosen s (and p) maximises: mean (the mean selection score over the tasks) or
-                worst_gain (the smallest gain over the plain average among the tasks, then the mean; one more
-                evaluation).
+                worst_gain (the smallest gain over the plain average among the tasks, then the mean; the average
+                is scored too unless it is a candidate: p = 0, s = 1).
         """
         if broadcast not in ("reference", "per_node"):
             raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
