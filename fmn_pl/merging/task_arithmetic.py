@@ -37,6 +37,13 @@ def check_objective(objective: str, name: str) -> str:
     return objective
 
 
+def rank(scores: dict[str, float], reference: dict[str, float] | None) -> tuple[float, float]:
+    """What `choose_body` maximises for one candidate's selection scores {task: score}: (its smallest gain over
+    `reference`, the plain average's scores, or 0 without one; its mean score)."""
+    worst = min(scores[t] - reference[t] for t in reference) if reference else 0.0
+    return worst, sum(scores.values()) / len(scores)
+
+
 def choose_body(
     ctx: MergeContext, candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]], name: str,
     objective: Objective = "mean", describe: Callable[[Any], str] = str, average: Any = None,
@@ -65,18 +72,15 @@ def choose_body(
         else:  # score the candidate that is the average first: its scores are the reference
             scores[average] = reference = ctx.evaluate(candidates[average]())
 
-    def worst(scores: dict[str, float]) -> float:
-        return min(scores[t] - reference[t] for t in reference) if reference else 0.0
-
     for key, build in candidates.items():
         if key not in scores:
             scores[key] = ctx.evaluate(build())
-        mean = sum(scores[key].values()) / len(scores[key])
+        worst, mean = rank(scores[key], reference)
         ctx.log(f"{name}: {describe(key)} mean selection score={mean:.4f}"
-                + (f", worst gain over the average={worst(scores[key]):+.4f}" if reference else ""))
+                + (f", worst gain over the average={worst:+.4f}" if reference else ""))
     scores = {key: scores[key] for key in candidates}  # in the candidates' order
-    means = {key: sum(s.values()) / len(s) for key, s in scores.items()}
-    best = max(candidates, key=lambda key: (worst(scores[key]), means[key]))
+    means = {key: rank(s, None)[1] for key, s in scores.items()}
+    best = max(candidates, key=lambda key: rank(scores[key], reference))
     measured = {"objective": objective, "scores": scores, "mean_scores": means}
     return best, {**measured, "average_scores": reference} if reference else measured
 

@@ -1,0 +1,159 @@
+"""FMN selection rules (issue 8): every candidate body of FMN's choice scored once, then rules compared as choices.
+
+    python benchmarks/fmn_rules.py --checkpoints_dir runs/checkpoints --tasks rte cola mrpc stsb sst2 \
+        --out runs/rules --max_eval_samples 500
+
+FMN's defaults choose p (`powers`) and s (`scalings`) per merge on the held-out rows. A rule is a candidate set
+(some of those (p, s)) and an objective (`mean` or `worst_gain`). Instead of running each rule as its own merge
+(`benchmarks/fmn_study.py` does that, one grid row per rule), this scores each candidate body
+theta0 + s (FMN_p - theta0) of every pair once, on the selection split (holdout) and on validation, with the plain
+average and the individual checkpoints, and then lets each rule choose by its objective among the stored holdout
+scores (`rank`, the criterion `fmn merge` itself uses). The rule's chosen cell per pair is exactly what the merge
+with those options returns; its validation gain over the average is what we report.
+
+Inputs: <checkpoints_dir>/<task>/ with `data.holdout_samples` > 0 and mask_fisher.safetensors beside it
+(`fmn-pl fisher --checkpoint <dir>`). Outputs in <out>: cells/<pair>__<candidate>.json (one per scored body:
+a rerun recomputes nothing), rules.json (also printed: every rule's choice, gains and wins per split) and rules.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fmn_pl.checkpoint import write_json  # noqa: E402
+from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
+from fmn_pl.merge import merge_body  # noqa: E402
+from fmn_pl.merging.average import Average  # noqa: E402
+from fmn_pl.merging.fmn import FMN, POWERS, SCALINGS  # noqa: E402
+from fmn_pl.merging.task_arithmetic import rank  # noqa: E402
+
+SPLITS = ("holdout", "validation")
+
+
+def candidate(p: float, s: float) -> str:
+    return f"p{p:g}_s{s:g}"
+
+
+def rules(powers: list[float], scalings: list[float]) -> list[dict[str, Any]]:
+    """The rules compared: the defaults' product set, and each power alone, by each objective."""
+    sets = {"p from {" + ", ".join(f"{p:g}" for p in powers) + "}": powers, **{f"p {p:g} alone": [p] for p in powers}}
+    return [{"label": f"{name}, s by {objective}", "candidates": [candidate(p, s) for p in ps for s in scalings],
+             "objective": objective} for name, ps in sets.items() for objective in ("mean", "worst_gain")]
+
+
+def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+    """{(pair or task, candidate | 'average' | 'individual'): {task: {split: points}}}, cached per cell."""
+    root = Path(args.checkpoints_dir)
+    cache = Path(args.out) / "cells"
+    cache.mkdir(parents=True, exist_ok=True)
+    ckpts = [root / t for t in args.tasks]
+    ev = {split: Evaluator(ckpts, EvalData(args.data_dir, split, args.max_eval_samples if split == "validation" else None,
+                                           args.batch_size), args.accelerator, progress=False) for split in SPLITS}
+    cells = {}
+
+    def cell(combo: tuple[str, ...], name: str, body: Callable[[], dict | None]) -> None:
+        path = cache / f"{'+'.join(combo)}__{name}.json"
+        if not path.is_file():
+            t0 = time.time()
+            merged = body()
+            scores = {t: {split: 100 * e.evaluate(args.tasks.index(t), body=merged)["score"] for split, e in ev.items()}
+                      for t in combo}
+            write_json(path, {"scores": scores, "seconds": time.time() - t0})
+            print(f"fmn_rules: {'+'.join(combo)} {name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        cells[("+".join(combo), name)] = json.loads(path.read_text())["scores"]
+
+    for t in args.tasks:
+        cell((t,), "individual", lambda: None)
+    for pair in pairs:
+        cks = [root / t for t in pair]
+        cell(pair, "average", lambda: merge_body(cks, Average(), selection=ev["holdout"]))
+        for p in args.powers:
+            for s in args.scalings:
+                cell(pair, candidate(p, s), lambda p=p, s=s: merge_body(
+                    cks, FMN(power=p, scaling=s), selection=ev["holdout"], log=lambda msg: None))
+    return cells
+
+
+def compare(cells: dict, pairs: list[str], rule: dict[str, Any]) -> dict[str, Any]:
+    """One rule's choice per pair (on holdout) and the gains over the average of the chosen body, per split."""
+    chosen, gains = {}, {split: [] for split in SPLITS}
+    for pair in pairs:
+        avg = cells[(pair, "average")]
+        # as in FMN.merge: worst_gain's reference is the candidate p = 0, s = 1 (the average) when it is one
+        own = candidate(0.0, 1.0) if candidate(0.0, 1.0) in rule["candidates"] else "average"
+        reference = {t: v["holdout"] for t, v in cells[(pair, own)].items()} if rule["objective"] == "worst_gain" else None
+        best = max(rule["candidates"], key=lambda c: rank({t: v["holdout"] for t, v in cells[(pair, c)].items()}, reference))
+        chosen[pair] = best
+        for split in SPLITS:
+            gains[split] += [cells[(pair, best)][t][split] - avg[t][split] for t in avg]
+    summary = {split: {"mean_gain": sum(g) / len(g), "wins": sum(x > 0 for x in g), "losses": sum(x < 0 for x in g),
+                       "cells": len(g)} for split, g in gains.items()}
+    return {**rule, "chosen": chosen, "gains": gains, "summary": summary}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# FMN selection rules on {', '.join(report['tasks'])}", "",
+             f"Checkpoints: `{report['checkpoints_dir']}`; validation capped at {report['max_eval_samples']} examples per "
+             "task; choices on the holdout split; gain = merged - plain average, points; wins (losses) of the "
+             f"{report['rules'][0]['summary']['validation']['cells']} (pair, task) cells.", "",
+             "| rule | validation gain | wins (losses) | holdout gain | wins (losses) |", "|---|---:|---:|---:|---:|"]
+    for r in report["rules"]:
+        v, h = r["summary"]["validation"], r["summary"]["holdout"]
+        lines.append(f"| {r['label']} | {v['mean_gain']:+.2f} | {v['wins']} ({v['losses']}) | {h['mean_gain']:+.2f} | "
+                     f"{h['wins']} ({h['losses']}) |")
+    first = report["rules"][0]
+    lines += ["", f"Chosen per pair by `{first['label']}`: "
+              + ", ".join(f"{pair} {c}" for pair, c in first["chosen"].items()), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints_dir", required=True, help="folder with one fine-tuned checkpoint per task")
+    ap.add_argument("--tasks", nargs="+", required=True)
+    ap.add_argument("--out", required=True, help="output folder (cells/ cache, rules.json, rules.md)")
+    ap.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data" / "glue"))
+    ap.add_argument("--powers", type=float, nargs="+", default=POWERS)
+    ap.add_argument("--scalings", type=float, nargs="+", default=SCALINGS)
+    ap.add_argument("--max_eval_samples", type=int, default=500, help="validation cap per task (holdout: all rows)")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--accelerator", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    pairs = list(itertools.combinations(args.tasks, 2))
+    cells = score_cells(args, pairs)
+    names = ["+".join(p) for p in pairs]
+    report = {"checkpoints_dir": args.checkpoints_dir, "tasks": args.tasks, "max_eval_samples": args.max_eval_samples,
+              "powers": args.powers, "scalings": args.scalings,
+              "rules": [compare(cells, names, r) for r in rules(args.powers, args.scalings)],
+              "individual": {t: cells[(t, "individual")][t] for t in args.tasks}}
+    out = Path(args.out)
+    write_json(out / "rules.json", report)
+    tmp = out / ".rules.md.tmp"
+    tmp.write_text(markdown(report))
+    tmp.replace(out / "rules.md")
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

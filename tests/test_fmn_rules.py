@@ -1,0 +1,81 @@
+"""benchmarks/fmn_rules.py on tiny random checkpoints: each rule's choice per pair, and the validation score of
+that choice, equal what `fmn-pl merge` returns with the rule's options; gains, wins and the cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmn_pl.checkpoint import read_metadata, write_json
+from fmn_pl.merge import main as merge_main
+from tests.test_merge_cli import add_fisher
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["rte", "stsb", "mrpc"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_rules():
+    spec = importlib.util.spec_from_file_location("fmn_rules", REPO / "benchmarks" / "fmn_rules.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, tmp_path: Path, capsys) -> None:
+    for i, task in enumerate(TASKS):
+        path = make_checkpoint(task, seed=i + 1, name=task, noise=0.5)
+        write_json(path / "fmn_pl.json", {**read_metadata(path), "data": {"holdout_samples": 16}})
+        add_fisher(path, i)
+    ckdir = path.parent
+    rules = load_rules()
+    out = tmp_path / "rules"
+    argv = ["--checkpoints_dir", str(ckdir), "--tasks", *TASKS, "--out", str(out), "--data_dir", str(tiny_glue),
+            "--max_eval_samples", "16", "--accelerator", "cpu", "--scalings", "1", "3"]
+    report = rules.main(argv)
+    assert json.loads(capsys.readouterr().out) == json.loads((out / "rules.json").read_text()) == report
+    assert len(list((out / "cells").glob("*.json"))) == 3 + 3 * (1 + 2 * 2)
+    by_label = {r["label"]: r for r in report["rules"]}
+    assert list(by_label) == [f"{c}, s by {o}" for c in ("p from {0.25, 0}", "p 0.25 alone", "p 0 alone")
+                              for o in ("mean", "worst_gain")]
+
+    for k, (label, options) in enumerate([("p from {0.25, 0}, s by mean", []),
+                           ("p from {0.25, 0}, s by worst_gain", ["--method.objective", "worst_gain"]),
+                           ("p 0.25 alone, s by worst_gain", ["--method.power", "0.25", "--method.objective", "worst_gain"])]):
+        rule = by_label[label]
+        for n, pair in enumerate(["rte+stsb", "rte+mrpc", "stsb+mrpc"]):
+            cks = [str(ckdir / t) for t in pair.split("+")]
+            merged = merge_main(["--method", "fmn", "--checkpoints", *cks, *options, "--method.scalings", "[1, 3]",
+                                 "--output", str(tmp_path / f"m{k}_{n}"), "--data_dir", str(tiny_glue),
+                                 "--max_eval_samples", "16", "--progress", "false"])
+            notes = merged["notes"]
+            p = notes["fmn_power"]["chosen"] if "fmn_power" in notes else 0.25
+            assert rule["chosen"][pair] == rules.candidate(p, notes["fmn_scaling"]["chosen"]), (label, pair)
+            cell = json.loads((out / "cells" / f"{pair}__{rule['chosen'][pair]}.json").read_text())["scores"]
+            for task, result in merged["results"].items():
+                assert 100 * result["merged"]["score"] == pytest.approx(cell[task]["validation"], abs=1e-4)
+
+    # gains and wins recomputed from the cells
+    rule = by_label["p from {0.25, 0}, s by mean"]
+    cells = {p.stem: json.loads(p.read_text())["scores"] for p in (out / "cells").glob("*.json")}
+    gains = [cells[f"{pair}__{c}"][t]["validation"] - cells[f"{pair}__average"][t]["validation"]
+             for pair, c in rule["chosen"].items() for t in pair.split("+")]
+    assert rule["gains"]["validation"] == pytest.approx(gains)
+    assert rule["summary"]["validation"]["wins"] == sum(g > 0 for g in gains)
+    assert "| p from {0.25, 0}, s by mean |" in (out / "rules.md").read_text()
+
+    # a rerun scores nothing again
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert rules.main(argv)["rules"] == report["rules"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
