@@ -13,7 +13,9 @@ with those options returns; its validation gain over the average is what we repo
 
 Inputs: <checkpoints_dir>/<task>/ with `data.holdout_samples` > 0 and mask_fisher.safetensors beside it
 (`fmn-pl fisher --checkpoint <dir>`). Outputs in <out>: cells/<pair>__<candidate>.json (one per scored body:
-a rerun recomputes nothing), rules.json (also printed: every rule's choice, gains and wins per split) and rules.md.
+a rerun recomputes nothing; settings.json refuses a rerun with other settings), rules.json (also printed: every
+rule's choice, gains and wins per split) and rules.md. `--own_tensors '*.pooler.*'` lets each task keep its
+own pooler in every body, the average's included.
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[
     root = Path(args.checkpoints_dir)
     cache = Path(args.out) / "cells"
     cache.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoints_dir": str(root.resolve()), "data_dir": args.data_dir, "own_tensors": args.own_tensors,
+                "max_eval_samples": args.max_eval_samples}
+    stored = Path(args.out) / "settings.json"
+    if stored.is_file() and json.loads(stored.read_text()) != settings:
+        old = json.loads(stored.read_text())
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        raise SystemExit(f"fmn_rules: {stored} holds cells of other settings ({', '.join(changed)} differ); "
+                         "use another --out")
+    write_json(stored, settings)
     ckpts = [root / t for t in args.tasks]
     ev = {split: Evaluator(ckpts, EvalData(args.data_dir, split, args.max_eval_samples if split == "validation" else None,
                                            args.batch_size), args.accelerator, progress=False) for split in SPLITS}
@@ -76,11 +87,12 @@ def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[
         cell((t,), "individual", lambda: None)
     for pair in pairs:
         cks = [root / t for t in pair]
-        cell(pair, "average", lambda: merge_body(cks, Average(), selection=ev["holdout"]))
+        own = args.own_tensors
+        cell(pair, "average", lambda: merge_body(cks, Average(), selection=ev["holdout"], own_tensors=own))
         for p in args.powers:
             for s in args.scalings:
                 cell(pair, candidate(p, s), lambda p=p, s=s: merge_body(
-                    cks, FMN(power=p, scaling=s), selection=ev["holdout"], log=lambda msg: None))
+                    cks, FMN(power=p, scaling=s), selection=ev["holdout"], log=lambda msg: None, own_tensors=own))
     return cells
 
 
@@ -90,8 +102,8 @@ def compare(cells: dict, pairs: list[str], rule: dict[str, Any]) -> dict[str, An
     for pair in pairs:
         avg = cells[(pair, "average")]
         # as in FMN.merge: worst_gain's reference is the candidate p = 0, s = 1 (the average) when it is one
-        own = candidate(0.0, 1.0) if candidate(0.0, 1.0) in rule["candidates"] else "average"
-        reference = {t: v["holdout"] for t, v in cells[(pair, own)].items()} if rule["objective"] == "worst_gain" else None
+        ref = candidate(0.0, 1.0) if candidate(0.0, 1.0) in rule["candidates"] else "average"
+        reference = {t: v["holdout"] for t, v in cells[(pair, ref)].items()} if rule["objective"] == "worst_gain" else None
         best = max(rule["candidates"], key=lambda c: rank({t: v["holdout"] for t, v in cells[(pair, c)].items()}, reference))
         chosen[pair] = best
         for split in SPLITS:
@@ -103,7 +115,9 @@ def compare(cells: dict, pairs: list[str], rule: dict[str, Any]) -> dict[str, An
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# FMN selection rules on {', '.join(report['tasks'])}", "",
-             f"Checkpoints: `{report['checkpoints_dir']}`; validation capped at {report['max_eval_samples']} examples per "
+             f"Checkpoints: `{report['checkpoints_dir']}`"
+             + (f" (each task keeps its own {report['own_tensors']})" if report["own_tensors"] else "")
+             + f"; validation capped at {report['max_eval_samples']} examples per "
              "task; choices on the holdout split; gain = merged - plain average, points; wins (losses) of the "
              f"{report['rules'][0]['summary']['validation']['cells']} (pair, task) cells.", "",
              "| rule | validation gain | wins (losses) | holdout gain | wins (losses) |", "|---|---:|---:|---:|---:|"]
@@ -129,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--own_tensors", nargs="*", default=[],
+                    help="glob patterns of body tensors each task keeps (e.g. '*.pooler.*'), the average too")
     return ap.parse_args(argv)
 
 
@@ -143,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells = score_cells(args, pairs)
     names = ["+".join(p) for p in pairs]
     report = {"checkpoints_dir": args.checkpoints_dir, "tasks": args.tasks, "max_eval_samples": args.max_eval_samples,
+              "own_tensors": args.own_tensors,
               "powers": args.powers, "scalings": args.scalings,
               "rules": [compare(cells, names, r) for r in rules(args.powers, args.scalings)],
               "individual": {t: cells[(t, "individual")][t] for t in args.tasks}}
