@@ -450,7 +450,7 @@ def run_merge(
             plain average the report compares with keeps them too; the bare merged body lacks them.
     """
     from fmn_pl.evaluate import EvalCache, EvalData, Evaluator
-    from fmn_pl.report import summary, task_result, write_report
+    from fmn_pl.report import summary, write_report
 
     def log(msg: str) -> None:
         tqdm.write(f"merge: {msg}")

@@ -3,9 +3,11 @@ task checkpoints, so unit tests need no download. Real assets live in ../shared 
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -15,6 +17,26 @@ MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
 GLUE = SHARED / "data" / "glue"
 GLUE_TSV = SHARED / "data" / "glue_tsv"
 requires_shared = pytest.mark.skipif(not MINILM.is_dir(), reason=f"real assets absent: {SHARED} not found")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run ~15x faster on one thread than on two busy cores (the benchmarks' --threads is global)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 FAMILIES = ("bert", "roberta", "distilbert", "electra", "xlm-roberta")
 

@@ -3,7 +3,6 @@ Fisher values raised to the power p entry by entry (p = 0: the plain average).""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import pytest

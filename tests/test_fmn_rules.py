@@ -3,34 +3,18 @@ that choice, equal what `fmn-pl merge` returns with the rule's options; gains, w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from fmn_pl.checkpoint import read_metadata, write_json
 from fmn_pl.merge import main as merge_main
+from tests.conftest import load_benchmark
 from tests.test_merge_cli import add_fisher
 
-REPO = Path(__file__).resolve().parents[1]
 TASKS = ["rte", "stsb", "mrpc"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_rules():
-    spec = importlib.util.spec_from_file_location("fmn_rules", REPO / "benchmarks" / "fmn_rules.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, tmp_path: Path, capsys) -> None:
@@ -39,7 +23,7 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
         write_json(path / "fmn_pl.json", {**read_metadata(path), "data": {"holdout_samples": 16}})
         add_fisher(path, i)
     ckdir = path.parent
-    rules = load_rules()
+    rules = load_benchmark("fmn_rules")
     out = tmp_path / "rules"
     argv = ["--checkpoints_dir", str(ckdir), "--tasks", *TASKS, "--out", str(out), "--data_dir", str(tiny_glue),
             "--max_eval_samples", "16", "--accelerator", "cpu", "--scalings", "1", "3"]

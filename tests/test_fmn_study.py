@@ -5,7 +5,6 @@ plus `merge_body` against the body `run_merge` saves."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -16,8 +15,8 @@ import yaml
 
 from fmn_pl.checkpoint import read_metadata, write_json
 from fmn_pl.merging.fmn import FMN, REFERENCE
+from tests.conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 TASKS = ["rte", "mrpc", "stsb"]
 GRID = {
     "mask_fisher": {"a": {"num_examples": 16}, "b": {"num_examples": 16, "aggregation": "per_batch"}},
@@ -32,20 +31,7 @@ GRID = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~15x faster on one thread than on two busy cores (and the study's --threads is global)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_study():
-    spec = importlib.util.spec_from_file_location("fmn_study", REPO / "benchmarks" / "fmn_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -66,7 +52,7 @@ def table(md: str, heading: str) -> dict[str, list[str]]:
 
 
 def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, capsys) -> None:
-    study = load_study()
+    study = load_benchmark("fmn_study")
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(GRID))
     out = tmp_path / "study"
@@ -162,7 +148,7 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
 
 
 def test_study_refuses_bad_inputs(checkpoints: Path, tiny_glue: Path, tmp_path: Path) -> None:
-    study = load_study()
+    study = load_benchmark("fmn_study")
     base = ["--checkpoints_dir", str(checkpoints), "--tasks", "rte", "mrpc", "--out", str(tmp_path / "s"),
             "--data_dir", str(tiny_glue)]
     grid = tmp_path / "grid.yaml"
@@ -206,7 +192,7 @@ def test_merge_body_equals_saved_merge(make_checkpoint, tiny_glue: Path, tmp_pat
 def test_pooled_selection_chooses_on_every_holdout_cell(tmp_path: Path) -> None:
     """--pool: the choice is made on this study's and another study's holdout cells together (b wins there by
     more than a wins here); the reported validation numbers stay this study's, the pooled ones beside them."""
-    study = load_study()
+    study = load_benchmark("fmn_study")
 
     def cells(gains: dict[str, tuple[float, float]]) -> list[dict]:
         return [{"label": lb, "pair": True, "combo": "x+y", "task": t, "validation": v, "holdout": h,

@@ -3,7 +3,6 @@ models equal an independent computation, the report holds every row and says how
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable

@@ -3,22 +3,14 @@ normalized column is recomputed here from each report's per-task scores, and a r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_table():
-    spec = importlib.util.spec_from_file_location("merge_table", REPO / "benchmarks" / "merge_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def test_merge_table(make_checkpoint, tiny_glue: Path, tmp_path: Path, capsys) -> None:
-    mt = load_table()
+    mt = load_benchmark("merge_table")
     ckpts = [str(make_checkpoint(t, seed=i + 1, name=t)) for i, t in enumerate(["rte", "mrpc"])]
     out = tmp_path / "table"
     argv = ["--checkpoints", *ckpts, "--out", str(out), "--rows", "average", "task_arithmetic",

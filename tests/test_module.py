@@ -4,7 +4,6 @@ export reloads with identical logits, and every bad input stops with one line be
 from __future__ import annotations
 
 import csv
-import json
 import random
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fmn_pl.checkpoint import METADATA_FILE, export_checkpoint, read_metadata, weights_fingerprint
+from fmn_pl.checkpoint import export_checkpoint, read_metadata, weights_fingerprint
 from fmn_pl.cli import lightning_cli, main
 from fmn_pl.module import GLUETransformer, load_model, model_inputs
 from fmn_pl.tasks import get_task

@@ -3,7 +3,6 @@ and a layer swap changes exactly that layer's tensors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Callable
@@ -13,19 +12,11 @@ import pytest
 from fmn_pl.evaluate import EvalData, Evaluator
 from fmn_pl.merge import merge_body
 from fmn_pl.merging.average import Average
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_probe():  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location("swap_probe", REPO / "benchmarks" / "swap_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def test_swap_probe(make_checkpoint: Callable, tiny_glue: Path, capsys: pytest.CaptureFixture) -> None:
-    sp = load_probe()
+    sp = load_benchmark("swap_probe")
     cks = [str(make_checkpoint(t, seed=s, noise=0.3)) for s, t in enumerate(["rte", "mrpc"])]
     result = sp.main(["--checkpoints", *cks, "--data_dir", str(tiny_glue), "--split", "validation",
                       "--max_samples", "16"])
@@ -41,7 +32,7 @@ def test_swap_probe(make_checkpoint: Callable, tiny_glue: Path, capsys: pytest.C
 def test_groups_split_the_layers(tiny_base: Callable[[str], Path]) -> None:
     from transformers import AutoConfig
 
-    sp = load_probe()
+    sp = load_benchmark("swap_probe")
     named = sp.groups(AutoConfig.from_pretrained(tiny_base("bert")))
     key = "bert.encoder.layer.1.attention.self.query.weight"
     assert [n for n, picks in named.items() if picks(key)] == ["layer1", "all"]
