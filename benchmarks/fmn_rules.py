@@ -13,14 +13,16 @@ with those options returns; its validation gain over the average is what we repo
 
 Inputs: <checkpoints_dir>/<task>/ with `data.holdout_samples` > 0 and mask_fisher.safetensors beside it
 (`fmn-pl fisher --checkpoint <dir>`). Outputs in <out>: cells/<pair>__<candidate>.json (one per scored body:
-a rerun recomputes nothing; settings.json refuses a rerun with other settings), rules.json (also printed: every
-rule's choice, gains and wins per split) and rules.md. `--own_tensors '*.pooler.*'` lets each task keep its
+a rerun recomputes nothing; settings.json, with the checkpoints' and Fishers' fingerprints, refuses a rerun
+with other settings or inputs), rules.json (also printed: every rule's choice, gains and wins per split) and
+rules.md. `--own_tensors '*.pooler.*'` lets each task keep its
 own pooler in every body, the average's included.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -32,7 +34,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fmn_pl.checkpoint import write_json  # noqa: E402
+from fmn_pl.artifacts import artifact_path  # noqa: E402
+from fmn_pl.checkpoint import weights_fingerprint, write_json  # noqa: E402
 from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
 from fmn_pl.merge import merge_body  # noqa: E402
 from fmn_pl.merging.average import Average  # noqa: E402
@@ -59,10 +62,14 @@ def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[
     cache = Path(args.out) / "cells"
     cache.mkdir(parents=True, exist_ok=True)
     settings = {"checkpoints_dir": str(root.resolve()), "data_dir": args.data_dir, "own_tensors": args.own_tensors,
-                "max_eval_samples": args.max_eval_samples}
+                "max_eval_samples": args.max_eval_samples,
+                # a checkpoint fine-tuned or a Fisher computed again makes every cached cell stale
+                "weights": {t: weights_fingerprint(root / t) for t in args.tasks},
+                "mask_fisher": {t: hashlib.sha256(artifact_path(root / t, "mask_fisher").read_bytes()).hexdigest()[:16]
+                                for t in args.tasks}}
     stored = Path(args.out) / "settings.json"
-    if stored.is_file() and json.loads(stored.read_text()) != settings:
-        old = json.loads(stored.read_text())
+    old = json.loads(stored.read_text()) if stored.is_file() else settings
+    if old != settings:
         changed = sorted(k for k in settings if old.get(k) != settings[k])
         raise SystemExit(f"fmn_rules: {stored} holds cells of other settings ({', '.join(changed)} differ); "
                          "use another --out")

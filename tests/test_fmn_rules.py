@@ -66,3 +66,6 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
     # other settings in the same folder are refused, not mixed with the cached cells
     with pytest.raises(SystemExit, match="max_eval_samples differ"):
         rules.main([*argv, "--max_eval_samples", "8"])  # the last value given wins
+    add_fisher(ckdir / "rte", 99)  # a Fisher computed again: the cached cells are stale
+    with pytest.raises(SystemExit, match="mask_fisher differ"):
+        rules.main(argv)
