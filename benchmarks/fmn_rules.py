@@ -3,10 +3,11 @@
     python benchmarks/fmn_rules.py --checkpoints_dir runs/checkpoints --tasks rte cola mrpc stsb sst2 \
         --out runs/rules --max_eval_samples 500
 
-FMN's defaults choose p (`powers`) and s (`scalings`) per merge on the held-out rows. A rule is a candidate set
-(some of those (p, s)) and an objective (`mean` or `worst_gain`). Instead of running each rule as its own merge
+FMN's defaults choose p (`powers`) and s (`scalings`) per merge on the held-out rows (and the normalization from
+`normalizes` when `normalize` is null). A rule is a candidate set (some of those (normalize, p, s)) and an
+objective (`mean` or `worst_gain`). Instead of running each rule as its own merge
 (`benchmarks/fmn_study.py` does that, one grid row per rule), this scores each candidate body
-theta0 + s (FMN_p - theta0) of every pair once, on the selection split (holdout) and on validation, with the plain
+theta0 + s (FMN_{normalize, p} - theta0) of every pair once, on the selection split (holdout) and on validation, with the plain
 average and the individual checkpoints, and then lets each rule choose by its objective among the stored holdout
 scores (`rank`, the criterion `fmn merge` itself uses). The rule's chosen cell per pair is exactly what the merge
 with those options returns; its validation gain over the average is what we report.
@@ -45,15 +46,38 @@ from fmn_pl.merging.task_arithmetic import rank  # noqa: E402
 SPLITS = ("holdout", "validation")
 
 
-def candidate(p: float, s: float) -> str:
-    return f"p{p:g}_s{s:g}"
+def candidate(p: float, s: float, normalize: str = "none") -> str:
+    """A cell's name: p0.25_s2 (normalize none), mean_p0.5_s2; p = 0 is one body whatever the normalization."""
+    return f"p{p:g}_s{s:g}" if normalize == "none" or p == 0 else f"{normalize}_p{p:g}_s{s:g}"
 
 
-def rules(powers: list[float], scalings: list[float]) -> list[dict[str, Any]]:
-    """The rules compared: the defaults' product set, and each power alone, by each objective."""
-    sets = {"p from {" + ", ".join(f"{p:g}" for p in powers) + "}": powers, **{f"p {p:g} alone": [p] for p in powers}}
-    return [{"label": f"{name}, s by {objective}", "candidates": [candidate(p, s) for p in ps for s in scalings],
-             "objective": objective} for name, ps in sets.items() for objective in ("mean", "worst_gain")]
+def weightings(normalizes: list[str], powers: list[float]) -> list[tuple[str, float]]:
+    """(normalize, p) of each distinct weighting, in FMN's candidate order (p = 0 once, with the first)."""
+    return [(n, p) for n in normalizes for p in powers if p != 0 or n == normalizes[0]]
+
+
+def rules(normalizes: list[str], powers: list[float], scalings: list[float]) -> list[dict[str, Any]]:
+    """The rules compared, by each objective: every normalization with every power (FMN's grid), then subsets
+    (each normalization alone; each power alone, and each nonzero power with 0); a candidate set once."""
+    def braces(xs: list) -> str:
+        return "{" + ", ".join(f"{x:g}" if isinstance(x, float) else x for x in xs) + "}"
+
+    norm_sets = [normalizes] + ([[n] for n in normalizes] if len(normalizes) > 1 else [])
+    power_sets = [powers] + [[p] for p in powers] + [[p, 0.0] for p in powers if p != 0 and len(powers) > 2 and 0.0 in powers]
+    out, seen = [], set()
+    for ns in norm_sets:
+        for ps in power_sets:
+            cands = [candidate(p, s, n) for n, p in weightings(ns, ps) for s in scalings]
+            if tuple(cands) in seen:
+                continue
+            seen.add(tuple(cands))
+            name = ("" if ns == ["none"] or not any(ps) else f"normalize {braces(ns)}, ") + (
+                f"p {ps[0]:g} alone" if len(ps) == 1 else f"p from {braces(ps)}")
+            options = {"normalize": ns[0] if len(ns) == 1 else None, "normalizes": ns,
+                       "power": ps[0] if len(ps) == 1 else None, "powers": ps}
+            out += [{"label": f"{name}, s by {objective}", "candidates": cands, "objective": objective,
+                     "options": {**options, "objective": objective}} for objective in ("mean", "worst_gain")]
+    return out
 
 
 def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
@@ -96,10 +120,11 @@ def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[
         cks = [root / t for t in pair]
         own = args.own_tensors
         cell(pair, "average", lambda: merge_body(cks, Average(), selection=ev["holdout"], own_tensors=own))
-        for p in args.powers:
+        for n, p in weightings(args.normalizes, args.powers):
             for s in args.scalings:
-                cell(pair, candidate(p, s), lambda p=p, s=s: merge_body(
-                    cks, FMN(power=p, scaling=s), selection=ev["holdout"], log=lambda msg: None, own_tensors=own))
+                cell(pair, candidate(p, s, n), lambda n=n, p=p, s=s: merge_body(
+                    cks, FMN(normalize=n, power=p, scaling=s), selection=ev["holdout"], log=lambda msg: None,
+                    own_tensors=own))
     return cells
 
 
@@ -144,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tasks", nargs="+", required=True)
     ap.add_argument("--out", required=True, help="output folder (cells/ cache, rules.json, rules.md)")
     ap.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data" / "glue"))
+    ap.add_argument("--normalizes", nargs="+", default=["none"], help="FMN normalizations the candidates use")
     ap.add_argument("--powers", type=float, nargs="+", default=POWERS)
     ap.add_argument("--scalings", type=float, nargs="+", default=SCALINGS)
     ap.add_argument("--max_eval_samples", type=int, default=500, help="validation cap per task (holdout: all rows)")
@@ -167,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = ["+".join(p) for p in pairs]
     report = {"checkpoints_dir": args.checkpoints_dir, "tasks": args.tasks, "max_eval_samples": args.max_eval_samples,
               "own_tensors": args.own_tensors,
-              "powers": args.powers, "scalings": args.scalings,
-              "rules": [compare(cells, names, r) for r in rules(args.powers, args.scalings)],
+              "normalizes": args.normalizes, "powers": args.powers, "scalings": args.scalings,
+              "rules": [compare(cells, names, r) for r in rules(args.normalizes, args.powers, args.scalings)],
               "individual": {t: cells[(t, "individual")][t] for t in args.tasks}}
     out = Path(args.out)
     write_json(out / "rules.json", report)

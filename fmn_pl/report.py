@@ -88,7 +88,7 @@ def markdown(report: dict[str, Any]) -> str:
         chosen = [f"{k.rsplit('_', 1)[0]} {k.rsplit('_', 1)[1]} {v['chosen']} (of {v['grid']})"  # e.g. fmn_power
                   + (f", by {v['objective']}" if v.get("objective") else "")
                   for k, v in (report.get("notes") or {}).items()
-                  if k.endswith(("_scaling", "_power")) and isinstance(v, dict) and "chosen" in v]
+                  if k.endswith(("_scaling", "_power", "_normalize")) and isinstance(v, dict) and "chosen" in v]
         lines.append(f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations)"
                      + (f": {', '.join(chosen)}." if chosen else "."))
     if sel and sel.get("adapted"):

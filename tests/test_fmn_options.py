@@ -209,3 +209,48 @@ def test_worst_gain_reference_is_the_average_candidate_when_there_is_one(
     assert ctx.notes["fmn"]["power"] == p  # the notes describe the chosen weights
     if p == 0.0:
         assert len(set(ctx.notes["fmn"]["universal_weights"])) == 1
+
+
+def test_null_normalize_is_chosen_with_p_and_s_as_a_brute_force_search(make_checkpoint: Callable, tiny_base: Callable) -> None:
+    """normalize null: every (normalize, p, s) scored, p = 0 once (it ignores the Fisher), the best kept; the bodies
+    here are built independently from FMN with every option fixed. The evaluation prefers the body nearest to
+    normalize mean, p 1, s 2, which differs from normalize none's because the second Fisher is 30x larger."""
+    normalizes, powers, grid = ["none", "mean"], [1.0, 0.0], [1.0, 2.0]
+    ref_ctx = _ctx(make_checkpoint, tiny_base)
+    base = {k: ref_ctx.base(k) for k in ref_ctx.keys}
+    bodies = {}
+    for n in normalizes:
+        for p in powers:
+            plain = dict(ref_fmn(normalize=n, power=p).merge(_ctx(make_checkpoint, tiny_base)))
+            for s in grid:
+                bodies[(n, p, s)] = {k: base[k] + s * (plain[k] - base[k]) for k in plain}
+    target = bodies[("mean", 1.0, 2.0)]
+    assert any(not torch.allclose(target[k], bodies[("none", 1.0, 2.0)][k]) for k in target)
+    evaluations = []
+
+    def evaluate(body: dict[str, torch.Tensor]) -> dict[str, float]:
+        evaluations.append(1)
+        return {"rte": -sum(float((body[k] - target[k]).abs().sum()) for k in target)}
+
+    ctx = _ctx(make_checkpoint, tiny_base, evaluate)
+    merged = dict(ref_fmn(normalize=None, normalizes=normalizes, power=None, powers=powers, scaling=None,
+                          scalings=grid).merge(ctx))
+    assert ctx.notes["fmn_normalize"] == {"chosen": "mean", "grid": normalizes}
+    assert (ctx.notes["fmn_power"]["chosen"], ctx.notes["fmn_scaling"]["chosen"]) == (1.0, 2.0)
+    assert ctx.notes["fmn"]["normalize"] == "mean" and ctx.notes["fmn"]["power"] == 1.0
+    assert list(ctx.notes["fmn_scaling"]["scores"]) == [
+        "normalize=none p=1.0 s=1.0", "normalize=none p=1.0 s=2.0", "p=0.0 s=1.0", "p=0.0 s=2.0",
+        "normalize=mean p=1.0 s=1.0", "normalize=mean p=1.0 s=2.0"]
+    assert len(evaluations) == 6
+    for key in target:
+        torch.testing.assert_close(merged[key], target[key], rtol=1e-5, atol=1e-6, msg=key)
+    # p = 0 under either normalization is the same body
+    for key in target:
+        torch.testing.assert_close(bodies[("none", 0.0, 2.0)][key], bodies[("mean", 0.0, 2.0)][key])
+
+
+@pytest.mark.parametrize("bad", [dict(normalize="odd"), dict(normalize=None, normalizes=["none", "odd"]),
+                                 dict(normalize=None, normalizes=[])])
+def test_bad_normalize_grid(bad: dict) -> None:
+    with pytest.raises(ValueError, match="normalize"):
+        ref_fmn(**bad)

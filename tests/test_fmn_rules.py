@@ -26,26 +26,34 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
     rules = load_benchmark("fmn_rules")
     out = tmp_path / "rules"
     argv = ["--checkpoints_dir", str(ckdir), "--tasks", *TASKS, "--out", str(out), "--data_dir", str(tiny_glue),
-            "--max_eval_samples", "16", "--accelerator", "cpu", "--scalings", "1", "3"]
+            "--max_eval_samples", "16", "--accelerator", "cpu", "--scalings", "1", "3", "--normalizes", "none", "mean"]
     report = rules.main(argv)
     assert json.loads(capsys.readouterr().out) == json.loads((out / "rules.json").read_text()) == report
-    assert len(list((out / "cells").glob("*.json"))) == 3 + 3 * (1 + 2 * 2)
+    assert len(list((out / "cells").glob("*.json"))) == 3 + 3 * (1 + 3 * 2)  # none p0.25, mean p0.25, p0 (once)
     by_label = {r["label"]: r for r in report["rules"]}
-    assert list(by_label) == [f"{c}, s by {o}" for c in ("p from {0.25, 0}", "p 0.25 alone", "p 0 alone")
+    assert list(by_label) == [f"{c}, s by {o}" for c in ("normalize {none, mean}, p from {0.25, 0}",
+                                                         "normalize {none, mean}, p 0.25 alone", "p 0 alone",
+                                                         "p from {0.25, 0}", "p 0.25 alone",
+                                                         "normalize {mean}, p from {0.25, 0}",
+                                                         "normalize {mean}, p 0.25 alone")
                               for o in ("mean", "worst_gain")]
 
-    for k, (label, options) in enumerate([("p from {0.25, 0}, s by mean", []),
-                           ("p from {0.25, 0}, s by worst_gain", ["--method.objective", "worst_gain"]),
-                           ("p 0.25 alone, s by worst_gain", ["--method.power", "0.25", "--method.objective", "worst_gain"])]):
+    for k, label in enumerate(["normalize {none, mean}, p from {0.25, 0}, s by mean", "p from {0.25, 0}, s by mean",
+                               "p from {0.25, 0}, s by worst_gain", "p 0.25 alone, s by worst_gain"]):
         rule = by_label[label]
+        options = [f"--method.{name}={value if isinstance(value, str) else json.dumps(value)}"
+                   for name, value in rule["options"].items()]
         for n, pair in enumerate(["rte+stsb", "rte+mrpc", "stsb+mrpc"]):
             cks = [str(ckdir / t) for t in pair.split("+")]
             merged = merge_main(["--method", "fmn", "--checkpoints", *cks, *options, "--method.scalings", "[1, 3]",
                                  "--output", str(tmp_path / f"m{k}_{n}"), "--data_dir", str(tiny_glue),
                                  "--max_eval_samples", "16", "--progress", "false"])
             notes = merged["notes"]
-            p = notes["fmn_power"]["chosen"] if "fmn_power" in notes else 0.25
-            assert rule["chosen"][pair] == rules.candidate(p, notes["fmn_scaling"]["chosen"]), (label, pair)
+            p = notes["fmn_power"]["chosen"] if "fmn_power" in notes else rule["options"]["power"]
+            norm = notes["fmn_normalize"]["chosen"] if "fmn_normalize" in notes else rule["options"]["normalize"]
+            assert rule["chosen"][pair] == rules.candidate(p, notes["fmn_scaling"]["chosen"], norm), (label, pair)
+            if rule["options"]["normalize"] is None:  # the report names the chosen normalization
+                assert f"fmn normalize {norm} (of ['none', 'mean'])" in (tmp_path / f"m{k}_{n}" / "report.md").read_text()
             cell = json.loads((out / "cells" / f"{pair}__{rule['chosen'][pair]}.json").read_text())["scores"]
             for task, result in merged["results"].items():
                 assert 100 * result["merged"]["score"] == pytest.approx(cell[task]["validation"], abs=1e-4)

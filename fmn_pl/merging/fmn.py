@@ -25,14 +25,15 @@ weighting) and the scaling s chosen together on the selection split by the mean 
 `scaling` s (fmn-pl's addition, 1 = the rule above) scales the merged task vector:
 theta = theta0 + s (theta* - theta0) = theta0 + s sum_j W_j tau_j / sum_j W_j. A weighted *mean* of task
 vectors shrinks each task's own direction by about 1/M; s > 1 restores it, as task arithmetic's lambda does
-for a sum. null chooses s from `scalings` on the selection split; `power: null` chooses p from `powers` with it
-(every (p, s) scored: len(powers) x len(scalings) evaluations, one more with worst_gain unless p = 0, s = 1, the
-average itself, is among them; one merged task vector per p and one candidate body are held in memory meanwhile).
+for a sum. null chooses s from `scalings` on the selection split; `power: null` chooses p from `powers` with it,
+`normalize: null` the normalization from `normalizes` (every (normalize, p, s) scored, p = 0 once since it ignores
+the Fisher; one more evaluation with worst_gain unless p = 0, s = 1, the average itself, is among them; one merged
+task vector and one candidate body are held in memory meanwhile).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 
@@ -45,6 +46,7 @@ Normalize = Literal["none", "mean", "type", "layer", "rank"]
 Broadcast = Literal["reference", "per_node"]
 SCALINGS = [1.0, 1.5, 2.0, 2.5]
 POWERS = [0.25, 0.0]
+NORMALIZES: list[Normalize] = ["none", "mean"]
 # The FMN paper's rule (its reference code), as options: what `fmn_reference.yaml` and the study's baseline row set.
 REFERENCE = {"broadcast": "reference", "normalize": "none", "power": 1.0, "scaling": 1.0}
 
@@ -101,7 +103,8 @@ class FMN(MergeMethod):
     def __init__(
         self,
         broadcast: Broadcast = "per_node",
-        normalize: Normalize = "none",
+        normalize: Normalize | None = "none",
+        normalizes: list[Normalize] = NORMALIZES,  # noqa: B006 - read-only default, shown by --help
         universal: bool = True,
         epsilon: float = 0.0,
         coefficients: list[float] | None = None,
@@ -118,7 +121,9 @@ class FMN(MergeMethod):
                 per_node = value rows, attention-output input columns and FFN-output input columns by their own node.
             normalize: per-model Fisher scaling before merging: none (reference), mean (unit mean over all its
                 nodes), type (unit mean of heads and of neurons separately), layer (unit mean per layer and node type),
-                rank (each node's percentile among the model's heads, or neurons: scale-free).
+                rank (each node's percentile among the model's heads, or neurons: scale-free). null chooses it
+                from `normalizes` on the selection split, with p and s (p = 0 is one candidate: no Fisher in it).
+            normalizes: the grid the normalization is chosen from when `normalize` is null.
             universal: weight embeddings, pooler and other non-layer body tensors by the universal Fisher U
                 (mean over layers of mean head + mean neuron Fisher); false = plain average there.
             epsilon: floor on every (normalised) node Fisher, so near-zero sums cannot blow up; 0 = reference
@@ -137,13 +142,14 @@ class FMN(MergeMethod):
         """
         if broadcast not in ("reference", "per_node"):
             raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
-        if normalize not in ("none", "mean", "type", "layer", "rank"):
-            raise ValueError(f"fmn normalize must be one of none, mean, type, layer, rank; got {normalize!r}")
+        for n in [normalize] if normalize is not None else normalizes or [None]:
+            if n not in ("none", "mean", "type", "layer", "rank"):
+                raise ValueError(f"fmn normalize and normalizes must be among none, mean, type, layer, rank; got {n!r}")
         if epsilon < 0:
             raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
         if power is not None and power < 0 or not powers or min(powers) < 0:
             raise ValueError(f"fmn power and powers must be >= 0, got {power} and {powers}")
-        self.broadcast, self.normalize, self.universal = broadcast, normalize, universal
+        self.broadcast, self.normalize, self.normalizes, self.universal = broadcast, normalize, list(normalizes), universal
         self.epsilon, self.coefficients, self.power, self.powers = epsilon, coefficients, power, list(powers)
         if scaling is not None and scaling <= 0 or not scalings or min(scalings) <= 0:
             raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
@@ -152,7 +158,7 @@ class FMN(MergeMethod):
         if scaling != 1.0:  # an instance's needs: the base model for the task vectors
             self.needs = frozenset({"mask_fisher", "base"})
         self._c: torch.Tensor = torch.ones(0)
-        self._fisher: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(0), torch.zeros(0))  # normalised, floored
+        self._fisher: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # normalize -> [M, L, H], [M, L, F], floored
         self._head: torch.Tensor = torch.zeros(0)  # [M, L, H], raised to the power in use
         self._neuron: torch.Tensor = torch.zeros(0)  # [M, L, F]
         self._roles: dict[str, tuple[str, int, str]] = {}  # key -> (role, layer, "weight" | "bias")
@@ -161,7 +167,7 @@ class FMN(MergeMethod):
     def setup(self, ctx: MergeContext) -> None:
         self._c = torch.tensor(check_coefficients(self.coefficients, ctx.num_models, "fmn"), dtype=torch.float64)
         L, H, F = node_shape(ctx.config)
-        heads, neurons = [], []
+        raw = []
         for i in range(ctx.num_models):
             art = ctx.artifact(i, "mask_fisher")
             head, neuron = art.get("head").double(), art.get("neuron").double()
@@ -170,18 +176,25 @@ class FMN(MergeMethod):
                     raise ValueError(f"{art.path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
             if (head < 0).any() or (neuron < 0).any():
                 raise ValueError(f"{art.path}: Fisher values must be >= 0")
-            head, neuron = normalize_fisher(head, neuron, self.normalize)
-            heads.append(head.clamp_min(self.epsilon))
-            neurons.append(neuron.clamp_min(self.epsilon))
-        self._fisher = (torch.stack(heads), torch.stack(neurons))
+            raw.append((head, neuron))
+        self._fisher = {}
+        for how in self.normalize_grid():
+            pairs = [normalize_fisher(head, neuron, how) for head, neuron in raw]
+            self._fisher[how] = (torch.stack([h.clamp_min(self.epsilon) for h, _ in pairs]),
+                                 torch.stack([n.clamp_min(self.epsilon) for _, n in pairs]))
         self._roles = parameter_roles(ctx.config, ctx.body_prefix, ctx.keys)
-        self.use_power(self.powers[0] if self.power is None else self.power, ctx)
+        self.use_weights(self.normalize_grid()[0], self.powers[0] if self.power is None else self.power, ctx)
 
-    def use_power(self, p: float, ctx: MergeContext) -> None:
-        """Weights from the node Fisher raised to p (0 ** 0 = 1: power 0 is the plain average); the weights in use
-        are what `ctx.notes["fmn"]` describes."""
-        self._head, self._neuron = self._fisher[0].pow(p), self._fisher[1].pow(p)
+    def normalize_grid(self) -> list[str]:
+        return self.normalizes if self.normalize is None else [self.normalize]
+
+    def use_weights(self, normalize: str, p: float, ctx: MergeContext) -> None:
+        """Weights from the `normalize`d node Fisher raised to p (0 ** 0 = 1: power 0 is the plain average); the
+        weights in use are what `ctx.notes["fmn"]` describes."""
+        head, neuron = self._fisher[normalize]
+        self._head, self._neuron = head.pow(p), neuron.pow(p)
         ctx.notes["fmn"] = {
+            "normalize": normalize,
             "power": p,
             "universal_weights": [float(universal_weight(h, n)) for h, n in zip(self._head, self._neuron)],
             "mean_head_fisher": [float(h.mean()) for h in self._head],
@@ -223,45 +236,64 @@ class FMN(MergeMethod):
         return w.reshape(M, shape[0], *([1] * (len(shape) - 1)))
 
     def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
-        if self.power is not None and self.scaling == 1.0:
+        fixed = self.normalize is not None and self.power is not None
+        if fixed and self.scaling == 1.0:
             yield from super().merge(ctx)
             return
-        if self.power is not None and self.scaling is not None:
+        if fixed and self.scaling is not None:
             for key, merged in super().merge(ctx):
                 base = ctx.base(key)
                 yield key, merged.sub_(base).mul_(self.scaling).add_(base)
             return
-        # choose p and/or s on the selection split: one merged task vector per p held in memory meanwhile
-        # (with s = 1 the merged bodies themselves: no base model needed)
+        # choose (normalize, p) and/or s on the selection split; the merged task vector of one weighting is held
+        # in memory at a time (with s = 1 the merged bodies themselves: no base model needed)
         origin = ctx.base if self.scaling != 1.0 else (lambda key: 0.0)
         self.setup(ctx)
+        norms = self.normalize_grid()
         powers = self.powers if self.power is None else [self.power]
         scalings = self.scalings if self.scaling is None else [self.scaling]
-        vectors = {}
-        for p in powers:
-            self.use_power(p, ctx)
-            vectors[p] = {key: self.merge_tensor(key, ctx.models(key), ctx).sub_(origin(key)) for key in ctx.keys}
-        grid = {(f"p={p} s={s}" if self.power is None else s): (p, s) for p in powers for s in scalings}
-        candidates = {key: lambda p=p, s=s: {k: origin(k) + s * v for k, v in vectors[p].items()}
-                      for key, (p, s) in grid.items()}
+        # p = 0 ignores the Fisher: one weighting whatever the normalization (the first's)
+        weightings = [(n, p) for n in norms for p in powers if p != 0 or n == norms[0]]
+        held: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
+
+        def vector(w: tuple[str, float]) -> dict[str, torch.Tensor]:
+            if w not in held:
+                held.clear()
+                self.use_weights(*w, ctx)
+                held[w] = {key: self.merge_tensor(key, ctx.models(key), ctx).sub_(origin(key)) for key in ctx.keys}
+            return held[w]
+
+        named = self.normalize is None or self.power is None  # else the key is s itself, as task arithmetic's
+
+        def key_of(n: str, p: float, s: float) -> Any:  # e.g. "normalize=mean p=0.25 s=2.0" (p = 0: no normalize)
+            if not named:
+                return s
+            return (f"normalize={n} " if self.normalize is None and p != 0 else "") + (
+                f"p={p} " if self.power is None else "") + f"s={s}"
+
+        grid = {key_of(n, p, s): (n, p, s) for n, p in weightings for s in scalings}
+        candidates = {key: lambda n=n, p=p, s=s: {k: origin(k) + s * v for k, v in vector((n, p)).items()}
+                      for key, (n, p, s) in grid.items()}
         # p = 0, s = 1 is the plain average when the coefficients are equal: its scores are worst_gain's reference
         equal = self.coefficients is None or len(set(self.coefficients)) == 1
-        average = next((key for key, ps in grid.items() if ps == (0.0, 1.0)), None) if equal else None
+        average = next((key for key, (_, p, s) in grid.items() if (p, s) == (0.0, 1.0)), None) if equal else None
         best, measured = choose_body(ctx, candidates, "fmn", self.objective, average=average,
-                                     describe=lambda key: key if self.power is None else f"s={key}")
-        p, s = grid[best]
-        self.use_power(p, ctx)  # the notes describe the chosen weights
+                                     describe=lambda key: key if named else f"s={key}")
+        n, p, s = grid[best]
+        vec = vector((n, p))
+        self.use_weights(n, p, ctx)  # the notes describe the chosen weights
+        held.clear()
         ctx.notes["fmn_scaling"] = {"chosen": s, "grid": scalings, **measured}
         if self.power is None:
             ctx.notes["fmn_power"] = {"chosen": p, "grid": powers}
+        if self.normalize is None:
+            ctx.notes["fmn_normalize"] = {"chosen": n, "grid": norms}
         if p == 0:  # say what the chosen body is: no Fisher weighting is left in it
             ctx.remark("fmn: the selection split chose power 0, the unweighted merge: "
                        + ("the plain average itself (no candidate scored better)" if s == 1 else
                           f"task arithmetic with lambda = s / {ctx.num_models} = {s / ctx.num_models:g}"))
-        vector = vectors.pop(p)
-        vectors.clear()
         for key in ctx.keys:
-            yield key, vector.pop(key).mul_(s).add_(origin(key))
+            yield key, vec.pop(key).mul_(s).add_(origin(key))
 
     def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
         shape = tuple(ctx.readers[0].shape(key))
