@@ -172,6 +172,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--normalizes", nargs="+", default=["none"], help="FMN normalizations the candidates use")
     ap.add_argument("--powers", type=float, nargs="+", default=POWERS)
     ap.add_argument("--scalings", type=float, nargs="+", default=SCALINGS)
+    ap.add_argument("--pairs", nargs="+", default=None,
+                    help="score only these pairs, e.g. rte+cola (default: every pair of --tasks; two processes "
+                         "with disjoint --pairs can share one --out)")
     ap.add_argument("--max_eval_samples", type=int, default=500, help="validation cap per task (holdout: all rows)")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--accelerator", default="auto")
@@ -189,6 +192,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)
     pairs = list(itertools.combinations(args.tasks, 2))
+    if args.pairs:
+        unknown = sorted(set(args.pairs) - {"+".join(p) for p in pairs})
+        if unknown:
+            raise SystemExit(f"fmn_rules: --pairs {unknown} are not pairs of --tasks in their order, e.g. {'+'.join(pairs[0])}")
+        pairs = [p for p in pairs if "+".join(p) in args.pairs]
     cells = score_cells(args, pairs)
     names = ["+".join(p) for p in pairs]
     report = {"checkpoints_dir": args.checkpoints_dir, "tasks": args.tasks, "max_eval_samples": args.max_eval_samples,
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "individual": {t: cells[(t, "individual")][t] for t in args.tasks}}
     out = Path(args.out)
     write_json(out / "rules.json", report)
-    tmp = out / ".rules.md.tmp"
+    tmp = out / f".rules.md.tmp-{os.getpid()}"
     tmp.write_text(markdown(report))
     tmp.replace(out / "rules.md")
     print(json.dumps(report, indent=1))

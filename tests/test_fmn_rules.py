@@ -71,6 +71,10 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     assert rules.main(argv)["rules"] == report["rules"]
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
+    # --pairs: a subset of the pairs (cached here), in the tasks' order
+    assert list(rules.main([*argv, "--pairs", "rte+stsb"])["rules"][0]["chosen"]) == ["rte+stsb"]
+    with pytest.raises(SystemExit, match="not pairs of --tasks"):
+        rules.main([*argv, "--pairs", "stsb+rte"])
     # other settings in the same folder are refused, not mixed with the cached cells
     with pytest.raises(SystemExit, match="max_eval_samples differ"):
         rules.main([*argv, "--max_eval_samples", "8"])  # the last value given wins
