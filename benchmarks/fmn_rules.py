@@ -7,8 +7,8 @@ FMN's defaults choose p (`powers`) and s (`scalings`) per merge on the held-out 
 `normalizes` when `normalize` is null). A rule is a candidate set (some of those (normalize, p, s)) and an
 objective (`mean` or `worst_gain`). Instead of running each rule as its own merge
 (`benchmarks/fmn_study.py` does that, one grid row per rule), this scores each candidate body
-theta0 + s (FMN_{normalize, p} - theta0) of every pair once, on the selection split (holdout) and on validation, with the plain
-average and the individual checkpoints, and then lets each rule choose by its objective among the stored holdout
+theta0 + s (FMN_{normalize, p} - theta0) of every pair once, on the selection split (holdout) and on
+validation, with the plain average and the individual checkpoints, and then lets each rule choose by its objective among the stored holdout
 scores (`rank`, the criterion `fmn merge` itself uses). The rule's chosen cell per pair is exactly what the merge
 with those options returns; its validation gain over the average is what we report.
 
@@ -63,7 +63,8 @@ def rules(normalizes: list[str], powers: list[float], scalings: list[float]) -> 
         return "{" + ", ".join(f"{x:g}" if isinstance(x, float) else x for x in xs) + "}"
 
     norm_sets = [normalizes] + ([[n] for n in normalizes] if len(normalizes) > 1 else [])
-    power_sets = [powers] + [[p] for p in powers] + [[p, 0.0] for p in powers if p != 0 and len(powers) > 2 and 0.0 in powers]
+    with_zero = len(powers) > 2 and 0.0 in powers
+    power_sets = [powers] + [[p] for p in powers] + [[p, 0.0] for p in powers if p != 0 and with_zero]
     out, seen = [], set()
     for ns in norm_sets:
         for ps in power_sets:
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.pairs:
         unknown = sorted(set(args.pairs) - {"+".join(p) for p in pairs})
         if unknown:
-            raise SystemExit(f"fmn_rules: --pairs {unknown} are not pairs of --tasks in their order, e.g. {'+'.join(pairs[0])}")
+            raise SystemExit(f"fmn_rules: --pairs {unknown} are not pairs of --tasks in their order, "
+                             f"e.g. {'+'.join(pairs[0])}")
         pairs = [p for p in pairs if "+".join(p) in args.pairs]
     cells = score_cells(args, pairs)
     names = ["+".join(p) for p in pairs]

@@ -211,7 +211,9 @@ def test_worst_gain_reference_is_the_average_candidate_when_there_is_one(
         assert len(set(ctx.notes["fmn"]["universal_weights"])) == 1
 
 
-def test_null_normalize_is_chosen_with_p_and_s_as_a_brute_force_search(make_checkpoint: Callable, tiny_base: Callable) -> None:
+def test_null_normalize_is_chosen_with_p_and_s_as_a_brute_force_search(
+    make_checkpoint: Callable, tiny_base: Callable
+) -> None:
     """normalize null: every (normalize, p, s) scored, p = 0 once (it ignores the Fisher), the best kept; the bodies
     here are built independently from FMN with every option fixed. The evaluation prefers the body nearest to
     normalize mean, p 1, s 2, which differs from normalize none's because the second Fisher is 30x larger."""

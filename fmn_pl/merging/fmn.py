@@ -149,7 +149,8 @@ class FMN(MergeMethod):
             raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
         if power is not None and power < 0 or not powers or min(powers) < 0:
             raise ValueError(f"fmn power and powers must be >= 0, got {power} and {powers}")
-        self.broadcast, self.normalize, self.normalizes, self.universal = broadcast, normalize, list(normalizes), universal
+        self.broadcast, self.normalize, self.universal = broadcast, normalize, universal
+        self.normalizes = list(normalizes)
         self.epsilon, self.coefficients, self.power, self.powers = epsilon, coefficients, power, list(powers)
         if scaling is not None and scaling <= 0 or not scalings or min(scalings) <= 0:
             raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
