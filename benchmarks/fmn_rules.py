@@ -40,7 +40,7 @@ from fmn_pl.checkpoint import weights_fingerprint, write_json  # noqa: E402
 from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
 from fmn_pl.merge import merge_body  # noqa: E402
 from fmn_pl.merging.average import Average  # noqa: E402
-from fmn_pl.merging.fmn import FMN, POWERS, SCALINGS  # noqa: E402
+from fmn_pl.merging.fmn import FMN, POWERS, SCALINGS, weightings  # noqa: E402
 from fmn_pl.merging.task_arithmetic import rank  # noqa: E402
 
 SPLITS = ("holdout", "validation")
@@ -49,11 +49,6 @@ SPLITS = ("holdout", "validation")
 def candidate(p: float, s: float, normalize: str = "none") -> str:
     """A cell's name: p0.25_s2 (normalize none), mean_p0.5_s2; p = 0 is one body whatever the normalization."""
     return f"p{p:g}_s{s:g}" if normalize == "none" or p == 0 else f"{normalize}_p{p:g}_s{s:g}"
-
-
-def weightings(normalizes: list[str], powers: list[float]) -> list[tuple[str, float]]:
-    """(normalize, p) of each distinct weighting, in FMN's candidate order (p = 0 once, with the first)."""
-    return [(n, p) for n in normalizes for p in powers if p != 0 or n == normalizes[0]]
 
 
 def rules(normalizes: list[str], powers: list[float], scalings: list[float]) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ task vector and one candidate body are held in memory meanwhile).
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, get_args
 
 import torch
 
@@ -49,6 +49,12 @@ POWERS = [0.25, 0.0]
 NORMALIZES: list[Normalize] = ["none", "mean"]
 # The FMN paper's rule (its reference code), as options: what `fmn_reference.yaml` and the study's baseline row set.
 REFERENCE = {"broadcast": "reference", "normalize": "none", "power": 1.0, "scaling": 1.0}
+
+
+def weightings(normalizes: list[str], powers: list[float]) -> list[tuple[str, float]]:
+    """(normalize, p) of each distinct weighting, in the order FMN scores them: p = 0 ignores the Fisher, so it
+    is one weighting whatever the normalization (listed with the first)."""
+    return [(n, p) for n in normalizes for p in powers if p != 0 or n == normalizes[0]]
 
 
 def normalize_fisher(head: torch.Tensor, neuron: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +82,7 @@ def normalize_fisher(head: torch.Tensor, neuron: torch.Tensor, how: str) -> tupl
         return unit(head, 1), unit(neuron, 1)
     if how == "rank":
         return percentile(head), percentile(neuron)
-    raise ValueError(f"fmn normalize must be one of none, mean, type, layer, rank; got {how!r}")
+    raise ValueError(f"fmn normalize must be one of {', '.join(get_args(Normalize))}; got {how!r}")
 
 
 def percentile(x: torch.Tensor) -> torch.Tensor:
@@ -142,9 +148,10 @@ class FMN(MergeMethod):
         """
         if broadcast not in ("reference", "per_node"):
             raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
-        for n in [normalize] if normalize is not None else normalizes or [None]:
-            if n not in ("none", "mean", "type", "layer", "rank"):
-                raise ValueError(f"fmn normalize and normalizes must be among none, mean, type, layer, rank; got {n!r}")
+        grid = [normalize] if normalize is not None else list(normalizes)
+        if not grid or any(n not in get_args(Normalize) for n in grid):
+            raise ValueError(f"fmn normalize and normalizes must be among {', '.join(get_args(Normalize))}; "
+                             f"got {normalize!r} and {normalizes!r}")
         if epsilon < 0:
             raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
         if power is not None and power < 0 or not powers or min(powers) < 0:
@@ -253,8 +260,6 @@ class FMN(MergeMethod):
         norms = self.normalize_grid()
         powers = self.powers if self.power is None else [self.power]
         scalings = self.scalings if self.scaling is None else [self.scaling]
-        # p = 0 ignores the Fisher: one weighting whatever the normalization (the first's)
-        weightings = [(n, p) for n in norms for p in powers if p != 0 or n == norms[0]]
         held: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
 
         def vector(w: tuple[str, float]) -> dict[str, torch.Tensor]:
@@ -272,7 +277,7 @@ class FMN(MergeMethod):
             return (f"normalize={n} " if self.normalize is None and p != 0 else "") + (
                 f"p={p} " if self.power is None else "") + f"s={s}"
 
-        grid = {key_of(n, p, s): (n, p, s) for n, p in weightings for s in scalings}
+        grid = {key_of(n, p, s): (n, p, s) for n, p in weightings(norms, powers) for s in scalings}
         candidates = {key: lambda n=n, p=p, s=s: {k: origin(k) + s * v for k, v in vector((n, p)).items()}
                       for key, (n, p, s) in grid.items()}
         # p = 0, s = 1 is the plain average when the coefficients are equal: its scores are worst_gain's reference
@@ -281,8 +286,7 @@ class FMN(MergeMethod):
         best, measured = choose_body(ctx, candidates, "fmn", self.objective, average=average,
                                      describe=lambda key: key if named else f"s={key}")
         n, p, s = grid[best]
-        vec = vector((n, p))
-        self.use_weights(n, p, ctx)  # the notes describe the chosen weights
+        vec = vector((n, p))  # the last weighting built, so the notes describe the chosen weights
         held.clear()
         ctx.notes["fmn_scaling"] = {"chosen": s, "grid": scalings, **measured}
         if self.power is None:
