@@ -38,6 +38,10 @@ ROWS: dict[str, list[str]] = {
                                "--method.scaling", "1"],
     "fmn mean/per_node/scaled": ["--method", "fmn", "--method.normalize", "mean", "--method.power", "1",
                                  "--method.objective", "mean"],
+    # question 3's grid (20 candidates: normalization from [none, mean] x p from [0.25, 0.5, 0] x s), each objective
+    "fmn normalize null": ["--method", "fmn", "--method.normalize", "null", "--method.powers", "[0.25, 0.5, 0]"],
+    "fmn normalize null worst_gain": ["--method", "fmn", "--method.normalize", "null", "--method.powers",
+                                      "[0.25, 0.5, 0]", "--method.objective", "worst_gain"],
     "fisher": ["--method", "fisher"],
     "task_arithmetic": ["--method", "task_arithmetic"],
     "task_arithmetic dare": ["--method", "task_arithmetic", "--method.dare_p", "0.5"],
