@@ -28,6 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from fmn_pl.checkpoint import write_json  # noqa: E402
 
+# question 3's FMN grid (20 candidates: normalization from [none, mean] x p from [0.25, 0.5, 0] x s)
+FMN_NORMALIZE_NULL = ["--method", "fmn", "--method.normalize", "null", "--method.powers", "[0.25, 0.5, 0]"]
 # label -> `fmn-pl merge` method arguments. Options left out take the method's defaults (TA/TIES/TALL/Consensus
 # choose lambda on the selection split; AdaMerging's steps cut from 500 to fit a CPU).
 ROWS: dict[str, list[str]] = {
@@ -38,10 +40,8 @@ ROWS: dict[str, list[str]] = {
                                "--method.scaling", "1"],
     "fmn mean/per_node/scaled": ["--method", "fmn", "--method.normalize", "mean", "--method.power", "1",
                                  "--method.objective", "mean"],
-    # question 3's grid (20 candidates: normalization from [none, mean] x p from [0.25, 0.5, 0] x s), each objective
-    "fmn normalize null": ["--method", "fmn", "--method.normalize", "null", "--method.powers", "[0.25, 0.5, 0]"],
-    "fmn normalize null worst_gain": ["--method", "fmn", "--method.normalize", "null", "--method.powers",
-                                      "[0.25, 0.5, 0]", "--method.objective", "worst_gain"],
+    "fmn normalize null": FMN_NORMALIZE_NULL,
+    "fmn normalize null worst_gain": [*FMN_NORMALIZE_NULL, "--method.objective", "worst_gain"],
     "fisher": ["--method", "fisher"],
     "task_arithmetic": ["--method", "task_arithmetic"],
     "task_arithmetic dare": ["--method", "task_arithmetic", "--method.dare_p", "0.5"],

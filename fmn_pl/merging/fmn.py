@@ -148,7 +148,8 @@ class FMN(MergeMethod):
         """
         if broadcast not in ("reference", "per_node"):
             raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
-        grid = [normalize] if normalize is not None else list(normalizes)
+        self.normalize, self.normalizes = normalize, list(normalizes)
+        grid = self.normalize_grid()
         if not grid or any(n not in get_args(Normalize) for n in grid):
             raise ValueError(f"fmn normalize and normalizes must be among {', '.join(get_args(Normalize))}; "
                              f"got {normalize!r} and {normalizes!r}")
@@ -156,8 +157,7 @@ class FMN(MergeMethod):
             raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
         if power is not None and power < 0 or not powers or min(powers) < 0:
             raise ValueError(f"fmn power and powers must be >= 0, got {power} and {powers}")
-        self.broadcast, self.normalize, self.universal = broadcast, normalize, universal
-        self.normalizes = list(normalizes)
+        self.broadcast, self.universal = broadcast, universal
         self.epsilon, self.coefficients, self.power, self.powers = epsilon, coefficients, power, list(powers)
         if scaling is not None and scaling <= 0 or not scalings or min(scalings) <= 0:
             raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
