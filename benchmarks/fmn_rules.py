@@ -17,7 +17,9 @@ Inputs: <checkpoints_dir>/<task>/ with `data.holdout_samples` > 0 and mask_fishe
 a rerun recomputes nothing; settings.json, with the checkpoints' and Fishers' fingerprints, refuses a rerun
 with other settings or inputs), rules.json (also printed: every rule's choice, gains and wins per split) and
 rules.md. `--own_tensors '*.pooler.*'` lets each task keep its
-own pooler in every body, the average's included.
+own pooler in every body, the average's included. `--choose_on validation` swaps the splits' roles (rules choose on
+the 500 validation rows and are counted on the held-out rows; written to rules.choose_on_validation.{json,md}): an
+estimate, without fine-tuning again, of what a larger selection set would carry.
 """
 
 from __future__ import annotations
@@ -124,15 +126,15 @@ def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[
     return cells
 
 
-def compare(cells: dict, pairs: list[str], rule: dict[str, Any]) -> dict[str, Any]:
-    """One rule's choice per pair (on holdout) and the gains over the average of the chosen body, per split."""
+def compare(cells: dict, pairs: list[str], rule: dict[str, Any], choose_on: str = "holdout") -> dict[str, Any]:
+    """One rule's choice per pair (on `choose_on`) and the gains over the average of the chosen body, per split."""
     chosen, gains = {}, {split: [] for split in SPLITS}
     for pair in pairs:
         avg = cells[(pair, "average")]
         # as in FMN.merge: worst_gain's reference is the candidate p = 0, s = 1 (the average) when it is one
         ref = candidate(0.0, 1.0) if candidate(0.0, 1.0) in rule["candidates"] else "average"
-        reference = {t: v["holdout"] for t, v in cells[(pair, ref)].items()} if rule["objective"] == "worst_gain" else None
-        best = max(rule["candidates"], key=lambda c: rank({t: v["holdout"] for t, v in cells[(pair, c)].items()}, reference))
+        reference = {t: v[choose_on] for t, v in cells[(pair, ref)].items()} if rule["objective"] == "worst_gain" else None
+        best = max(rule["candidates"], key=lambda c: rank({t: v[choose_on] for t, v in cells[(pair, c)].items()}, reference))
         chosen[pair] = best
         for split in SPLITS:
             gains[split] += [cells[(pair, best)][t][split] - avg[t][split] for t in avg]
@@ -146,7 +148,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"Checkpoints: `{report['checkpoints_dir']}`"
              + (f" (each task keeps its own {report['own_tensors']})" if report["own_tensors"] else "")
              + f"; validation capped at {report['max_eval_samples']} examples per "
-             "task; choices on the holdout split; gain = merged - plain average, points; wins (losses) of the "
+             f"task; choices on the {report['choose_on']} split; gain = merged - plain average, points; wins (losses) of the "
              f"{report['rules'][0]['summary']['validation']['cells']} (pair, task) cells.", "",
              "| rule | validation gain | wins (losses) | holdout gain | wins (losses) |", "|---|---:|---:|---:|---:|"]
     for r in report["rules"]:
@@ -175,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--choose_on", choices=SPLITS, default="holdout",
+                    help="the split rules choose on (validation: the swapped estimate, to rules.choose_on_validation.*)")
     ap.add_argument("--own_tensors", nargs="*", default=[],
                     help="glob patterns of body tensors each task keeps (e.g. '*.pooler.*'), the average too")
     return ap.parse_args(argv)
@@ -197,15 +201,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells = score_cells(args, pairs)
     names = ["+".join(p) for p in pairs]
     report = {"checkpoints_dir": args.checkpoints_dir, "tasks": args.tasks, "max_eval_samples": args.max_eval_samples,
-              "own_tensors": args.own_tensors,
+              "own_tensors": args.own_tensors, "choose_on": args.choose_on,
               "normalizes": args.normalizes, "powers": args.powers, "scalings": args.scalings,
-              "rules": [compare(cells, names, r) for r in rules(args.normalizes, args.powers, args.scalings)],
+              "rules": [compare(cells, names, r, args.choose_on) for r in rules(args.normalizes, args.powers, args.scalings)],
               "individual": {t: cells[(t, "individual")][t] for t in args.tasks}}
     out = Path(args.out)
-    write_json(out / "rules.json", report)
-    tmp = out / f".rules.md.tmp-{os.getpid()}"
+    stem = "rules" if args.choose_on == "holdout" else f"rules.choose_on_{args.choose_on}"
+    write_json(out / f"{stem}.json", report)
+    tmp = out / f".{stem}.md.tmp-{os.getpid()}"
     tmp.write_text(markdown(report))
-    tmp.replace(out / "rules.md")
+    tmp.replace(out / f"{stem}.md")
     print(json.dumps(report, indent=1))
     return report
 

@@ -67,6 +67,25 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
     assert rule["summary"]["validation"]["wins"] == sum(g > 0 for g in gains)
     assert "| p from {0.25, 0}, s by mean |" in (out / "rules.md").read_text()
 
+    # --choose_on validation: the same cells, each rule's choice by its objective on validation (a slow argmax
+    # here), counted on both splits, beside rules.json, which it leaves as it was
+    before = (out / "rules.json").read_text()
+    swapped = {r["label"]: r for r in rules.main([*argv, "--choose_on", "validation"])["rules"]}
+    assert (out / "rules.json").read_text() == before
+    assert json.loads((out / "rules.choose_on_validation.json").read_text())["choose_on"] == "validation"
+    assert "choices on the validation split" in (out / "rules.choose_on_validation.md").read_text()
+    for label in ("p from {0.25, 0}, s by mean", "p from {0.25, 0}, s by worst_gain"):
+        for pair, chosen in swapped[label]["chosen"].items():
+            val = {c: {t: v["validation"] for t, v in cells[f"{pair}__{c}"].items()} for c in swapped[label]["candidates"]}
+            ref = val["p0_s1"]
+            key = ((lambda c: sum(val[c].values())) if label.endswith("mean")
+                   else (lambda c: (min(val[c][t] - ref[t] for t in ref), sum(val[c].values()))))
+            assert key(chosen) == max(key(c) for c in val), (label, pair)
+            assert chosen == next(c for c in val if key(c) == key(chosen))  # ties: the first candidate, as the merge
+        assert swapped[label]["gains"]["holdout"] == pytest.approx(
+            [cells[f"{pair}__{c}"][t]["holdout"] - cells[f"{pair}__average"][t]["holdout"]
+             for pair, c in swapped[label]["chosen"].items() for t in pair.split("+")])
+
     # a rerun scores nothing again
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     assert rules.main(argv)["rules"] == report["rules"]
