@@ -121,7 +121,7 @@ class FMN(MergeMethod):
         powers: list[float] = POWERS,  # noqa: B006 - read-only default, shown by --help
         objective: Objective = "mean",
     ) -> None:
-        """Defaults: p and s chosen on the selection split by the mean score; `REFERENCE` gives the paper's rule.
+        """Defaults: normalization, p and s chosen on the selection split by the mean score (`REFERENCE`: the paper).
 
         Args:
             broadcast: reference = value/attention-output/FFN-output weights by the layer's mean node Fisher;
