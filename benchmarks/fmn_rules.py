@@ -42,7 +42,7 @@ from fmn_pl.checkpoint import weights_fingerprint, write_json  # noqa: E402
 from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
 from fmn_pl.merge import merge_body  # noqa: E402
 from fmn_pl.merging.average import Average  # noqa: E402
-from fmn_pl.merging.fmn import FMN, POWERS, SCALINGS, weightings  # noqa: E402
+from fmn_pl.merging.fmn import FMN, NORMALIZES, POWERS, SCALINGS, weightings  # noqa: E402
 from fmn_pl.merging.task_arithmetic import rank  # noqa: E402
 
 SPLITS = ("holdout", "validation")
@@ -167,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tasks", nargs="+", required=True)
     ap.add_argument("--out", required=True, help="output folder (cells/ cache, rules.json, rules.md)")
     ap.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data" / "glue"))
-    ap.add_argument("--normalizes", nargs="+", default=["none"], help="FMN normalizations the candidates use")
+    ap.add_argument("--normalizes", nargs="+", default=NORMALIZES, help="FMN normalizations the candidates use")
     ap.add_argument("--powers", type=float, nargs="+", default=POWERS)
     ap.add_argument("--scalings", type=float, nargs="+", default=SCALINGS)
     ap.add_argument("--pairs", nargs="+", default=None,

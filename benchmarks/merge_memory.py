@@ -23,7 +23,8 @@ from pathlib import Path
 TASKS = ("rte", "mrpc", "stsb", "cola", "sst2", "qnli", "qqp", "mnli")
 METHOD_ARGS = {
     "average": [],
-    "fmn": ["--method.power=0.25", "--method.scaling=1.0"],  # the streaming merge (fixed p and s: nothing chosen)
+    # the streaming merge: normalization, p and s fixed, nothing chosen on data
+    "fmn": ["--method.normalize=none", "--method.power=0.25", "--method.scaling=1.0"],
     "fisher": [],
     "ties": ["--method.scaling=1.0"],
     "task_arithmetic": ["--method.scaling=0.5"],

@@ -28,20 +28,22 @@ sys.path.insert(0, str(REPO))
 
 from fmn_pl.checkpoint import write_json  # noqa: E402
 
-# question 3's FMN grid (20 candidates: normalization from [none, mean] x p from [0.25, 0.5, 0] x s)
-FMN_NORMALIZE_NULL = ["--method", "fmn", "--method.normalize", "null", "--method.powers", "[0.25, 0.5, 0]"]
+# the FMN defaults before question 5 (8 candidates: normalize none, p from [0.25, 0] x s)
+FMN_PREVIOUS = ["--method", "fmn", "--method.normalize", "none", "--method.powers", "[0.25, 0]"]
 # label -> `fmn-pl merge` method arguments. Options left out take the method's defaults (TA/TIES/TALL/Consensus
 # choose lambda on the selection split; AdaMerging's steps cut from 500 to fit a CPU).
 ROWS: dict[str, list[str]] = {
     "average": ["--method", "average"],
-    "fmn": ["--method", "fmn"],  # the defaults: per_node, p in {0.25, 0} and s chosen by the mean score
-    "fmn reference": ["--method", "fmn", "--method.broadcast", "reference", "--method.power", "1", "--method.scaling", "1"],
-    "fmn reference per_node": ["--method", "fmn", "--method.broadcast", "per_node", "--method.power", "1",
-                               "--method.scaling", "1"],
+    # the defaults: per_node; normalization from {none, mean}, p from {0.25, 0.5, 0} and s chosen by the mean score
+    "fmn": ["--method", "fmn"],
+    "fmn worst_gain": ["--method", "fmn", "--method.objective", "worst_gain"],
+    "fmn previous defaults": FMN_PREVIOUS,
+    "fmn reference": ["--method", "fmn", "--method.broadcast", "reference", "--method.normalize", "none",
+                      "--method.power", "1", "--method.scaling", "1"],
+    "fmn reference per_node": ["--method", "fmn", "--method.broadcast", "per_node", "--method.normalize", "none",
+                               "--method.power", "1", "--method.scaling", "1"],
     "fmn mean/per_node/scaled": ["--method", "fmn", "--method.normalize", "mean", "--method.power", "1",
                                  "--method.objective", "mean"],
-    "fmn normalize null": FMN_NORMALIZE_NULL,
-    "fmn normalize null worst_gain": [*FMN_NORMALIZE_NULL, "--method.objective", "worst_gain"],
     "fisher": ["--method", "fisher"],
     "task_arithmetic": ["--method", "task_arithmetic"],
     "task_arithmetic dare": ["--method", "task_arithmetic", "--method.dare_p", "0.5"],

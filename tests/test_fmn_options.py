@@ -23,10 +23,12 @@ def test_scaling_one_is_the_reference_rule_and_needs_no_base() -> None:
 
 
 def test_defaults_are_the_study_selection() -> None:
-    """The code defaults (docs/study): per_node; p from {0.25, 0} and s chosen on data by the mean score."""
+    """The code defaults (docs/study): per_node; the normalization from {none, mean}, p from {0.25, 0.5, 0} and s
+    chosen on data together by the mean score."""
     options = FMN().options()
-    assert (options["broadcast"], options["normalize"], options["power"], options["scaling"]) == ("per_node", "none", None, None)
-    assert options["powers"] == [0.25, 0.0] and options["scalings"] == [1.0, 1.5, 2.0, 2.5]
+    assert (options["broadcast"], options["normalize"], options["power"], options["scaling"]) == ("per_node", None, None, None)
+    assert options["normalizes"] == ["none", "mean"] and options["powers"] == [0.25, 0.5, 0.0]
+    assert options["scalings"] == [1.0, 1.5, 2.0, 2.5]
     assert options["objective"] == "mean" and "base" in FMN().needs
 
 
@@ -197,7 +199,7 @@ def test_worst_gain_reference_is_the_average_candidate_when_there_is_one(
         return {"a": float(sum(v.double().sum() for v in body.values())), "b": float(len(seen))}
 
     ctx = _ctx(make_checkpoint, tiny_base, evaluate)
-    dict(FMN(coefficients=coefficients, objective="worst_gain").merge(ctx))
+    dict(FMN(coefficients=coefficients, objective="worst_gain", normalize="none", powers=[0.25, 0.0]).merge(ctx))
     notes = ctx.notes["fmn_scaling"]
     assert len(notes["scores"]) == 8 and list(notes["scores"])[0] == "p=0.25 s=1.0"  # reported in grid order
     shared = coefficients != [1.0, 3.0]

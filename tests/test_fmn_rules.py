@@ -26,7 +26,8 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
     rules = load_benchmark("fmn_rules")
     out = tmp_path / "rules"
     argv = ["--checkpoints_dir", str(ckdir), "--tasks", *TASKS, "--out", str(out), "--data_dir", str(tiny_glue),
-            "--max_eval_samples", "16", "--accelerator", "cpu", "--scalings", "1", "3", "--normalizes", "none", "mean"]
+            "--max_eval_samples", "16", "--accelerator", "cpu", "--scalings", "1", "3", "--normalizes", "none", "mean",
+            "--powers", "0.25", "0"]
     report = rules.main(argv)
     assert json.loads(capsys.readouterr().out) == json.loads((out / "rules.json").read_text()) == report
     assert len(list((out / "cells").glob("*.json"))) == 3 + 3 * (1 + 3 * 2)  # none p0.25, mean p0.25, p0 (once)

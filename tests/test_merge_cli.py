@@ -115,8 +115,8 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mnli"])]
     for s, c in enumerate(cks):
         add_fisher(c, s)
-    first = main(["--method=fmn", "--method.scaling=1", "--method.power=0.25", "--checkpoints", *map(str, cks),
-                  *common(tmp_path / "a", tiny_glue)])
+    fixed = ["--method.normalize=none", "--method.scaling=1", "--method.power=0.25"]  # nothing chosen on data
+    first = main(["--method=fmn", *fixed, "--checkpoints", *map(str, cks), *common(tmp_path / "a", tiny_glue)])
     # MNLI is scored on both validation splits, its score their mean
     mnli = first["results"]["mnli"]["merged"]
     assert set(mnli) == {"matched/accuracy", "matched/score", "mismatched/accuracy", "mismatched/score", "score"}
@@ -129,8 +129,8 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
         return original(self, i, model_dir, body)
 
     monkeypatch.setattr(Evaluator, "evaluate", counting)
-    second = main(["--method=fmn", "--method.broadcast=reference", "--method.scaling=1", "--method.power=0.25",
-                   "--checkpoints", *map(str, cks), *common(tmp_path / "b", tiny_glue)])
+    second = main(["--method=fmn", "--method.broadcast=reference", *fixed, "--checkpoints", *map(str, cks),
+                   *common(tmp_path / "b", tiny_glue)])
     assert len(calls) == 2 and all(c is not None for c in calls)  # only the two merged models
     for t in ("rte", "mnli"):
         assert second["results"][t]["individual"] == first["results"][t]["individual"]
@@ -154,15 +154,18 @@ def test_fmn_defaults_choose_power_and_scaling(make_checkpoint: Callable, tiny_g
         add_fisher(c, s)
     report = main(["--method", "fmn", "--checkpoints", *map(str, cks), "--selection_samples", "8",
                    *common(tmp_path / "o", tiny_glue)])
-    assert report["options"]["power"] is None and report["options"]["broadcast"] == "per_node"
-    # every (p, s) of [0.25, 0] x [1, 1.5, 2, 2.5], by the mean score (p = 0, s = 1 is the average itself)
-    assert report["selection"]["evaluations"] == 8 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
-    s, p = report["notes"]["fmn_scaling"]["chosen"], report["notes"]["fmn_power"]["chosen"]
-    assert s in (1.0, 1.5, 2.0, 2.5) and p in (0.25, 0.0) and len(report["notes"]["fmn_scaling"]["scores"]) == 8
+    options = report["options"]
+    assert options["power"] is None and options["normalize"] is None and options["broadcast"] == "per_node"
+    # every (normalize, p, s) of {none, mean} x {0.25, 0.5} x [1, 1.5, 2, 2.5] and p = 0 (one body: no Fisher in
+    # it) x s, by the mean score (p = 0, s = 1 is the average itself): 20 bodies
+    assert report["selection"]["evaluations"] == 20 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
     notes = report["notes"]
+    s, p, n = notes["fmn_scaling"]["chosen"], notes["fmn_power"]["chosen"], notes["fmn_normalize"]["chosen"]
+    assert s in (1.0, 1.5, 2.0, 2.5) and p in (0.25, 0.5, 0.0) and n in ("none", "mean")
     means = notes["fmn_scaling"]["mean_scores"]
-    assert means[f"p={p} s={s}"] == max(means.values()) and notes["fmn"]["power"] == p
-    assert (f"(8 evaluations): fmn scaling {s} (of [1.0, 1.5, 2.0, 2.5]), by mean, fmn power {p} (of [0.25, 0.0])."
+    assert len(means) == len(notes["fmn_scaling"]["scores"]) == 20
+    assert means[(f"normalize={n} " if p else "") + f"p={p} s={s}"] == max(means.values()) and notes["fmn"]["power"] == p
+    assert (f"(20 evaluations): fmn scaling {s} (of [1.0, 1.5, 2.0, 2.5]), by mean, fmn power {p} (of [0.25, 0.5, 0.0])"
             in (tmp_path / "o" / "report.md").read_text())
 
 

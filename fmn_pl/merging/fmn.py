@@ -18,9 +18,10 @@ Where the weights of every model are zero the entry falls back to the lambda-wei
 The weights normalise, so merging full weights or task vectors gives the same result (no base needed).
 Memory: the node Fisher of all models (M x L x (H + F) numbers), one accumulator and one model's tensor.
 
-Defaults (README "Choosing FMN's options honestly"): per_node broadcast, and the power p (0.25, or 0: no Fisher
-weighting) and the scaling s chosen together on the selection split by the mean selection score over the tasks
-(`objective: mean`; `worst_gain` is the alternative). `REFERENCE` is the rule above exactly.
+Defaults (README "Choosing FMN's options honestly"): per_node broadcast, and the normalization (none or unit mean),
+the power p (0.25, 0.5, or 0: no Fisher weighting) and the scaling s chosen together on the selection split by the
+mean selection score over the tasks (`objective: mean`; `worst_gain` is the alternative): 20 candidates.
+`REFERENCE` is the rule above exactly.
 
 `scaling` s (fmn-pl's addition, 1 = the rule above) scales the merged task vector:
 theta = theta0 + s (theta* - theta0) = theta0 + s sum_j W_j tau_j / sum_j W_j. A weighted *mean* of task
@@ -45,7 +46,7 @@ from fmn_pl.nodes import adapter_for, node_shape
 Normalize = Literal["none", "mean", "type", "layer", "rank"]
 Broadcast = Literal["reference", "per_node"]
 SCALINGS = [1.0, 1.5, 2.0, 2.5]
-POWERS = [0.25, 0.0]
+POWERS = [0.25, 0.5, 0.0]
 NORMALIZES: list[Normalize] = ["none", "mean"]
 # The FMN paper's rule (its reference code), as options: what `fmn_reference.yaml` and the study's baseline row set.
 REFERENCE = {"broadcast": "reference", "normalize": "none", "power": 1.0, "scaling": 1.0}
@@ -109,7 +110,7 @@ class FMN(MergeMethod):
     def __init__(
         self,
         broadcast: Broadcast = "per_node",
-        normalize: Normalize | None = "none",
+        normalize: Normalize | None = None,
         normalizes: list[Normalize] = NORMALIZES,  # noqa: B006 - read-only default, shown by --help
         universal: bool = True,
         epsilon: float = 0.0,
@@ -120,7 +121,7 @@ class FMN(MergeMethod):
         powers: list[float] = POWERS,  # noqa: B006 - read-only default, shown by --help
         objective: Objective = "mean",
     ) -> None:
-        """Defaults: p and s chosen on the selection split by the mean score; `REFERENCE` gives the paper's rule.
+        """Defaults: normalization, p and s chosen on the selection split by the mean score (`REFERENCE`: the paper).
 
         Args:
             broadcast: reference = value/attention-output/FFN-output weights by the layer's mean node Fisher;
