@@ -27,9 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fmn_pl.checkpoint import write_json  # noqa: E402
+from fmn_pl.merging.fmn import REFERENCE  # noqa: E402
 
 # the FMN defaults before question 5 (8 candidates: normalize none, p from [0.25, 0] x s)
 FMN_PREVIOUS = ["--method", "fmn", "--method.normalize", "none", "--method.powers", "[0.25, 0]"]
+# the paper's rule, from the one place that states it (a partial copy here went stale when the defaults changed)
+FMN_REFERENCE = ["--method", "fmn", *(f"--method.{k}={v}" for k, v in REFERENCE.items())]
 # label -> `fmn-pl merge` method arguments. Options left out take the method's defaults (TA/TIES/TALL/Consensus
 # choose lambda on the selection split; AdaMerging's steps cut from 500 to fit a CPU).
 ROWS: dict[str, list[str]] = {
@@ -38,10 +41,8 @@ ROWS: dict[str, list[str]] = {
     "fmn": ["--method", "fmn"],
     "fmn worst_gain": ["--method", "fmn", "--method.objective", "worst_gain"],
     "fmn previous defaults": FMN_PREVIOUS,
-    "fmn reference": ["--method", "fmn", "--method.broadcast", "reference", "--method.normalize", "none",
-                      "--method.power", "1", "--method.scaling", "1"],
-    "fmn reference per_node": ["--method", "fmn", "--method.broadcast", "per_node", "--method.normalize", "none",
-                               "--method.power", "1", "--method.scaling", "1"],
+    "fmn reference": FMN_REFERENCE,
+    "fmn reference per_node": [*FMN_REFERENCE, "--method.broadcast=per_node"],  # the last value given wins
     "fmn mean/per_node/scaled": ["--method", "fmn", "--method.normalize", "mean", "--method.power", "1",
                                  "--method.objective", "mean"],
     "fisher": ["--method", "fisher"],
