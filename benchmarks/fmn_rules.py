@@ -131,10 +131,14 @@ def compare(cells: dict, pairs: list[str], rule: dict[str, Any], choose_on: str 
     chosen, gains = {}, {split: [] for split in SPLITS}
     for pair in pairs:
         avg = cells[(pair, "average")]
+
+        def scores(name: str) -> dict[str, float]:
+            return {t: v[choose_on] for t, v in cells[(pair, name)].items()}  # noqa: B023 - used in this iteration only
+
         # as in FMN.merge: worst_gain's reference is the candidate p = 0, s = 1 (the average) when it is one
         ref = candidate(0.0, 1.0) if candidate(0.0, 1.0) in rule["candidates"] else "average"
-        reference = {t: v[choose_on] for t, v in cells[(pair, ref)].items()} if rule["objective"] == "worst_gain" else None
-        best = max(rule["candidates"], key=lambda c: rank({t: v[choose_on] for t, v in cells[(pair, c)].items()}, reference))
+        reference = scores(ref) if rule["objective"] == "worst_gain" else None
+        best = max(rule["candidates"], key=lambda c: rank(scores(c), reference))
         chosen[pair] = best
         for split in SPLITS:
             gains[split] += [cells[(pair, best)][t][split] - avg[t][split] for t in avg]
