@@ -308,6 +308,9 @@ class GLUEDataModule(L.LightningDataModule):
         rows = list(range(len(columns["label"])))
         if split in ("train", "holdout") and self.hparams.holdout_samples:
             held = set(subsample(len(rows), self.hparams.holdout_samples, HOLDOUT_SEED))
+            if split == "train" and len(held) == len(rows):
+                raise ValueError(f"data.holdout_samples={self.hparams.holdout_samples} holds out all {len(rows)} training "
+                                 f"rows of {self.task.name} in {self.hparams.data_dir}: none are left to train on; lower it")
             rows = [r for r in rows if (r in held) == (split == "holdout")]
         rows = [rows[i] for i in subsample(len(rows), cap, self.hparams.sample_seed)]
         return tokenize(self.tokenizer, self.task, columns, rows, self.max_length)

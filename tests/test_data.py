@@ -359,6 +359,8 @@ def test_holdout_is_never_trained_on(tiny_glue, tokenizer_dir):
     dm = data_module(tiny_glue, tokenizer_dir, "rte", holdout_samples=16, eval_splits=["holdout"])
     held, train = set(dm.eval_datasets["holdout"].rows), set(dm.train_dataset.rows)
     assert len(held) == 16 and len(train) == 48 and not held & train
+    with pytest.raises(ValueError, match=r"holdout_samples=64 holds out all 64 training rows of rte"):
+        data_module(tiny_glue, tokenizer_dir, "rte", holdout_samples=64)
 
 
 def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
