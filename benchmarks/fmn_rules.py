@@ -128,17 +128,16 @@ def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[
 
 def compare(cells: dict, pairs: list[str], rule: dict[str, Any], choose_on: str = "holdout") -> dict[str, Any]:
     """One rule's choice per pair (on `choose_on`) and the gains over the average of the chosen body, per split."""
+    def scores(pair: str, name: str) -> dict[str, float]:
+        return {t: v[choose_on] for t, v in cells[(pair, name)].items()}
+
     chosen, gains = {}, {split: [] for split in SPLITS}
     for pair in pairs:
         avg = cells[(pair, "average")]
-
-        def scores(name: str) -> dict[str, float]:
-            return {t: v[choose_on] for t, v in cells[(pair, name)].items()}  # noqa: B023 - used in this iteration only
-
         # as in FMN.merge: worst_gain's reference is the candidate p = 0, s = 1 (the average) when it is one
         ref = candidate(0.0, 1.0) if candidate(0.0, 1.0) in rule["candidates"] else "average"
-        reference = scores(ref) if rule["objective"] == "worst_gain" else None
-        best = max(rule["candidates"], key=lambda c: rank(scores(c), reference))
+        reference = scores(pair, ref) if rule["objective"] == "worst_gain" else None
+        best = max(rule["candidates"], key=lambda c: rank(scores(pair, c), reference))
         chosen[pair] = best
         for split in SPLITS:
             gains[split] += [cells[(pair, best)][t][split] - avg[t][split] for t in avg]
