@@ -91,3 +91,15 @@ def test_fit_config_instantiates(task, tiny_base, tiny_glue, tmp_path, monkeypat
     assert cli.trainer.max_epochs >= 2 and cli.model.hparams.learning_rate <= 1e-4
     export = [c for c in cli.trainer.callbacks if type(c).__name__ == "ExportCheckpoint"]
     assert len(export) == 1 and export[0].dirpath == f"runs/checkpoints/{task}"
+
+
+def test_reference_configs_spell_the_papers_rule():
+    """The YAML copies of the paper's rule (a merge config and the paper pipeline's row) equal REFERENCE, the one
+    place the code states it, so a change there cannot leave them stale."""
+    from fmn_pl.merging.fmn import REFERENCE
+
+    merge = yaml.safe_load((CONFIGS / "merge" / "fmn_reference.yaml").read_text())["method"]
+    assert merge["class_path"] == "fmn" and merge["init_args"] == REFERENCE
+    rows = yaml.safe_load((CONFIGS / "pipeline" / "paper.yaml").read_text())["merge"]["methods"]
+    (row,) = [r for r in rows if r.get("label") == "fmn_reference"]
+    assert row["name"] == "fmn" and row["options"] == REFERENCE
