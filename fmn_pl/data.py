@@ -258,7 +258,7 @@ class GLUEDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         sample_seed: int = 0,
-        group_by_length: bool = True,
+        group_by_length: bool = False,
         eval_splits: list[str] | None = None,
         unpadded_shards: bool = False,
         holdout_samples: int = 0,
@@ -275,7 +275,9 @@ class GLUEDataModule(L.LightningDataModule):
             max_train_samples: cap on training examples (seeded sample without replacement).
             max_eval_samples: cap on examples per evaluation split (seeded sample without replacement).
             sample_seed: seed of the caps' samples and of the length-grouped shuffling.
-            group_by_length: batch training examples of similar length together (less padding).
+            group_by_length: batch training examples of similar length together (less padding). Off by default:
+                on STS-B length correlates with the label, and grouped batches left the regression head
+                near a constant (benchmarks/fit_parity.py).
             eval_splits: splits the validate/test loops read (default: the task's validation split(s)).
             unpadded_shards: under DDP, shard evaluation data without the padding that Lightning's
                 sampler adds (set Trainer(use_distributed_sampler=False)); exact sums for Fisher passes.

@@ -136,6 +136,20 @@ class Evaluator:
             trainer.validate(module, datamodule=dm, verbose=False)
         return {_metric_name(k): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
 
+    def baseline(self, i: int) -> tuple[dict[str, float], int]:
+        """The constant-prediction baseline of checkpoint i's task on the examples `evaluate` scores (the majority
+        class, or the label mean), keyed as `evaluate` keys its metrics, and how many examples there are."""
+        from fmn_pl.metrics import majority_baseline
+
+        dm = self.datamodule(i)
+        per_split = {name: majority_baseline(dm.task, torch.tensor(ds.labels)) for name, ds in dm.eval_datasets.items()}
+        n = sum(len(ds) for ds in dm.eval_datasets.values())
+        if len(per_split) == 1:
+            return next(iter(per_split.values())), n
+        out = {f"{split.removeprefix('validation_')}/{k}": v for split, m in per_split.items() for k, v in m.items()}
+        out["score"] = sum(m["score"] for m in per_split.values()) / len(per_split)
+        return out, n
+
     def scores(self, body: dict[str, torch.Tensor]) -> dict[str, float]:
         """{task: score} of `body` with every task's own head (the selection function merge methods call)."""
         return {task: self.evaluate(i, body=body)["score"] for i, task in enumerate(self.tasks)}

@@ -536,6 +536,11 @@ def run_merge(
                 EvalCache(cache, log), compare_average, reuse_average=_is_plain_average(method), progress=progress, log=log,
             )
             report["summary"] = summary(report["results"])
+            res = report["results"].values()
+            if not _is_plain_average(method) and all(r["average"] and r["merged"] == r["average"] for r in res):
+                report["remarks"].append("the merged model scores exactly as the plain average on every task: "
+                                         "the method changed nothing these examples can show")
+                log(f"warning: {report['remarks'][-1]}")
             timings["eval_s"] = time.perf_counter() - t0
         if not save_model:
             (tmp / BODY_FILE).unlink()
@@ -651,7 +656,13 @@ def evaluate_all(
                 del body
         for i, t in enumerate(inputs.tasks):
             cache.put(inputs.checkpoints[i], keys[i], average[t])
-    return {t: task_result(merged[t], individual[t], average.get(t)) for t in inputs.tasks}
+    baselines = [evaluator.baseline(i) for i in range(len(inputs.tasks))]
+    results = {t: task_result(merged[t], individual[t], average.get(t), *baselines[i])
+               for i, t in enumerate(inputs.tasks)}
+    for t, r in results.items():
+        for flag in r["flags"]:
+            log(f"warning: {t}: {flag}")
+    return results
 
 
 def _is_plain_average(method: MergeMethod) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fmn_pl.checkpoint import write_json
+from fmn_pl.metrics import SCALE_METRICS, noise_margin
 
 
 def normalized(score: float | None, reference: float | None) -> float | None:
@@ -23,14 +24,42 @@ def normalized(score: float | None, reference: float | None) -> float | None:
 
 
 def task_result(merged: dict[str, float] | None, individual: dict[str, float] | None,
-                average: dict[str, float] | None) -> dict[str, Any]:
-    """One task's entry of `results`."""
+                average: dict[str, float] | None, baseline: dict[str, float] | None = None,
+                examples: int | None = None) -> dict[str, Any]:
+    """One task's entry of `results`, with the constant-prediction `baseline` on the same `examples` and the
+    competence flags they raise (`flags`)."""
     score = lambda m: None if m is None else m.get("score")  # noqa: E731
-    return {
+    entry = {
         "merged": merged, "individual": individual, "average": average,
         "normalized": normalized(score(merged), score(individual)),
         "normalized_average": normalized(score(average), score(individual)),
     }
+    if baseline is not None:
+        b = score(baseline)
+        entry |= {"baseline": baseline, "examples": examples,
+                  "above_baseline": normalized(None if score(merged) is None else score(merged) - b,
+                                               None if score(individual) is None else score(individual) - b),
+                  "flags": competence_flags(entry, baseline, examples)}
+    return entry
+
+
+def competence_flags(entry: dict[str, Any], baseline: dict[str, float], examples: int | None) -> list[str]:
+    """Why a score in `entry` should not be read as learning: a model within noise of the constant-prediction
+    baseline, or (regression) a model whose mean squared error is above the constant prediction's."""
+    flags = []
+    margin = noise_margin(examples or 1)
+    for which in ("individual", "merged", "average"):
+        m = entry.get(which)
+        if not m or m.get("score") is None:
+            continue
+        if m["score"] - baseline["score"] < margin:
+            flags.append(f"{which} scores {100 * m['score']:.1f}, not clearly above the constant prediction's "
+                         f"{100 * baseline['score']:.1f} (noise margin {100 * margin:.1f} on {examples} examples)")
+        if "mse" in m and "mse" in baseline and m["mse"] > baseline["mse"]:
+            flags.append(f"{which} is off scale: mean squared error {m['mse']:.2f} above the constant prediction's "
+                         f"{baseline['mse']:.2f} (predictions {m['pred_mean']:.2f} +- {m['pred_std']:.2f}, labels "
+                         f"{m['label_mean']:.2f} +- {m['label_std']:.2f})")
+    return flags
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -47,6 +76,8 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "average_score": _mean([pick(r, "average") for r in results.values()]),
         "normalized": _mean([r.get("normalized") for r in results.values()]),
         "normalized_average": _mean([r.get("normalized_average") for r in results.values()]),
+        "baseline_score": _mean([pick(r, "baseline") for r in results.values()]),
+        "above_baseline": _mean([r.get("above_baseline") for r in results.values()]),
     }
 
 
@@ -54,12 +85,15 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per task: method, task, metric names, the three scores and both normalized scores."""
     out = []
     for task, r in report.get("results", {}).items():
-        metrics = [k for k in (r.get("merged") or r.get("individual") or {}) if not k.endswith("score")]
+        metrics = [k for k in (r.get("merged") or r.get("individual") or {})
+                   if not k.endswith("score") and k.rpartition("/")[2] not in SCALE_METRICS]
         out.append({
             "method": report.get("method"), "label": report.get("label") or report.get("method"), "task": task,
             "metrics": metrics,
-            **{k: (r.get(k) or {}).get("score") for k in ("individual", "average", "merged")},
+            **{k: (r.get(k) or {}).get("score") for k in ("baseline", "individual", "average", "merged")},
+            "mse": {k: (r.get(k) or {}).get("mse") for k in ("baseline", "individual", "average", "merged")},
             "normalized": r.get("normalized"), "normalized_average": r.get("normalized_average"),
+            "above_baseline": r.get("above_baseline"), "flags": r.get("flags", []),
         })
     return out
 
@@ -98,14 +132,25 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("")
     table = rows(report)
     if table:
-        lines += [f"| task | metrics | individual | average | {label} | {label} / individual | average / individual |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| task | metrics | constant | individual | average | {label} | {label} / individual | "
+                  "average / individual |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in table:
-            lines.append(f"| {r['task']} | {', '.join(r['metrics'])} | {_fmt(r['individual'])} | {_fmt(r['average'])} | "
-                         f"{_fmt(r['merged'])} | {_fmt(r['normalized'])} | {_fmt(r['normalized_average'])} |")
+            lines.append(f"| {r['task']} | {', '.join(r['metrics'])} | {_fmt(r['baseline'])} | {_fmt(r['individual'])} | "
+                         f"{_fmt(r['average'])} | {_fmt(r['merged'])} | {_fmt(r['normalized'])} | "
+                         f"{_fmt(r['normalized_average'])} |")
         s = report.get("summary", {})
-        lines.append(f"| **mean** | | {_fmt(s.get('individual_score'))} | {_fmt(s.get('average_score'))} | "
-                     f"{_fmt(s.get('merged_score'))} | {_fmt(s.get('normalized'))} | {_fmt(s.get('normalized_average'))} |")
+        lines.append(f"| **mean** | | {_fmt(s.get('baseline_score'))} | {_fmt(s.get('individual_score'))} | "
+                     f"{_fmt(s.get('average_score'))} | {_fmt(s.get('merged_score'))} | {_fmt(s.get('normalized'))} | "
+                     f"{_fmt(s.get('normalized_average'))} |")
+        lines += ["", "Constant: the best constant prediction on the same examples (the majority class, or the "
+                  "label mean for regression), the score a model that learned nothing reaches."]
+        for r in table:
+            mse = r["mse"]
+            if mse.get("individual") is not None:
+                lines.append(f"- {r['task']}: mean squared error " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in (("constant", mse["baseline"]), ("individual", mse["individual"]),
+                                                ("average", mse["average"]), (label, mse["merged"])) if v is not None))
+            lines += [f"- **{r['task']}: {flag}**" for flag in r["flags"]]
     else:
         lines.append("Not evaluated.")
     t = report.get("timings", {})

@@ -13,6 +13,7 @@ import torch
 
 from fmn_pl.artifacts import artifact_path, save_artifact
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
+from fmn_pl.metrics import SCALE_METRICS
 from fmn_pl.merge import build_parser, main, normalize_argv, run_merge
 from fmn_pl.merging.base import CheckpointReader, MergeContext
 from fmn_pl.merging.fmn import FMN
@@ -90,7 +91,7 @@ def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: 
         assert {"merged", "individual", "average"} <= set(r)
         if r["individual"]["score"] > 0:
             assert r["normalized"] == pytest.approx(r["merged"]["score"] / r["individual"]["score"])
-    assert set(on_disk["results"]["stsb"]["merged"]) == {"pearson", "spearman", "score"}
+    assert set(on_disk["results"]["stsb"]["merged"]) == {"pearson", "spearman", "score", *SCALE_METRICS}
     assert set(on_disk["results"]["mrpc"]["merged"]) == {"f1", "accuracy", "score"}
     assert {"merge_s", "eval_s", "total_s"} <= set(on_disk["timings"]) and on_disk["peak_rss_mb"] > 0
     assert "| stsb | pearson, spearman |" in (out / "report.md").read_text()

@@ -81,7 +81,11 @@ def choose_body(
     scores = {key: scores[key] for key in candidates}  # in the candidates' order
     means = {key: rank(s, None)[1] for key, s in scores.items()}
     best = max(candidates, key=lambda key: rank(scores[key], reference))
-    measured = {"objective": objective, "scores": scores, "mean_scores": means}
+    tied = [key for key in candidates if key != best and rank(scores[key], reference) == rank(scores[best], reference)]
+    if tied:
+        ctx.remark(f"{name}: the chosen {describe(best)} ties on the selection data with "
+                   f"{', '.join(describe(k) for k in tied)}: the first in order was taken")
+    measured = {"objective": objective, "scores": scores, "mean_scores": means, "tied": tied}
     return best, {**measured, "average_scores": reference} if reference else measured
 
 
