@@ -1,9 +1,10 @@
 """Score models on GLUE with each task's own head: a task checkpoint, a merged folder, or a body swapped in.
 
-Evaluation is `trainer.validate` on the fine-tuning module (`GLUETransformer`) with the task's
-`GLUEDataModule`, so metrics, padding and truncation are exactly those of fine-tuning. A body
-({parameter name: tensor}, e.g. a merge held in memory) replaces the checkpoint's body before scoring;
-the head stays the task's own. Results of individual checkpoints can be cached beside them.
+Scoring uses the task's `GLUEDataModule` and the fine-tuning metrics (`fmn_pl.metrics`), so metrics, padding
+and truncation are exactly those of fine-tuning. Each checkpoint's model is loaded once; a body ({parameter
+name: tensor}, e.g. a merge held in memory) is swapped into it for one scoring and the checkpoint's own tensors
+put back, so a method that scores 20 candidates loads nothing from disk again. The head stays the task's own.
+Results of individual checkpoints can be cached beside them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from fmn_pl.checkpoint import read_metadata, write_json
 from fmn_pl.data import GLUEDataModule, is_local_path
@@ -71,13 +73,6 @@ def quiet_lightning() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _metric_name(key: str) -> str:
-    """`val/accuracy` -> `accuracy`; MNLI's `val_matched/accuracy` -> `matched/accuracy`."""
-    head, _, tail = key.partition("/")
-    split = head.removeprefix("val").lstrip("_")
-    return f"{split}/{tail}" if split else tail
-
-
 class Evaluator:
     """Scores task checkpoints (or bodies in their place) on each checkpoint's own task and data."""
 
@@ -89,6 +84,7 @@ class Evaluator:
         self.tasks = [m["task"] for m in self.metadata]
         self.data, self.accelerator, self.progress = data, accelerator, progress
         self._modules: dict[int, GLUEDataModule] = {}
+        self._models: dict[int, torch.nn.Module] = {}
 
     def datamodule(self, i: int) -> GLUEDataModule:
         """Checkpoint i's task data (tokenized once, kept): its tokenizer and fine-tuning `max_length`."""
@@ -115,26 +111,72 @@ class Evaluator:
         return {**self.data.identity(), "task": self.tasks[i], "max_length": trained.get("max_length"),
                 "holdout_samples": trained.get("holdout_samples") if self.data.split != "validation" else None}
 
+    def device(self) -> torch.device:
+        """Where scoring runs: the accelerator asked for (auto: CUDA when present)."""
+        want = self.accelerator
+        if want in ("gpu", "cuda") or (want == "auto" and torch.cuda.is_available()):
+            return torch.device("cuda")
+        if want == "mps" or (want == "auto" and torch.backends.mps.is_available()):
+            return torch.device("mps")
+        return torch.device("cpu")
+
+    def model(self, i: int) -> torch.nn.Module:
+        """Checkpoint i's model, loaded once and kept in eval mode; `evaluate(body=)` swaps bodies into it."""
+        if i not in self._models:
+            from fmn_pl.module import load_model
+
+            with quiet_lightning():
+                self._models[i] = load_model(str(self.checkpoints[i]), self.datamodule(i).task).to(self.device()).eval()
+        return self._models[i]
+
     def evaluate(self, i: int, model_dir: str | Path | None = None, body: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Metrics (and `score`) of checkpoint i's task for the model in `model_dir` (default: the checkpoint),
-        with its body replaced by `body` when given."""
-        import lightning as L
+        with its body replaced by `body` when given. The checkpoint's model is loaded once: a body is swapped
+        in for the call and the checkpoint's own tensors are put back after it."""
+        if model_dir is not None:
+            from fmn_pl.module import load_model
 
-        from fmn_pl.module import GLUETransformer
+            with quiet_lightning():
+                model = load_model(str(model_dir), self.datamodule(i).task).to(self.device()).eval()
+            return self._score(i, model)
+        model = self.model(i)
+        if body is None:
+            return self._score(i, model)
+        params = dict(model.named_parameters()) | dict(model.named_buffers())
+        if unexpected := [k for k in body if k not in params]:
+            raise ValueError(f"merged body has tensors the {self.tasks[i]} model lacks: {unexpected[:3]}")
+        own = {k: params[k].detach().clone() for k in body}
+        try:
+            with torch.no_grad():
+                for k, v in body.items():
+                    params[k].copy_(v)
+            return self._score(i, model)
+        finally:
+            with torch.no_grad():
+                for k, v in own.items():
+                    params[k].copy_(v)
 
-        dm = self.datamodule(i)
-        with quiet_lightning():
-            module = GLUETransformer(str(model_dir or self.checkpoints[i]), self.tasks[i])
-            if body is not None:
-                result = module.model.load_state_dict(body, strict=False)
-                if result.unexpected_keys:
-                    raise ValueError(f"merged body has tensors the {self.tasks[i]} model lacks: {result.unexpected_keys[:3]}")
-            trainer = L.Trainer(
-                accelerator=self.accelerator, devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=self.progress, enable_model_summary=False,
-            )
-            trainer.validate(module, datamodule=dm, verbose=False)
-        return {_metric_name(k): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+    @torch.no_grad()
+    def _score(self, i: int, model: torch.nn.Module) -> dict[str, float]:
+        """The task's GLUE metrics over every eval split of its data module (keys as the fine-tuning module logs
+        them: one split `accuracy`, several `matched/accuracy`, with `score` their mean)."""
+        from fmn_pl.metrics import glue_metrics, predictions, with_score
+        from fmn_pl.module import model_inputs
+
+        dm, device = self.datamodule(i), self.device()
+        per_split = {}
+        for split in dm.eval_splits:
+            metrics = glue_metrics(dm.task).to(device)
+            for batch in tqdm(dm.eval_dataloader(split), desc=f"score {self.tasks[i]}", leave=False,
+                              disable=not self.progress):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                metrics.update(predictions(dm.task, model(**model_inputs(batch)).logits), batch["labels"])
+            per_split[split] = with_score(metrics.compute())
+        if len(per_split) == 1:
+            return next(iter(per_split.values()))
+        out = {f"{split.removeprefix('validation_')}/{k}": v for split, m in per_split.items() for k, v in m.items()}
+        out["score"] = sum(m["score"] for m in per_split.values()) / len(per_split)
+        return out
 
     def baseline(self, i: int) -> tuple[dict[str, float], int]:
         """The constant-prediction baseline of checkpoint i's task on the examples `evaluate` scores (the majority
