@@ -100,6 +100,7 @@ class MergeContext:
     remarks: list[str] = field(default_factory=list)
     """Lines for the report's text (warnings, storage figures): add them with `remark`."""
     _artifacts: dict[tuple[int, str], Artifact] = field(default_factory=dict, repr=False)
+    _base: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_models(self) -> int:
@@ -108,11 +109,17 @@ class MergeContext:
     def models(self, key: str) -> LazyTensors:
         return LazyTensors(self.readers, key)
 
-    def base(self, key: str) -> torch.Tensor:
-        """The pretrained model's tensor (methods on task vectors declare `needs = {"base"}`)."""
+    def base(self, key: str, keep: bool = False) -> torch.Tensor:
+        """The pretrained model's tensor (methods on task vectors declare `needs = {"base"}`). `keep`: hold it in
+        memory for later calls (candidate searches rebuild many bodies from it); treat a kept tensor as read-only."""
         if self.base_reader is None:
             raise ValueError("this method needs the pretrained model: pass --base <hub name or folder>")
-        return self.base_reader.get(key).float()
+        if key in self._base:
+            return self._base[key]
+        tensor = self.base_reader.get(key).float()
+        if keep:
+            self._base[key] = tensor
+        return tensor
 
     def task_vectors(self, key: str) -> list[torch.Tensor]:
         """tau_i = theta_i - theta_0 for one tensor, all models (holds M tensors: use when needed)."""

@@ -256,7 +256,7 @@ class FMN(MergeMethod):
             return
         # choose (normalize, p) and/or s on the selection split; the merged task vector of one weighting is held
         # in memory at a time (with s = 1 the merged bodies themselves: no base model needed)
-        origin = ctx.base if self.scaling != 1.0 else (lambda key: 0.0)
+        origin = (lambda key: ctx.base(key, keep=True)) if self.scaling != 1.0 else (lambda key: 0.0)
         self.setup(ctx)
         norms = self.normalize_grid()
         powers = self.powers if self.power is None else [self.power]
