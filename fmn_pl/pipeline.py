@@ -894,24 +894,30 @@ def gather(cfg: PipelineConfig) -> dict[str, Any]:
     opts = report_options(cfg)
     labels = list(dict.fromkeys(["average", *(c["label"] for c in opts["columns"])]))
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
+    flags: list[str] = []
     for s in (s for s in stages if s.kind == "merge"):
         rep = json.loads(s.output.read_text())
         combo = "+".join(s.options["tasks"])
-        for r in rows(rep):  # individual and average are in every report of a combination: kept once
+        for r in rows(rep):  # constant, individual and average are in every report of a combination: kept once
             base = {"combination": combo, "task": r["task"], "metrics": r["metrics"]}
-            for column, score, norm in (("individual", r["individual"], 1.0),
-                                        ("average", r["average"], r["normalized_average"]),
-                                        (s.options["label"], r["merged"], r["normalized"])):
+            for column, which, norm in (("constant", "baseline", None), ("individual", "individual", 1.0),
+                                        ("average", "average", r["normalized_average"]),
+                                        (s.options["label"], "merged", r["normalized"])):
                 results.setdefault((combo, r["task"], column),
-                                   {**base, "column": column, "score": score, "normalized": norm})
+                                   {**base, "column": column, "score": r[which], "normalized": norm,
+                                    "mse": r["mse"][which]})
+            flags += [f"{combo} {s.options['label']}: {r['task']}: {f}" for f in r["flags"]
+                      if not f.startswith(("individual", "average"))]
+            flags += [f"{combo}: {r['task']}: {f}" for f in r["flags"] if f.startswith(("individual", "average"))]
+        flags += [f"{combo} {s.options['label']}: {remark}" for remark in rep.get("remarks", [])]
     table = list(results.values())
     summary = {
         combo: {col: {k: _mean([r[k] for r in table if r["combination"] == combo and r["column"] == col])
-                      for k in ("score", "normalized")} for col in ["individual", *labels]}
+                      for k in ("score", "normalized")} for col in ["constant", "individual", *labels]}
         for combo in opts["combinations"]
     }
     overall = {col: {k: _mean([summary[c][col][k] for c in summary]) for k in ("score", "normalized")}
-               for col in ["individual", *labels]}
+               for col in ["constant", "individual", *labels]}
     costs = []
     for s in stages:
         if s.kind != "report":
@@ -932,6 +938,7 @@ def gather(cfg: PipelineConfig) -> dict[str, Any]:
         }
     return {
         **opts, "labels": labels, "checkpoints": checkpoints, "results": table, "summary": summary,
+        "flags": list(dict.fromkeys(flags)),
         "overall": overall, "stages": costs,
         "cost_s": {k: round(sum(c["wall_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")},
         "cpu_s": {k: round(sum(c["cpu_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")},
@@ -973,15 +980,27 @@ def report_markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {combo} | " + " | ".join(_pct(cols[c]["normalized"]) for c in labels) + " |")
     if len(data["summary"]) > 1:
         lines.append("| **mean** | " + " | ".join(f"**{_pct(data['overall'][c]['normalized'])}**" for c in labels) + " |")
-    cols = ["individual", *labels]
+    cols = ["constant", "individual", *labels]
     index = {(r["combination"], r["task"], r["column"]): r for r in data["results"]}
     lines += ["", "## Scores per task (x100)", "",
+              "Constant: the best constant prediction on the same examples (majority class, or the label mean), "
+              "what a model that learned nothing scores.", "",
               "| tasks | task | metrics | " + " | ".join(cols) + " |", "|---|---|---|" + "---:|" * len(cols)]
     for combo in data["summary"]:
         for t in dict.fromkeys(r["task"] for r in data["results"] if r["combination"] == combo):
             metrics = ", ".join(index[(combo, t, "individual")]["metrics"])
             lines.append(f"| {combo} | {t} | {metrics} | "
                          + " | ".join(_pct((index.get((combo, t, c)) or {}).get("score")) for c in cols) + " |")
+    mse = [r for r in data["results"] if r.get("mse") is not None]
+    if mse:
+        lines += ["", "## Mean squared error of the regression tasks (correlations ignore scale)", "",
+                  "| tasks | task | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+        for combo, t in dict.fromkeys((r["combination"], r["task"]) for r in mse):
+            lines.append(f"| {combo} | {t} | " + " | ".join(
+                "–" if (index.get((combo, t, c)) or {}).get("mse") is None else f"{index[(combo, t, c)]['mse']:.3f}"
+                for c in cols) + " |")
+    if data.get("flags"):
+        lines += ["", "## Flags", "", *[f"- {f}" for f in data["flags"]]]
     loads = any(c.get("load") is not None for c in data["stages"])
     lines += ["", "## Cost per stage", "",
               "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items())
@@ -1047,7 +1066,7 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_title("Normalized score per merge (mean over its tasks)")
     paths.append(_save(fig, folder / "normalized.png"))
     index = {(r["combination"], r["task"], r["column"]): r["score"] for r in data["results"]}
-    cols = ["individual", *labels]
+    cols = ["constant", "individual", *labels]
     for combo in combos:
         tasks = list(dict.fromkeys(r["task"] for r in data["results"] if r["combination"] == combo))
         fig, ax = plt.subplots(figsize=(2.5 + 0.3 * len(tasks) * len(cols), 3.6))
