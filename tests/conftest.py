@@ -21,9 +21,9 @@ requires_shared = pytest.mark.skipif(not MINILM.is_dir(), reason=f"real assets a
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """benchmarks/<name>.py imported as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+def load_benchmark(name: str, folder: str = "benchmarks") -> ModuleType:
+    """<folder>/<name>.py (benchmarks/ or research/) imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

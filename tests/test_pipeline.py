@@ -15,6 +15,7 @@ import yaml
 from fmn_pl import pipeline
 from fmn_pl.artifacts import load_artifact
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
+from tests.conftest import load_benchmark
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
 TINY = CONFIGS / "tiny.yaml"
@@ -74,6 +75,16 @@ def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path]
     for png in ("normalized.png", "scores-rte+mrpc.png", "cost.png"):
         assert (out / "plots" / png).stat().st_size > 1000
     assert yaml.safe_load((out / "pipeline.yaml").read_text())["tasks"] == ["rte", "mrpc"]
+    assert "| constant | individual |" in md.replace("| tasks | task | metrics ", "")
+
+    # research/results.py turns the run into docs/results.md's tables: the gains are the reports' own
+    results = load_benchmark("results", "research")
+    methods = {m["label"]: m for m in results.method_rows(results.load(out))}
+    cell = {t: r for t, r in json.loads((out / "merges" / "rte+mrpc" / "fmn" / "report.json").read_text())["results"].items()}
+    expected = sum(100 * (r["merged"]["score"] - r["average"]["score"]) for r in cell.values()) / 2
+    assert methods["fmn"]["gain"] == pytest.approx(expected) and methods["fmn"]["cells"] == 2
+    assert methods["average"]["gain"] == 0 and methods["average"]["wins"] == methods["average"]["losses"] == 0
+    assert "## The published claims, here" in results.markdown(results.load(out), {})
 
     # A second run computes nothing and touches no output.
     before = mtimes(out)
