@@ -1,4 +1,4 @@
-"""benchmarks/fmn_rules.py on tiny random checkpoints: each rule's choice per pair, and the validation score of
+"""research/fmn_rules.py on tiny random checkpoints: each rule's choice per pair, and the validation score of
 that choice, equal what `fmn-pl merge` returns with the rule's options; gains, wins and the cache."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
         write_json(path / "fmn_pl.json", {**read_metadata(path), "data": {"holdout_samples": 16}})
         add_fisher(path, i)
     ckdir = path.parent
-    rules = load_benchmark("fmn_rules")
+    rules = load_benchmark("fmn_rules", "research")
     out = tmp_path / "rules"
     argv = ["--checkpoints_dir", str(ckdir), "--tasks", *TASKS, "--out", str(out), "--data_dir", str(tiny_glue),
             "--max_eval_samples", "16", "--accelerator", "cpu", "--scalings", "1", "3", "--normalizes", "none", "mean",

@@ -1,4 +1,4 @@
-"""benchmarks/fmn_study.py end to end on tiny random checkpoints (3 tasks, a tiny grid): table rows, wins and
+"""research/fmn_study.py end to end on tiny random checkpoints (3 tasks, a tiny grid): table rows, wins and
 means against a recomputation from study.json, the selection rule, one cell against a saved `fmn-pl merge`,
 views that leave the checkpoints untouched, and a resume that recomputes nothing (or only an added option);
 plus `merge_body` against the body `run_merge` saves."""
@@ -52,7 +52,7 @@ def table(md: str, heading: str) -> dict[str, list[str]]:
 
 
 def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, capsys) -> None:
-    study = load_benchmark("fmn_study")
+    study = load_benchmark("fmn_study", "research")
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(GRID))
     out = tmp_path / "study"
@@ -148,7 +148,7 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
 
 
 def test_study_refuses_bad_inputs(checkpoints: Path, tiny_glue: Path, tmp_path: Path) -> None:
-    study = load_benchmark("fmn_study")
+    study = load_benchmark("fmn_study", "research")
     base = ["--checkpoints_dir", str(checkpoints), "--tasks", "rte", "mrpc", "--out", str(tmp_path / "s"),
             "--data_dir", str(tiny_glue)]
     grid = tmp_path / "grid.yaml"
@@ -192,7 +192,7 @@ def test_merge_body_equals_saved_merge(make_checkpoint, tiny_glue: Path, tmp_pat
 def test_pooled_selection_chooses_on_every_holdout_cell(tmp_path: Path) -> None:
     """--pool: the choice is made on this study's and another study's holdout cells together (b wins there by
     more than a wins here); the reported validation numbers stay this study's, the pooled ones beside them."""
-    study = load_benchmark("fmn_study")
+    study = load_benchmark("fmn_study", "research")
 
     def cells(gains: dict[str, tuple[float, float]]) -> list[dict]:
         return [{"label": lb, "pair": True, "combo": "x+y", "task": t, "validation": v, "holdout": h,

@@ -1,4 +1,4 @@
-"""benchmarks/merge_table.py end to end on two tiny checkpoints: one `fmn-pl merge` per row, a table whose
+"""research/merge_table.py end to end on two tiny checkpoints: one `fmn-pl merge` per row, a table whose
 normalized column is recomputed here from each report's per-task scores, and a rerun that reuses reports."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from tests.conftest import load_benchmark
 
 
 def test_merge_table(make_checkpoint, tiny_glue: Path, tmp_path: Path, capsys) -> None:
-    mt = load_benchmark("merge_table")
+    mt = load_benchmark("merge_table", "research")
     ckpts = [str(make_checkpoint(t, seed=i + 1, name=t)) for i, t in enumerate(["rte", "mrpc"])]
     out = tmp_path / "table"
     argv = ["--checkpoints", *ckpts, "--out", str(out), "--rows", "average", "task_arithmetic",

@@ -1,4 +1,4 @@
-"""benchmarks/swap_probe.py on two tiny checkpoints: `none` scores the merge itself, `all` the task's own model,
+"""research/swap_probe.py on two tiny checkpoints: `none` scores the merge itself, `all` the task's own model,
 and a layer swap changes exactly that layer's tensors."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tests.conftest import load_benchmark
 
 
 def test_swap_probe(make_checkpoint: Callable, tiny_glue: Path, capsys: pytest.CaptureFixture) -> None:
-    sp = load_benchmark("swap_probe")
+    sp = load_benchmark("swap_probe", "research")
     cks = [str(make_checkpoint(t, seed=s, noise=0.3)) for s, t in enumerate(["rte", "mrpc"])]
     result = sp.main(["--checkpoints", *cks, "--data_dir", str(tiny_glue), "--split", "validation",
                       "--max_samples", "16"])
@@ -32,7 +32,7 @@ def test_swap_probe(make_checkpoint: Callable, tiny_glue: Path, capsys: pytest.C
 def test_groups_split_the_layers(tiny_base: Callable[[str], Path]) -> None:
     from transformers import AutoConfig
 
-    sp = load_benchmark("swap_probe")
+    sp = load_benchmark("swap_probe", "research")
     named = sp.groups(AutoConfig.from_pretrained(tiny_base("bert")))
     key = "bert.encoder.layer.1.attention.self.query.weight"
     assert [n for n, picks in named.items() if picks(key)] == ["layer1", "all"]

@@ -7,7 +7,7 @@ the first row, reused by the rest). Then reads every report.json and prints one 
 (merged / individual, mean over the tasks), the wall time of the merge (choosing options on selection data
 included; evaluation excluded) and of the whole command, and the process's peak RSS.
 
-    python benchmarks/merge_table.py --checkpoints runs/checkpoints/{rte,cola,mrpc,stsb,sst2} \
+    python research/merge_table.py --checkpoints runs/checkpoints/{rte,cola,mrpc,stsb,sst2} \
         --out runs/merges/all5 --max_eval_samples 500 [--rows average fmn ties ...]
 
 Every checkpoint needs the artifacts of the rows asked for (`fmn-pl fisher --kind mask|full|grams`). A row

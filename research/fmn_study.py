@@ -1,8 +1,8 @@
 """FMN study (issue 8): a grid of Fisher and merge options over every pair of task checkpoints, scored against
 the plain average on the holdout split (selection) and on the GLUE validation split (report).
 
-    python benchmarks/fmn_study.py --checkpoints_dir runs/checkpoints --tasks cola sst2 mrpc stsb rte --out runs/study
-    python benchmarks/fmn_study.py --print_grid > grid.yaml     # the default grid, to edit and pass as --grid
+    python research/fmn_study.py --checkpoints_dir runs/checkpoints --tasks cola sst2 mrpc stsb rte --out runs/study
+    python research/fmn_study.py --print_grid > grid.yaml     # the default grid, to edit and pass as --grid
 
 Inputs: one task checkpoint per task, <checkpoints_dir>/<task>/, fine-tuned with `data.holdout_samples` > 0
 (the held-out training rows are the selection split). Nothing is fine-tuned and the checkpoints are not

@@ -2,7 +2,7 @@
 back to that task's own checkpoint (the embeddings, each layer, the pooler, every norm; `none` is the merge as
 it is, `all` the task's own model). Prints one JSON document {task: {group: score x100}}.
 
-    python benchmarks/swap_probe.py --checkpoints runs/checkpoints/mrpc runs/checkpoints/stsb \
+    python research/swap_probe.py --checkpoints runs/checkpoints/mrpc runs/checkpoints/stsb \
         [--method average] [--options '{"power": 1.0}'] [--split holdout] [--max_samples 300]
 
 A task whose score comes back when one group is its own needs that group's parameters in a way the merge lost.

@@ -1,12 +1,12 @@
 """FMN selection rules (issue 8): every candidate body of FMN's choice scored once, then rules compared as choices.
 
-    python benchmarks/fmn_rules.py --checkpoints_dir runs/checkpoints --tasks rte cola mrpc stsb sst2 \
+    python research/fmn_rules.py --checkpoints_dir runs/checkpoints --tasks rte cola mrpc stsb sst2 \
         --out runs/rules --max_eval_samples 500
 
 FMN's defaults choose p (`powers`) and s (`scalings`) per merge on the held-out rows (and the normalization from
 `normalizes` when `normalize` is null). A rule is a candidate set (some of those (normalize, p, s)) and an
 objective (`mean` or `worst_gain`). Instead of running each rule as its own merge
-(`benchmarks/fmn_study.py` does that, one grid row per rule), this scores each candidate body
+(`research/fmn_study.py` does that, one grid row per rule), this scores each candidate body
 theta0 + s (FMN_{normalize, p} - theta0) of every pair once, on the selection split (holdout) and on
 validation, with the plain average and the individual checkpoints, and then lets each rule choose by its objective among the stored holdout
 scores (`rank`, the criterion `fmn merge` itself uses). The rule's chosen cell per pair is exactly what the merge
