@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -46,19 +47,67 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> FmnCLI
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
+# Exit status of a stage stopped by a signal (the shell's 128 + signal number).
+EXIT_SIGNAL = {143: "SIGTERM", 130: "SIGINT"}
+_received: list[int] = []  # signals received by this process (the handlers below record them)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """Record SIGTERM/SIGINT. Stop at once unless Lightning's own handler called this one after setting its flag:
+    a Trainer then stops at the end of the current step and raises its SIGTERMException."""
+    _received.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    if signal.getsignal(signum) is _on_signal:
+        raise SystemExit(128 + signum)
+
+
+def interrupted_status(e: BaseException | None) -> int | None:
+    """143 or 130 when this process received SIGTERM or SIGINT (or `e` is how one surfaced), else None."""
+    if _received:
+        return 128 + _received[-1]
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    code = getattr(e, "code", None)
+    return code if isinstance(e, SystemExit) and code in EXIT_SIGNAL else None
+
+
+def run_stage_command(argv: list[str]) -> None:
+    """`fmn-pl <argv>` in this process; a stage stopped by a signal ends with SystemExit(143 or 130), whatever way
+    the stop surfaced (Lightning's SIGTERMException, whose exit status is 0, its `sys.exit(1)` after Ctrl-C, a
+    KeyboardInterrupt), so that no caller can take an interrupted stage for a finished one."""
+    try:
+        _main(argv, from_shell=False)
+    except BaseException as e:
+        if (status := interrupted_status(e)) is not None:
+            raise SystemExit(status) from None
+        raise
+    if (status := interrupted_status(None)) is not None:  # a signal a loop absorbed without stopping
+        raise SystemExit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point. From the shell, bad input ends with one line `fmn-pl: error: ...` and exit status 2
-    (set FMN_PL_TRACEBACK=1 for the traceback); called with `argv`, errors propagate to the caller."""
+    (set FMN_PL_TRACEBACK=1 for the traceback), and a stage stopped by SIGTERM or SIGINT with one line and
+    exit status 143 or 130; called with `argv`, errors propagate to the caller."""
     if argv is not None:
         return _main(list(argv), from_shell=False)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_signal)
+    command = " ".join(["fmn-pl", *sys.argv[1:2]])
     try:
-        _main(sys.argv[1:], from_shell=True)
+        run_stage_command(sys.argv[1:])
     except USER_ERRORS as e:
         if os.environ.get("FMN_PL_TRACEBACK"):
             raise
         text = str(e).strip()
         print(f"fmn-pl: error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SystemExit as e:
+        if e.code in EXIT_SIGNAL:
+            print(f"fmn-pl: interrupted by {EXIT_SIGNAL[e.code]}: `{command}` stopped before writing its output "
+                  "(nothing it writes is left half-done); run it again to redo it", file=sys.stderr)
+        raise
     finally:
         close_process_group()
 

@@ -704,14 +704,16 @@ def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False,
         return
     argv = [*stage.argv, *(stage.launch.argv() if stage.launch else [])]
     if not alone and not on_every_rank(stage):
-        from fmn_pl.cli import main as cli_main
+        from fmn_pl.cli import EXIT_SIGNAL, run_stage_command
 
         saved_argv = sys.argv
         sys.argv = ["fmn-pl", stage.kind, *argv]  # what the stage would see when run alone
         with output_to(log):
             try:
-                cli_main([stage.kind, *argv])
+                run_stage_command([stage.kind, *argv])
             except SystemExit as e:
+                if e.code in EXIT_SIGNAL:
+                    raise  # interrupted: the pipeline stops too, with the same status
                 if e.code not in (0, None):
                     raise StageFailed(f"exit status {e.code}") from e
             except BaseException:
@@ -734,6 +736,8 @@ def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False,
     cmd = [sys.executable, "-m", "fmn_pl.cli", stage.kind, *argv]
     with open(log, "a") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if rc in (143, 130, -15, -2):  # the stage's process was stopped by a signal: so is the pipeline
+        raise SystemExit(143 if rc in (143, -15) else 130)
     if rc != 0:
         raise StageFailed(f"exit status {rc}")
 

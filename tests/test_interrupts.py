@@ -1,0 +1,82 @@
+"""A stage stopped by a cluster's SIGTERM or by Ctrl-C exits non-zero (143, 130) with one line and leaves nothing
+that a rerun could take for finished: real subprocesses, signalled mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fmn_pl.cli", *args], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env=ENV)
+
+
+def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], signum: int, log: Path, timeout: float = 120) -> int:
+    """Send `signum` once `ready()` holds (the stage is mid-work), then wait for the exit status."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the stage ended before it was signalled:\n{log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"the stage never got going:\n{log.read_text()[-2000:]}"
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    return proc.wait(timeout=120)
+
+
+def last_line(log: Path) -> str:
+    return [line for line in log.read_text().splitlines() if line.strip()][-1]
+
+
+def fit_args(base: Path, data: Path, root: Path, export: Path) -> list[str]:
+    return ["fit", f"--model.model_name_or_path={base}", "--data.task=rte", f"--data.data_dir={data}",
+            "--data.batch_size=4", "--trainer.max_epochs=100000", "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", f"--export.dirpath={export}"]
+
+
+@pytest.mark.parametrize("signum, status, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_fit_interrupted(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, signum: int, status: int,
+                         name: str) -> None:
+    log, export = tmp_path / "log", tmp_path / "export"
+    proc = start(fit_args(tiny_base("bert"), tiny_glue, tmp_path / "root", export), log)
+    hparams = lambda: any((tmp_path / "root").rglob("metrics.csv"))  # noqa: E731 - an epoch has been logged
+    assert signal_when(proc, hparams, signum, log) == status
+    assert f"interrupted by {name}" in last_line(log) and "Traceback" not in log.read_text()
+    assert not export.exists()
+
+
+def test_merge_interrupted_leaves_no_temp_folder(tmp_path: Path, make_checkpoint: Callable, tiny_glue: Path) -> None:
+    cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mrpc"])]
+    log, out = tmp_path / "log", tmp_path / "merged"
+    proc = start(["merge", "--method=adamerging", "--method.steps=100000", "--method.batch_size=2",
+                  "--checkpoints", *map(str, cks), f"--output={out}", f"--data_dir={tiny_glue}", "--progress=false",
+                  "--selection_split=validation"], log)
+    temp = lambda: any(p.name.startswith(".merged.tmp") for p in tmp_path.iterdir())  # noqa: E731
+    assert signal_when(proc, temp, signal.SIGTERM, log) == 143
+    assert "interrupted by SIGTERM" in last_line(log) and "Traceback" not in log.read_text()
+    assert not out.exists() and not temp()
+
+
+def test_pipeline_interrupted_stamps_nothing(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "tiny.yaml").read_text())
+    cfg |= {"output": str(tmp_path / "run"), "model": str(tiny_base("bert")), "data_dir": str(tiny_glue)}
+    cfg["fit"] |= {"max_epochs": 100000, "batch_size": 4}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "log"
+    proc = start(["pipeline", "--config", str(tmp_path / "p.yaml")], log)
+    logged = lambda: any((tmp_path / "run").rglob("metrics.csv"))  # noqa: E731
+    assert signal_when(proc, logged, signal.SIGTERM, log) == 143
+    assert "interrupted by SIGTERM" in last_line(log)
+    assert not list((tmp_path / "run" / "stamps").rglob("*.json")) if (tmp_path / "run" / "stamps").exists() else True
+    assert not (tmp_path / "run" / "checkpoints" / "rte").exists()
