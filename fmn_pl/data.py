@@ -149,6 +149,14 @@ def _check_labels(labels: list, task: GlueTask, where: str) -> list:
     return out
 
 
+def check_count(name: str, value: int | None, minimum: int = 1) -> int | None:
+    """`value` if it is None or an integer >= `minimum`, else a one-line error naming the option: a negative
+    cap would silently mean "all but N" in a slice, and 0 leaves nothing to compute on."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum} (or null where that means all), got {value!r}")
+    return value
+
+
 def subsample(n_rows: int, cap: int | None, seed: int) -> list[int]:
     """Row ids of a seeded sample without replacement (all rows, in order, when `cap` is None or large)."""
     if cap is None or cap >= n_rows:
@@ -286,6 +294,10 @@ class GLUEDataModule(L.LightningDataModule):
             num_workers: DataLoader workers.
         """
         super().__init__()
+        for name in ("batch_size", "eval_batch_size", "max_train_samples", "max_eval_samples", "max_length"):
+            check_count(f"data.{name}", locals()[name])
+        check_count("data.holdout_samples", holdout_samples, minimum=0)
+        check_count("data.num_workers", num_workers, minimum=0)
         self.save_hyperparameters()
         self.task = get_task(task)
         self.max_length = max_length or self.task.max_length
@@ -315,6 +327,12 @@ class GLUEDataModule(L.LightningDataModule):
                                  f"rows of {self.task.name} in {self.hparams.data_dir}: none are left to train on; lower it")
             rows = [r for r in rows if (r in held) == (split == "holdout")]
         rows = [rows[i] for i in subsample(len(rows), cap, self.hparams.sample_seed)]
+        if not rows:
+            where = self.hparams.data_dir
+            if is_local_path(where):
+                where = split_file(where, self.task, "train" if split == "holdout" else split)
+            raise ValueError(f"split {split!r} of task {self.task.name!r} has no rows ({where}): nothing to "
+                             f"{'train' if split == 'train' else 'score'} on")
         return tokenize(self.tokenizer, self.task, columns, rows, self.max_length)
 
     def setup(self, stage: str | None = None) -> None:

@@ -366,12 +366,14 @@ def run_fisher(
         trainer: Lightning Trainer options (devices, strategy, accelerator, precision, ...).
     """
     from fmn_pl.checkpoint import read_metadata
-    from fmn_pl.data import GLUEDataModule
+    from fmn_pl.data import GLUEDataModule, check_count
     from fmn_pl.grams import GramCallback
     from fmn_pl.tasks import get_task
 
     if kind not in KIND_DEFAULTS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KIND_DEFAULTS)}")
+    for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
+        check_count(name, value)
     meta = read_metadata(checkpoint)
     if task is not None and task != meta["task"]:
         raise ValueError(f"{checkpoint} is a {meta['task']!r} checkpoint, not {task!r}")

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from fmn_pl.artifacts import FILES, Artifact, artifact_path, load_artifact
 from fmn_pl.checkpoint import FORMAT_VERSION, METADATA_FILE, atomic_dir, read_metadata, weights_fingerprint, write_json
-from fmn_pl.data import is_local_path
+from fmn_pl.data import check_count, is_local_path
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
 from fmn_pl.merging.reader import DTYPES, FLOAT_DTYPES, FileReader
 
@@ -455,6 +455,9 @@ def run_merge(
     def log(msg: str) -> None:
         tqdm.write(f"merge: {msg}")
 
+    for option, value in (("max_eval_samples", max_eval_samples), ("selection_samples", selection_samples),
+                          ("batch_size", batch_size)):
+        check_count(option, value)
     start = time.perf_counter()
     return_freed_memory()
     name = method_name(method)
