@@ -133,17 +133,19 @@ def markdown(report: dict[str, Any]) -> str:
     table = rows(report)
     if table:
         lines += [f"| task | metrics | constant | individual | average | {label} | {label} / individual | "
-                  "average / individual |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "average / individual | above constant |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in table:
             lines.append(f"| {r['task']} | {', '.join(r['metrics'])} | {_fmt(r['baseline'])} | {_fmt(r['individual'])} | "
                          f"{_fmt(r['average'])} | {_fmt(r['merged'])} | {_fmt(r['normalized'])} | "
-                         f"{_fmt(r['normalized_average'])} |")
+                         f"{_fmt(r['normalized_average'])} | {_fmt(r['above_baseline'])} |")
         s = report.get("summary", {})
         lines.append(f"| **mean** | | {_fmt(s.get('baseline_score'))} | {_fmt(s.get('individual_score'))} | "
                      f"{_fmt(s.get('average_score'))} | {_fmt(s.get('merged_score'))} | {_fmt(s.get('normalized'))} | "
-                     f"{_fmt(s.get('normalized_average'))} |")
+                     f"{_fmt(s.get('normalized_average'))} | {_fmt(s.get('above_baseline'))} |")
         lines += ["", "Constant: the best constant prediction on the same examples (the majority class, or the "
-                  "label mean for regression), the score a model that learned nothing reaches."]
+                  "label mean for regression), the score a model that learned nothing reaches. Above constant: "
+                  f"({label} - constant) / (individual - constant), the share of what the model learned that the "
+                  "merge keeps."]
         for r in table:
             mse = r["mse"]
             if mse.get("individual") is not None:
