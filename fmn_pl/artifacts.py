@@ -96,6 +96,9 @@ class Artifact:
             t = self._reader.get(key)
         except Exception as e:
             raise ValueError(f"{self.path}: cannot read tensor {key!r} (corrupt or truncated file?): {e}") from e
+        if not t.is_floating_point():
+            raise ValueError(f"{self.path}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; artifacts hold "
+                             "floating-point values (float32): recompute it with `fmn-pl fisher`")
         if not torch.isfinite(t).all():
             raise ValueError(f"{self.path}: tensor {key!r} has NaN or Inf entries")
         return t

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -74,7 +75,9 @@ def atomic_dir(
     target = Path(target)
     if target.exists() and any(target.iterdir()) and not (overwrite or may_replace(target)):
         raise FileExistsError(f"{target} already exists and is not empty; pass overwrite to replace it")
+    check_writable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     with _sigterm_raises():
@@ -90,6 +93,41 @@ def atomic_dir(
     tmp.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(target: str | Path) -> None:
+    """A one-line error, before any work, when `target` (a file or folder to create or replace) cannot be
+    written: its nearest existing folder must be writable, and so must `target` itself if it exists."""
+    target = Path(target).expanduser().absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if existing != target and not existing.is_dir():
+        raise ValueError(f"cannot write {target}: {existing} is a file, not a folder")
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {target}: {existing} is not writable (choose another output folder)")
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Remove the temporary folders a killed run (SIGKILL, power loss) left beside `target`: `.NAME.tmp-PID-*`
+    and `.NAME.old-PID-*` whose process is gone. Says so on stderr, and returns them."""
+    removed = []
+    for p in target.parent.glob(f".{target.name}.*-*-*"):
+        kind, _, rest = p.name.removeprefix(f".{target.name}.").partition("-")
+        pid = rest.partition("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            print(f"removed {p}: left by an interrupted run (process {pid} is gone)", file=sys.stderr)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -188,6 +226,7 @@ class ExportCheckpoint(L.Callback):
         """Refuse an occupied export folder before training, not after it."""
         if stage == "fit" and self.dirpath is not None and trainer.is_global_zero:
             check_export_target(self.dirpath, pl_module.task.name, self.overwrite)
+            check_writable(self.dirpath)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.dirpath is None or trainer.state.fn != "fit":

@@ -365,7 +365,7 @@ def run_fisher(
         max_length: truncation length (default: the checkpoint's fine-tuning setting).
         trainer: Lightning Trainer options (devices, strategy, accelerator, precision, ...).
     """
-    from fmn_pl.checkpoint import read_metadata
+    from fmn_pl.checkpoint import check_writable, read_metadata
     from fmn_pl.data import GLUEDataModule, check_count
     from fmn_pl.grams import GramCallback
     from fmn_pl.tasks import get_task
@@ -375,6 +375,7 @@ def run_fisher(
     for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
         check_count(name, value)
     meta = read_metadata(checkpoint)
+    check_writable(artifact_path(checkpoint, KIND_DEFAULTS[kind][0]))
     if task is not None and task != meta["task"]:
         raise ValueError(f"{checkpoint} is a {meta['task']!r} checkpoint, not {task!r}")
     if kind == "grams" and (aggregation is not None or labels is not None):

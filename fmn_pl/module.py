@@ -43,10 +43,11 @@ def load_model(
     }
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             name_or_path,
             num_labels=task.num_labels,
             problem_type="regression" if task.is_regression else "single_label_classification",
+            output_loading_info=True,
             **labels,
             **kwargs,
         )
@@ -58,6 +59,13 @@ def load_model(
         raise
     except OSError as e:  # e.g. a config.json without weight files
         raise ValueError(f"cannot load model weights from {name_or_path}: {_first_line(e)}") from e
+    # A task checkpoint must load exactly: a tensor left out or left over means config.json and the weights
+    # disagree (e.g. 5 layers declared, 6 stored), and every later stage would compute on the wrong model.
+    if trained_head and (odd := [*info.get("missing_keys", []), *info.get("unexpected_keys", []),
+                                 *[k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]]):
+        raise ValueError(f"{name_or_path}: config.json disagrees with the stored weights ({len(odd)} tensor(s) "
+                         f"missing, left over or of another shape, e.g. {sorted(odd)[0]})")
+    return model
 
 
 def _first_line(e: BaseException) -> str:
