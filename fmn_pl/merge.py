@@ -804,17 +804,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     except (FileNotFoundError, ValueError) as e:
         print(f"fmn-pl merge: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    parser = build_parser()
     if any(a in ("-h", "--help") for a in args):
         method = next((a.partition("=")[2] for a in args if a.startswith("--method=")), None)
-        parser.print_help()
-        if method:
-            print(f"\nOptions of method {method}:")
-            try:
-                parser.parse_args([f"--method.help={method}"])
-            except SystemExit:
-                pass
+        if method:  # that method's options only, one line each
+            from fmn_pl.merging import METHODS, option_lines
+
+            method = next((n for n, t in METHODS.items() if method.endswith(t.replace(":", "."))), method)
+            print("\n".join(option_lines(method)))
+        else:
+            build_parser().print_help()
         return None
+    parser = build_parser()
     cfg = parser.parse_args(args)
     config_yaml = parser.dump(cfg, skip_none=False)
     init = parser.instantiate(cfg)

@@ -207,6 +207,9 @@ def test_help_shows_methods_and_their_options(capsys: pytest.CaptureFixture) -> 
     text = capsys.readouterr().out
     for option in ("broadcast", "per_node", "normalize", "universal", "epsilon", "coefficients"):
         assert option in text
+    lines = text.strip().splitlines()  # that method's options only, one line each
+    assert "--max_eval_samples" not in text and all(line.startswith("  --method.") for line in lines[1:])
+    assert len(lines) == 1 + len(__import__("inspect").signature(FMN.__init__).parameters) - 1
 
 
 # ---------------------------------------------------------------------------------------------- bad input

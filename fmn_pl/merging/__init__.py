@@ -28,4 +28,21 @@ def method_class(name: str) -> type[MergeMethod]:
     return getattr(importlib.import_module(f"fmn_pl.merging.{module}"), cls)
 
 
-__all__ = ["METHODS", "MergeContext", "MergeMethod", "method_class"]
+def option_lines(name: str) -> list[str]:
+    """The options of method `name`, one line each: `--method.OPTION  TYPE = DEFAULT  first line of its doc`
+    (from the `__init__` signature and its docstring's Args section)."""
+    import inspect
+    import re
+
+    cls = method_class(name)
+    doc = inspect.getdoc(cls.__init__) or ""
+    helps = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s{0,4}(\w+): (.+)$", doc, re.MULTILINE)}
+    lines = [f"{name}: {(inspect.getdoc(cls) or '').splitlines()[0] if inspect.getdoc(cls) else ''}"]
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        kind = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+        default = "" if p.default is inspect.Parameter.empty else f" = {p.default!r}"
+        lines.append(f"  --method.{p.name:<14} {kind}{default}  {helps.get(p.name, '')}")
+    return lines
+
+
+__all__ = ["METHODS", "MergeContext", "MergeMethod", "method_class", "option_lines"]
