@@ -358,10 +358,12 @@ class GLUEDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
         )
 
-    def eval_dataloader(self, split: str) -> DataLoader:
-        """Sorted by length (least padding; order does not change metrics), optionally unpadded shards."""
+    def eval_dataloader(self, split: str, limit: int | None = None) -> DataLoader:
+        """Sorted by length (least padding; order does not change metrics), optionally unpadded shards.
+        `limit`: only that many examples, spread evenly over the split's (seeded, shuffled-row) sample."""
         ds = self.eval_datasets[split]
-        order = sorted(range(len(ds)), key=lambda i: -ds.lengths[i])
+        keep = range(len(ds)) if limit is None or limit >= len(ds) else [k * len(ds) // limit for k in range(limit)]
+        order = sorted(keep, key=lambda i: -ds.lengths[i])
         ds = torch.utils.data.Subset(ds, order)
         sampler = None
         if self.hparams.unpadded_shards and torch.distributed.is_available() and torch.distributed.is_initialized():

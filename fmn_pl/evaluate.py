@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -129,19 +129,20 @@ class Evaluator:
                 self._models[i] = load_model(str(self.checkpoints[i]), self.datamodule(i).task).to(self.device()).eval()
         return self._models[i]
 
-    def evaluate(self, i: int, model_dir: str | Path | None = None, body: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def evaluate(self, i: int, model_dir: str | Path | None = None, body: dict[str, torch.Tensor] | None = None,
+                 limit: int | None = None) -> dict[str, float]:
         """Metrics (and `score`) of checkpoint i's task for the model in `model_dir` (default: the checkpoint),
-        with its body replaced by `body` when given. The checkpoint's model is loaded once: a body is swapped
-        in for the call and the checkpoint's own tensors are put back after it."""
+        with its body replaced by `body` when given, on `limit` examples per split (spread evenly; None: all).
+        The checkpoint's model is loaded once: a body is swapped in for the call and its own tensors put back."""
         if model_dir is not None:
             from fmn_pl.module import load_model
 
             with quiet_lightning():
                 model = load_model(str(model_dir), self.datamodule(i).task).to(self.device()).eval()
-            return self._score(i, model)
+            return self._score(i, model, limit)
         model = self.model(i)
         if body is None:
-            return self._score(i, model)
+            return self._score(i, model, limit)
         params = dict(model.named_parameters()) | dict(model.named_buffers())
         if unexpected := [k for k in body if k not in params]:
             raise ValueError(f"merged body has tensors the {self.tasks[i]} model lacks: {unexpected[:3]}")
@@ -150,14 +151,14 @@ class Evaluator:
             with torch.no_grad():
                 for k, v in body.items():
                     params[k].copy_(v)
-            return self._score(i, model)
+            return self._score(i, model, limit)
         finally:
             with torch.no_grad():
                 for k, v in own.items():
                     params[k].copy_(v)
 
     @torch.no_grad()
-    def _score(self, i: int, model: torch.nn.Module) -> dict[str, float]:
+    def _score(self, i: int, model: torch.nn.Module, limit: int | None = None) -> dict[str, float]:
         """The task's GLUE metrics over every eval split of its data module (keys as the fine-tuning module logs
         them: one split `accuracy`, several `matched/accuracy`, with `score` their mean)."""
         from fmn_pl.metrics import glue_metrics, predictions, with_score
@@ -167,7 +168,7 @@ class Evaluator:
         per_split = {}
         for split in dm.eval_splits:
             metrics = glue_metrics(dm.task).to(device)
-            for batch in tqdm(dm.eval_dataloader(split), desc=f"score {self.tasks[i]}", leave=False,
+            for batch in tqdm(dm.eval_dataloader(split, limit), desc=f"score {self.tasks[i]}", leave=False,
                               disable=not self.progress):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 metrics.update(predictions(dm.task, model(**model_inputs(batch)).logits), batch["labels"])
@@ -192,9 +193,11 @@ class Evaluator:
         out["score"] = sum(m["score"] for m in per_split.values()) / len(per_split)
         return out, n
 
-    def scores(self, body: dict[str, torch.Tensor]) -> dict[str, float]:
-        """{task: score} of `body` with every task's own head (the selection function merge methods call)."""
-        return {task: self.evaluate(i, body=body)["score"] for i, task in enumerate(self.tasks)}
+    def scores(self, body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None,
+               limit: int | None = None) -> dict[str, float]:
+        """{task: score} of `body` with every task's own head (of `tasks` only, on `limit` examples each): the
+        selection function merge methods call."""
+        return {t: self.evaluate(self.tasks.index(t), body=body, limit=limit)["score"] for t in tasks or self.tasks}
 
 
 class EvalCache:

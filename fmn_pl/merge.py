@@ -409,6 +409,8 @@ def run_merge(
     batch_size: int = 64,
     selection_split: Literal["auto", "holdout", "validation", "train"] = "auto",
     selection_samples: int | None = None,
+    selection_screen: int | None = 64,
+    selection_finalists: int = 4,
     compare_average: bool = True,
     cache: bool = True,
     accelerator: str = "auto",
@@ -439,6 +441,10 @@ def run_merge(
             validation (the scored examples: transductive), train; auto: holdout when every checkpoint held rows
             out, else validation.
         selection_samples: cap on the selection examples per task; None: all.
+        selection_screen: a search over more than `selection_finalists` candidates first scores each on this many
+            selection examples per task (spread evenly), then only the best `selection_finalists` on all of them;
+            None: every candidate on every example (the cost grows with the candidates).
+        selection_finalists: how many candidates the screening keeps.
         compare_average: also score the plain average (cached per checkpoint set); the report's baseline.
         cache: remember individual and plain-average scores beside each checkpoint (fmn_pl_eval.json).
         accelerator: Lightning accelerator for evaluation (auto, cpu, gpu, ...).
@@ -456,7 +462,8 @@ def run_merge(
         tqdm.write(f"merge: {msg}")
 
     for option, value in (("max_eval_samples", max_eval_samples), ("selection_samples", selection_samples),
-                          ("batch_size", batch_size)):
+                          ("batch_size", batch_size), ("selection_screen", selection_screen),
+                          ("selection_finalists", selection_finalists)):
         check_count(option, value)
     start = time.perf_counter()
     return_freed_memory()
@@ -481,12 +488,11 @@ def run_merge(
                           accelerator, progress=False)
     selection_calls, adapted = 0, False
 
-    def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None) -> dict[str, float]:
+    def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None,
+               limit: int | None = None) -> dict[str, float]:
         nonlocal selection_calls
         selection_calls += 1
-        if tasks is None:
-            return selection.scores(body)
-        return {t: selection.evaluate(inputs.tasks.index(t), body=body)["score"] for t in tasks}
+        return selection.scores(body, tasks, limit)
 
     def selection_inputs(i: int) -> Any:
         nonlocal adapted
@@ -494,7 +500,9 @@ def run_merge(
         return selection.datamodule(i)
 
     ctx = inputs.context(evaluate=select, selection_inputs=selection_inputs, accelerator=accelerator,
-                         progress=progress, log=log)
+                         progress=progress, log=log, finalists=selection_finalists,
+                         screen=None if selection_samples is not None and selection_samples <= (selection_screen or 0)
+                         else selection_screen)
     merge_info = {"method": name, "options": method.options(), "checkpoints": [str(p) for p in inputs.checkpoints],
                   "fingerprints": fingerprints}
     report: dict[str, Any] = {
@@ -610,8 +618,10 @@ def merge_body(
         raise ValueError(f"the selection evaluator has no checkpoint of task(s) {missing}")
     where = [selection.tasks.index(t) for t in inputs.tasks]
 
-    def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None) -> dict[str, float]:
-        return {t: selection.evaluate(where[inputs.tasks.index(t)], body=body)["score"] for t in tasks or inputs.tasks}
+    def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None,
+               limit: int | None = None) -> dict[str, float]:
+        return {t: selection.evaluate(where[inputs.tasks.index(t)], body=body, limit=limit)["score"]
+                for t in tasks or inputs.tasks}
 
     ctx = inputs.context(evaluate=select, selection_inputs=lambda i: selection.datamodule(where[i]),
                          accelerator=accelerator, progress=False, log=log)

@@ -170,6 +170,24 @@ def test_fmn_defaults_choose_power_and_scaling(make_checkpoint: Callable, tiny_g
             in (tmp_path / "o" / "report.md").read_text())
 
 
+def test_screening_keeps_the_best_finalists(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
+    """Successive halving: every candidate scored on 4 rows per task, the 3 best by mean then on all 16; the choice
+    is the best finalist on all rows."""
+    cks = [make_checkpoint(t, seed=s, noise=0.2) for s, t in enumerate(["rte", "sst2"])]
+    for s, c in enumerate(cks):
+        add_fisher(c, s)
+    report = main(["--method", "fmn", "--checkpoints", *map(str, cks), "--selection_samples", "16",
+                   "--selection_screen", "4", "--selection_finalists", "3", *common(tmp_path / "o", tiny_glue)])
+    notes = report["notes"]["fmn_scaling"]
+    screened = notes["screened"]
+    assert screened["rows"] == 4 and len(screened["mean_scores"]) == 20
+    top = sorted(screened["mean_scores"], key=lambda k: -screened["mean_scores"][k])[:3]
+    assert set(screened["finalists"]) == set(top) == set(notes["mean_scores"])
+    assert report["selection"]["evaluations"] == 20 + 3
+    chosen = max(notes["mean_scores"], key=notes["mean_scores"].get)
+    assert notes["chosen"] == float(chosen.rsplit("s=", 1)[1])
+
+
 def test_ties_uses_recorded_base_and_no_eval(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mrpc"])]
     out = tmp_path / "o"

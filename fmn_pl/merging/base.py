@@ -86,8 +86,12 @@ class MergeContext:
     readers: list[CheckpointReader]
     base_reader: CheckpointReader | None = None
     evaluate: Callable[..., dict[str, float]] | None = None
-    """`evaluate(body, tasks=None)`: scores a merged body ({key: tensor}) on the selection data of every task
-    (or of `tasks` only): {task: score}."""
+    """`evaluate(body, tasks=None, limit=None)`: scores a merged body ({key: tensor}) on the selection data of
+    every task (or of `tasks` only; on `limit` rows per task, spread evenly): {task: score}."""
+    screen: int | None = None
+    """Candidate searches score every candidate on this many selection rows per task first, then only the
+    `finalists` best on all of them (successive halving); None: every candidate on every row."""
+    finalists: int = 4
     selection_inputs: Callable[[int], Any] | None = None
     """Task i's selection data (a set-up `GLUEDataModule`), for methods that adapt on unlabeled inputs."""
     workdir: Path | None = None

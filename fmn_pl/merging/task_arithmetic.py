@@ -72,21 +72,44 @@ def choose_body(
         else:  # score the candidate that is the average first: its scores are the reference
             scores[average] = reference = ctx.evaluate(candidates[average]())
 
-    for key, build in candidates.items():
+    finalists, screened = screen_candidates(ctx, candidates, name, describe,
+                                            keep=[average] if reference is not None and average is not None else [])
+    for i, key in enumerate(finalists, start=1):
         if key not in scores:
-            scores[key] = ctx.evaluate(build())
+            scores[key] = ctx.evaluate(candidates[key]())
         worst, mean = rank(scores[key], reference)
-        ctx.log(f"{name}: {describe(key)} mean selection score={mean:.4f}"
+        ctx.log(f"{name}: candidate {i}/{len(finalists)} {describe(key)}: mean selection score={mean:.4f}"
                 + (f", worst gain over the average={worst:+.4f}" if reference else ""))
-    scores = {key: scores[key] for key in candidates}  # in the candidates' order
+    scores = {key: scores[key] for key in finalists}  # in the candidates' order
     means = {key: rank(s, None)[1] for key, s in scores.items()}
-    best = max(candidates, key=lambda key: rank(scores[key], reference))
-    tied = [key for key in candidates if key != best and rank(scores[key], reference) == rank(scores[best], reference)]
+    best = max(finalists, key=lambda key: rank(scores[key], reference))
+    tied = [key for key in finalists if key != best and rank(scores[key], reference) == rank(scores[best], reference)]
     if tied:
         ctx.remark(f"{name}: the chosen {describe(best)} ties on the selection data with "
                    f"{', '.join(describe(k) for k in tied)}: the first in order was taken")
-    measured = {"objective": objective, "scores": scores, "mean_scores": means, "tied": tied}
+    measured = {"objective": objective, "scores": scores, "mean_scores": means, "tied": tied,
+                **({"screened": screened} if screened else {})}
     return best, {**measured, "average_scores": reference} if reference else measured
+
+
+def screen_candidates(
+    ctx: MergeContext, candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]], name: str,
+    describe: Callable[[Any], str], keep: list[Any],
+) -> tuple[list[Any], dict[str, Any]]:
+    """Successive halving: with `ctx.screen` rows per task, score every candidate on that spread subset of the
+    selection data and keep the `ctx.finalists` best by mean score (plus `keep`) for the full scoring. Cuts a
+    20-candidate search to about a quarter of its scoring while the final choice is still made on every row.
+    Off (every candidate a finalist) when `ctx.screen` is None or there are few candidates."""
+    keys = list(candidates)
+    if ctx.screen is None or len(keys) <= ctx.finalists:
+        return keys, {}
+    means = {}
+    for i, key in enumerate(keys, start=1):
+        means[key] = rank(ctx.evaluate(candidates[key](), limit=ctx.screen), None)[1]
+        ctx.log(f"{name}: screening {i}/{len(keys)} {describe(key)}: mean score on {ctx.screen} rows={means[key]:.4f}")
+    top = sorted(keys, key=lambda k: -means[k])[: ctx.finalists]
+    finalists = [k for k in keys if k in top or k in keep]
+    return finalists, {"rows": ctx.screen, "mean_scores": means, "finalists": finalists}
 
 
 def select_scaling(
