@@ -30,6 +30,14 @@ class FmnCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(ExportCheckpoint, "export")
 
+    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI's signature
+        """A Trainer option of the wrong kind (`--trainer.devices abc`) is the user's error: one line, not a
+        TypeError traceback from deep inside Lightning."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"trainer options: {e}") from e
+
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> FmnCLI:
     """The fit/validate/test/predict CLI (also used by tests and the pipeline)."""
@@ -39,12 +47,39 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> FmnCLI
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "fmn-pl: fine-tune a BERT-family model on one GLUE task."},
+        # argument errors raise (one line at the error boundary) instead of printing the whole usage
+        parser_kwargs={"description": "fmn-pl: fine-tune a BERT-family model on one GLUE task.", "exit_on_error": False},
     )
 
 
-# What bad input raises (unknown task, missing file or column, wrong labels, occupied output folder).
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+# What bad input raises (unknown task, missing file or column, wrong labels, occupied output folder, an output
+# that cannot be written, a full disk), besides YAML syntax errors and Lightning's configuration errors.
+USER_ERRORS = (ValueError, OSError)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """True for errors that a user's input or environment caused: shown as one line, not a traceback."""
+    import argparse
+
+    import yaml
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return isinstance(e, (*USER_ERRORS, yaml.YAMLError, MisconfigurationException, argparse.ArgumentError))
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message, with the file and line of a YAML syntax error."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        where = "a YAML config" if mark.name.startswith("<") else mark.name
+        return f"YAML syntax error in {where} at line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+    lines = [line.strip() for line in str(e).strip().splitlines()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].endswith(":"):  # jsonargparse: 'Parser key "x":' then the reasons, indented
+        detail = [line for line in lines if line.startswith(("- Expected", "Given value:"))][:2] or lines[1:2]
+        return " ".join([lines[0], *detail])
+    return lines[0]
 
 
 # Exit status of a stage stopped by a signal (the shell's 128 + signal number).
@@ -72,12 +107,12 @@ def interrupted_status(e: BaseException | None) -> int | None:
     return code if isinstance(e, SystemExit) and code in EXIT_SIGNAL else None
 
 
-def run_stage_command(argv: list[str]) -> None:
+def run_stage_command(argv: list[str], from_shell: bool = False) -> None:
     """`fmn-pl <argv>` in this process; a stage stopped by a signal ends with SystemExit(143 or 130), whatever way
     the stop surfaced (Lightning's SIGTERMException, whose exit status is 0, its `sys.exit(1)` after Ctrl-C, a
     KeyboardInterrupt), so that no caller can take an interrupted stage for a finished one."""
     try:
-        _main(argv, from_shell=False)
+        _main(argv, from_shell=from_shell)
     except BaseException as e:
         if (status := interrupted_status(e)) is not None:
             raise SystemExit(status) from None
@@ -96,12 +131,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.signal(signum, _on_signal)
     command = " ".join(["fmn-pl", *sys.argv[1:2]])
     try:
-        run_stage_command(sys.argv[1:])
-    except USER_ERRORS as e:
-        if os.environ.get("FMN_PL_TRACEBACK"):
+        run_stage_command(sys.argv[1:], from_shell=True)
+    except Exception as e:
+        if os.environ.get("FMN_PL_TRACEBACK") or not is_user_error(e):
             raise
-        text = str(e).strip()
-        print(f"fmn-pl: error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
+        print(f"fmn-pl: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     except SystemExit as e:
         if e.code in EXIT_SIGNAL:

@@ -72,6 +72,9 @@ def read_split(source: str | Path, task: GlueTask | str, split: str) -> Columns:
     else:
         columns, where = _read_hub(source, task, split), f"{source}:{task.name}/{split}"
     columns["label"] = _check_labels(columns["label"], task, where)
+    for key in task.text_keys:
+        if (bad := next((n for n, x in enumerate(columns[key]) if not isinstance(x, str)), None)) is not None:
+            raise ValueError(f"{where}: row {bad}: column {key!r} holds {columns[key][bad]!r}, not text")
     return columns
 
 

@@ -60,3 +60,30 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path: Path, capsys: pytest.Ca
         (tmp / "f").write_text("done")
     assert not stale.exists() and live.exists() and (tmp_path / "out" / "f").read_text() == "done"
     assert f"removed {stale}: left by an interrupted run (process {dead} is gone)" in capsys.readouterr().err
+
+
+def test_null_text_cell_is_named(tiny_glue: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from fmn_pl.data import read_split
+
+    (tmp_path / "rte").mkdir()
+    table = pq.read_table(tiny_glue / "rte" / "train.parquet").to_pydict()
+    table["sentence2"][3] = None
+    import pyarrow as pa
+
+    pq.write_table(pa.table(table), tmp_path / "rte" / "train.parquet")
+    with pytest.raises(ValueError, match=r"train.parquet: row 3: column 'sentence2' holds None, not text"):
+        read_split(str(tmp_path), "rte", "train")
+
+
+def test_yaml_and_option_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [fmn\n  x: : y\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args in (["merge", "--config", str(bad)], ["fit", "--config", str(bad)],
+                 ["fit", "--model.model_name_or_path=x", "--data.max_train_samples=abc"]):
+        proc = subprocess.run([sys.executable, "-m", "fmn_pl.cli", *args], capture_output=True, text=True, env=env)
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and "LightningCLI's args" not in line]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("fmn-pl: error: "), proc.stderr
+    assert "YAML syntax error" in lines[0] or "data.max_train_samples" in lines[0]
