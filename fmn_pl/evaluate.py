@@ -77,9 +77,13 @@ class Evaluator:
     """Scores task checkpoints (or bodies in their place) on each checkpoint's own task and data."""
 
     def __init__(
-        self, checkpoints: list[str | Path], data: EvalData, accelerator: str = "auto", progress: bool = True
+        self, checkpoints: list[str | Path], data: EvalData, accelerator: str = "auto", progress: bool = True,
+        precision: Literal["32", "bf16", "auto"] = "32",
     ) -> None:
+        """`precision`: "bf16" scores under bfloat16 autocast (2.5-3x faster on CPUs with AMX, same predictions
+        to within rounding: for option searches); "auto": bf16 where the device supports it; "32": exact."""
         self.checkpoints = [Path(c) for c in checkpoints]
+        self.precision = precision
         self.metadata = [read_metadata(c) for c in self.checkpoints]
         self.tasks = [m["task"] for m in self.metadata]
         self.data, self.accelerator, self.progress = data, accelerator, progress
@@ -119,6 +123,14 @@ class Evaluator:
         if want == "mps" or (want == "auto" and torch.backends.mps.is_available()):
             return torch.device("mps")
         return torch.device("cpu")
+
+    def bf16(self) -> bool:
+        """Whether scoring runs under bfloat16 autocast (`precision`)."""
+        if self.precision != "auto":
+            return self.precision == "bf16"
+        if self.device().type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return self.device().type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
     def model(self, i: int) -> torch.nn.Module:
         """Checkpoint i's model, loaded once and kept in eval mode; `evaluate(body=)` swaps bodies into it."""
@@ -165,13 +177,16 @@ class Evaluator:
         from fmn_pl.module import model_inputs
 
         dm, device = self.datamodule(i), self.device()
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16())
         per_split = {}
         for split in dm.eval_splits:
             metrics = glue_metrics(dm.task).to(device)
             for batch in tqdm(dm.eval_dataloader(split, limit), desc=f"score {self.tasks[i]}", leave=False,
                               disable=not self.progress):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                metrics.update(predictions(dm.task, model(**model_inputs(batch)).logits), batch["labels"])
+                with autocast:
+                    logits = model(**model_inputs(batch)).logits
+                metrics.update(predictions(dm.task, logits.float()), batch["labels"])
             per_split[split] = with_score(metrics.compute())
         if len(per_split) == 1:
             return next(iter(per_split.values()))

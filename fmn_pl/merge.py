@@ -411,6 +411,7 @@ def run_merge(
     selection_samples: int | None = None,
     selection_screen: int | None = 64,
     selection_finalists: int = 4,
+    selection_precision: Literal["32", "bf16", "auto"] = "auto",
     compare_average: bool = True,
     cache: bool = True,
     accelerator: str = "auto",
@@ -445,6 +446,8 @@ def run_merge(
             selection examples per task (spread evenly), then only the best `selection_finalists` on all of them;
             None: every candidate on every example (the cost grows with the candidates).
         selection_finalists: how many candidates the screening keeps.
+        selection_precision: selection scoring under bfloat16 autocast ("bf16"; "auto": where the device supports
+            it, 2.5-3x faster on CPUs with AMX) or in float32 ("32"). Reported scores are always float32.
         compare_average: also score the plain average (cached per checkpoint set); the report's baseline.
         cache: remember individual and plain-average scores beside each checkpoint (fmn_pl_eval.json).
         accelerator: Lightning accelerator for evaluation (auto, cpu, gpu, ...).
@@ -485,7 +488,7 @@ def run_merge(
 
     selection_split = resolve_selection_split(selection_split, inputs.metadata)
     selection = Evaluator(inputs.checkpoints, EvalData(data_dir, selection_split, selection_samples, batch_size),
-                          accelerator, progress=False)
+                          accelerator, progress=False, precision=selection_precision)
     selection_calls, adapted = 0, False
 
     def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None,
@@ -533,6 +536,7 @@ def run_merge(
         timings["write_s"] = time.perf_counter() - t0 - timings["merge_s"]
         if selection_calls or adapted:
             report["selection"] = {**selection.data.identity(), "evaluations": selection_calls, "adapted": adapted,
+                                   "bf16": selection.bf16(),
                                    "transductive": selection_split == "validation"}
         report["notes"] = _jsonable(ctx.notes)
         report["remarks"] = list(ctx.remarks)

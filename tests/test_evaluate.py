@@ -45,3 +45,13 @@ def test_swapped_body_scores_as_a_fresh_load(make_checkpoint: Callable, tiny_glu
     with pytest.raises(ValueError, match="lacks"):
         ev.evaluate(0, body={"no.such.tensor": torch.zeros(1)})
     assert ev.evaluate(0) == own
+
+
+def test_bf16_selection_scores_close_to_float32(make_checkpoint: Callable, tiny_glue: Path) -> None:
+    ck = make_checkpoint("stsb", seed=0, noise=0.05)
+    exact = Evaluator([ck], EvalData(str(tiny_glue), max_samples=24), accelerator="cpu", progress=False)
+    fast = Evaluator([ck], EvalData(str(tiny_glue), max_samples=24), accelerator="cpu", progress=False, precision="bf16")
+    assert fast.bf16() and not exact.bf16()
+    a, b = exact.evaluate(0), fast.evaluate(0)
+    # autocast ran, and rounding is all (a tiny random model's near-constant predictions: compare the error)
+    assert a != b and b["mse"] == pytest.approx(a["mse"], rel=1e-3)
