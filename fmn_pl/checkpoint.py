@@ -240,6 +240,30 @@ class ExportCheckpoint(L.Callback):
             self.best_score, self.best_metrics, self.best_epoch = score, metrics, trainer.current_epoch
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.model.state_dict().items()}
 
+    # The best epoch so far lives in Lightning's checkpoints, so a fit resumed with `--ckpt_path last` exports
+    # the best epoch of the whole run, not of the part after the resume.
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_metrics": self.best_metrics, "best_epoch": self.best_epoch,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in ("best_score", "best_metrics", "best_epoch", "best_state"):
+            setattr(self, key, state_dict.get(key))
+        self.best_metrics = self.best_metrics or {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """On SIGTERM (a time limit, preemption) save a resumable `last.ckpt` where the run's ModelCheckpoint
+        keeps its files: `fmn-pl fit ... --ckpt_path last` then goes on from there."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        saver = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
+        if isinstance(exception, SIGTERMException) and saver is not None and trainer.state.fn == "fit":
+            path = Path(saver.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+            trainer.save_checkpoint(path)
+            if trainer.is_global_zero:
+                print(f"saved {path} on SIGTERM: resume with `fmn-pl fit ... --ckpt_path last`", file=sys.stderr)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.dirpath is None:
             return

@@ -80,3 +80,47 @@ def test_pipeline_interrupted_stamps_nothing(tmp_path: Path, tiny_base: Callable
     assert "interrupted by SIGTERM" in last_line(log)
     assert not list((tmp_path / "run" / "stamps").rglob("*.json")) if (tmp_path / "run" / "stamps").exists() else True
     assert not (tmp_path / "run" / "checkpoints" / "rte").exists()
+
+
+def test_fit_sigterm_then_resume_exports_the_best_epoch_of_the_whole_run(
+        tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path) -> None:
+    """SIGTERM saves a resumable last.ckpt (the export's best epoch inside it); `--ckpt_path last` goes on, and
+    the export is the best epoch over both parts of the run."""
+    import json
+
+    import yaml
+
+    ckpts, root, export = tmp_path / "ckpts", tmp_path / "root", tmp_path / "export"
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(ckpts), "monitor": "val/score", "mode": "max", "save_top_k": 1,
+                      "save_last": True}}]}}))
+    args = [*fit_args(tiny_base("bert"), tiny_glue, root, export), "--config", str(config),
+            "--model.learning_rate=1e-3"]
+    log = tmp_path / "log"
+    two_epochs = lambda: sum(1 for _ in root.rglob("metrics.csv")) and len(scores(root)) >= 2  # noqa: E731
+    assert signal_when(start(args, log), two_epochs, signal.SIGTERM, log) == 143
+    assert (ckpts / "last.ckpt").is_file() and "saved" in log.read_text() and not export.exists()
+    before = scores(root)
+    resumed = subprocess.run([sys.executable, "-m", "fmn_pl.cli", *args, "--ckpt_path=last",
+                              f"--trainer.max_epochs={len(before) + 2}"], capture_output=True, text=True, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    every = scores(root)
+    logs = sorted(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    assert len(logs) == 2 and min(scores(logs[-1].parent)) >= len(before) - 1  # it went on, not from epoch 0
+    meta = json.loads((export / "fmn_pl.json").read_text())
+    assert meta["metrics"]["val/score"] == pytest.approx(max(every.values()))
+    assert meta["epoch"] == max(every, key=every.get)
+
+
+def scores(root: Path) -> dict[int, float]:
+    """{epoch: val/score} over every CSV log under `root` (the interrupted run and the resumed one)."""
+    import csv
+
+    out = {}
+    for path in sorted(root.rglob("metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("val/score"):
+                out[int(row["epoch"])] = float(row["val/score"])
+    return out
