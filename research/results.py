@@ -77,6 +77,36 @@ def fisher_cost(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def parity_lines(folder: Path) -> list[str]:
+    """The fine-tuning parity table from `benchmarks/fit_parity.py` outputs (*.json) in `folder`."""
+    lines = ["## Fine-tuning parity: `fmn-pl fit` against a plain PyTorch loop", "",
+             "`python benchmarks/fit_parity.py` per task (JSON in the run folder): the same model, rows, recipe and "
+             "seed on both sides; validation score x100 after each epoch; `grouped` is `fmn-pl fit` with "
+             "`--data.group_by_length true`, the old default.", "",
+             "| task | rows, epochs, lr | seed | epoch | plain loop | fmn-pl fit | fmn-pl fit, grouped |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    final: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            run = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue  # a run still going
+        setup, scores = run["setup"], run["scores"]
+        budget = f"{setup['train_samples']}, {setup['epochs']}, {setup['lr']:g}"
+        for side, runs in scores.items():
+            final.setdefault((setup["task"], budget), {}).setdefault(side, []).extend(r[-1]["score"] for r in runs.values())
+        for seed in scores["plain"]:
+            for epoch, plain in enumerate(scores["plain"][seed]):
+                cells = [scores.get(side, {}).get(seed, [None] * (epoch + 1))[epoch] for side in ("fmn_pl", "fmn_pl_grouped")]
+                lines.append(f"| {setup['task']} | {budget} | {seed} | {epoch + 1} | {100 * plain['score']:.1f} | "
+                             + " | ".join("–" if c is None else f"{100 * c['score']:.1f}" for c in cells) + " |")
+    lines += ["", "Last epoch, mean over seeds (seeds):", ""]
+    for (task, budget), sides in final.items():
+        lines.append(f"- {task} ({budget}): " + ", ".join(
+            f"{side} {100 * statistics.mean(v):.1f} ({len(v)})" for side, v in sides.items()))
+    return lines + [""]
+
+
 def _f(x: float | None, fmt: str = "{:+.2f}") -> str:
     return "–" if x is None else fmt.format(x)
 
@@ -118,13 +148,14 @@ def claims(methods: dict[str, dict[str, Any]], cost: list[dict[str, Any]], data:
     return out
 
 
-def markdown(data: dict[str, Any], why: dict[str, str]) -> str:
+def markdown(data: dict[str, Any], why: dict[str, str], parity: Path | None = None) -> str:
     methods = {m["label"]: m for m in method_rows(data)}
     cost = fisher_cost(data)
     table = cells(data)
     lines = ["# Results on the competent reference set", "",
              f"Model `{data['model']}`; tasks {', '.join(data['tasks'])}; produced by `python research/results.py` "
              "from `fmn-pl pipeline --config configs/pipeline/reference.yaml`.", "",
+             *(parity_lines(parity) if parity is not None and parity.is_dir() else []),
              "## The individual models", "",
              "Each validation score beside the best constant prediction on the same examples (majority class, or the "
              "label mean for STS-B): a model counts only when it is clearly above it.", "",
@@ -173,11 +204,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, default=Path("runs/reference"), help="a finished pipeline output folder")
     p.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    p.add_argument("--parity", type=Path, default=Path("runs/parity"), help="benchmarks/fit_parity.py outputs (*.json)")
     p.add_argument("--why", type=Path, default=Path(__file__).with_name("results_why.json"),
                    help="JSON {claim: why we think it (does not) hold}, written after reading the figures")
     args = p.parse_args()
     why = json.loads(args.why.read_text()) if args.why.is_file() else {}
-    text = markdown(load(args.run), why)
+    text = markdown(load(args.run), why, args.parity)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(text)
     tmp.replace(args.out)
