@@ -680,6 +680,25 @@ class StageFailed(RuntimeError):
     """A stage failed or cannot run; the message names it (and its log)."""
 
 
+def check_fresh_output(stage: Stage, started: float, log: Path) -> None:
+    """Before a stage is stamped: its output was written by this run (not left from an earlier one) and, for an
+    artifact, its own header names the kind, task and weights asked for and no more examples than asked."""
+    from fmn_pl.artifacts import Artifact
+    from fmn_pl.checkpoint import METADATA_FILE
+
+    written = stage.output / METADATA_FILE if stage.output.is_dir() else stage.output
+    if written.stat().st_mtime < started - 1:
+        raise StageFailed(f"stage {stage.id} ended without writing {written} (it is older than the stage); see {log}")
+    if stage.kind != "fisher":
+        return
+    kind = stage.output.name.removesuffix(".safetensors")
+    meta = Artifact(stage.output, kind, stage.options["checkpoint"]).metadata  # checks kind and weights
+    asked = stage.options.get("num_examples")
+    if meta.get("task") != stage.options["task"] or (asked is not None and int(meta.get("num_examples", 0)) > asked):
+        raise StageFailed(f"stage {stage.id}: {stage.output} records task {meta.get('task')!r} and "
+                          f"{meta.get('num_examples')} examples, not what the stage asked for; see {log}")
+
+
 def write_files(stage: Stage) -> None:
     for name, text in stage.files.items():
         path = Path(name)
@@ -831,7 +850,7 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
         log = out / "logs" / (stage.id.replace("/", "__") + ("" if zero else f".rank{global_rank()}") + ".log")
         if zero:
             echo(f"{prefix}: running, {why} (log: {log})")
-        start, cpu = time.perf_counter(), cpu_seconds()
+        start, cpu, started_wall = time.perf_counter(), cpu_seconds(), time.time()
         try:
             run_stage(stage, cfg, log, alone=multi and not on_every_rank(stage), port_offset=n)
         except BaseException as e:
@@ -851,6 +870,7 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
         current = ids.output(stage)
         if current is None:
             raise StageFailed(f"stage {stage.id} finished but its output {stage.output} is missing; see {log}")
+        check_fresh_output(stage, started_wall, log)
         done[stage.id] = current
         stamp_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(stamp_file, {

@@ -141,6 +141,21 @@ def test_interrupted_stage_is_redone(tmp_path: Path, tiny_base: Callable[[str], 
     assert status["merge/rte+mrpc/task_arithmetic"] == "ran"  # never reached before the interruption
 
 
+def test_stage_that_wrote_nothing_is_never_stamped(tmp_path: Path, tiny_base: Callable[[str], Path],
+                                                   tiny_glue: Path, monkeypatch, capsys) -> None:
+    """A stage that returns without writing (as Lightning's SIGTERM exit 0 once did) leaves the old artifact, which
+    the pipeline refuses to stamp: the stage fails and stays unstamped."""
+    base, out = tiny_base("bert"), tmp_path / "run"
+    run(TINY, out, base, tiny_glue, "--only=fit/rte,fisher/rte")
+    real = pipeline.run_stage
+    monkeypatch.setattr(pipeline, "run_stage", lambda stage, *a, **kw: None if stage.kind == "fisher" else real(stage, *a, **kw))
+    with pytest.raises(SystemExit):
+        run(TINY, out, base, tiny_glue, "--only=fisher/rte", "--rerun=fisher/rte")
+    assert "ended without writing" in capsys.readouterr().err
+    cfg = pipeline.parse_config(["--config", str(TINY), f"--output={out}"])[0]
+    assert not pipeline.stamp_path(cfg, pipeline.Stage("fisher/rte/mask_fisher", "fisher", [], {}, [], None, out)).exists()
+
+
 def test_only_needs_finished_inputs(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, capsys) -> None:
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
