@@ -161,10 +161,14 @@ def _main(argv: list[str], from_shell: bool) -> None:
         getattr(importlib.import_module(module), fn)(argv[1:])
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: fmn-pl {fit,validate,test,predict,fisher,merge,pipeline} [options]\n")
-        print("  fit, validate, test, predict   LightningCLI over the fine-tuning module (see `fmn-pl fit --help`)")
+        out = sys.stdout if argv else sys.stderr  # bare `fmn-pl` is a usage error: exit status 2
+        print("usage: fmn-pl {fit,validate,test,predict,fisher,merge,pipeline} [options]\n", file=out)
+        print("  fit, validate, test, predict   LightningCLI over the fine-tuning module (see `fmn-pl fit --help`)",
+              file=out)
         for name, (_, text) in STAGES.items():
-            print(f"  {name:<30} {text}")
+            print(f"  {name:<30} {text}", file=out)
+        if not argv:
+            raise SystemExit(2)
         return
     lightning_cli(None if from_shell else argv)
 
