@@ -73,6 +73,16 @@ def quiet_lightning() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def combine_splits(per_split: dict[str, dict[str, float]]) -> dict[str, float]:
+    """One split's metrics as they are; several (MNLI matched and mismatched) keyed `matched/accuracy`, ... as the
+    fine-tuning module logs them, with `score` the mean of the splits' scores."""
+    if len(per_split) == 1:
+        return next(iter(per_split.values()))
+    out = {f"{split.removeprefix('validation_')}/{k}": v for split, m in per_split.items() for k, v in m.items()}
+    out["score"] = sum(m["score"] for m in per_split.values()) / len(per_split)
+    return out
+
+
 class Evaluator:
     """Scores task checkpoints (or bodies in their place) on each checkpoint's own task and data."""
 
@@ -188,11 +198,7 @@ class Evaluator:
                     logits = model(**model_inputs(batch)).logits
                 metrics.update(predictions(dm.task, logits.float()), batch["labels"])
             per_split[split] = with_score(metrics.compute())
-        if len(per_split) == 1:
-            return next(iter(per_split.values()))
-        out = {f"{split.removeprefix('validation_')}/{k}": v for split, m in per_split.items() for k, v in m.items()}
-        out["score"] = sum(m["score"] for m in per_split.values()) / len(per_split)
-        return out
+        return combine_splits(per_split)
 
     def baseline(self, i: int) -> tuple[dict[str, float], int]:
         """The constant-prediction baseline of checkpoint i's task on the examples `evaluate` scores (the majority
@@ -201,12 +207,7 @@ class Evaluator:
 
         dm = self.datamodule(i)
         per_split = {name: majority_baseline(dm.task, torch.tensor(ds.labels)) for name, ds in dm.eval_datasets.items()}
-        n = sum(len(ds) for ds in dm.eval_datasets.values())
-        if len(per_split) == 1:
-            return next(iter(per_split.values())), n
-        out = {f"{split.removeprefix('validation_')}/{k}": v for split, m in per_split.items() for k, v in m.items()}
-        out["score"] = sum(m["score"] for m in per_split.values()) / len(per_split)
-        return out, n
+        return combine_splits(per_split), sum(len(ds) for ds in dm.eval_datasets.values())
 
     def scores(self, body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None,
                limit: int | None = None) -> dict[str, float]:
