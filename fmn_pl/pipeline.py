@@ -339,8 +339,9 @@ def _value(v: Any) -> str:
 
 
 def _flags(options: dict[str, Any]) -> list[str]:
-    """`--key=value` for every option that is set (None means: leave the stage's default)."""
-    return [f"--{k}={_value(v)}" for k, v in options.items() if v is not None]
+    """`--key=value` for every option that is set. None means: leave the stage's default, except for a merge
+    method's own options, where null is a value (`scaling: null`: choose it on held-out rows)."""
+    return [f"--{k}={_value(v)}" for k, v in options.items() if v is not None or k.startswith("method.")]
 
 
 def artifact_kinds(cfg: PipelineConfig) -> list[str]:

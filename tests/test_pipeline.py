@@ -272,3 +272,10 @@ def test_under_torchrun_two_ranks(tmp_path: Path, tiny_base: Callable[[str], Pat
         assert json.loads((out / "stamps" / f"{stage}.json").read_text())["launch"]["devices"] == 2
     art = load_artifact(out / "checkpoints" / "rte", "mask_fisher")
     assert art.metadata["world_size"] == 2 and art.metadata["num_examples"] == 32
+
+
+def test_method_option_null_reaches_the_merge() -> None:
+    """`options: {scaling: null}` means "choose it": it must reach the stage as null, not be dropped for the
+    method's default (TIES' is 1.0); other None options still leave the stage's default."""
+    assert pipeline._flags({"method.scaling": None, "base": None, "label": "ties"}) == ["--method.scaling=null",
+                                                                                     "--label=ties"]
