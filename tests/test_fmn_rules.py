@@ -48,7 +48,8 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
             cks = [str(ckdir / t) for t in pair.split("+")]
             merged = merge_main(["--method", "fmn", "--checkpoints", *cks, *options, "--method.scalings", "[1, 3]",
                                  "--output", str(tmp_path / f"m{k}_{n}"), "--data_dir", str(tiny_glue),
-                                 "--max_eval_samples", "16", "--progress", "false"])
+                                 "--max_eval_samples", "16", "--progress", "false",
+                                 "--selection_precision", "32", "--selection_screen", "null"])  # the rules' exact search
             notes = merged["notes"]
             p = notes["fmn_power"]["chosen"] if "fmn_power" in notes else rule["options"]["power"]
             norm = notes["fmn_normalize"]["chosen"] if "fmn_normalize" in notes else rule["options"]["normalize"]
