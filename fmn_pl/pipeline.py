@@ -688,7 +688,7 @@ def check_fresh_output(stage: Stage, started: float, log: Path) -> None:
     from fmn_pl.checkpoint import METADATA_FILE
 
     written = stage.output / METADATA_FILE if stage.output.is_dir() else stage.output
-    if written.stat().st_mtime < started - 1:
+    if written.stat().st_mtime < int(started):  # whole seconds: file systems with coarse times
         raise StageFailed(f"stage {stage.id} ended without writing {written} (it is older than the stage); see {log}")
     if stage.kind != "fisher":
         return

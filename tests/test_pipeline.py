@@ -6,6 +6,8 @@ fine-tuning stage under DDP with two CPU processes."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -147,6 +149,8 @@ def test_stage_that_wrote_nothing_is_never_stamped(tmp_path: Path, tiny_base: Ca
     the pipeline refuses to stamp: the stage fails and stays unstamped."""
     base, out = tiny_base("bert"), tmp_path / "run"
     run(TINY, out, base, tiny_glue, "--only=fit/rte,fisher/rte")
+    artifact = out / "checkpoints" / "rte" / "mask_fisher.safetensors"
+    os.utime(artifact, (time.time() - 10, time.time() - 10))  # written well before the rerun
     real = pipeline.run_stage
     monkeypatch.setattr(pipeline, "run_stage", lambda stage, *a, **kw: None if stage.kind == "fisher" else real(stage, *a, **kw))
     with pytest.raises(SystemExit):
