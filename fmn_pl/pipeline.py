@@ -909,8 +909,9 @@ def _mean(values: list[Optional[float]]) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
-def gather(cfg: PipelineConfig) -> dict[str, Any]:
-    """The combined report as data: per-task scores of every merge, means per combination, stage costs."""
+def gather(cfg: PipelineConfig, partial: bool = False) -> dict[str, Any]:
+    """The combined report as data: per-task scores of every merge, means per combination, stage costs.
+    `partial`: leave out merges not run yet (a look at a run in progress) instead of failing on them."""
     from fmn_pl.artifacts import Artifact, artifact_path
     from fmn_pl.checkpoint import read_metadata
     from fmn_pl.report import rows
@@ -921,6 +922,8 @@ def gather(cfg: PipelineConfig) -> dict[str, Any]:
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
     flags: list[str] = []
     for s in (s for s in stages if s.kind == "merge"):
+        if partial and not s.output.is_file():
+            continue
         rep = json.loads(s.output.read_text())
         combo = "+".join(s.options["tasks"])
         for r in rows(rep):  # constant, individual and average are in every report of a combination: kept once

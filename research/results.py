@@ -21,7 +21,12 @@ TIE = 0.0005  # 0.05 points: closer than this to the average is neither a win no
 
 
 def load(run: Path) -> dict[str, Any]:
-    data = json.loads((run / "report.json").read_text())
+    """The run's combined report (`fmn_pl.pipeline.gather`, over the merges finished so far) and every merge's
+    own report, keyed (combination, label)."""
+    from fmn_pl import pipeline
+
+    cfg = pipeline.parse_config(["--config", str(run / "pipeline.yaml"), f"--output={run}"])[0]
+    data = pipeline.gather(cfg, partial=True)
     data["merge_reports"] = {}
     for path in sorted((run / "merges").glob("*/*/report.json")):
         data["merge_reports"][(path.parent.parent.name, path.parent.name)] = json.loads(path.read_text())
@@ -52,18 +57,21 @@ def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "label": label, "cells": len(gains),
             "gain": statistics.mean(gains) if gains else None,
             "wins": sum(g > 100 * TIE for g in gains), "losses": sum(g < -100 * TIE for g in gains),
-            "normalized": statistics.mean(data["summary"][c][label]["normalized"] for c in pair_names
-                                          if data["summary"][c][label]["normalized"] is not None),
+            "normalized": _mean([data["summary"][c][label]["normalized"] for c in pair_names]),
             "stsb_mse": statistics.mean(stsb) if stsb else None,
             "merge_s": statistics.median(r["timings"]["merge_s"] for r in reports) if reports else None,
-            "peak_rss_mb": max(r.get("peak_rss_mb") or 0 for r in reports) if reports else None,
         }
         for combo in full:
-            cols = {t: table[(combo, t)] for (c, t) in table if c == combo}
-            row["all_gain"] = statistics.mean(100 * (v[label]["score"] - v["average"]["score"]) for v in cols.values())
+            cols = [v for (c, _), v in table.items() if c == combo and label in v]
+            row["all_gain"] = _mean([100 * (v[label]["score"] - v["average"]["score"]) for v in cols])
             row["all_normalized"] = data["summary"][combo][label]["normalized"]
         out.append(row)
     return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
 
 
 def fisher_cost(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -156,29 +164,33 @@ def markdown(data: dict[str, Any], why: dict[str, str], parity: Path | None = No
              f"Model `{data['model']}`; tasks {', '.join(data['tasks'])}; produced by `python research/results.py` "
              "from `fmn-pl pipeline --config configs/pipeline/reference.yaml`.", "",
              *(parity_lines(parity) if parity is not None and parity.is_dir() else []),
+             f"Merges in this run: {len(data['merge_reports'])} of "
+             f"{len(data['combinations']) * (len(data['labels']) - 1)}.", "",
              "## The individual models", "",
              "Each validation score beside the best constant prediction on the same examples (majority class, or the "
              "label mean for STS-B): a model counts only when it is clearly above it.", "",
-             "| task | metrics | constant | individual | mean squared error (constant / model) | training rows | epoch |",
-             "|---|---|---:|---:|---|---:|---:|"]
+             "| task | metrics | constant | individual (merge sample) | individual (full validation) | "
+             "mean squared error (constant / model) | training rows | best epoch |",
+             "|---|---|---:|---:|---:|---|---:|---:|"]
     for task, c in data["checkpoints"].items():
         cols = next(v for (combo, t), v in table.items() if t == task)
         ind, const = cols["individual"], cols["constant"]
+        full = (c.get("metrics") or {}).get("val/score")
         mse = "–" if ind.get("mse") is None else f"{const['mse']:.3f} / {ind['mse']:.3f}"
         lines.append(f"| {task} | {', '.join(ind['metrics'])} | {100 * const['score']:.1f} | {100 * ind['score']:.1f} | "
-                     f"{mse} | {c.get('num_train_examples')} | {c.get('epoch')} |")
+                     f"{_f(full and 100 * full, '{:.1f}')} | {mse} | {c.get('num_train_examples')} | {c.get('epoch')} |")
     lines += ["", "## Every method against the plain average", "",
               "Gain: points over the plain average, mean over the cells (pair, task) of the "
               f"{sum(1 for c in data['combinations'] if c.count('+') == 1)} pairs; won/lost: cells more than 0.05 points "
               "above/below it; normalized: merged / individual (%), mean over the pairs; all tasks: the merge of "
               "every task at once; merge s: median wall time of merge plus option selection over the pairs.", "",
               "| method | gain (pairs) | won / lost of cells | normalized (pairs) | gain (all tasks) | normalized (all) "
-              "| STS-B MSE (pairs) | merge s | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| STS-B MSE (pairs) | merge s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in methods.values():
         lines.append(f"| {m['label']} | {_f(m['gain'])} | {m['wins']} / {m['losses']} of {m['cells']} | "
                      f"{_f(m['normalized'] and 100 * m['normalized'], '{:.1f}')} | {_f(m.get('all_gain'))} | "
                      f"{_f(m.get('all_normalized') and 100 * m['all_normalized'], '{:.1f}')} | "
-                     f"{_f(m['stsb_mse'], '{:.3f}')} | {_f(m['merge_s'], '{:.1f}')} | {_f(m['peak_rss_mb'], '{:.0f}')} |")
+                     f"{_f(m['stsb_mse'], '{:.3f}')} | {_f(m['merge_s'], '{:.1f}')} |")
     lines += ["", "### Per cell (points over the plain average)", "",
               "| cell | constant | individual | average | " + " | ".join(l for l in data["labels"] if l != "average") + " |",
               "|---|---:|---:|---:|" + "---:|" * (len(data["labels"]) - 1)]
