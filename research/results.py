@@ -183,7 +183,8 @@ def markdown(data: dict[str, Any], why: dict[str, str], parity: Path | None = No
               "Gain: points over the plain average, mean over the cells (pair, task) of the "
               f"{sum(1 for c in data['combinations'] if c.count('+') == 1)} pairs; won/lost: cells more than 0.05 points "
               "above/below it; normalized: merged / individual (%), mean over the pairs; all tasks: the merge of "
-              "every task at once; merge s: median wall time of merge plus option selection over the pairs.", "",
+              "every task at once; merge s: median wall time of merge plus option selection over the pairs, on cores shared "
+              "with other jobs (`benchmarks/merge_speed.py` times one merge alone).", "",
               "| method | gain (pairs) | won / lost of cells | normalized (pairs) | gain (all tasks) | normalized (all) "
               "| STS-B MSE (pairs) | merge s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in methods.values():
