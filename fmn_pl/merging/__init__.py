@@ -37,7 +37,8 @@ def option_lines(name: str) -> list[str]:
     cls = method_class(name)
     doc = inspect.getdoc(cls.__init__) or ""
     helps = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s{0,4}(\w+): (.+)$", doc, re.MULTILINE)}
-    lines = [f"{name}: {(inspect.getdoc(cls) or '').splitlines()[0] if inspect.getdoc(cls) else ''}"]
+    summary = (inspect.getdoc(cls) or "").splitlines()
+    lines = [f"{name}: {summary[0] if summary else ''}"]
     for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
         kind = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
         default = "" if p.default is inspect.Parameter.empty else f" = {p.default!r}"
