@@ -21,9 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
-
-import lightning as L
+from typing import Any, Callable, Iterator
 
 METADATA_FILE = "fmn_pl.json"
 FORMAT_VERSION = 1
@@ -196,103 +194,3 @@ def export_checkpoint(
         meta = {"format_version": FORMAT_VERSION, **metadata, "fingerprint": weights_fingerprint(tmp)}
         write_json(tmp / METADATA_FILE, meta)
     return target
-
-
-class ExportCheckpoint(L.Callback):
-    """At the end of `fit`, export the best validation epoch's weights as a task checkpoint.
-
-    It keeps a CPU copy of the weights whenever the monitored score improves (so it needs no Lightning
-    checkpoint file), then writes `dirpath` from rank zero with the metrics of that epoch.
-    """
-
-    def __init__(self, dirpath: str | None = None, select: Literal["best", "last"] = "best", overwrite: bool = False,
-                 monitor: str = "val/score"):
-        """
-        Args:
-            dirpath: where to write the task checkpoint (None: no export).
-            select: export the epoch with the best `monitor` score (higher is better), or the last one.
-            overwrite: replace a folder that holds another task's export (or other files).
-            monitor: the logged metric that picks the epoch. With `data.eval_splits: [holdout, validation]`,
-                `val_holdout/score` picks it on the held-out training rows and leaves validation unseen
-                (`val/score` is then the mean of both splits).
-        """
-        self.dirpath, self.select, self.overwrite, self.monitor = dirpath, select, overwrite, monitor
-        self.best_score: float | None = None
-        self.best_state: dict[str, Any] | None = None
-        self.best_metrics: dict[str, float] = {}
-        self.best_epoch: int | None = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Refuse an occupied export folder before training, not after it."""
-        if stage == "fit" and self.dirpath is not None and trainer.is_global_zero:
-            check_export_target(self.dirpath, pl_module.task.name, self.overwrite)
-            check_writable(self.dirpath)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.dirpath is None or trainer.state.fn != "fit":
-            return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
-        if self.select == "best" and self.monitor not in metrics:
-            raise ValueError(f"export.monitor {self.monitor!r} is not a logged validation metric; "
-                             f"logged: {', '.join(sorted(metrics))}")
-        score = metrics.get(self.monitor, float("nan"))
-        if self.select == "last" or self.best_score is None or score > self.best_score:
-            self.best_score, self.best_metrics, self.best_epoch = score, metrics, trainer.current_epoch
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.model.state_dict().items()}
-
-    # The best epoch so far lives in Lightning's checkpoints, so a fit resumed with `--ckpt_path last` exports
-    # the best epoch of the whole run, not of the part after the resume.
-    def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_metrics": self.best_metrics, "best_epoch": self.best_epoch,
-                "best_state": self.best_state}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in ("best_score", "best_metrics", "best_epoch", "best_state"):
-            setattr(self, key, state_dict.get(key))
-        self.best_metrics = self.best_metrics or {}
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """On SIGTERM (a time limit, preemption) save a resumable `last.ckpt` where the run's ModelCheckpoint
-        keeps its files: `fmn-pl fit ... --ckpt_path last` then goes on from there."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        saver = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
-        if isinstance(exception, SIGTERMException) and saver is not None and trainer.state.fn == "fit":
-            path = Path(saver.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-            trainer.save_checkpoint(path)
-            if trainer.is_global_zero:
-                print(f"saved {path} on SIGTERM: resume with `fmn-pl fit ... --ckpt_path last`", file=sys.stderr)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.dirpath is None:
-            return
-        if self.best_state is not None:
-            pl_module.model.load_state_dict(self.best_state)
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone (deadlock)
-        if trainer.is_global_zero:
-            dm = trainer.datamodule
-            hp = pl_module.hparams
-            metadata = {
-                "task": pl_module.task.name,
-                "label_names": list(pl_module.task.label_names),
-                "num_labels": pl_module.task.num_labels,
-                "base_model": hp.model_name_or_path,
-                "metrics": self.best_metrics,
-                "epoch": self.best_epoch,
-                "epochs_trained": trainer.current_epoch,
-                "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
-                "num_train_examples": getattr(dm, "num_train_examples", None),
-                "data": _public(getattr(dm, "hparams", {})),
-                "model_hparams": _public(hp),
-            }
-            config = Path(log_dir or ".") / "config.yaml"
-            tokenizer = getattr(dm, "tokenizer", None)
-            export_checkpoint(pl_module.model, tokenizer, self.dirpath, metadata, config, self.overwrite)
-            print(f"exported {pl_module.task.name} task checkpoint to {self.dirpath}")
-        trainer.strategy.barrier("fmn_pl_export")
-
-
-def _public(hparams: Any) -> dict[str, Any]:
-    """Hyperparameters without LightningCLI's private entries (`_instantiator`)."""
-    return {k: v for k, v in dict(hparams).items() if not k.startswith("_")}

@@ -1,4 +1,6 @@
-"""`fmn-pl`: LightningCLI for fit/validate/test/predict, plus the fisher, merge and pipeline stages."""
+"""`fmn-pl`: LightningCLI for fit/validate/test/predict (`fmn_pl.fit`), plus the fisher, merge and pipeline stages.
+
+Everything heavy is imported when a command needs it, so `--help` and argument errors come back at once."""
 
 from __future__ import annotations
 
@@ -8,48 +10,12 @@ import signal
 import sys
 from typing import Sequence
 
-from lightning.pytorch.cli import LightningCLI
-
-from fmn_pl.checkpoint import ExportCheckpoint
-from fmn_pl.data import GLUEDataModule
-from fmn_pl.module import GLUETransformer
-
 # Stages that are not Trainer methods: name -> (module:function taking argv, one-line help).
 STAGES = {
     "fisher": ("fmn_pl.fisher:main", "compute a mask-node (or full) Fisher artifact beside a task checkpoint"),
     "merge": ("fmn_pl.merge:main", "merge task checkpoints, evaluate every task with its own head, report"),
     "pipeline": ("fmn_pl.pipeline:main", "fine-tune, Fisher, merge and report from one config, resumably"),
 }
-
-
-class FmnCLI(LightningCLI):
-    """LightningCLI with the task and tokenizer linked from data/model, and the task-checkpoint export."""
-
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
-        parser.link_arguments("data.task", "model.task")
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
-        parser.add_lightning_class_args(ExportCheckpoint, "export")
-
-    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI's signature
-        """A Trainer option of the wrong kind (`--trainer.devices abc`) is the user's error: one line, not a
-        TypeError traceback from deep inside Lightning."""
-        try:
-            return super().instantiate_trainer(**kwargs)
-        except TypeError as e:
-            raise ValueError(f"trainer options: {e}") from e
-
-
-def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> FmnCLI:
-    """The fit/validate/test/predict CLI (also used by tests and the pipeline)."""
-    return FmnCLI(
-        GLUETransformer,
-        GLUEDataModule,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        # argument errors raise (one line at the error boundary) instead of printing the whole usage
-        parser_kwargs={"description": "fmn-pl: fine-tune a BERT-family model on one GLUE task.", "exit_on_error": False},
-    )
 
 
 # What bad input raises (unknown task, missing file or column, wrong labels, occupied output folder, an output
@@ -62,22 +28,30 @@ def is_user_error(e: BaseException) -> bool:
     import argparse
 
     import yaml
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    return isinstance(e, (*USER_ERRORS, yaml.YAMLError, MisconfigurationException, argparse.ArgumentError))
+    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")  # not imported: not raised
+    config_errors = (lightning_errors.MisconfigurationException,) if lightning_errors else ()
+    return isinstance(e, (*USER_ERRORS, yaml.YAMLError, *config_errors, argparse.ArgumentError))
 
 
 def one_line(e: BaseException) -> str:
-    """The first line of an error's message, with the file and line of a YAML syntax error."""
-    mark = getattr(e, "problem_mark", None)
-    if mark is not None:
+    """The error's message on one line: a YAML syntax error (also one wrapped by the option parser) with its file,
+    line and column; a parser message's nested `key:` lines joined up to the reason."""
+    cause: BaseException | None = e
+    while cause is not None and getattr(cause, "problem_mark", None) is None:
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        mark = cause.problem_mark  # type: ignore[attr-defined]
         where = "a YAML config" if mark.name.startswith("<") else mark.name
-        return f"YAML syntax error in {where} at line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
-    lines = [line.strip() for line in str(e).strip().splitlines()]
+        return f"YAML syntax error in {where} at line {mark.line + 1}, column {mark.column + 1}: {cause.problem}"
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     if not lines:
         return type(e).__name__
     if lines[0].endswith(":"):  # jsonargparse: 'Parser key "x":' then the reasons, indented
-        detail = [line for line in lines if line.startswith(("- Expected", "Given value:"))][:2] or lines[1:2]
+        detail = [line for line in lines if line.startswith(("- Expected", "Given value:"))][:2]
+        if not detail:  # 'Parser key "method":', 'Problem with given class_path ...:', "Option 'x' is not accepted"
+            n = next((i for i, line in enumerate(lines) if not line.endswith(":")), len(lines) - 1)
+            detail = lines[1 : n + 1]
         return " ".join([lines[0], *detail])
     return lines[0]
 
@@ -122,20 +96,27 @@ def run_stage_command(argv: list[str], from_shell: bool = False) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point. From the shell, bad input ends with one line `fmn-pl: error: ...` and exit status 2
-    (set FMN_PL_TRACEBACK=1 for the traceback), and a stage stopped by SIGTERM or SIGINT with one line and
-    exit status 143 or 130; called with `argv`, errors propagate to the caller."""
+    """Entry point: `fmn-pl` from the shell (`shell`, with SIGTERM/SIGINT handled); called with `argv`, the
+    command runs in this process and its errors propagate to the caller."""
     if argv is not None:
         return _main(list(argv), from_shell=False)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _on_signal)
-    command = " ".join(["fmn-pl", *sys.argv[1:2]])
+    shell(sys.argv[1:])
+
+
+def shell(argv: list[str]) -> None:
+    """`fmn-pl ARGV` as the shell sees it, the one error boundary of every command: bad input ends with one line
+    `fmn-pl COMMAND: error: ...` and exit status 2 (set FMN_PL_TRACEBACK=1 for the traceback), a stage stopped
+    by SIGTERM or SIGINT with one line and exit status 143 or 130."""
+    command = " ".join(["fmn-pl", *argv[:1]]) if argv and not argv[0].startswith("-") else "fmn-pl"
+    quiet_logs()
     try:
-        run_stage_command(sys.argv[1:], from_shell=True)
+        run_stage_command(argv, from_shell=True)
     except Exception as e:
         if os.environ.get("FMN_PL_TRACEBACK") or not is_user_error(e):
             raise
-        print(f"fmn-pl: error: {one_line(e)}", file=sys.stderr)
+        print(f"{command}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     except SystemExit as e:
         if e.code in EXIT_SIGNAL:
@@ -144,6 +125,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise
     finally:
         close_process_group()
+
+
+def quiet_logs() -> None:
+    """Keep stage logs to what a user can act on: drop Lightning's product tips, its "Seed set to" (the seed is
+    in the config each output carries) and the deprecation warnings
+    raised inside libraries, and keep transformers to errors and without weight-loading bars (`load_model`
+    checks what it loads itself). Set before transformers is imported; a user's own settings win."""
+    import logging
+    import warnings
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(("\N{ELECTRIC LIGHT BULB} Tip", "Seed set to"))
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).addFilter(Drop())
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter")  # the pipeline's in-process stages
+    warnings.filterwarnings("ignore", message=r".*`tensorboardX` has been removed")  # it logs to CSV instead
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def close_process_group() -> None:
@@ -170,6 +173,8 @@ def _main(argv: list[str], from_shell: bool) -> None:
         if not argv:
             raise SystemExit(2)
         return
+    from fmn_pl.fit import lightning_cli
+
     lightning_cli(None if from_shell else argv)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fmn_pl.options import check_count, is_local_path  # noqa: F401 - re-exported
 from fmn_pl.tasks import GlueTask, get_task
 
 # Original GLUE TSV release: (has header row, {field: column name or index}); split file names below.
@@ -29,13 +29,6 @@ _TSV_SPLITS = {"validation": "dev", "validation_matched": "dev_matched", "valida
 
 Columns = dict[str, list]
 HOLDOUT_SEED = 20_241_124  # fixed: the held-out rows must not move when other seeds change
-
-
-def is_local_path(source: str) -> bool:
-    """True for a folder path, false for a hub name such as `nyu-mll/glue` (owner/name, not on disk)."""
-    if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
-        return True
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is None
 
 
 def split_file(data_dir: str | Path, task: GlueTask, split: str) -> Path:
@@ -150,14 +143,6 @@ def _check_labels(labels: list, task: GlueTask, where: str) -> list:
             raise ValueError(f"{where}: row {n}: label {x} is outside 0..{task.num_labels - 1} for task {task.name!r}")
         out.append(x)
     return out
-
-
-def check_count(name: str, value: int | None, minimum: int = 1) -> int | None:
-    """`value` if it is None or an integer >= `minimum`, else a one-line error naming the option: a negative
-    cap would silently mean "all but N" in a slice, and 0 leaves nothing to compute on."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum} (or null where that means all), got {value!r}")
-    return value
 
 
 def subsample(n_rows: int, cap: int | None, seed: int) -> list[int]:
@@ -301,6 +286,8 @@ class GLUEDataModule(L.LightningDataModule):
             check_count(f"data.{name}", locals()[name])
         check_count("data.holdout_samples", holdout_samples, minimum=0)
         check_count("data.num_workers", num_workers, minimum=0)
+        if is_local_path(data_dir) and not Path(data_dir).expanduser().is_dir():  # found now, not after set-up
+            raise FileNotFoundError(f"data directory {Path(data_dir).expanduser()} does not exist")
         self.save_hyperparameters()
         self.task = get_task(task)
         self.max_length = max_length or self.task.max_length
@@ -329,6 +316,12 @@ class GLUEDataModule(L.LightningDataModule):
                 raise ValueError(f"data.holdout_samples={self.hparams.holdout_samples} holds out all {len(rows)} training "
                                  f"rows of {self.task.name} in {self.hparams.data_dir}: none are left to train on; lower it")
             rows = [r for r in rows if (r in held) == (split == "holdout")]
+        if cap is not None and cap > len(rows) and rows:
+            from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+            if rank_zero_only.rank == 0:  # a count that falls short of what was asked is said, once
+                print(f"note: {self.task.name} {split}: {cap} examples asked for, {len(rows)} available; using all "
+                      f"{len(rows)}", file=sys.stderr)
         rows = [rows[i] for i in subsample(len(rows), cap, self.hparams.sample_seed)]
         if not rows:
             where = self.hparams.data_dir

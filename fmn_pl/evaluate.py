@@ -15,13 +15,16 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from fmn_pl.checkpoint import read_metadata, write_json
-from fmn_pl.data import GLUEDataModule, is_local_path
+from fmn_pl.options import is_local_path
+
+if TYPE_CHECKING:
+    from fmn_pl.data import GLUEDataModule
 
 CACHE_FILE = "fmn_pl_eval.json"
 CACHE_VERSION = 1
@@ -103,6 +106,8 @@ class Evaluator:
     def datamodule(self, i: int) -> GLUEDataModule:
         """Checkpoint i's task data (tokenized once, kept): its tokenizer and fine-tuning `max_length`."""
         if i not in self._modules:
+            from fmn_pl.data import GLUEDataModule  # Lightning: imported when a task is scored, not before
+
             trained = self.metadata[i].get("data") or {}
             holdout = int(trained.get("holdout_samples") or 0)
             if self.data.split == "holdout" and holdout <= 0:

@@ -402,8 +402,8 @@ def run_fisher(
     options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
                **(trainer or {}), "use_distributed_sampler": False}
     options["callbacks"] = [*(options.get("callbacks") or []), callback]
+    model = load_model(str(checkpoint), task_)  # a bad checkpoint fails before the Trainer is built
     pl_trainer = L.Trainer(**options)
-    model = load_model(str(checkpoint), task_)
     pl_trainer.validate(_NodePass(model, forward=kind == "grams"), datamodule=dm, verbose=False)
     path = artifact_path(checkpoint, art_kind)
     if pl_trainer.is_global_zero:
@@ -415,7 +415,7 @@ def build_parser() -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="fmn-pl fisher", description="Compute a mask-node Fisher, full Fisher or Gram "
-                            "artifact beside a task checkpoint (see configs/fisher/).", exit_on_error=True)
+                            "artifact beside a task checkpoint (see configs/fisher/).", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     parser.add_function_arguments(run_fisher, as_group=False, skip={"trainer"})
     parser.add_class_arguments(L.Trainer, "trainer", skip={"logger", "enable_checkpointing", "use_distributed_sampler"},
@@ -425,20 +425,8 @@ def build_parser() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> Path | None:
-    """`fmn-pl fisher ...`: bad input ends with one line, `fmn-pl fisher: error: ...`, exit status 2."""
+    """`fmn-pl fisher ...`: the artifact's path; bad input raises (one line at `fmn_pl.cli.shell`)."""
     parser = build_parser()
     cfg = parser.instantiate_classes(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
     kwargs = {k: v for k, v in vars(cfg).items() if k not in ("config", "trainer", "__path__")}
-    trainer = dict(vars(cfg.trainer))
-    try:
-        return run_fisher(**kwargs, trainer=trainer)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        if argv is not None:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"fmn-pl fisher: error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
+    return run_fisher(**kwargs, trainer=dict(vars(cfg.trainer)))

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from fmn_pl.artifacts import FILES, Artifact, artifact_path, load_artifact
 from fmn_pl.checkpoint import FORMAT_VERSION, METADATA_FILE, atomic_dir, read_metadata, weights_fingerprint, write_json
-from fmn_pl.data import check_count, is_local_path
+from fmn_pl.options import check_count, is_local_path
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
 from fmn_pl.merging.reader import DTYPES, FLOAT_DTYPES, FileReader
 
@@ -474,9 +474,6 @@ def run_merge(
             (e.g. ["*.pooler.*"]: BERT's pooler, which RoBERTa and DistilBERT already keep in their heads). The
             plain average the report compares with keeps them too; the bare merged body lacks them.
     """
-    from fmn_pl.evaluate import EvalCache, EvalData, Evaluator
-    from fmn_pl.report import summary, write_report
-
     def log(msg: str) -> None:
         tqdm.write(f"merge: {msg}")
 
@@ -488,19 +485,24 @@ def run_merge(
     set_mmap_threshold()
     name = method_name(method)
     out = Path(output)
+    for c in checkpoints:
+        if out.resolve() == Path(c).resolve() or Path(c).resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"output {out} would replace the input checkpoint {c}")
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output {out} already exists and is not empty; pass --overwrite true to replace it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
-    for c in checkpoints:
-        if out.resolve() == Path(c).resolve() or Path(c).resolve().is_relative_to(out.resolve()):
-            raise ValueError(f"output {out} would replace the input checkpoint {c}")
+    if evaluate and is_local_path(data_dir) and not Path(data_dir).expanduser().is_dir():  # now, not after merging
+        raise FileNotFoundError(f"data directory {Path(data_dir).expanduser()} does not exist")
     inputs = check_inputs(checkpoints, method, base, own_tensors or ())
     fingerprints = [weights_fingerprint(p) for p in inputs.checkpoints]
     for p, m, fp in zip(inputs.checkpoints, inputs.metadata, fingerprints):
         if m.get("fingerprint") not in (None, fp):
             raise ValueError(f"{p}: its weights changed since export ({METADATA_FILE} records {m['fingerprint']}, "
                              f"the files hash to {fp})")
+
+    from fmn_pl.evaluate import EvalCache, EvalData, Evaluator  # after the checks: tokenizers, metrics, Lightning
+    from fmn_pl.report import summary, write_report
 
     selection_split = resolve_selection_split(selection_split, inputs.metadata)
     selection = Evaluator(inputs.checkpoints, EvalData(data_dir, selection_split, selection_samples, batch_size),
@@ -795,14 +797,14 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _method_lines() -> str:
-    from fmn_pl.merging import method_class
+    from fmn_pl.merging import summary
 
     lines = []
     for name in METHODS:
         try:
-            doc = (method_class(name).__doc__ or "").strip().splitlines()[0]
+            doc = summary(name)
         except Exception as e:  # a broken method module must not break the others' CLI
-            doc = f"(cannot import: {e})"
+            doc = f"(cannot read: {e})"
         lines.append(f"  {name:<17} {doc}")
     return "\n".join(lines)
 
@@ -821,7 +823,7 @@ def build_parser() -> Any:
         description="Merge task checkpoints' bodies, evaluate every task with its own head, report.\n\n"
         "Methods (--method NAME; options as --method.OPTION VALUE; `--method NAME --help` lists them):\n"
         + _method_lines(),
-        exit_on_error=True,
+        exit_on_error=False,  # one line at the CLI's error boundary, not the usage
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (configs/merge/*.yaml)")
     parser.add_function_arguments(run_merge, as_group=False, skip={"config_yaml"})
@@ -829,13 +831,8 @@ def build_parser() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """`fmn-pl merge ...`: errors in the inputs exit with one line, `fmn-pl merge: error: ...`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = normalize_argv(argv)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"fmn-pl merge: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """`fmn-pl merge ...`: the report of `run_merge`; bad input raises (one line at `fmn_pl.cli.shell`)."""
+    args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     if any(a in ("-h", "--help") for a in args):
         method = next((a.partition("=")[2] for a in args if a.startswith("--method=")), None)
         if method:  # that method's options only, one line each
@@ -850,14 +847,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     cfg = parser.parse_args(args)
     config_yaml = parser.dump(cfg, skip_none=False)
     init = parser.instantiate(cfg)
-    kwargs = {k: v for k, v in vars(init).items() if k != "config"}
-    try:
-        return run_merge(**kwargs, config_yaml=config_yaml)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"fmn-pl merge: error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
+    return run_merge(**{k: v for k, v in vars(init).items() if k != "config"}, config_yaml=config_yaml)

@@ -7,14 +7,17 @@ import math
 
 import torch
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
+from torchmetrics.classification import (
+    BinaryF1Score,
+    BinaryMatthewsCorrCoef,
+    MulticlassAccuracy,
+)
 from torchmetrics.regression import MeanSquaredError, PearsonCorrCoef, SpearmanCorrCoef
 
-from fmn_pl.tasks import GlueTask
+from fmn_pl.tasks import SCALE_METRICS, GlueTask
 
 # Scale figures of a regression task: reported beside the correlations, never part of `score` (Pearson and
 # Spearman ignore scale, so an off-scale regressor shows only here).
-SCALE_METRICS = ("mse", "pred_mean", "pred_std", "label_mean", "label_std")
 
 
 class Moment(Metric):
@@ -100,9 +103,3 @@ def majority_baseline(task: GlueTask, labels: torch.Tensor) -> dict[str, float]:
     metrics = glue_metrics(task)
     metrics.update(torch.full_like(labels.long(), majority), labels.long())
     return {**with_score(metrics.compute()), "majority_class": majority}
-
-
-def noise_margin(n: int) -> float:
-    """How far above its baseline a score must be to count as learned on n examples: 1/sqrt(n), about two
-    standard errors of an accuracy near 50% and one of a correlation near 0."""
-    return 1.0 / math.sqrt(max(n, 1))

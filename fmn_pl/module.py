@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from fmn_pl.data import is_local_path
+from fmn_pl.options import is_local_path
 from fmn_pl.metrics import glue_metrics, predictions, with_score
 from fmn_pl.tasks import GlueTask, get_task
 
@@ -59,6 +59,11 @@ def load_model(
         raise
     except OSError as e:  # e.g. a config.json without weight files
         raise ValueError(f"cannot load model weights from {name_or_path}: {_first_line(e)}") from e
+    except Exception as e:  # a truncated or corrupt weight file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{name_or_path}: model.safetensors cannot be read ({_first_line(e)}); export or download "
+                         "it again") from e
     # A task checkpoint must load exactly: a tensor left out or left over means config.json and the weights
     # disagree (e.g. 5 layers declared, 6 stored), and every later stage would compute on the wrong model.
     if trained_head and (odd := [*info.get("missing_keys", []), *info.get("unexpected_keys", []),

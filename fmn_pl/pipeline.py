@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -212,6 +213,7 @@ def build_parser() -> Any:
         prog="fmn-pl pipeline",
         description="Fine-tune one model per GLUE task, compute Fisher/Gram artifacts, merge, evaluate and "
         "report, skipping every stage whose recorded inputs still match.",
+        exit_on_error=False,  # one line at the CLI's error boundary, not the usage
     )
     parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (see configs/pipeline/)")
     parser.add_class_arguments(PipelineConfig, None)
@@ -246,11 +248,33 @@ def parse_config(argv: Sequence[str]) -> tuple[PipelineConfig, dict[str, Any]]:
     return normalize(cfg), flags
 
 
+COUNTS = ("max_epochs", "batch_size", "max_length", "max_train_samples", "max_eval_samples")
+
+
+def check_counts(cfg: PipelineConfig) -> None:
+    """Counts and sizes are positive integers (or null) before any stage runs, per-task overrides included: a
+    negative cap would otherwise fail a stage minutes in, or mean "all but N"."""
+    from fmn_pl.options import check_count
+
+    for where, options in [("fit", vars(cfg.fit)), *((f"fit.per_task.{t}", o) for t, o in cfg.fit.per_task.items())]:
+        for name in COUNTS:
+            if name in options:
+                check_count(f"{where}.{name}", options[name])
+        if "holdout_samples" in options:
+            check_count(f"{where}.holdout_samples", options["holdout_samples"], minimum=0)
+    for kind in ARTIFACT_KINDS:
+        a = getattr(cfg.fisher, kind)
+        check_count(f"fisher.{kind}.num_examples", a.num_examples)
+        check_count(f"fisher.{kind}.batch_size", a.batch_size)
+    check_count("merge.max_eval_samples", cfg.merge.max_eval_samples)
+
+
 def normalize(cfg: PipelineConfig) -> PipelineConfig:
     """Canonical task names, checked options and per-task overrides; errors name the bad value."""
     from fmn_pl.tasks import get_task
 
     tasks = [get_task(t).name for t in cfg.tasks]
+    check_counts(cfg)
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks lists a task twice: {cfg.tasks}")
     known = {f.name for f in fields(FitOptions)} - {"per_task", "args", "launch"}
@@ -517,7 +541,7 @@ class Identities:
     def model(self, name_or_path: str) -> str:
         """Local model folder: its weights' fingerprint (or its config's hash); hub name: the name."""
         from fmn_pl.checkpoint import weights_fingerprint
-        from fmn_pl.data import is_local_path
+        from fmn_pl.options import is_local_path
 
         if not is_local_path(name_or_path):
             return f"hub:{name_or_path}"
@@ -709,7 +733,23 @@ def write_files(stage: Stage) -> None:
         tmp.replace(path)
 
 
-def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False, port_offset: int = 0) -> None:
+def resume_folder(stage: Stage, cfg: PipelineConfig, key: str) -> Path:
+    """Where a fine-tuning stage stopped by SIGTERM leaves its resumable `last.ckpt`: one folder per stage key,
+    so a rerun with the same options goes on from it and one with other options starts afresh."""
+    return Path(cfg.output) / "resume" / f"{stage.id.split('/')[1]}-{key[:16]}"
+
+
+def resume_argv(stage: Stage, cfg: PipelineConfig, key: str) -> list[str]:
+    """The fine-tuning stage's `--export.resume_dir`, and `--ckpt_path` when a SIGTERM left a checkpoint there."""
+    if stage.kind != "fit" or not key:
+        return []
+    folder = resume_folder(stage, cfg, key)
+    last = folder / "last.ckpt"
+    return [f"--export.resume_dir={folder}", *([f"--ckpt_path={last}"] if last.is_file() else [])]
+
+
+def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False, port_offset: int = 0,
+              key: str = "") -> None:
     """Run one stage: in this process when it needs no launcher, else as `python -m fmn_pl.cli <stage>`.
 
     `alone`: a single-process stage under an external launcher; it runs in a child process that does not see
@@ -722,9 +762,11 @@ def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False,
         with output_to(log):
             write_report(cfg)
         return
-    argv = [*stage.argv, *(stage.launch.argv() if stage.launch else [])]
+    argv = [*stage.argv, *(stage.launch.argv() if stage.launch else []), *resume_argv(stage, cfg, key)]
+    if "--ckpt_path" in " ".join(argv):
+        print(f"resuming from {argv[-1].partition('=')[2]} (left by SIGTERM)", file=sys.stderr)
     if not alone and not on_every_rank(stage):
-        from fmn_pl.cli import EXIT_SIGNAL, run_stage_command
+        from fmn_pl.cli import EXIT_SIGNAL, is_user_error, one_line, run_stage_command
 
         saved_argv = sys.argv
         sys.argv = ["fmn-pl", stage.kind, *argv]  # what the stage would see when run alone
@@ -736,8 +778,11 @@ def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False,
                     raise  # interrupted: the pipeline stops too, with the same status
                 if e.code not in (0, None):
                     raise StageFailed(f"exit status {e.code}") from e
-            except BaseException:
-                traceback.print_exc()
+            except BaseException as e:  # in the log as the shell would show it
+                if isinstance(e, Exception) and is_user_error(e):
+                    print(f"fmn-pl {stage.kind}: error: {one_line(e)}", file=sys.stderr)
+                else:
+                    traceback.print_exc()
                 raise
             finally:
                 sys.argv = saved_argv
@@ -853,7 +898,7 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
             echo(f"{prefix}: running, {why} (log: {log})")
         start, cpu, started_wall = time.perf_counter(), cpu_seconds(), time.time()
         try:
-            run_stage(stage, cfg, log, alone=multi and not on_every_rank(stage), port_offset=n)
+            run_stage(stage, cfg, log, alone=multi and not on_every_rank(stage), port_offset=n, key=key)
         except BaseException as e:
             if zero:
                 echo(f"{prefix}: FAILED ({e}); last lines of {log}:\n{tail(log)}")
@@ -881,6 +926,9 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
             "command": stage.command(), "launch": asdict(stage.launch) if stage.launch else None,
             "options": stage.options,
         })
+        if stage.kind == "fit":  # finished: no checkpoint of an interrupted attempt is needed any more
+            for folder in resume_folder(stage, cfg, key).parent.glob(f"{stage.id.split('/')[1]}-*"):
+                shutil.rmtree(folder, ignore_errors=True)
         echo(f"{prefix}: done in {wall:.1f} s")
     return status
 
@@ -1139,7 +1187,7 @@ def write_report(cfg: PipelineConfig) -> Path:
 
 def check_source(what: str, source: str, paths: Callable[[Path], list[Path]]) -> tuple[list[str], list[str]]:
     """(problems, notes) about a model or data source: a local folder must hold `paths`; a hub name is noted."""
-    from fmn_pl.data import is_local_path
+    from fmn_pl.options import is_local_path
 
     if not is_local_path(source):
         return [], [f"{what} {source!r} is a hub name: downloaded on first use (not checked here)"]
@@ -1164,7 +1212,7 @@ def check_args(stage: Stage) -> Optional[str]:
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             if stage.kind == "fit":
-                from fmn_pl.cli import FmnCLI
+                from fmn_pl.fit import FmnCLI
                 from fmn_pl.data import GLUEDataModule
                 from fmn_pl.module import GLUETransformer
 
@@ -1257,6 +1305,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str] | list[str]:
             raise SystemExit(1)
         return problems
     if is_global_zero():
+        from fmn_pl.checkpoint import check_writable
+
+        check_writable(out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "pipeline.yaml"  # the resolved config that produced this folder
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

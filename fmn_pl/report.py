@@ -8,12 +8,19 @@ flattens one report into table rows, so a study's combined report can stack many
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from fmn_pl.checkpoint import write_json
-from fmn_pl.metrics import SCALE_METRICS, noise_margin
+from fmn_pl.tasks import SCALE_METRICS
+
+
+def noise_margin(n: int) -> float:
+    """How far above its baseline a score must be to count as learned on n examples: 1/sqrt(n), about two
+    standard errors of an accuracy near 50% and one of a correlation near 0."""
+    return 1.0 / math.sqrt(max(n, 1))
 
 
 def normalized(score: float | None, reference: float | None) -> float | None:

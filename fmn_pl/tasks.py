@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What a regression task reports beside its correlations, so that an off-scale regressor shows (the names
+# `fmn_pl.metrics` logs them under).
+SCALE_METRICS = ("mse", "pred_mean", "pred_std", "label_mean", "label_std")
+
 
 @dataclass(frozen=True)
 class GlueTask:

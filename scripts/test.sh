@@ -10,6 +10,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false  # t
 if [ ! -d ../shared ]; then
     echo "note: ../shared is absent: the tests marked real (MiniLM, real GLUE files) will be skipped"
 fi
+ruff check . && ruff format --check --quiet .  # lint and format first: seconds, and they fail fast
 # -rs prints every skip with its reason. pytest's exit status 5 (nothing collected) stays a failure:
 # the suite always has tests, so it can only mean a broken collection or a filter that matched nothing.
 exec python -m pytest -q -rs --durations=15 "$@"

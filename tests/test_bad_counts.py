@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fmn_pl.cli import main
+from fmn_pl.cli import main, shell
 from fmn_pl.data import GLUEDataModule
 
 
@@ -33,7 +32,7 @@ def test_fisher_and_merge_counts(make_checkpoint: Callable, tiny_glue: Path, tmp
     for flags, name in ((["--max_eval_samples=-3"], "max_eval_samples"), (["--batch_size=0"], "batch_size"),
                         (["--selection_samples=0"], "selection_samples")):
         with pytest.raises(SystemExit, match="2"):
-            main(["merge", "--method=average", "--checkpoints", *map(str, cks), f"--output={tmp_path / 'o'}",
+            shell(["merge", "--method=average", "--checkpoints", *map(str, cks), f"--output={tmp_path / 'o'}",
                   f"--data_dir={tiny_glue}", *flags])
         assert f"fmn-pl merge: error: {name} must be" in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
@@ -53,5 +52,5 @@ def test_one_line_from_the_shell(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "fmn_pl.cli", "fisher", f"--checkpoint={tmp_path}",
                            "--num_examples=-5"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("fmn-pl: error: num_examples must be an integer >= 1 (or null where that means "
+    assert proc.stderr.strip() == ("fmn-pl fisher: error: num_examples must be an integer >= 1 (or null where that means "
                                    "all), got -5")

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from fmn_pl.metrics import SCALE_METRICS, glue_metrics, majority_baseline, noise_margin, with_score
-from fmn_pl.report import markdown, summary, task_result
+from fmn_pl.metrics import SCALE_METRICS, glue_metrics, majority_baseline, with_score
+from fmn_pl.report import markdown, noise_margin, summary, task_result
 from fmn_pl.tasks import get_task
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmn_pl.cli import STAGES, lightning_cli, main
+from fmn_pl.cli import STAGES, main
+from fmn_pl.fit import lightning_cli
 from fmn_pl.tasks import TASKS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fmn_pl.artifacts import artifact_path, load_artifact, save_artifact
-from fmn_pl.checkpoint import atomic_dir, check_writable, read_metadata, weights_fingerprint
+from fmn_pl.checkpoint import atomic_dir, check_writable, weights_fingerprint
 from fmn_pl.module import load_model
 from fmn_pl.tasks import get_task
 
@@ -85,5 +85,5 @@ def test_yaml_and_option_errors_are_one_line(tmp_path: Path) -> None:
                  ["fit", "--model.model_name_or_path=x", "--data.max_train_samples=abc"]):
         proc = subprocess.run([sys.executable, "-m", "fmn_pl.cli", *args], capture_output=True, text=True, env=env)
         lines = [line for line in proc.stderr.splitlines() if line.strip() and "LightningCLI's args" not in line]
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("fmn-pl: error: "), proc.stderr
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"fmn-pl {args[0]}: error: "), proc.stderr
     assert "YAML syntax error" in lines[0] or "data.max_train_samples" in lines[0]

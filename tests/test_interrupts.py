@@ -124,3 +124,30 @@ def scores(root: Path) -> dict[int, float]:
             if row.get("val/score"):
                 out[int(row["epoch"])] = float(row["val/score"])
     return out
+
+
+def test_pipeline_fit_sigterm_then_rerun_resumes(tmp_path: Path, tiny_base: Callable[[str], Path],
+                                                 tiny_glue: Path) -> None:
+    """A pipeline stopped by SIGTERM mid fine-tuning leaves a resumable checkpoint, and the rerun with the same
+    options goes on from it (not from epoch 0), then clears it; other options would start afresh."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "tiny.yaml").read_text())
+    cfg |= {"output": str(tmp_path / "run"), "model": str(tiny_base("bert")), "data_dir": str(tiny_glue)}
+    cfg["fit"] |= {"max_epochs": 40, "batch_size": 4}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    log, run = tmp_path / "log", tmp_path / "run"
+    two_epochs = lambda: len(scores(run / "logs")) >= 2  # noqa: E731
+    assert signal_when(start(["pipeline", "--config", str(tmp_path / "p.yaml"), "--only", "fit/rte"], log), two_epochs,
+                       signal.SIGTERM, log) == 143
+    saved = list((run / "resume").glob("rte-*/last.ckpt"))
+    assert len(saved) == 1 and not (run / "checkpoints" / "rte").exists()
+    interrupted = max(scores(run / "logs"))
+    proc = subprocess.run([sys.executable, "-m", "fmn_pl.cli", "pipeline", "--config", str(tmp_path / "p.yaml"),
+                           "--only", "fit/rte"], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming from {saved[0]}" in proc.stderr
+    fit_log = (run / "logs" / "fit__rte.log").read_text()
+    assert "Restored all states from the checkpoint" in fit_log or "Restoring states" in fit_log, fit_log[-2000:]
+    assert (run / "checkpoints" / "rte" / "fmn_pl.json").is_file() and not list((run / "resume").iterdir())
+    assert max(scores(run / "logs")) == 39 and interrupted < 39

@@ -14,6 +14,7 @@ import torch
 from fmn_pl.artifacts import artifact_path, save_artifact
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
 from fmn_pl.metrics import SCALE_METRICS
+from fmn_pl.cli import shell
 from fmn_pl.merge import build_parser, main, normalize_argv, run_merge
 from fmn_pl.merging.base import CheckpointReader, MergeContext
 from fmn_pl.merging.fmn import FMN
@@ -32,7 +33,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     """(exit code, stderr) of a run that must fail."""
     capsys.readouterr()  # drop what the fixtures printed
     with pytest.raises(SystemExit) as e:
-        main(argv)
+        shell(["merge", *argv])
     return e.value.code, capsys.readouterr().err
 
 

@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fmn_pl.checkpoint import export_checkpoint, read_metadata, weights_fingerprint
-from fmn_pl.cli import lightning_cli, main
+from fmn_pl.cli import main
+from fmn_pl.fit import lightning_cli
 from fmn_pl.module import GLUETransformer, load_model, model_inputs
 from fmn_pl.tasks import get_task
 from tests.conftest import make_sentence, tiny_config
@@ -122,7 +123,7 @@ def test_export_keeps_the_best_epoch_of_the_monitored_metric():
     """The kept epoch follows `monitor`, not `val/score`: here they peak at different epochs."""
     from types import SimpleNamespace
 
-    from fmn_pl.checkpoint import ExportCheckpoint
+    from fmn_pl.fit import ExportCheckpoint
 
     module = SimpleNamespace(model=torch.nn.Linear(1, 1))
     for monitor, best in (("val_holdout/score", 2), ("val/score", 1)):
@@ -407,7 +408,7 @@ def test_failed_export_leaves_nothing(tmp_path):
 
 
 def test_shell_errors_are_one_line(setup_bad, capsys, monkeypatch):
-    """From the shell (`fmn-pl fit ...`), bad input prints `fmn-pl: error: ...` and exits 2, no traceback."""
+    """From the shell (`fmn-pl fit ...`), bad input prints `fmn-pl fit: error: ...` and exits 2, no traceback."""
     base, data, out = setup_bad
     monkeypatch.delenv("FMN_PL_TRACEBACK", raising=False)
     monkeypatch.setattr(sys, "argv", ["fmn-pl", *fit_args(base, data, out, "qqq", 1)])
@@ -415,7 +416,7 @@ def test_shell_errors_are_one_line(setup_bad, capsys, monkeypatch):
         main()
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("fmn-pl: error: unknown GLUE task 'qqq'") and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("fmn-pl fit: error: unknown GLUE task 'qqq'") and "Traceback" not in "\n".join(err)
 
 
 def test_module_direct(tiny_base):

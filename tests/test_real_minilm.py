@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
-from fmn_pl.cli import lightning_cli
+from fmn_pl.fit import lightning_cli
 from fmn_pl.module import model_inputs
 from tests.conftest import GLUE, MINILM, requires_shared
 

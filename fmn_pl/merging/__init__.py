@@ -28,6 +28,22 @@ def method_class(name: str) -> type[MergeMethod]:
     return getattr(importlib.import_module(f"fmn_pl.merging.{module}"), cls)
 
 
+def summary(name: str) -> str:
+    """The first line of method `name`'s docstring, read from its source without importing it, so that one
+    method's heavy dependencies (AdaMerging's Lightning) stay out of `fmn-pl merge --help`."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; expected one of: {', '.join(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    spec = importlib.util.find_spec(f"fmn_pl.merging.{module}")
+    tree = ast.parse(Path(spec.origin).read_text())
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
+    return ((ast.get_docstring(node) if node else None) or "").strip().partition("\n")[0]
+
+
 def option_lines(name: str) -> list[str]:
     """The options of method `name`, one line each: `--method.OPTION  TYPE = DEFAULT  first line of its doc`
     (from the `__init__` signature and its docstring's Args section)."""
@@ -37,8 +53,7 @@ def option_lines(name: str) -> list[str]:
     cls = method_class(name)
     doc = inspect.getdoc(cls.__init__) or ""
     helps = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s{0,4}(\w+): (.+)$", doc, re.MULTILINE)}
-    summary = (inspect.getdoc(cls) or "").splitlines()
-    lines = [f"{name}: {summary[0] if summary else ''}"]
+    lines = [f"{name}: {summary(name)}"]
     for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
         kind = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
         default = "" if p.default is inspect.Parameter.empty else f" = {p.default!r}"
@@ -46,4 +61,4 @@ def option_lines(name: str) -> list[str]:
     return lines
 
 
-__all__ = ["METHODS", "MergeContext", "MergeMethod", "method_class", "option_lines"]
+__all__ = ["METHODS", "MergeContext", "MergeMethod", "method_class", "option_lines", "summary"]
