@@ -28,8 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def batches(model_dir: str, data_dir: str, task: str, n: int, batch_size: int) -> list[dict]:
-    dm = GLUEDataModule(task=task, data_dir=data_dir, tokenizer=model_dir, eval_splits=["train"],
-                        max_eval_samples=n, eval_batch_size=batch_size)
+    dm = GLUEDataModule(
+        task=task,
+        data_dir=data_dir,
+        tokenizer=model_dir,
+        eval_splits=["train"],
+        max_eval_samples=n,
+        eval_batch_size=batch_size,
+    )
     dm.setup("validate")
     return list(dm.val_dataloader())
 
@@ -57,8 +63,11 @@ def main() -> None:
     task = get_task(args.task)
     model = load_model(args.model, task).eval()
     data = batches(args.model, args.data_dir, args.task, args.num_examples, args.batch_size)
-    full_data = data if args.full_examples in (None, args.num_examples) else batches(
-        args.model, args.data_dir, args.task, args.full_examples, args.batch_size)
+    full_data = (
+        data
+        if args.full_examples in (None, args.num_examples)
+        else batches(args.model, args.data_dir, args.task, args.full_examples, args.batch_size)
+    )
 
     def evaluate() -> None:
         with torch.inference_mode():
@@ -91,13 +100,18 @@ def main() -> None:
             times[name].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {
-        "model": Path(args.model).name, "task": args.task, "num_examples": args.num_examples,
-        "full_examples": args.full_examples or args.num_examples, "batch_size": args.batch_size,
-        "threads": torch.get_num_threads(), "reps": args.reps,
+        "model": Path(args.model).name,
+        "task": args.task,
+        "num_examples": args.num_examples,
+        "full_examples": args.full_examples or args.num_examples,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "reps": args.reps,
         "seconds": {k: round(v, 3) for k, v in med.items()},
         "ratio_to_eval": {k: round(v / med["eval"], 2) for k, v in med.items()},
-        "ratio_full_to_mask": None if args.no_full else round(
-            med["full/per_example/expected"] / med["mask/per_example/empirical"], 1),
+        "ratio_full_to_mask": None
+        if args.no_full
+        else round(med["full/per_example/expected"] / med["mask/per_example/empirical"], 1),
         "artifact_bytes": {k: getattr(fn, "size", 0) for k, fn in variants.items() if k != "eval"},
     }
     print(json.dumps(out, indent=2))

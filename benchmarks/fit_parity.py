@@ -65,8 +65,13 @@ def reference_metrics(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> 
 def rows_of(args: argparse.Namespace) -> tuple[list[int], list[int]]:
     """Row ids (in the train and validation splits) that both sides use: the data module's selection."""
     dm = GLUEDataModule(
-        task=args.task, data_dir=args.data_dir, tokenizer=args.model, max_length=args.max_length,
-        max_train_samples=args.train_samples, max_eval_samples=args.eval_samples, sample_seed=args.sample_seed,
+        task=args.task,
+        data_dir=args.data_dir,
+        tokenizer=args.model,
+        max_length=args.max_length,
+        max_train_samples=args.train_samples,
+        max_eval_samples=args.eval_samples,
+        sample_seed=args.sample_seed,
         holdout_samples=args.holdout,
     )
     dm.setup("fit")
@@ -76,8 +81,12 @@ def rows_of(args: argparse.Namespace) -> tuple[list[int], list[int]]:
 def plain_loop(args: argparse.Namespace, seed: int) -> list[dict[str, float]]:
     """The reference: a bare PyTorch/transformers fine-tuning loop, scored after every epoch."""
     import pyarrow.parquet as pq
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              get_linear_schedule_with_warmup)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        get_linear_schedule_with_warmup,
+    )
 
     task = get_task(args.task)
     train_rows, val_rows = rows_of(args)
@@ -98,9 +107,12 @@ def plain_loop(args: argparse.Namespace, seed: int) -> list[dict[str, float]]:
     no_decay = ("bias", "LayerNorm.weight")
     named = list(model.named_parameters())
     optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
-         {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}],
-        lr=args.lr, eps=1e-8,
+        [
+            {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
+            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        eps=1e-8,
     )
     sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(seed))
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, sampler=sampler, collate_fn=collate)
@@ -144,8 +156,9 @@ class EpochScores(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self.scores.append({k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()
-                                if k.startswith("val/")})
+            self.scores.append(
+                {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            )
 
 
 def null(x: Any) -> str:
@@ -156,14 +169,26 @@ def null(x: Any) -> str:
 def fmn_pl_fit(args: argparse.Namespace, seed: int, grouped: bool, workdir: Path) -> list[dict[str, float]]:
     """`fmn-pl fit` as a user runs it, through the CLI, with the same recipe and rows."""
     flags = [
-        f"--model.model_name_or_path={args.model}", f"--model.learning_rate={args.lr}",
-        f"--model.weight_decay={args.weight_decay}", f"--model.warmup_ratio={args.warmup_ratio}",
-        f"--data.task={args.task}", f"--data.data_dir={args.data_dir}", f"--data.batch_size={args.batch_size}",
-        f"--data.max_train_samples={null(args.train_samples)}", f"--data.max_eval_samples={null(args.eval_samples)}",
-        f"--data.sample_seed={args.sample_seed}", f"--data.holdout_samples={args.holdout}",
-        f"--data.group_by_length={grouped}", f"--seed_everything={seed}", f"--trainer.max_epochs={args.epochs}",
-        "--trainer.accelerator=cpu", "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=false",
-        "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+        f"--model.model_name_or_path={args.model}",
+        f"--model.learning_rate={args.lr}",
+        f"--model.weight_decay={args.weight_decay}",
+        f"--model.warmup_ratio={args.warmup_ratio}",
+        f"--data.task={args.task}",
+        f"--data.data_dir={args.data_dir}",
+        f"--data.batch_size={args.batch_size}",
+        f"--data.max_train_samples={null(args.train_samples)}",
+        f"--data.max_eval_samples={null(args.eval_samples)}",
+        f"--data.sample_seed={args.sample_seed}",
+        f"--data.holdout_samples={args.holdout}",
+        f"--data.group_by_length={grouped}",
+        f"--seed_everything={seed}",
+        f"--trainer.max_epochs={args.epochs}",
+        "--trainer.accelerator=cpu",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
         f"--trainer.default_root_dir={workdir}",
     ]
     if args.max_length:
@@ -193,9 +218,17 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 sides[side][str(seed)] = [{k: round(v, 4) for k, v in s.items()} for s in scores]
                 print(f"seed {seed} {side}: " + " ".join(f"{s['score']:.4f}" for s in scores), file=sys.stderr)
     gaps = {
-        side: [round(float(np.mean([sides[side][str(s)][e]["score"] - sides["plain"][str(s)][e]["score"]
-                                    for s in args.seeds])), 4) for e in range(args.epochs)]
-        for side in sides if side != "plain"
+        side: [
+            round(
+                float(
+                    np.mean([sides[side][str(s)][e]["score"] - sides["plain"][str(s)][e]["score"] for s in args.seeds])
+                ),
+                4,
+            )
+            for e in range(args.epochs)
+        ]
+        for side in sides
+        if side != "plain"
     }
     return {
         "setup": {k: v for k, v in vars(args).items() if k not in ("model", "data_dir")}

@@ -8,8 +8,8 @@ Both loops train the same freshly loaded model (same seed) with AdamW and the sa
 schedule on the batches of the same `GLUEDataModule` loader (same sampler seed and epochs). The Lightning
 side is the real CLI path (`lightning_cli`), with its defaults (CSV logger, progress bar), and without the
 validation loop, which the plain loop does not have. Throughput is examples per second after the first
-step (warm-up), everything between steps included; runs are interleaved and repeated and the median is reported, so that load from
-other processes on the machine hits both sides alike.
+step (warm-up), everything between steps included; runs are interleaved and repeated and the median is
+reported, so that load from other processes on the machine hits both sides alike.
 """
 
 from __future__ import annotations
@@ -68,8 +68,13 @@ def steady_rate(steps: list[Step], warmup: int, clock: int = 0) -> float:
 
 def data_module(args: argparse.Namespace, group_by_length: bool) -> GLUEDataModule:
     dm = GLUEDataModule(
-        task=args.task, data_dir=args.data_dir, tokenizer=args.model, max_length=args.max_length,
-        batch_size=args.batch_size, max_train_samples=args.examples, sample_seed=args.seed,
+        task=args.task,
+        data_dir=args.data_dir,
+        tokenizer=args.model,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        max_train_samples=args.examples,
+        sample_seed=args.seed,
         group_by_length=group_by_length,
     )
     dm.setup("fit")
@@ -101,9 +106,12 @@ def plain_loop(args: argparse.Namespace, group_by_length: bool) -> list[Step]:
     no_decay = ("bias", "LayerNorm.weight")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": 0.01},
-         {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}],
-        lr=2e-5, eps=1e-8,
+        [
+            {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": 0.01},
+            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
+        ],
+        lr=2e-5,
+        eps=1e-8,
     )
     loader = dm.train_dataloader()
     total = len(loader) * args.epochs
@@ -164,8 +172,10 @@ def summary(runs: list[list[Step]], warmup: int) -> dict[str, Any]:
 
 
 def ratio(result: dict[str, Any], a: str, b: str) -> dict[str, float]:
-    return {clock: round(result[a][key] / result[b][key], 3)
-            for clock, key in (("wall", "examples_per_s"), ("cpu", "examples_per_cpu_s"))}
+    return {
+        clock: round(result[a][key] / result[b][key], 3)
+        for clock, key in (("wall", "examples_per_s"), ("cpu", "examples_per_cpu_s"))
+    }
 
 
 def main() -> None:
@@ -181,8 +191,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip_unsorted", action="store_true", help="only Lightning against plain")
-    p.add_argument("--fit_arg", action="append", default=[],
-                   help="extra `fmn-pl fit` option for the Lightning side, e.g. --fit_arg=--trainer.enable_progress_bar=false")
+    p.add_argument(
+        "--fit_arg",
+        action="append",
+        default=[],
+        help="extra `fmn-pl fit` option for the Lightning side, e.g. --fit_arg=--trainer.enable_progress_bar=false",
+    )
     args = p.parse_args()
 
     variants = {"plain": ("plain", True), "fmn_pl_fit": ("lightning", True)}
@@ -198,15 +212,28 @@ def main() -> None:
                     runs[name].append(plain_loop(args, grouped))
                 else:
                     runs[name].append(lightning_fit(args, grouped, Path(tmp) / f"{name}-{rep}"))
-                print(f"rep {rep} {name}: {steady_rate(runs[name][-1], args.warmup_steps):.2f} examples/s", file=sys.stderr)
+                print(
+                    f"rep {rep} {name}: {steady_rate(runs[name][-1], args.warmup_steps):.2f} examples/s",
+                    file=sys.stderr,
+                )
         padding = {g: padding_fraction(data_module(args, g), args.epochs) for g in (True, False)}
 
     result: dict[str, Any] = {
         "setup": {
-            "model": Path(args.model).name, "task": args.task, "examples": args.examples,
-            "batch_size": args.batch_size, "max_length": args.max_length, "epochs": args.epochs,
-            "warmup_steps": args.warmup_steps, "reps": args.reps, "fit_args": args.fit_arg, "torch": torch.__version__, "lightning": L.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "model": Path(args.model).name,
+            "task": args.task,
+            "examples": args.examples,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "epochs": args.epochs,
+            "warmup_steps": args.warmup_steps,
+            "reps": args.reps,
+            "fit_args": args.fit_arg,
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
         **{name: summary(r, args.warmup_steps) for name, r in runs.items()},

@@ -3,8 +3,8 @@
 Makes task checkpoints from one pretrained model (its body plus seeded noise, a fresh head per GLUE task,
 random mask-Fisher and Gram artifacts) in a temporary folder, then runs each merge without evaluation in a
 fresh process and prints JSON. Methods that choose options on data get one candidate (no search); AdaMerging
-runs a few steps on real GLUE inputs (`--data_dir`). `net_rss` is the peak resident memory minus the process's resident memory
-after imports; the goal is net_rss <= 3x one checkpoint whatever the count.
+runs a few steps on real GLUE inputs (`--data_dir`). `net_rss` is the peak resident memory minus the process's
+resident memory after imports; the goal is net_rss <= 3x one checkpoint whatever the count.
 
     python benchmarks/merge_memory.py [--model ../shared/models/all-MiniLM-L6-v2] [--counts 2 4 8]
         [--methods average fmn ties regmean tall consensus adamerging]
@@ -59,21 +59,32 @@ def make_checkpoints(model: str, root: Path, count: int) -> list[Path]:
             with torch.no_grad():
                 for p in net.parameters():
                     p.add_(1e-3 * torch.randn_like(p))
-            meta = {"task": name, "label_names": list(task.label_names), "num_labels": task.num_labels,
-                    "base_model": model, "metrics": {}, "seed": seed}
+            meta = {
+                "task": name,
+                "label_names": list(task.label_names),
+                "num_labels": task.num_labels,
+                "base_model": model,
+                "metrics": {},
+                "seed": seed,
+            }
             export_checkpoint(net.eval(), tokenizer, target, meta)
             layers, heads, ffn = node_shape(net.config)
             g = torch.Generator().manual_seed(seed)
-            save_artifact(artifact_path(target, "mask_fisher"),
-                          {"head": torch.rand(layers, heads, generator=g), "neuron": torch.rand(layers, ffn, generator=g)},
-                          {"kind": "mask_fisher", "task": name, "fingerprint": weights_fingerprint(target)})
+            save_artifact(
+                artifact_path(target, "mask_fisher"),
+                {"head": torch.rand(layers, heads, generator=g), "neuron": torch.rand(layers, ffn, generator=g)},
+                {"kind": "mask_fisher", "task": name, "fingerprint": weights_fingerprint(target)},
+            )
             modules = dict(net.named_modules())
             grams = {}
             for key in dict.fromkeys(gram_keys(net).values()):
                 x = torch.randn(2 * modules[key].in_features, modules[key].in_features, generator=g)
                 grams[key] = x.T @ x / len(x)
-            save_artifact(artifact_path(target, "grams"), grams,
-                          {"kind": "grams", "task": name, "fingerprint": weights_fingerprint(target)})
+            save_artifact(
+                artifact_path(target, "grams"),
+                grams,
+                {"kind": "grams", "task": name, "fingerprint": weights_fingerprint(target)},
+            )
             del net, grams
         out.append(target)
     return out
@@ -93,18 +104,26 @@ def vm_hwm() -> int:
 def child(argv: list[str]) -> None:
     """One merge in this process: print {net, peak and baseline RSS, timings} as JSON on the last line."""
     import psutil
+    import transformers  # noqa: F401
 
     import fmn_pl.merge as merge  # noqa: F401 - imports counted in the baseline
-
-    import transformers  # noqa: F401
 
     baseline = psutil.Process().memory_info().rss
     start = time.perf_counter()
     report = merge.main(argv)
     total = time.perf_counter() - start
     peak = vm_hwm()
-    print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "net_rss": peak - baseline,
-                      "merge_s": report["timings"]["merge_s"], "total_s": total}))
+    print(
+        json.dumps(
+            {
+                "baseline_rss": baseline,
+                "peak_rss": peak,
+                "net_rss": peak - baseline,
+                "merge_s": report["timings"]["merge_s"],
+                "total_s": total,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -127,17 +146,37 @@ def main() -> None:
         for method in args.methods:
             for count in args.counts:
                 out = root / f"merge-{method}-{count}"
-                argv = ["--method", method, *METHOD_ARGS[method], "--checkpoints", *map(str, checkpoints[:count]),
-                        "--output", str(out), "--evaluate", "false", "--progress", "false", "--base", args.model,
-                        "--data_dir", args.data_dir]
+                argv = [
+                    "--method",
+                    method,
+                    *METHOD_ARGS[method],
+                    "--checkpoints",
+                    *map(str, checkpoints[:count]),
+                    "--output",
+                    str(out),
+                    "--evaluate",
+                    "false",
+                    "--progress",
+                    "false",
+                    "--base",
+                    args.model,
+                    "--data_dir",
+                    args.data_dir,
+                ]
                 proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True)
                 if proc.returncode:
                     raise SystemExit(f"{method} x{count} failed:\n{proc.stderr[-3000:]}")
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                results.append({"method": method, "checkpoints": count, **r, "net_over_checkpoint": r["net_rss"] / size})
+                results.append(
+                    {"method": method, "checkpoints": count, **r, "net_over_checkpoint": r["net_rss"] / size}
+                )
                 print(json.dumps(results[-1]), file=sys.stderr)
-        print(json.dumps({"model": args.model, "checkpoint_bytes": size, "goal": "net_rss <= 3x checkpoint",
-                          "results": results}, indent=2))
+        print(
+            json.dumps(
+                {"model": args.model, "checkpoint_bytes": size, "goal": "net_rss <= 3x checkpoint", "results": results},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

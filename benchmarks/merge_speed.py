@@ -23,16 +23,35 @@ from pathlib import Path
 
 METHODS = {
     "fmn_defaults": ["--method=fmn"],
-    "fmn_reference": ["--method=fmn", "--method.broadcast=reference", "--method.normalize=none",
-                      "--method.power=1.0", "--method.scaling=1.0"],
+    "fmn_reference": [
+        "--method=fmn",
+        "--method.broadcast=reference",
+        "--method.normalize=none",
+        "--method.power=1.0",
+        "--method.scaling=1.0",
+    ],
     "task_arithmetic": ["--method=task_arithmetic", "--method.scaling=null"],
 }
 
 
 def run_once(name: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "fmn_pl.cli", "merge", *METHODS[name], "--checkpoints", *args.checkpoints,
-           "--output", str(out), "--overwrite=true", "--evaluate=false", "--progress=false", "--cache=false",
-           f"--data_dir={args.data_dir}", f"--batch_size={args.batch_size}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fmn_pl.cli",
+        "merge",
+        *METHODS[name],
+        "--checkpoints",
+        *args.checkpoints,
+        "--output",
+        str(out),
+        "--overwrite=true",
+        "--evaluate=false",
+        "--progress=false",
+        "--cache=false",
+        f"--data_dir={args.data_dir}",
+        f"--batch_size={args.batch_size}",
+    ]
     if args.selection_samples is not None:
         cmd.append(f"--selection_samples={args.selection_samples}")
     start = time.perf_counter()
@@ -40,8 +59,13 @@ def run_once(name: str, args: argparse.Namespace, out: Path) -> dict[str, float]
     wall = time.perf_counter() - start
     report = json.loads((out / "report.json").read_text())
     t = report["timings"]
-    return {"wall_s": wall, "check_s": t.get("check_s", 0.0), "merge_s": t.get("merge_s", 0.0),
-            "peak_rss_mb": report.get("peak_rss_mb", 0.0), "evaluations": (report.get("selection") or {}).get("evaluations", 0)}
+    return {
+        "wall_s": wall,
+        "check_s": t.get("check_s", 0.0),
+        "merge_s": t.get("merge_s", 0.0),
+        "peak_rss_mb": report.get("peak_rss_mb", 0.0),
+        "evaluations": (report.get("selection") or {}).get("evaluations", 0),
+    }
 
 
 def main() -> None:
@@ -58,11 +82,23 @@ def main() -> None:
         for rep in range(args.reps):
             for name in args.methods if rep % 2 == 0 else args.methods[::-1]:
                 runs[name].append(run_once(name, args, Path(tmp) / name))
-    print(json.dumps({
-        "setup": {"checkpoints": args.checkpoints, "selection_samples": args.selection_samples, "reps": args.reps,
-                  "cpus": os.cpu_count(), "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-        **{name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]} for name, rs in runs.items()},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "setup": {
+                    "checkpoints": args.checkpoints,
+                    "selection_samples": args.selection_samples,
+                    "reps": args.reps,
+                    "cpus": os.cpu_count(),
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                },
+                **{
+                    name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]} for name, rs in runs.items()
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

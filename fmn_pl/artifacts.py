@@ -97,8 +97,10 @@ class Artifact:
         except Exception as e:
             raise ValueError(f"{self.path}: cannot read tensor {key!r} (corrupt or truncated file?): {e}") from e
         if not t.is_floating_point():
-            raise ValueError(f"{self.path}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; artifacts hold "
-                             "floating-point values (float32): recompute it with `fmn-pl fisher`")
+            raise ValueError(
+                f"{self.path}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; artifacts hold "
+                "floating-point values (float32): recompute it with `fmn-pl fisher`"
+            )
         if not torch.isfinite(t).all():
             raise ValueError(f"{self.path}: tensor {key!r} has NaN or Inf entries")
         return t
@@ -124,8 +126,6 @@ class Artifact:
         return self
 
 
-def load_artifact(
-    checkpoint_dir: str | Path, kind: str, shapes: dict[str, tuple[int, ...]] | None = None
-) -> Artifact:
+def load_artifact(checkpoint_dir: str | Path, kind: str, shapes: dict[str, tuple[int, ...]] | None = None) -> Artifact:
     """Open the `kind` artifact of a task checkpoint, checked against its weights (and `shapes`)."""
     return Artifact(artifact_path(checkpoint_dir, kind), kind, checkpoint_dir).check(shapes)

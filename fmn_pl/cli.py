@@ -120,8 +120,11 @@ def shell(argv: list[str]) -> None:
         raise SystemExit(2) from None
     except SystemExit as e:
         if e.code in EXIT_SIGNAL:
-            print(f"fmn-pl: interrupted by {EXIT_SIGNAL[e.code]}: `{command}` stopped before writing its output "
-                  "(nothing it writes is left half-done); run it again to redo it", file=sys.stderr)
+            print(
+                f"fmn-pl: interrupted by {EXIT_SIGNAL[e.code]}: `{command}` stopped before writing its output "
+                "(nothing it writes is left half-done); run it again to redo it",
+                file=sys.stderr,
+            )
         raise
     finally:
         close_process_group()
@@ -139,8 +142,11 @@ def quiet_logs() -> None:
         def filter(self, record: logging.LogRecord) -> bool:
             return not str(record.msg).startswith(("\N{ELECTRIC LIGHT BULB} Tip", "Seed set to"))
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.fabric.utilities.seed"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+    ):
         logging.getLogger(name).addFilter(Drop())
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter")  # the pipeline's in-process stages
@@ -166,8 +172,10 @@ def _main(argv: list[str], from_shell: bool) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         out = sys.stdout if argv else sys.stderr  # bare `fmn-pl` is a usage error: exit status 2
         print("usage: fmn-pl {fit,validate,test,predict,fisher,merge,pipeline} [options]\n", file=out)
-        print("  fit, validate, test, predict   LightningCLI over the fine-tuning module (see `fmn-pl fit --help`)",
-              file=out)
+        print(
+            "  fit, validate, test, predict   LightningCLI over the fine-tuning module (see `fmn-pl fit --help`)",
+            file=out,
+        )
         for name, (_, text) in STAGES.items():
             print(f"  {name:<30} {text}", file=out)
         if not argv:

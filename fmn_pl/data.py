@@ -194,7 +194,9 @@ class Collator:
                 continue
             pad = self.pad_token_id if key == "input_ids" else 0
             batch[key] = torch.tensor([x[key] + [pad] * (width - len(x[key])) for x in items])
-        batch["labels"] = torch.tensor([x["labels"] for x in items], dtype=torch.float if self.regression else torch.long)
+        batch["labels"] = torch.tensor(
+            [x["labels"] for x in items], dtype=torch.float if self.regression else torch.long
+        )
         batch["idx"] = torch.tensor([x["idx"] for x in items])
         return batch
 
@@ -313,22 +315,29 @@ class GLUEDataModule(L.LightningDataModule):
         if split in ("train", "holdout") and self.hparams.holdout_samples:
             held = set(subsample(len(rows), self.hparams.holdout_samples, HOLDOUT_SEED))
             if split == "train" and len(held) == len(rows):
-                raise ValueError(f"data.holdout_samples={self.hparams.holdout_samples} holds out all {len(rows)} training "
-                                 f"rows of {self.task.name} in {self.hparams.data_dir}: none are left to train on; lower it")
+                raise ValueError(
+                    f"data.holdout_samples={self.hparams.holdout_samples} holds out all {len(rows)} training "
+                    f"rows of {self.task.name} in {self.hparams.data_dir}: none are left to train on; lower it"
+                )
             rows = [r for r in rows if (r in held) == (split == "holdout")]
         if cap is not None and cap > len(rows) and rows:
             from lightning.fabric.utilities.rank_zero import rank_zero_only
 
             if rank_zero_only.rank == 0:  # a count that falls short of what was asked is said, once
-                print(f"note: {self.task.name} {split}: {cap} examples asked for, {len(rows)} available; using all "
-                      f"{len(rows)}", file=sys.stderr)
+                print(
+                    f"note: {self.task.name} {split}: {cap} examples asked for, {len(rows)} available; using all "
+                    f"{len(rows)}",
+                    file=sys.stderr,
+                )
         rows = [rows[i] for i in subsample(len(rows), cap, self.hparams.sample_seed)]
         if not rows:
             where = self.hparams.data_dir
             if is_local_path(where):
                 where = split_file(where, self.task, "train" if split == "holdout" else split)
-            raise ValueError(f"split {split!r} of task {self.task.name!r} has no rows ({where}): nothing to "
-                             f"{'train' if split == 'train' else 'score'} on")
+            raise ValueError(
+                f"split {split!r} of task {self.task.name!r} has no rows ({where}): nothing to "
+                f"{'train' if split == 'train' else 'score'} on"
+            )
         return tokenize(self.tokenizer, self.task, columns, rows, self.max_length)
 
     def setup(self, stage: str | None = None) -> None:
@@ -348,9 +357,15 @@ class GLUEDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds, bs = self.train_dataset, self.hparams.batch_size
-        sampler = LengthGroupedSampler(ds.lengths, bs, self.hparams.sample_seed) if self.hparams.group_by_length else None
+        sampler = (
+            LengthGroupedSampler(ds.lengths, bs, self.hparams.sample_seed) if self.hparams.group_by_length else None
+        )
         return DataLoader(
-            ds, batch_size=bs, sampler=sampler, shuffle=sampler is None, collate_fn=self.collator(),
+            ds,
+            batch_size=bs,
+            sampler=sampler,
+            shuffle=sampler is None,
+            collate_fn=self.collator(),
             num_workers=self.hparams.num_workers,
         )
 
@@ -365,8 +380,11 @@ class GLUEDataModule(L.LightningDataModule):
         if self.hparams.unpadded_shards and torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler = ShardSampler(len(ds), torch.distributed.get_rank(), torch.distributed.get_world_size())
         return DataLoader(
-            ds, batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size, sampler=sampler,
-            collate_fn=self.collator(), num_workers=self.hparams.num_workers,
+            ds,
+            batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=self.collator(),
+            num_workers=self.hparams.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:

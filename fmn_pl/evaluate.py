@@ -90,7 +90,11 @@ class Evaluator:
     """Scores task checkpoints (or bodies in their place) on each checkpoint's own task and data."""
 
     def __init__(
-        self, checkpoints: list[str | Path], data: EvalData, accelerator: str = "auto", progress: bool = True,
+        self,
+        checkpoints: list[str | Path],
+        data: EvalData,
+        accelerator: str = "auto",
+        progress: bool = True,
         precision: Literal["32", "bf16", "auto"] = "32",
     ) -> None:
         """`precision`: "bf16" scores under bfloat16 autocast (2.5-3x faster on CPUs with AMX, same predictions
@@ -111,12 +115,18 @@ class Evaluator:
             trained = self.metadata[i].get("data") or {}
             holdout = int(trained.get("holdout_samples") or 0)
             if self.data.split == "holdout" and holdout <= 0:
-                raise ValueError(f"{self.checkpoints[i]} held out no training rows (data.holdout_samples is 0): "
-                                 "choose on split validation or train instead, or fine-tune with holdout_samples")
+                raise ValueError(
+                    f"{self.checkpoints[i]} held out no training rows (data.holdout_samples is 0): "
+                    "choose on split validation or train instead, or fine-tune with holdout_samples"
+                )
             dm = GLUEDataModule(
-                task=self.tasks[i], data_dir=self.data.data_dir, tokenizer=str(self.checkpoints[i]),
-                max_length=trained.get("max_length"), eval_batch_size=self.data.batch_size,
-                max_eval_samples=self.data.max_samples, sample_seed=self.data.sample_seed,
+                task=self.tasks[i],
+                data_dir=self.data.data_dir,
+                tokenizer=str(self.checkpoints[i]),
+                max_length=trained.get("max_length"),
+                eval_batch_size=self.data.batch_size,
+                max_eval_samples=self.data.max_samples,
+                sample_seed=self.data.sample_seed,
                 eval_splits=None if self.data.split == "validation" else [self.data.split],
                 holdout_samples=holdout,
             )
@@ -127,8 +137,12 @@ class Evaluator:
     def identity(self, i: int) -> dict[str, Any]:
         """Everything checkpoint i's scores depend on besides the weights."""
         trained = self.metadata[i].get("data") or {}
-        return {**self.data.identity(), "task": self.tasks[i], "max_length": trained.get("max_length"),
-                "holdout_samples": trained.get("holdout_samples") if self.data.split != "validation" else None}
+        return {
+            **self.data.identity(),
+            "task": self.tasks[i],
+            "max_length": trained.get("max_length"),
+            "holdout_samples": trained.get("holdout_samples") if self.data.split != "validation" else None,
+        }
 
     def device(self) -> torch.device:
         """Where scoring runs: the accelerator asked for (auto: CUDA when present)."""
@@ -156,8 +170,13 @@ class Evaluator:
                 self._models[i] = load_model(str(self.checkpoints[i]), self.datamodule(i).task).to(self.device()).eval()
         return self._models[i]
 
-    def evaluate(self, i: int, model_dir: str | Path | None = None, body: dict[str, torch.Tensor] | None = None,
-                 limit: int | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        i: int,
+        model_dir: str | Path | None = None,
+        body: dict[str, torch.Tensor] | None = None,
+        limit: int | None = None,
+    ) -> dict[str, float]:
         """Metrics (and `score`) of checkpoint i's task for the model in `model_dir` (default: the checkpoint),
         with its body replaced by `body` when given, on `limit` examples per split (spread evenly; None: all).
         The checkpoint's model is loaded once: a body is swapped in for the call and its own tensors put back."""
@@ -196,8 +215,9 @@ class Evaluator:
         per_split = {}
         for split in dm.eval_splits:
             metrics = glue_metrics(dm.task).to(device)
-            for batch in tqdm(dm.eval_dataloader(split, limit), desc=f"score {self.tasks[i]}", leave=False,
-                              disable=not self.progress):
+            for batch in tqdm(
+                dm.eval_dataloader(split, limit), desc=f"score {self.tasks[i]}", leave=False, disable=not self.progress
+            ):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast:
                     logits = model(**model_inputs(batch)).logits
@@ -214,8 +234,9 @@ class Evaluator:
         per_split = {name: majority_baseline(dm.task, torch.tensor(ds.labels)) for name, ds in dm.eval_datasets.items()}
         return combine_splits(per_split), sum(len(ds) for ds in dm.eval_datasets.values())
 
-    def scores(self, body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None,
-               limit: int | None = None) -> dict[str, float]:
+    def scores(
+        self, body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None, limit: int | None = None
+    ) -> dict[str, float]:
         """{task: score} of `body` with every task's own head (of `tasks` only, on `limit` examples each): the
         selection function merge methods call."""
         return {t: self.evaluate(self.tasks.index(t), body=body, limit=limit)["score"] for t in tasks or self.tasks}

@@ -65,8 +65,11 @@ class MaskNodes:
         """x [..., groups * d] times mask [groups] or [B, groups] (one row per example), per group."""
         xg = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
         m = mask.to(x.dtype)
-        m = m.reshape(*([1] * (x.dim() - 1)), groups, 1) if m.dim() == 1 else m.reshape(
-            m.shape[0], *([1] * (x.dim() - 2)), groups, 1)
+        m = (
+            m.reshape(*([1] * (x.dim() - 1)), groups, 1)
+            if m.dim() == 1
+            else m.reshape(m.shape[0], *([1] * (x.dim() - 2)), groups, 1)
+        )
         return (xg * m).reshape(x.shape)
 
     def _hook(self, layer: int, kind: str):  # noqa: ANN202 - a torch hook
@@ -112,8 +115,9 @@ def label_losses(
         if mode == "empirical":
             return [(f - labels.to(f.dtype)) ** 2]
         if mode == "sampled":
-            noise = torch.stack([torch.randn((), generator=_example_generator(seed, i, torch.device("cpu")))
-                                 for i in idx.tolist()]).to(f)
+            noise = torch.stack(
+                [torch.randn((), generator=_example_generator(seed, i, torch.device("cpu"))) for i in idx.tolist()]
+            ).to(f)
             return [(f - (f.detach() + noise)) ** 2]
         if mode == "expected":
             return [2 * f]
@@ -123,8 +127,12 @@ def label_losses(
             return [-logp.gather(1, labels.long()[:, None])[:, 0]]
         if mode == "sampled":
             p = logp.detach().exp().cpu()
-            y = torch.stack([torch.multinomial(p[j], 1, generator=_example_generator(seed, i, torch.device("cpu")))[0]
-                             for j, i in enumerate(idx.tolist())]).to(logits.device)
+            y = torch.stack(
+                [
+                    torch.multinomial(p[j], 1, generator=_example_generator(seed, i, torch.device("cpu")))[0]
+                    for j, i in enumerate(idx.tolist())
+                ]
+            ).to(logits.device)
             return [-logp.gather(1, y[:, None])[:, 0]]
         if mode == "expected":
             w = logp.detach().exp().sqrt()
@@ -173,8 +181,10 @@ class MaskFisher:
         device = next(model.parameters()).device
         dt = _sum_dtype(device)
         L_, H, F = self.nodes.layers, self.nodes.heads, self.nodes.ffn
-        self.sums = {"head": torch.zeros(L_, H, dtype=dt, device=device),
-                     "neuron": torch.zeros(L_, F, dtype=dt, device=device)}
+        self.sums = {
+            "head": torch.zeros(L_, H, dtype=dt, device=device),
+            "neuron": torch.zeros(L_, F, dtype=dt, device=device),
+        }
         self.count = torch.zeros((), dtype=dt, device=device)  # examples (per_example) or batches (per_batch)
         self.examples = torch.zeros((), dtype=dt, device=device)
 
@@ -210,8 +220,13 @@ class MaskFisher:
 
     def meta(self) -> dict[str, Any]:
         """Header entries of the artifact."""
-        return {"aggregation": self.aggregation, "labels": self.labels, "seed": self.seed,
-                "family": adapter_for(self.model.config).family, "nodes": list(node_shape(self.model.config))}
+        return {
+            "aggregation": self.aggregation,
+            "labels": self.labels,
+            "seed": self.seed,
+            "family": adapter_for(self.model.config).family,
+            "nodes": list(node_shape(self.model.config)),
+        }
 
     def result(self) -> dict[str, torch.Tensor]:
         """float32 on CPU: means over examples (per_example) or sums over batches (per_batch, the reference)."""
@@ -265,8 +280,12 @@ class FullFisher(MaskFisher):
             for j in range(n):
                 keep = mask[j].bool() if mask is not None else slice(None)
                 one = {k: v[j][keep][None] for k, v in inputs.items()}
-                self._accumulate(self.model(**one).logits, batch["labels"][j:j + 1],
-                                 None if idx is None else idx[j:j + 1], mean=False)
+                self._accumulate(
+                    self.model(**one).logits,
+                    batch["labels"][j : j + 1],
+                    None if idx is None else idx[j : j + 1],
+                    mean=False,
+                )
             self.count += n
         self.examples += n
 
@@ -279,8 +298,14 @@ class MaskFisherCallback(ArtifactPass):
 
     kind = "mask_fisher"
 
-    def __init__(self, checkpoint_dir: str | Path, aggregation: Aggregation = "per_example",
-                 labels: LabelMode = "empirical", seed: int = 0, metadata: Optional[dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        aggregation: Aggregation = "per_example",
+        labels: LabelMode = "empirical",
+        seed: int = 0,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> None:
         """
         Args:
             checkpoint_dir: the task checkpoint the pass runs on; the artifact is written there.
@@ -302,8 +327,14 @@ class FullFisherCallback(MaskFisherCallback):
 
     kind = "full_fisher"
 
-    def __init__(self, checkpoint_dir: str | Path, aggregation: Aggregation = "per_example",
-                 labels: LabelMode = "expected", seed: int = 0, metadata: Optional[dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        aggregation: Aggregation = "per_example",
+        labels: LabelMode = "expected",
+        seed: int = 0,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> None:
         super().__init__(checkpoint_dir, aggregation, labels, seed, metadata)
 
     def make(self, model: nn.Module) -> FullFisher:
@@ -387,20 +418,38 @@ def run_fisher(
     if not data_dir:
         raise ValueError(f"{checkpoint} does not record its data folder: pass --data_dir")
     dm = GLUEDataModule(
-        task=task_.name, data_dir=data_dir, tokenizer=str(checkpoint),
-        max_length=max_length or trained.get("max_length"), eval_batch_size=batch_size or default_bs,
-        max_eval_samples=num_examples, sample_seed=seed, eval_splits=[split], unpadded_shards=True,
+        task=task_.name,
+        data_dir=data_dir,
+        tokenizer=str(checkpoint),
+        max_length=max_length or trained.get("max_length"),
+        eval_batch_size=batch_size or default_bs,
+        max_eval_samples=num_examples,
+        sample_seed=seed,
+        eval_splits=[split],
+        unpadded_shards=True,
         holdout_samples=trained.get("holdout_samples", 0) or 0,
     )
-    info = {"task": task_.name, "split": split, "data_dir": str(data_dir), "batch_size": dm.hparams.eval_batch_size,
-            "max_length": dm.max_length, "sample_seed": seed, "holdout_samples": dm.hparams.holdout_samples}
+    info = {
+        "task": task_.name,
+        "split": split,
+        "data_dir": str(data_dir),
+        "batch_size": dm.hparams.eval_batch_size,
+        "max_length": dm.max_length,
+        "sample_seed": seed,
+        "holdout_samples": dm.hparams.holdout_samples,
+    }
     if kind == "grams":
         callback: L.Callback = GramCallback(checkpoint, include_padding=include_padding, metadata=info)
     else:
         cls = MaskFisherCallback if kind == "mask" else FullFisherCallback
         callback = cls(checkpoint, aggregation or default_agg, labels or default_labels, seed, metadata=info)
-    options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-               **(trainer or {}), "use_distributed_sampler": False}
+    options = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        **(trainer or {}),
+        "use_distributed_sampler": False,
+    }
     options["callbacks"] = [*(options.get("callbacks") or []), callback]
     model = load_model(str(checkpoint), task_)  # a bad checkpoint fails before the Trainer is built
     pl_trainer = L.Trainer(**options)
@@ -414,12 +463,17 @@ def run_fisher(
 def build_parser() -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="fmn-pl fisher", description="Compute a mask-node Fisher, full Fisher or Gram "
-                            "artifact beside a task checkpoint (see configs/fisher/).", exit_on_error=False)
+    parser = ArgumentParser(
+        prog="fmn-pl fisher",
+        description="Compute a mask-node Fisher, full Fisher or Gram "
+        "artifact beside a task checkpoint (see configs/fisher/).",
+        exit_on_error=False,
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     parser.add_function_arguments(run_fisher, as_group=False, skip={"trainer"})
-    parser.add_class_arguments(L.Trainer, "trainer", skip={"logger", "enable_checkpointing", "use_distributed_sampler"},
-                               instantiate=False)
+    parser.add_class_arguments(
+        L.Trainer, "trainer", skip={"logger", "enable_checkpointing", "use_distributed_sampler"}, instantiate=False
+    )
     parser.set_defaults({"trainer.enable_model_summary": False})
     return parser
 

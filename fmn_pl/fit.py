@@ -23,8 +23,14 @@ class ExportCheckpoint(L.Callback):
     checkpoint file), then writes `dirpath` from rank zero with the metrics of that epoch.
     """
 
-    def __init__(self, dirpath: str | None = None, select: Literal["best", "last"] = "best", overwrite: bool = False,
-                 monitor: str = "val/score", resume_dir: str | None = None):
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        select: Literal["best", "last"] = "best",
+        overwrite: bool = False,
+        monitor: str = "val/score",
+        resume_dir: str | None = None,
+    ):
         """
         Args:
             dirpath: where to write the task checkpoint (None: no export).
@@ -55,8 +61,10 @@ class ExportCheckpoint(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
         if self.select == "best" and self.monitor not in metrics:
-            raise ValueError(f"export.monitor {self.monitor!r} is not a logged validation metric; "
-                             f"logged: {', '.join(sorted(metrics))}")
+            raise ValueError(
+                f"export.monitor {self.monitor!r} is not a logged validation metric; "
+                f"logged: {', '.join(sorted(metrics))}"
+            )
         score = metrics.get(self.monitor, float("nan"))
         if self.select == "last" or self.best_score is None or score > self.best_score:
             self.best_score, self.best_metrics, self.best_epoch = score, metrics, trainer.current_epoch
@@ -65,8 +73,12 @@ class ExportCheckpoint(L.Callback):
     # The best epoch so far lives in Lightning's checkpoints, so a fit resumed with `--ckpt_path last` exports
     # the best epoch of the whole run, not of the part after the resume.
     def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_metrics": self.best_metrics, "best_epoch": self.best_epoch,
-                "best_state": self.best_state}
+        return {
+            "best_score": self.best_score,
+            "best_metrics": self.best_metrics,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("best_score", "best_metrics", "best_epoch", "best_state"):
@@ -85,8 +97,11 @@ class ExportCheckpoint(L.Callback):
             path = Path(folder) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
             trainer.save_checkpoint(path)
             if trainer.is_global_zero:
-                print(f"saved {path} on SIGTERM: resume with `fmn-pl fit ... --ckpt_path {path}` (the pipeline "
-                      "resumes it by itself)", file=sys.stderr)
+                print(
+                    f"saved {path} on SIGTERM: resume with `fmn-pl fit ... --ckpt_path {path}` (the pipeline "
+                    "resumes it by itself)",
+                    file=sys.stderr,
+                )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.dirpath is None:
@@ -149,5 +164,8 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> FmnCLI
         save_config_kwargs={"overwrite": True},
         seed_everything_default=42,  # reproducible unless asked otherwise (the fit configs say 42 too)
         # argument errors raise (one line at the error boundary) instead of printing the whole usage
-        parser_kwargs={"description": "fmn-pl: fine-tune a BERT-family model on one GLUE task.", "exit_on_error": False},
+        parser_kwargs={
+            "description": "fmn-pl: fine-tune a BERT-family model on one GLUE task.",
+            "exit_on_error": False,
+        },
     )

@@ -66,8 +66,10 @@ class GramAccumulator:
         modules = dict(model.named_modules())
         self.modules = {g: modules[g] for g in dict.fromkeys(gram_keys(model).values())}
         # Allocated up front on each layer's device, so every rank holds the same tensors to all-reduce.
-        self.sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
-                     for n, m in self.modules.items()}
+        self.sums = {
+            n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
+            for n, m in self.modules.items()
+        }
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=m.weight.device) for n, m in self.modules.items()}
 
     def _hook(self, name: str):  # noqa: ANN202 - a torch hook
@@ -127,8 +129,9 @@ class GramCallback(ArtifactPass):
 
     kind = "grams"
 
-    def __init__(self, checkpoint_dir: str | Path, include_padding: bool = False,
-                 metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, checkpoint_dir: str | Path, include_padding: bool = False, metadata: dict[str, Any] | None = None
+    ) -> None:
         """
         Args:
             checkpoint_dir: the task checkpoint the pass runs on; the artifact is written there.

@@ -23,38 +23,46 @@ weights), and the base model when the method needs one.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import struct
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from fmn_pl.artifacts import FILES, Artifact, artifact_path, load_artifact
 from fmn_pl.checkpoint import FORMAT_VERSION, METADATA_FILE, atomic_dir, read_metadata, weights_fingerprint, write_json
-from fmn_pl.options import check_count, is_local_path
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
 from fmn_pl.merging.reader import DTYPES, FLOAT_DTYPES, FileReader
+from fmn_pl.options import check_count, is_local_path
+from fmn_pl.resources import peak_rss_mb, reset_peak, scoring_memory, set_mmap_threshold
 
 BODY_FILE = "model.safetensors"
 TASK_BODY_FILE = "model-body.safetensors"
 TASK_HEAD_FILE = "model-head.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Config attributes that must agree (read through each config's attribute map, e.g. DistilBERT's `dim`).
-ARCH_ATTRS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-              "hidden_dim", "vocab_size", "max_position_embeddings", "type_vocab_size")
+ARCH_ATTRS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
 _ST_DTYPES = {v: k for k, v in DTYPES.items()}
 _ST_SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -108,7 +116,9 @@ class SafetensorsWriter:
         self._file.close()
         missing = [k for k in self.specs if k not in self.written]
         if missing:
-            raise ValueError(f"{self.path.name}: no tensor was produced for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+            raise ValueError(
+                f"{self.path.name}: no tensor was produced for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+            )
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -140,10 +150,15 @@ class Inputs:
         """A merge context over these checkpoints (plain-read, base model when given, checked artifacts);
         `kw` sets the rest (evaluate, selection_inputs, accelerator, progress, log)."""
         return MergeContext(
-            checkpoints=self.checkpoints, tasks=self.tasks, config=self.config, body_prefix=self.body_prefix,
-            keys=list(self.keys), readers=[FileReader(p) for p in self.checkpoints],
+            checkpoints=self.checkpoints,
+            tasks=self.tasks,
+            config=self.config,
+            body_prefix=self.body_prefix,
+            keys=list(self.keys),
+            readers=[FileReader(p) for p in self.checkpoints],
             base_reader=FileReader(self.base, prefix=self.body_prefix) if self.base else None,
-            _artifacts=dict(self.artifacts or {}), **kw,
+            _artifacts=dict(self.artifacts or {}),
+            **kw,
         )
 
 
@@ -181,11 +196,14 @@ def resolve_model(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     except Exception as e:  # offline, unknown repo, ...: one line that says which
-        raise FileNotFoundError(f"base model {name_or_path!r} is neither a folder nor a reachable hub model: {e}") from e
+        raise FileNotFoundError(
+            f"base model {name_or_path!r} is neither a folder nor a reachable hub model: {e}"
+        ) from e
 
 
-def check_inputs(checkpoints: Sequence[str | Path], method: MergeMethod, base: str | None,
-                 own_tensors: Sequence[str] = ()) -> Inputs:
+def check_inputs(
+    checkpoints: Sequence[str | Path], method: MergeMethod, base: str | None, own_tensors: Sequence[str] = ()
+) -> Inputs:
     """Every check a merge needs before it starts, with a one-line error naming the culprit. Body tensors that
     match an `own_tensors` pattern are not merged: each task keeps its own, as part of its head."""
     from transformers import AutoConfig
@@ -198,20 +216,26 @@ def check_inputs(checkpoints: Sequence[str | Path], method: MergeMethod, base: s
     tasks = [m["task"] for m in metadata]
     for j, t in enumerate(tasks):
         if t in tasks[:j]:
-            raise ValueError(f"{paths[tasks.index(t)]} and {paths[j]} are both task {t!r}: each task may appear once "
-                             "(its head, output folder and report row are keyed by task)")
+            raise ValueError(
+                f"{paths[tasks.index(t)]} and {paths[j]} are both task {t!r}: each task may appear once "
+                "(its head, output folder and report row are keyed by task)"
+            )
     configs = [AutoConfig.from_pretrained(p) for p in paths]
     for attr in ARCH_ATTRS:
         values = [getattr(c, attr, None) for c in configs]
         for p, v in zip(paths[1:], values[1:]):
             if v != values[0]:
-                raise ValueError(f"{p} has {attr}={v} but {paths[0]} has {attr}={values[0]}: "
-                                 "checkpoints of different architectures cannot be merged")
+                raise ValueError(
+                    f"{p} has {attr}={v} but {paths[0]} has {attr}={values[0]}: "
+                    "checkpoints of different architectures cannot be merged"
+                )
     signatures = [tokenizer_signature(p) for p in paths]
     for p, s in zip(paths[1:], signatures[1:]):
         if s != signatures[0]:
-            raise ValueError(f"the tokenizer of {p} differs from that of {paths[0]} (vocabulary or normalisation): "
-                             "merged checkpoints must share one tokenizer")
+            raise ValueError(
+                f"the tokenizer of {p} differs from that of {paths[0]} (vocabulary or normalisation): "
+                "merged checkpoints must share one tokenizer"
+            )
     prefix, _ = body_prefix(configs[0])
     headers = [read_header(p) for p in paths]
     body = [{k: v for k, v in h.items() if k.startswith(prefix)} for h in headers]
@@ -227,8 +251,10 @@ def check_inputs(checkpoints: Sequence[str | Path], method: MergeMethod, base: s
     fixed = [k for k in body[0] if k not in keys]
     for p in own_tensors:
         if not any(fnmatch.fnmatchcase(k, p) for k in keys):
-            raise ValueError(f"own_tensors pattern {p!r} matches no body tensor of {paths[0]} (names look like "
-                             f"{keys[0]!r}, {keys[-1]!r})")
+            raise ValueError(
+                f"own_tensors pattern {p!r} matches no body tensor of {paths[0]} (names look like "
+                f"{keys[0]!r}, {keys[-1]!r})"
+            )
     own = [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in own_tensors)]
     if len(own) == len(keys):
         raise ValueError(f"own_tensors {list(own_tensors)} match every body tensor: nothing would be merged")
@@ -253,12 +279,16 @@ def check_artifacts(paths: list[Path], method: MergeMethod) -> dict[tuple[int, s
                 others = [k for k in FILES if k != kind and artifact_path(p, k).is_file()]
                 has = f"; it has {', '.join(others)} (for other methods)" if others else ""
                 flag = "" if kind == "mask_fisher" else f" --kind {kind.removesuffix('_fisher')}"
-                raise FileNotFoundError(f"method {name} needs a {kind} artifact beside {p} ({FILES[kind]}){has}: "
-                                        f"compute it with `fmn-pl fisher --checkpoint {p}{flag}`")
+                raise FileNotFoundError(
+                    f"method {name} needs a {kind} artifact beside {p} ({FILES[kind]}){has}: "
+                    f"compute it with `fmn-pl fisher --checkpoint {p}{flag}`"
+                )
             out[(i, kind)] = load_artifact(p, kind)
             task = out[(i, kind)].metadata.get("task")
             if task is not None and task != read_metadata(p)["task"]:
-                raise ValueError(f"{artifact_path(p, kind)} was computed for task {task!r}, not {read_metadata(p)['task']!r}")
+                raise ValueError(
+                    f"{artifact_path(p, kind)} was computed for task {task!r}, not {read_metadata(p)['task']!r}"
+                )
     return out
 
 
@@ -267,20 +297,28 @@ def check_base(base: str | None, metadata: list[dict[str, Any]], inputs: Inputs,
     if base is None:
         recorded = {m.get("base_model") for m in metadata}
         if len(recorded) != 1 or None in recorded:
-            raise ValueError(f"method {name} needs the pretrained model: pass --base (the checkpoints record "
-                             f"different base models: {sorted(map(str, recorded))})")
+            raise ValueError(
+                f"method {name} needs the pretrained model: pass --base (the checkpoints record "
+                f"different base models: {sorted(map(str, recorded))})"
+            )
         base = recorded.pop()
         if is_local_path(base) and not Path(base).expanduser().is_dir():
-            raise FileNotFoundError(f"method {name} needs the pretrained model; the checkpoints record {base}, "
-                                    "which does not exist here: pass --base")
+            raise FileNotFoundError(
+                f"method {name} needs the pretrained model; the checkpoints record {base}, "
+                "which does not exist here: pass --base"
+            )
     path = resolve_model(base)
     reader = FileReader(path, prefix=inputs.body_prefix)
     for key in inputs.keys:
         if key not in reader:
-            raise ValueError(f"base model {base} lacks tensor {key!r}: is it the pretrained model of these checkpoints?")
+            raise ValueError(
+                f"base model {base} lacks tensor {key!r}: is it the pretrained model of these checkpoints?"
+            )
         if tuple(reader.shape(key)) != inputs.specs[key][1]:
-            raise ValueError(f"base model {base}: {key} has shape {tuple(reader.shape(key))}, "
-                             f"but the checkpoints have {inputs.specs[key][1]}")
+            raise ValueError(
+                f"base model {base}: {key} has shape {tuple(reader.shape(key))}, "
+                f"but the checkpoints have {inputs.specs[key][1]}"
+            )
     return path
 
 
@@ -293,15 +331,24 @@ def method_name(method: MergeMethod) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_body(folder: Path, inputs: Inputs, merged: Iterable[tuple[str, torch.Tensor]], progress: bool = True,
-               name: str = BODY_FILE) -> Path:
+def write_body(
+    folder: Path,
+    inputs: Inputs,
+    merged: Iterable[tuple[str, torch.Tensor]],
+    progress: bool = True,
+    name: str = BODY_FILE,
+) -> Path:
     """Stream the method's (key, tensor) pairs into folder/`name` (in each tensor's original dtype), plus the
     body's non-merged tensors from the first checkpoint."""
     path = folder / name
     writer = SafetensorsWriter(path, {k: inputs.specs[k] for k in inputs.keys + inputs.fixed})
     try:
-        for key, tensor in tqdm(merged, total=len(inputs.keys), desc=f"{'merge' if name == BODY_FILE else folder.name} tensors",
-                                disable=not progress):
+        for key, tensor in tqdm(
+            merged,
+            total=len(inputs.keys),
+            desc=f"{'merge' if name == BODY_FILE else folder.name} tensors",
+            disable=not progress,
+        ):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"the merged tensor {key!r} has NaN or Inf entries")
             writer.write(key, tensor.to(torch_dtype(inputs.specs[key][0])))
@@ -327,8 +374,15 @@ def link_or_copy(src: Path, dst: Path, log: Callable[[str], None] = print) -> st
         return "copy"
 
 
-def write_task_folder(folder: Path, i: int, inputs: Inputs, merge_info: dict[str, Any], log: Callable[[str], None],
-                      body: Iterable[tuple[str, torch.Tensor]] | None = None, progress: bool = False) -> str:
+def write_task_folder(
+    folder: Path,
+    i: int,
+    inputs: Inputs,
+    merge_info: dict[str, Any],
+    log: Callable[[str], None],
+    body: Iterable[tuple[str, torch.Tensor]] | None = None,
+    progress: bool = False,
+) -> str:
     """folder/<task>: the merged body (linked) or the task's own `body` (methods such as TALL), the task's own
     head, an index over both, config and tokenizer."""
     from safetensors.torch import save_file
@@ -344,7 +398,9 @@ def write_task_folder(folder: Path, i: int, inputs: Inputs, merge_info: dict[str
     if body is None:
         how = link_or_copy(folder / BODY_FILE, d / TASK_BODY_FILE, log)
     else:
-        os.chmod(write_body(d, inputs, body, progress, name=TASK_BODY_FILE), (folder / BODY_FILE).stat().st_mode & 0o777)
+        os.chmod(
+            write_body(d, inputs, body, progress, name=TASK_BODY_FILE), (folder / BODY_FILE).stat().st_mode & 0o777
+        )
         how = "own"
     sizes = sum(t.numel() * t.element_size() for t in head.values())
     sizes += sum(_ST_SIZES[dt] * math.prod(s) for dt, s in (inputs.specs[k] for k in inputs.keys + inputs.fixed))
@@ -353,11 +409,16 @@ def write_task_folder(folder: Path, i: int, inputs: Inputs, merge_info: dict[str
     shutil.copyfile(src / "config.json", d / "config.json")
     AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(d))
     meta = inputs.metadata[i]
-    write_json(d / METADATA_FILE, {
-        "format_version": FORMAT_VERSION, "task": task,
-        **{k: meta[k] for k in ("label_names", "num_labels", "base_model", "data") if k in meta},
-        "merged": merge_info, "fingerprint": weights_fingerprint(d),
-    })
+    write_json(
+        d / METADATA_FILE,
+        {
+            "format_version": FORMAT_VERSION,
+            "task": task,
+            **{k: meta[k] for k in ("label_names", "num_labels", "base_model", "data") if k in meta},
+            "merged": merge_info,
+            "fingerprint": weights_fingerprint(d),
+        },
+    )
     return how
 
 
@@ -373,43 +434,6 @@ def write_body_folder(folder: Path, inputs: Inputs) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-
-
-STREAM_MMAP_THRESHOLD = 1 << 20
-SCORE_MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit
-
-
-def set_mmap_threshold(size: int = STREAM_MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at `size` bytes: every freed block of that size or more goes back to the system.
-
-    The merge streams at 1 MiB: by default glibc raises the threshold to the size of the blocks freed (up to
-    32 MiB) and then keeps freed layer-sized tensors in its heap, so a merge streaming through hundreds of
-    tensors would show about one checkpoint more resident memory than it holds. No effect (False) outside glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, size))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-@contextlib.contextmanager
-def scoring_memory() -> Iterator[None]:
-    """Forward passes free and reallocate activations of a few MiB per layer; at the streaming threshold each
-    is a fresh mmap and its page faults made CPU scoring 3x slower, so scoring reuses heap blocks instead."""
-    set_mmap_threshold(SCORE_MMAP_THRESHOLD)
-    try:
-        yield
-    finally:
-        set_mmap_threshold(STREAM_MMAP_THRESHOLD)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_merge(
@@ -474,15 +498,21 @@ def run_merge(
             (e.g. ["*.pooler.*"]: BERT's pooler, which RoBERTa and DistilBERT already keep in their heads). The
             plain average the report compares with keeps them too; the bare merged body lacks them.
     """
+
     def log(msg: str) -> None:
         tqdm.write(f"merge: {msg}")
 
-    for option, value in (("max_eval_samples", max_eval_samples), ("selection_samples", selection_samples),
-                          ("batch_size", batch_size), ("selection_screen", selection_screen),
-                          ("selection_finalists", selection_finalists)):
+    for option, value in (
+        ("max_eval_samples", max_eval_samples),
+        ("selection_samples", selection_samples),
+        ("batch_size", batch_size),
+        ("selection_screen", selection_screen),
+        ("selection_finalists", selection_finalists),
+    ):
         check_count(option, value)
     start = time.perf_counter()
     set_mmap_threshold()
+    reset_peak()  # the merge's own peak, also when it runs inside a pipeline process
     name = method_name(method)
     out = Path(output)
     for c in checkpoints:
@@ -498,19 +528,27 @@ def run_merge(
     fingerprints = [weights_fingerprint(p) for p in inputs.checkpoints]
     for p, m, fp in zip(inputs.checkpoints, inputs.metadata, fingerprints):
         if m.get("fingerprint") not in (None, fp):
-            raise ValueError(f"{p}: its weights changed since export ({METADATA_FILE} records {m['fingerprint']}, "
-                             f"the files hash to {fp})")
+            raise ValueError(
+                f"{p}: its weights changed since export ({METADATA_FILE} records {m['fingerprint']}, "
+                f"the files hash to {fp})"
+            )
 
     from fmn_pl.evaluate import EvalCache, EvalData, Evaluator  # after the checks: tokenizers, metrics, Lightning
     from fmn_pl.report import summary, write_report
 
     selection_split = resolve_selection_split(selection_split, inputs.metadata)
-    selection = Evaluator(inputs.checkpoints, EvalData(data_dir, selection_split, selection_samples, batch_size),
-                          accelerator, progress=False, precision=selection_precision)
+    selection = Evaluator(
+        inputs.checkpoints,
+        EvalData(data_dir, selection_split, selection_samples, batch_size),
+        accelerator,
+        progress=False,
+        precision=selection_precision,
+    )
     selection_calls, adapted = 0, False
 
-    def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None,
-               limit: int | None = None) -> dict[str, float]:
+    def select(
+        body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None, limit: int | None = None
+    ) -> dict[str, float]:
         nonlocal selection_calls
         selection_calls += 1
         with scoring_memory():
@@ -521,24 +559,51 @@ def run_merge(
         adapted = True
         return selection.datamodule(i)
 
-    ctx = inputs.context(evaluate=select, selection_inputs=selection_inputs, accelerator=accelerator,
-                         progress=progress, log=log, finalists=selection_finalists,
-                         screen=None if selection_samples is not None and selection_samples <= (selection_screen or 0)
-                         else selection_screen)
-    merge_info = {"method": name, "options": method.options(), "checkpoints": [str(p) for p in inputs.checkpoints],
-                  "fingerprints": fingerprints}
+    ctx = inputs.context(
+        evaluate=select,
+        selection_inputs=selection_inputs,
+        accelerator=accelerator,
+        progress=progress,
+        log=log,
+        finalists=selection_finalists,
+        screen=None
+        if selection_samples is not None and selection_samples <= (selection_screen or 0)
+        else selection_screen,
+    )
+    merge_info = {
+        "method": name,
+        "options": method.options(),
+        "checkpoints": [str(p) for p in inputs.checkpoints],
+        "fingerprints": fingerprints,
+    }
     report: dict[str, Any] = {
-        "method": name, "label": label or name, "options": method.options(), "tasks": inputs.tasks,
+        "method": name,
+        "label": label or name,
+        "options": method.options(),
+        "tasks": inputs.tasks,
         "checkpoints": [
-            {"task": t, "path": str(p), "fingerprint": fp,
-             "artifacts": {k: {key: v for key, v in a.metadata.items()} for (i, k), a in (inputs.artifacts or {}).items() if i == j}}
+            {
+                "task": t,
+                "path": str(p),
+                "fingerprint": fp,
+                "artifacts": {
+                    k: {key: v for key, v in a.metadata.items()}
+                    for (i, k), a in (inputs.artifacts or {}).items()
+                    if i == j
+                },
+            }
             for j, (t, p, fp) in enumerate(zip(inputs.tasks, inputs.checkpoints, fingerprints))
         ],
-        "base": None if inputs.base is None else {"path": str(inputs.base), "fingerprint": weights_fingerprint(inputs.base)},
+        "base": None
+        if inputs.base is None
+        else {"path": str(inputs.base), "fingerprint": weights_fingerprint(inputs.base)},
     }
     if inputs.own:
-        report["own_tensors"] = {"patterns": list(own_tensors or ()), "tensors": inputs.own,
-                                 "parameters": sum(math.prod(inputs.specs[k][1]) for k in inputs.own)}
+        report["own_tensors"] = {
+            "patterns": list(own_tensors or ()),
+            "tensors": inputs.own,
+            "parameters": sum(math.prod(inputs.specs[k][1]) for k in inputs.own),
+        }
     timings: dict[str, float] = {"check_s": time.perf_counter() - start}
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -549,14 +614,20 @@ def run_merge(
         report["peak_rss_merge_mb"] = peak_rss_mb()
         if save_model:
             write_body_folder(tmp, inputs)
-        links = [write_task_folder(tmp, i, inputs, merge_info, log, method.task_body(i, ctx), progress)
-                 for i in range(len(inputs.tasks))]
+        links = [
+            write_task_folder(tmp, i, inputs, merge_info, log, method.task_body(i, ctx), progress)
+            for i in range(len(inputs.tasks))
+        ]
         report["storage"] = {"body_bytes": (tmp / BODY_FILE).stat().st_size, "task_body": sorted(set(links))}
         timings["write_s"] = time.perf_counter() - t0 - timings["merge_s"]
         if selection_calls or adapted:
-            report["selection"] = {**selection.data.identity(), "evaluations": selection_calls, "adapted": adapted,
-                                   "bf16": selection.bf16(),
-                                   "transductive": selection_split == "validation"}
+            report["selection"] = {
+                **selection.data.identity(),
+                "evaluations": selection_calls,
+                "adapted": adapted,
+                "bf16": selection.bf16(),
+                "transductive": selection_split == "validation",
+            }
         report["notes"] = _jsonable(ctx.notes)
         report["remarks"] = list(ctx.remarks)
         del ctx
@@ -564,17 +635,31 @@ def run_merge(
         if evaluate:
             t0 = time.perf_counter()
             report["evaluation"] = EvalData(data_dir, "validation", max_eval_samples, batch_size).identity()
-            evaluator = Evaluator(inputs.checkpoints, EvalData(data_dir, "validation", max_eval_samples, batch_size),
-                                  accelerator, progress)
+            evaluator = Evaluator(
+                inputs.checkpoints,
+                EvalData(data_dir, "validation", max_eval_samples, batch_size),
+                accelerator,
+                progress,
+            )
             with scoring_memory():
-                report["results"] = evaluate_all(tmp, inputs, fingerprints, evaluator, EvalCache(cache, log),
-                                                 compare_average, reuse_average=_is_plain_average(method),
-                                                 progress=progress, log=log)
+                report["results"] = evaluate_all(
+                    tmp,
+                    inputs,
+                    fingerprints,
+                    evaluator,
+                    EvalCache(cache, log),
+                    compare_average,
+                    reuse_average=_is_plain_average(method),
+                    progress=progress,
+                    log=log,
+                )
             report["summary"] = summary(report["results"])
             res = report["results"].values()
             if not _is_plain_average(method) and all(r["average"] and r["merged"] == r["average"] for r in res):
-                report["remarks"].append("the merged model scores exactly as the plain average on every task: "
-                                         "the method changed nothing these examples can show")
+                report["remarks"].append(
+                    "the merged model scores exactly as the plain average on every task: "
+                    "the method changed nothing these examples can show"
+                )
                 log(f"warning: {report['remarks'][-1]}")
             timings["eval_s"] = time.perf_counter() - t0
         if not save_model:
@@ -591,8 +676,10 @@ def run_merge(
     if evaluate:
         s = report["summary"]
         fmt = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
-        log(f"{name}: mean score {fmt(s['merged_score'])} (average {fmt(s['average_score'])}, individual "
-            f"{fmt(s['individual_score'])}); report: {out / 'report.md'}")
+        log(
+            f"{name}: mean score {fmt(s['merged_score'])} (average {fmt(s['average_score'])}, individual "
+            f"{fmt(s['individual_score'])}); report: {out / 'report.md'}"
+        )
     else:
         log(f"{name}: merged in {timings['merge_s']:.1f} s; output: {out}")
     return report
@@ -636,19 +723,28 @@ def merge_body(
     inputs = check_inputs(checkpoints, method, base, own_tensors)
     if selection is None:
         split = resolve_selection_split(selection_split, inputs.metadata)
-        selection = Evaluator(inputs.checkpoints, EvalData(data_dir, split, selection_samples, batch_size),
-                              accelerator, progress=False)
+        selection = Evaluator(
+            inputs.checkpoints, EvalData(data_dir, split, selection_samples, batch_size), accelerator, progress=False
+        )
     if missing := [t for t in inputs.tasks if t not in selection.tasks]:
         raise ValueError(f"the selection evaluator has no checkpoint of task(s) {missing}")
     where = [selection.tasks.index(t) for t in inputs.tasks]
 
-    def select(body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None,
-               limit: int | None = None) -> dict[str, float]:
-        return {t: selection.evaluate(where[inputs.tasks.index(t)], body=body, limit=limit)["score"]
-                for t in tasks or inputs.tasks}
+    def select(
+        body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None, limit: int | None = None
+    ) -> dict[str, float]:
+        return {
+            t: selection.evaluate(where[inputs.tasks.index(t)], body=body, limit=limit)["score"]
+            for t in tasks or inputs.tasks
+        }
 
-    ctx = inputs.context(evaluate=select, selection_inputs=lambda i: selection.datamodule(where[i]),
-                         accelerator=accelerator, progress=False, log=log)
+    ctx = inputs.context(
+        evaluate=select,
+        selection_inputs=lambda i: selection.datamodule(where[i]),
+        accelerator=accelerator,
+        progress=False,
+        log=log,
+    )
     body = {}
     for key, tensor in method.merge(ctx):
         if not torch.isfinite(tensor).all():
@@ -662,8 +758,15 @@ def merge_body(
 
 
 def evaluate_all(
-    folder: Path, inputs: Inputs, fingerprints: list[str], evaluator: Any, cache: Any, compare_average: bool,
-    reuse_average: bool, progress: bool, log: Callable[[str], None],
+    folder: Path,
+    inputs: Inputs,
+    fingerprints: list[str],
+    evaluator: Any,
+    cache: Any,
+    compare_average: bool,
+    reuse_average: bool,
+    progress: bool,
+    log: Callable[[str], None],
 ) -> dict[str, dict[str, Any]]:
     """Per task: the saved merged model (folder/<task>), the individual checkpoint and the plain average."""
     from fmn_pl.merging.average import Average
@@ -679,8 +782,10 @@ def evaluate_all(
             cache.put(inputs.checkpoints[i], key, individual[task])
     if compare_average:
         own = {"own_tensors": inputs.own} if inputs.own else {}  # the average keeps them too: another baseline
-        keys = [{"what": "average", "fingerprints": fingerprints, **own, **evaluator.identity(i)}
-                for i in range(len(inputs.tasks))]
+        keys = [
+            {"what": "average", "fingerprints": fingerprints, **own, **evaluator.identity(i)}
+            for i in range(len(inputs.tasks))
+        ]
         if reuse_average:
             average = dict(merged)
         else:
@@ -694,8 +799,9 @@ def evaluate_all(
         for i, t in enumerate(inputs.tasks):
             cache.put(inputs.checkpoints[i], keys[i], average[t])
     baselines = [evaluator.baseline(i) for i in range(len(inputs.tasks))]
-    results = {t: task_result(merged[t], individual[t], average.get(t), *baselines[i])
-               for i, t in enumerate(inputs.tasks)}
+    results = {
+        t: task_result(merged[t], individual[t], average.get(t), *baselines[i]) for i, t in enumerate(inputs.tasks)
+    }
     for t, r in results.items():
         for flag in r["flags"]:
             log(f"warning: {t}: {flag}")
@@ -726,8 +832,11 @@ def _versions() -> dict[str, str]:
 
     import fmn_pl
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "fmn_pl": getattr(fmn_pl, "__version__", "0")}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "fmn_pl": getattr(fmn_pl, "__version__", "0"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -68,8 +68,13 @@ def glue_metrics(task: GlueTask) -> MetricCollection:
     }
     metrics = {name: makers[name]() for name in task.metrics}
     if task.is_regression:
-        metrics |= {"mse": MeanSquaredError(), "pred_mean": Moment("preds", "mean"), "pred_std": Moment("preds", "std"),
-                    "label_mean": Moment("target", "mean"), "label_std": Moment("target", "std")}
+        metrics |= {
+            "mse": MeanSquaredError(),
+            "pred_mean": Moment("preds", "mean"),
+            "pred_std": Moment("preds", "std"),
+            "label_mean": Moment("target", "mean"),
+            "label_std": Moment("target", "std"),
+        }
     return MetricCollection(metrics)
 
 
@@ -97,8 +102,16 @@ def majority_baseline(task: GlueTask, labels: torch.Tensor) -> dict[str, float]:
     if task.is_regression:
         y = labels.double()
         mean, std = float(y.mean()), float(y.std(unbiased=False))
-        return {"pearson": 0.0, "spearman": 0.0, "mse": std * std, "pred_mean": mean, "pred_std": 0.0,
-                "label_mean": mean, "label_std": std, "score": 0.0}
+        return {
+            "pearson": 0.0,
+            "spearman": 0.0,
+            "mse": std * std,
+            "pred_mean": mean,
+            "pred_std": 0.0,
+            "label_mean": mean,
+            "label_std": std,
+            "score": 0.0,
+        }
     majority = int(torch.bincount(labels.long(), minlength=task.num_labels).argmax())
     metrics = glue_metrics(task)
     metrics.update(torch.full_like(labels.long(), majority), labels.long())

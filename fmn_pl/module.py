@@ -9,8 +9,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from fmn_pl.options import is_local_path
 from fmn_pl.metrics import glue_metrics, predictions, with_score
+from fmn_pl.options import is_local_path
 from fmn_pl.tasks import GlueTask, get_task
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -35,12 +35,17 @@ def load_model(
     trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if trained_head and config.num_labels != task.num_labels:
         raise ValueError(
-            f"{name_or_path} has a {config.num_labels}-label classifier head but task {task.name!r} needs {task.num_labels}"
+            f"{name_or_path} has a {config.num_labels}-label classifier head but task {task.name!r} needs "
+            f"{task.num_labels}"
         )
-    labels = {} if task.is_regression else {
-        "id2label": dict(enumerate(task.label_names)),
-        "label2id": {n: i for i, n in enumerate(task.label_names)},
-    }
+    labels = (
+        {}
+        if task.is_regression
+        else {
+            "id2label": dict(enumerate(task.label_names)),
+            "label2id": {n: i for i, n in enumerate(task.label_names)},
+        }
+    )
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -62,14 +67,22 @@ def load_model(
     except Exception as e:  # a truncated or corrupt weight file
         if type(e).__name__ != "SafetensorError":
             raise
-        raise ValueError(f"{name_or_path}: model.safetensors cannot be read ({_first_line(e)}); export or download "
-                         "it again") from e
+        raise ValueError(
+            f"{name_or_path}: model.safetensors cannot be read ({_first_line(e)}); export or download it again"
+        ) from e
     # A task checkpoint must load exactly: a tensor left out or left over means config.json and the weights
     # disagree (e.g. 5 layers declared, 6 stored), and every later stage would compute on the wrong model.
-    if trained_head and (odd := [*info.get("missing_keys", []), *info.get("unexpected_keys", []),
-                                 *[k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]]):
-        raise ValueError(f"{name_or_path}: config.json disagrees with the stored weights ({len(odd)} tensor(s) "
-                         f"missing, left over or of another shape, e.g. {sorted(odd)[0]})")
+    if trained_head and (
+        odd := [
+            *info.get("missing_keys", []),
+            *info.get("unexpected_keys", []),
+            *[k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])],
+        ]
+    ):
+        raise ValueError(
+            f"{name_or_path}: config.json disagrees with the stored weights ({len(odd)} tensor(s) "
+            f"missing, left over or of another shape, e.g. {sorted(odd)[0]})"
+        )
     return model
 
 

@@ -34,7 +34,8 @@ class FamilyAdapter:
         return f"{base_prefix}.{self.layers}.{layer}."
 
     def roles(self) -> dict[str, str]:
-        """role -> module path relative to a layer (query, key, value, attn_out, attn_norm, ffn_in, ffn_out, ffn_norm)."""
+        """role -> module path relative to a layer (query, key, value, attn_out, attn_norm, ffn_in, ffn_out,
+        ffn_norm)."""
         names = ("query", "key", "value", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
         return {n: getattr(self, n) for n in names}
 
@@ -58,8 +59,12 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
     FamilyAdapter(
         "deberta-v2",
         ("deberta-v2",),
-        **{**_BERT_LIKE, "query": "attention.self.query_proj", "key": "attention.self.key_proj",
-           "value": "attention.self.value_proj"},
+        **{
+            **_BERT_LIKE,
+            "query": "attention.self.query_proj",
+            "key": "attention.self.key_proj",
+            "value": "attention.self.value_proj",
+        },
     ),
     FamilyAdapter(
         "distilbert",

@@ -56,8 +56,9 @@ class ArtifactPass(L.Callback):
         self._stack.enter_context(self.acc.active())
         self._start = time.perf_counter()
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         with torch.inference_mode(False), torch.enable_grad():
             self.acc.step({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
 
@@ -77,9 +78,15 @@ class ArtifactPass(L.Callback):
         if trainer.is_global_zero:
             if not int(self.acc.examples.item()):
                 raise ValueError(f"the {self.kind} pass saw no examples: is the split empty?")
-            meta = {"kind": self.kind, "fingerprint": weights_fingerprint(self.checkpoint_dir),
-                    "num_examples": int(self.acc.examples.item()), "seconds": round(seconds, 3),
-                    "world_size": trainer.world_size, **self.acc.meta(), **self.metadata}
+            meta = {
+                "kind": self.kind,
+                "fingerprint": weights_fingerprint(self.checkpoint_dir),
+                "num_examples": int(self.acc.examples.item()),
+                "seconds": round(seconds, 3),
+                "world_size": trainer.world_size,
+                **self.acc.meta(),
+                **self.metadata,
+            }
             self.path = save_artifact(artifact_path(self.checkpoint_dir, self.kind), self.acc.result(), meta)
         trainer.strategy.barrier()
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 from fmn_pl.checkpoint import write_json
+from fmn_pl.resources import peak_rss_mb, reset_peak
 
 ARTIFACT_KINDS = {"mask_fisher": "mask", "full_fisher": "full", "grams": "grams"}  # artifact kind -> --kind
 STAGE_KINDS = ("fit", "fisher", "merge", "report")
@@ -218,17 +219,23 @@ def build_parser() -> Any:
     parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (see configs/pipeline/)")
     parser.add_class_arguments(PipelineConfig, None)
     parser.add_argument(
-        "--dry_run", type=bool, default=False,
+        "--dry_run",
+        type=bool,
+        default=False,
         help="check the model, the data and every stage's arguments, print which stages would run and why; "
         "compute and write nothing",
     )
     parser.add_argument(
-        "--only", type=Optional[Union[list[str], str]], default=None,
+        "--only",
+        type=Optional[Union[list[str], str]],
+        default=None,
         help="run only the stages matching these patterns, a list or comma-separated: e.g. fit/rte, fisher "
         "(every fisher stage), merge/*/fmn, report; the stages they read must be finished",
     )
     parser.add_argument(
-        "--rerun", type=Union[list[str], str], default=[],
+        "--rerun",
+        type=Union[list[str], str],
+        default=[],
         help="recompute the stages matching these patterns (as --only) even when their stamps match",
     )
     return parser
@@ -378,8 +385,10 @@ def artifact_kinds(cfg: PipelineConfig) -> list[str]:
         return list(dict.fromkeys(needed))
     missing = [k for k in needed if k not in cfg.fisher.kinds]
     if missing:
-        raise ValueError(f"fisher.kinds {cfg.fisher.kinds} lacks {sorted(set(missing))}, which merge.methods need "
-                         "(leave fisher.kinds null to compute exactly what they need)")
+        raise ValueError(
+            f"fisher.kinds {cfg.fisher.kinds} lacks {sorted(set(missing))}, which merge.methods need "
+            "(leave fisher.kinds null to compute exactly what they need)"
+        )
     return list(dict.fromkeys(cfg.fisher.kinds))
 
 
@@ -400,7 +409,9 @@ def resolve_method(name: str, options: dict[str, Any]) -> tuple[frozenset[str], 
 
 def fit_options(cfg: PipelineConfig, task: str) -> dict[str, Any]:
     """The fit options of one task: the shared ones with its per-task overrides applied."""
-    base = {f.name: getattr(cfg.fit, f.name) for f in fields(FitOptions) if f.name not in ("per_task", "args", "launch")}
+    base = {
+        f.name: getattr(cfg.fit, f.name) for f in fields(FitOptions) if f.name not in ("per_task", "args", "launch")
+    }
     return {**base, **cfg.fit.per_task.get(task, {})}
 
 
@@ -452,11 +463,18 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         conf = fit_config(cfg, task)
         path = out / "configs" / f"fit-{task}.yaml"
         argv = ["--config", str(path), *_flags(cfg.fit.args)]
-        stages.append(Stage(
-            id=f"fit/{task}", kind="fit", deps=[], options={"config": conf, "args": cfg.fit.args},
-            argv=argv, launch=_launch(cfg, cfg.fit.launch), output=out / "checkpoints" / task,
-            files={str(path): yaml.safe_dump(conf, sort_keys=False)},
-        ))
+        stages.append(
+            Stage(
+                id=f"fit/{task}",
+                kind="fit",
+                deps=[],
+                options={"config": conf, "args": cfg.fit.args},
+                argv=argv,
+                launch=_launch(cfg, cfg.fit.launch),
+                output=out / "checkpoints" / task,
+                files={str(path): yaml.safe_dump(conf, sort_keys=False)},
+            )
+        )
     kinds = artifact_kinds(cfg)
     for task in cfg.tasks:
         for kind in kinds:
@@ -473,11 +491,17 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
             if kind != "grams":
                 opts.update(aggregation=a.aggregation, labels=a.labels)
             opts.update(a.args)
-            stages.append(Stage(
-                id=f"fisher/{task}/{kind}", kind="fisher", deps=[f"fit/{task}"], options=opts,
-                argv=_flags(opts), launch=_launch(cfg, cfg.fisher.launch),
-                output=artifact_path(out / "checkpoints" / task, kind),
-            ))
+            stages.append(
+                Stage(
+                    id=f"fisher/{task}/{kind}",
+                    kind="fisher",
+                    deps=[f"fit/{task}"],
+                    options=opts,
+                    argv=_flags(opts),
+                    launch=_launch(cfg, cfg.fisher.launch),
+                    output=artifact_path(out / "checkpoints" / task, kind),
+                )
+            )
     methods = {spec.column: resolve_method(spec.name, spec.options) for spec in cfg.merge.methods}
     for combo in combinations(cfg):
         name = "+".join(combo)
@@ -495,19 +519,38 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                 **cfg.merge.args,
             }
             run = {"accelerator": cfg.merge.accelerator or cfg.trainer.accelerator, "progress": False}
-            argv = [*_flags({**opts, **run}), "--checkpoints", *(str(out / "checkpoints" / t) for t in combo),
-                    "--output", str(folder), "--overwrite=true"]
+            argv = [
+                *_flags({**opts, **run}),
+                "--checkpoints",
+                *(str(out / "checkpoints" / t) for t in combo),
+                "--output",
+                str(folder),
+                "--overwrite=true",
+            ]
             deps = [f"fit/{t}" for t in combo]
             deps += [f"fisher/{t}/{k}" for t in combo for k in ARTIFACT_KINDS if k in needs and k in kinds]
-            stages.append(Stage(
-                id=f"merge/{name}/{spec.column}", kind="merge", deps=deps,
-                options={**opts, "tasks": combo, "resolved": resolved},
-                argv=argv, launch=None, output=folder / "report.json",
-            ))
-    stages.append(Stage(  # reads the merges' reports and every stage's stamp (its cost)
-        id="report", kind="report", deps=[s.id for s in stages], options={"report": report_options(cfg)},
-        argv=[], launch=None, output=out / "report.json",
-    ))
+            stages.append(
+                Stage(
+                    id=f"merge/{name}/{spec.column}",
+                    kind="merge",
+                    deps=deps,
+                    options={**opts, "tasks": combo, "resolved": resolved},
+                    argv=argv,
+                    launch=None,
+                    output=folder / "report.json",
+                )
+            )
+    stages.append(
+        Stage(  # reads the merges' reports and every stage's stamp (its cost)
+            id="report",
+            kind="report",
+            deps=[s.id for s in stages],
+            options={"report": report_options(cfg)},
+            argv=[],
+            launch=None,
+            output=out / "report.json",
+        )
+    )
     return stages
 
 
@@ -606,8 +649,9 @@ def stage_key(stage: Stage, cfg: PipelineConfig, ids: Identities, done: dict[str
     return hash_json({"stage": stage.id, "options": stage.options, "inputs": inputs})
 
 
-def freshness(stage: Stage, cfg: PipelineConfig, ids: Identities, done: dict[str, str],
-              forced: bool = False) -> tuple[Optional[str], Optional[str], Optional[str]]:
+def freshness(
+    stage: Stage, cfg: PipelineConfig, ids: Identities, done: dict[str, str], forced: bool = False
+) -> tuple[Optional[str], Optional[str], Optional[str]]:
     """(key, output identity, why it must run): `why` is None when the stage is up to date."""
     missing = [d for d in stage.deps if d not in done]
     key = None if missing else stage_key(stage, cfg, ids, done)
@@ -643,9 +687,24 @@ def read_stamp(path: Path) -> Optional[dict[str, Any]]:
 
 # Variables by which a launcher (torchrun, srun, Lightning's own) tells a process its rank; a stage that
 # runs on rank 0 alone under such a launcher gets an environment without them.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
-                 "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
-                 "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_NAME")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_JOB_NAME",
+)
 
 
 def is_global_zero() -> bool:
@@ -720,8 +779,10 @@ def check_fresh_output(stage: Stage, started: float, log: Path) -> None:
     meta = Artifact(stage.output, kind, stage.options["checkpoint"]).metadata  # checks kind and weights
     asked = stage.options.get("num_examples")
     if meta.get("task") != stage.options["task"] or (asked is not None and int(meta.get("num_examples", 0)) > asked):
-        raise StageFailed(f"stage {stage.id}: {stage.output} records task {meta.get('task')!r} and "
-                          f"{meta.get('num_examples')} examples, not what the stage asked for; see {log}")
+        raise StageFailed(
+            f"stage {stage.id}: {stage.output} records task {meta.get('task')!r} and "
+            f"{meta.get('num_examples')} examples, not what the stage asked for; see {log}"
+        )
 
 
 def write_files(stage: Stage) -> None:
@@ -748,8 +809,9 @@ def resume_argv(stage: Stage, cfg: PipelineConfig, key: str) -> list[str]:
     return [f"--export.resume_dir={folder}", *([f"--ckpt_path={last}"] if last.is_file() else [])]
 
 
-def run_stage(stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False, port_offset: int = 0,
-              key: str = "") -> None:
+def run_stage(
+    stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False, port_offset: int = 0, key: str = ""
+) -> None:
     """Run one stage: in this process when it needs no launcher, else as `python -m fmn_pl.cli <stage>`.
 
     `alone`: a single-process stage under an external launcher; it runs in a child process that does not see
@@ -817,8 +879,9 @@ def cpu_seconds() -> float:
 
 
 def _matches(stage_id: str, patterns: Optional[Sequence[str]]) -> bool:
-    return patterns is None or any(fnmatch.fnmatchcase(stage_id, p) or stage_id.startswith(p.rstrip("/") + "/")
-                                   for p in patterns)
+    return patterns is None or any(
+        fnmatch.fnmatchcase(stage_id, p) or stage_id.startswith(p.rstrip("/") + "/") for p in patterns
+    )
 
 
 def wait_for_rank_zero(stage: Stage, cfg: PipelineConfig, key: str, since: float, poll_s: float = 2.0) -> str:
@@ -834,8 +897,12 @@ def wait_for_rank_zero(stage: Stage, cfg: PipelineConfig, key: str, since: float
         time.sleep(poll_s)
 
 
-def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Sequence[str] = (),
-            echo: Callable[[str], None] = print) -> dict[str, str]:
+def execute(
+    cfg: PipelineConfig,
+    only: Optional[Sequence[str]] = None,
+    rerun: Sequence[str] = (),
+    echo: Callable[[str], None] = print,
+) -> dict[str, str]:
     """Run the stages that are not up to date; return {stage id: "ran" | "skipped" | "rank 0"}.
 
     Under an external launcher (srun, torchrun: one pipeline per rank) every rank runs the stages that need
@@ -897,6 +964,7 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
         if zero:
             echo(f"{prefix}: running, {why} (log: {log})")
         start, cpu, started_wall = time.perf_counter(), cpu_seconds(), time.time()
+        own_peak = reset_peak() and not on_every_rank(stage) and not multi  # in this process: its peak is the stage's
         try:
             run_stage(stage, cfg, log, alone=multi and not on_every_rank(stage), port_offset=n, key=key)
         except BaseException as e:
@@ -919,13 +987,24 @@ def execute(cfg: PipelineConfig, only: Optional[Sequence[str]] = None, rerun: Se
         check_fresh_output(stage, started_wall, log)
         done[stage.id] = current
         stamp_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(stamp_file, {
-            "stage": stage.id, "key": key, "output": current, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-            "load": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),  # how shared the machine was
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished_unix": time.time(),
-            "command": stage.command(), "launch": asdict(stage.launch) if stage.launch else None,
-            "options": stage.options,
-        })
+        write_json(
+            stamp_file,
+            {
+                "stage": stage.id,
+                "key": key,
+                "output": current,
+                "wall_s": round(wall, 3),
+                "cpu_s": round(cpu, 3),
+                "peak_rss_mb": round(peak_rss_mb(), 1) if own_peak else None,
+                "load": round(os.getloadavg()[0], 2),
+                "cpus": os.cpu_count(),  # how shared the machine was
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "finished_unix": time.time(),
+                "command": stage.command(),
+                "launch": asdict(stage.launch) if stage.launch else None,
+                "options": stage.options,
+            },
+        )
         if stage.kind == "fit":  # finished: no checkpoint of an interrupted attempt is needed any more
             for folder in resume_folder(stage, cfg, key).parent.glob(f"{stage.id.split('/')[1]}-*"):
                 shutil.rmtree(folder, ignore_errors=True)
@@ -940,12 +1019,19 @@ def report_options(cfg: PipelineConfig) -> dict[str, Any]:
     """What the combined report shows besides the merges' results: columns, combinations and the caps."""
     kinds = artifact_kinds(cfg)
     return {
-        "model": cfg.model, "data_dir": cfg.data_dir, "tasks": cfg.tasks,
+        "model": cfg.model,
+        "data_dir": cfg.data_dir,
+        "tasks": cfg.tasks,
         "combinations": ["+".join(c) for c in combinations(cfg)],
         "columns": [{"label": m.column, "method": m.name, "options": m.options} for m in cfg.merge.methods],
         "caps": {
-            "fit": {t: {k: fit_options(cfg, t)[k] for k in ("max_train_samples", "max_eval_samples", "max_epochs",
-                                                            "holdout_samples")} for t in cfg.tasks},
+            "fit": {
+                t: {
+                    k: fit_options(cfg, t)[k]
+                    for k in ("max_train_samples", "max_eval_samples", "max_epochs", "holdout_samples")
+                }
+                for t in cfg.tasks
+            },
             "fisher": {k: {"num_examples": getattr(cfg.fisher, k).num_examples} for k in kinds},  # None: default
             "eval": {"max_eval_samples": cfg.merge.max_eval_samples},
         },
@@ -976,48 +1062,84 @@ def gather(cfg: PipelineConfig, partial: bool = False) -> dict[str, Any]:
         combo = "+".join(s.options["tasks"])
         for r in rows(rep):  # constant, individual and average are in every report of a combination: kept once
             base = {"combination": combo, "task": r["task"], "metrics": r["metrics"]}
-            for column, which, norm in (("constant", "baseline", None), ("individual", "individual", 1.0),
-                                        ("average", "average", r["normalized_average"]),
-                                        (s.options["label"], "merged", r["normalized"])):
-                results.setdefault((combo, r["task"], column),
-                                   {**base, "column": column, "score": r[which], "normalized": norm,
-                                    "mse": r["mse"][which]})
-            flags += [f"{combo} {s.options['label']}: {r['task']}: {f}" for f in r["flags"]
-                      if not f.startswith(("individual", "average"))]
+            for column, which, norm in (
+                ("constant", "baseline", None),
+                ("individual", "individual", 1.0),
+                ("average", "average", r["normalized_average"]),
+                (s.options["label"], "merged", r["normalized"]),
+            ):
+                results.setdefault(
+                    (combo, r["task"], column),
+                    {**base, "column": column, "score": r[which], "normalized": norm, "mse": r["mse"][which]},
+                )
+            flags += [
+                f"{combo} {s.options['label']}: {r['task']}: {f}"
+                for f in r["flags"]
+                if not f.startswith(("individual", "average"))
+            ]
             flags += [f"{combo}: {r['task']}: {f}" for f in r["flags"] if f.startswith(("individual", "average"))]
         flags += [f"{combo} {s.options['label']}: {remark}" for remark in rep.get("remarks", [])]
     table = list(results.values())
     summary = {
-        combo: {col: {k: _mean([r[k] for r in table if r["combination"] == combo and r["column"] == col])
-                      for k in ("score", "normalized")} for col in ["constant", "individual", *labels]}
+        combo: {
+            col: {
+                k: _mean([r[k] for r in table if r["combination"] == combo and r["column"] == col])
+                for k in ("score", "normalized")
+            }
+            for col in ["constant", "individual", *labels]
+        }
         for combo in opts["combinations"]
     }
-    overall = {col: {k: _mean([summary[c][col][k] for c in summary]) for k in ("score", "normalized")}
-               for col in ["constant", "individual", *labels]}
+    overall = {
+        col: {k: _mean([summary[c][col][k] for c in summary]) for k in ("score", "normalized")}
+        for col in ["constant", "individual", *labels]
+    }
     costs = []
     for s in stages:
         if s.kind != "report":
             stamp = read_stamp(stamp_path(cfg, s)) or {}
-            costs.append({"stage": s.id, "kind": s.kind, "wall_s": stamp.get("wall_s"), "cpu_s": stamp.get("cpu_s"),
-                          "load": stamp.get("load"), "cpus": stamp.get("cpus"),
-                          "finished": stamp.get("finished"), "launch": stamp.get("launch")})
+            costs.append(
+                {
+                    "stage": s.id,
+                    "kind": s.kind,
+                    "wall_s": stamp.get("wall_s"),
+                    "cpu_s": stamp.get("cpu_s"),
+                    "peak_rss_mb": stamp.get("peak_rss_mb"),
+                    "load": stamp.get("load"),
+                    "cpus": stamp.get("cpus"),
+                    "finished": stamp.get("finished"),
+                    "launch": stamp.get("launch"),
+                }
+            )
     checkpoints = {}
     for t in cfg.tasks:
         folder = Path(cfg.output) / "checkpoints" / t
         meta = read_metadata(folder)
-        checkpoints[t] = {k: meta.get(k) for k in ("num_train_examples", "epoch", "epochs_trained", "metrics",
-                                                   "fingerprint")}
+        checkpoints[t] = {
+            k: meta.get(k) for k in ("num_train_examples", "epoch", "epochs_trained", "metrics", "fingerprint")
+        }
         checkpoints[t]["artifacts"] = {  # what each artifact was computed from, as it records it
-            k: {m: Artifact(artifact_path(folder, k), k).metadata.get(m)
-                for m in ("num_examples", "aggregation", "labels", "batch_size", "seconds")}
+            k: {
+                m: Artifact(artifact_path(folder, k), k).metadata.get(m)
+                for m in ("num_examples", "aggregation", "labels", "batch_size", "seconds")
+            }
             for k in artifact_kinds(cfg)
         }
     return {
-        **opts, "labels": labels, "checkpoints": checkpoints, "results": table, "summary": summary,
+        **opts,
+        "labels": labels,
+        "checkpoints": checkpoints,
+        "results": table,
+        "summary": summary,
         "flags": list(dict.fromkeys(flags)),
-        "overall": overall, "stages": costs,
-        "cost_s": {k: round(sum(c["wall_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")},
-        "cpu_s": {k: round(sum(c["cpu_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")},
+        "overall": overall,
+        "stages": costs,
+        "cost_s": {
+            k: round(sum(c["wall_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")
+        },
+        "cpu_s": {
+            k: round(sum(c["cpu_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")
+        },
     }
 
 
@@ -1034,66 +1156,116 @@ def caps_text(data: dict[str, Any]) -> str:
         + f", {caps['fit'][t]['max_epochs']} epoch(s)"
         for t, c in data["checkpoints"].items()
     )
+
     def examples(kind: str) -> str:
         counts = sorted({str(c["artifacts"][kind]["num_examples"]) for c in data["checkpoints"].values()})
         return "/".join(counts)
 
     fisher = ", ".join(f"{k} on {examples(k)} training examples per task" for k in caps["fisher"])
     cap = caps["eval"]["max_eval_samples"]
-    scored = "all validation examples" if cap is None else f"at most {cap} validation examples per task (a seeded sample)"
+    scored = (
+        "all validation examples" if cap is None else f"at most {cap} validation examples per task (a seeded sample)"
+    )
     return f"Fine-tuning: {fit}. Artifacts: {fisher or 'none'}. Scored on {scored}."
 
 
 def report_markdown(data: dict[str, Any]) -> str:
     """The combined report as Markdown: normalized means per combination, per-task scores, stage costs."""
     labels = data["labels"]
-    lines = ["# fmn-pl pipeline report", "",
-             f"Model `{data['model']}`, data `{data['data_dir']}`, tasks {', '.join(data['tasks'])}; "
-             f"{len(data['combinations'])} task combination(s) merged with each method.", "", caps_text(data), "",
-             "## Normalized score (merged / individual, %, mean over the merged tasks)", "",
-             "| tasks | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    lines = [
+        "# fmn-pl pipeline report",
+        "",
+        f"Model `{data['model']}`, data `{data['data_dir']}`, tasks {', '.join(data['tasks'])}; "
+        f"{len(data['combinations'])} task combination(s) merged with each method.",
+        "",
+        caps_text(data),
+        "",
+        "## Normalized score (merged / individual, %, mean over the merged tasks)",
+        "",
+        "| tasks | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
     for combo, cols in data["summary"].items():
         lines.append(f"| {combo} | " + " | ".join(_pct(cols[c]["normalized"]) for c in labels) + " |")
     if len(data["summary"]) > 1:
-        lines.append("| **mean** | " + " | ".join(f"**{_pct(data['overall'][c]['normalized'])}**" for c in labels) + " |")
+        lines.append(
+            "| **mean** | " + " | ".join(f"**{_pct(data['overall'][c]['normalized'])}**" for c in labels) + " |"
+        )
     cols = ["constant", "individual", *labels]
     index = {(r["combination"], r["task"], r["column"]): r for r in data["results"]}
-    lines += ["", "## Scores per task (x100)", "",
-              "Constant: the best constant prediction on the same examples (majority class, or the label mean), "
-              "what a model that learned nothing scores.", "",
-              "| tasks | task | metrics | " + " | ".join(cols) + " |", "|---|---|---|" + "---:|" * len(cols)]
+    lines += [
+        "",
+        "## Scores per task (x100)",
+        "",
+        "Constant: the best constant prediction on the same examples (majority class, or the label mean), "
+        "what a model that learned nothing scores.",
+        "",
+        "| tasks | task | metrics | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---:|" * len(cols),
+    ]
     for combo in data["summary"]:
         for t in dict.fromkeys(r["task"] for r in data["results"] if r["combination"] == combo):
             metrics = ", ".join(index[(combo, t, "individual")]["metrics"])
-            lines.append(f"| {combo} | {t} | {metrics} | "
-                         + " | ".join(_pct((index.get((combo, t, c)) or {}).get("score")) for c in cols) + " |")
+            lines.append(
+                f"| {combo} | {t} | {metrics} | "
+                + " | ".join(_pct((index.get((combo, t, c)) or {}).get("score")) for c in cols)
+                + " |"
+            )
     mse = [r for r in data["results"] if r.get("mse") is not None]
     if mse:
-        lines += ["", "## Mean squared error of the regression tasks (correlations ignore scale)", "",
-                  "| tasks | task | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+        lines += [
+            "",
+            "## Mean squared error of the regression tasks (correlations ignore scale)",
+            "",
+            "| tasks | task | " + " | ".join(cols) + " |",
+            "|---|---|" + "---:|" * len(cols),
+        ]
         for combo, t in dict.fromkeys((r["combination"], r["task"]) for r in mse):
-            lines.append(f"| {combo} | {t} | " + " | ".join(
-                "–" if (index.get((combo, t, c)) or {}).get("mse") is None else f"{index[(combo, t, c)]['mse']:.3f}"
-                for c in cols) + " |")
+            lines.append(
+                f"| {combo} | {t} | "
+                + " | ".join(
+                    "–" if (index.get((combo, t, c)) or {}).get("mse") is None else f"{index[(combo, t, c)]['mse']:.3f}"
+                    for c in cols
+                )
+                + " |"
+            )
     if data.get("flags"):
         lines += ["", "## Flags", "", *[f"- {f}" for f in data["flags"]]]
     loads = any(c.get("load") is not None for c in data["stages"])
-    lines += ["", "## Cost per stage", "",
-              "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items())
-              + "; CPU time (all threads): " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cpu_s"].items())
-              + ". On shared cores wall time grows, and CPU time too (threads waiting for a core spin)"
-              + ("; load: the 1-minute load average when the stage ended / the machine's cores." if loads else "."),
-              "", "| stage | wall s | CPU s |" + (" load |" if loads else "") + " where |",
-              "|---|---:|---:|" + ("---:|" if loads else "") + "---|"]
+    lines += [
+        "",
+        "## Cost per stage",
+        "",
+        "Wall time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items())
+        + "; CPU time (all threads): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in data["cpu_s"].items())
+        + ". On shared cores wall time grows, and CPU time too (threads waiting for a core spin)"
+        + ("; load: the 1-minute load average when the stage ended / the machine's cores." if loads else "."),
+        "",
+        "| stage | wall s | CPU s | peak memory MB |" + (" load |" if loads else "") + " where |",
+        "|---|---:|---:|---:|" + ("---:|" if loads else "") + "---|",
+    ]
     for c in data["stages"]:
         launch = c.get("launch")
-        where = (f"{launch['devices']} device(s) x {launch['num_nodes']} node(s), {launch['accelerator']}, "
-                 f"{launch['strategy']}") if launch else "one process"
-        wall, cpu, load = ("–" if c.get(k) is None else f"{c[k]:.1f}" for k in ("wall_s", "cpu_s", "load"))
+        where = (
+            (
+                f"{launch['devices']} device(s) x {launch['num_nodes']} node(s), {launch['accelerator']}, "
+                f"{launch['strategy']}"
+            )
+            if launch
+            else "one process"
+        )
+        wall, cpu, load, peak = (
+            "–" if c.get(k) is None else f"{c[k]:.1f}" for k in ("wall_s", "cpu_s", "load", "peak_rss_mb")
+        )
         load = f" {load} / {c.get('cpus') or '?'} |" if loads else ""
-        lines.append(f"| {c['stage']} | {wall} | {cpu} |{load} {where} |")
-    lines += ["", "Plots: `plots/normalized.png`, `plots/scores-<tasks>.png`, `plots/cost.png`. Each merge's own "
-              "report: `merges/<tasks>/<label>/report.md`."]
+        lines.append(f"| {c['stage']} | {wall} | {cpu} | {peak} |{load} {where} |")
+    lines += [
+        "",
+        "Plots: `plots/normalized.png`, `plots/scores-<tasks>.png`, `plots/cost.png`. Each merge's own "
+        "report: `merges/<tasks>/<label>/report.md`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -1117,8 +1289,9 @@ def _bars(ax: Any, groups: list[str], series: dict[str, list[Optional[float]]], 
         ax.bar(xs, [0 if v is None else 100 * v for v in values], width, label=name)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small", ncols=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.12),
-              frameon=False)
+    ax.legend(
+        fontsize="small", ncols=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False
+    )
 
 
 def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
@@ -1132,8 +1305,10 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
     combos = list(data["summary"])
     many = len(combos) > 1
     groups = combos + (["mean"] if many else [])
-    series = {c: [data["summary"][g][c]["normalized"] for g in combos] + ([data["overall"][c]["normalized"]] if many else [])
-              for c in labels}
+    series = {
+        c: [data["summary"][g][c]["normalized"] for g in combos] + ([data["overall"][c]["normalized"]] if many else [])
+        for c in labels
+    }
     fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(groups) * len(labels), 3.8))
     _bars(ax, groups, series, "merged / individual (%)")
     ax.axhline(100, color="black", linewidth=0.6, linestyle="--")
@@ -1154,15 +1329,28 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
         colors = {"fit": "tab:blue", "fisher": "tab:orange", "merge": "tab:green"}
         fig, ax = plt.subplots(figsize=(7, 1.4 + 0.26 * len(costs)))
         ys = range(len(costs))
-        ax.barh([y + 0.2 for y in ys], [c["wall_s"] for c in costs], 0.4, label="wall",
-                color=[colors.get(c["kind"], "tab:gray") for c in costs])
-        ax.barh([y - 0.2 for y in ys], [c["cpu_s"] or 0 for c in costs], 0.4, label="CPU (hatched)", hatch="///",
-                color="white", edgecolor=[colors.get(c["kind"], "tab:gray") for c in costs])
+        ax.barh(
+            [y + 0.2 for y in ys],
+            [c["wall_s"] for c in costs],
+            0.4,
+            label="wall",
+            color=[colors.get(c["kind"], "tab:gray") for c in costs],
+        )
+        ax.barh(
+            [y - 0.2 for y in ys],
+            [c["cpu_s"] or 0 for c in costs],
+            0.4,
+            label="CPU (hatched)",
+            hatch="///",
+            color="white",
+            edgecolor=[colors.get(c["kind"], "tab:gray") for c in costs],
+        )
         ax.set_yticks(list(ys), [c["stage"] for c in costs], fontsize=7)
         ax.set_xlabel("seconds")
         ax.legend(fontsize="small", loc="lower right")
-        ax.set_title("Cost per stage, wall: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items()),
-                     fontsize="medium")
+        ax.set_title(
+            "Cost per stage, wall: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items()), fontsize="medium"
+        )
         paths.append(_save(fig, folder / "cost.png"))
     return paths
 
@@ -1212,8 +1400,8 @@ def check_args(stage: Stage) -> Optional[str]:
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             if stage.kind == "fit":
-                from fmn_pl.fit import FmnCLI
                 from fmn_pl.data import GLUEDataModule
+                from fmn_pl.fit import FmnCLI
                 from fmn_pl.module import GLUETransformer
 
                 class Parse(FmnCLI):  # parse only: no seed set, no model loaded
@@ -1224,8 +1412,13 @@ def check_args(stage: Stage) -> Optional[str]:
                         pass
 
                 conf = next(iter(stage.files.values()))  # the generated config, not yet written
-                Parse(GLUETransformer, GLUEDataModule, args=["--config", conf, *argv[2:]], run=False,
-                      seed_everything_default=False)
+                Parse(
+                    GLUETransformer,
+                    GLUEDataModule,
+                    args=["--config", conf, *argv[2:]],
+                    run=False,
+                    seed_everything_default=False,
+                )
             elif stage.kind == "merge":
                 from fmn_pl.merge import build_parser, normalize_argv
 
@@ -1254,8 +1447,9 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> list[st
     problems, notes = check_source("model", cfg.model, lambda root: [root / "config.json"])
     for t in cfg.tasks:
         spec = get_task(t)
-        p, n = check_source(f"data of {t}", cfg.data_dir,
-                            lambda root: [split_file(root, spec, s) for s in ("train", *spec.eval_splits)])
+        p, n = check_source(
+            f"data of {t}", cfg.data_dir, lambda root: [split_file(root, spec, s) for s in ("train", *spec.eval_splits)]
+        )
         problems += p
         notes += n if t == cfg.tasks[0] else []
     ids, done = Identities(), {}
@@ -1280,8 +1474,10 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> list[st
         echo(f"note: {note}")
     for problem in problems:
         echo(f"problem: {problem}")
-    echo(f"dry run: {len(stages)} stages ({', '.join(f'{v} {k}' for k, v in counts.items())}), "
-         f"{len(problems)} problem(s); nothing was computed or written")
+    echo(
+        f"dry run: {len(stages)} stages ({', '.join(f'{v} {k}' for k, v in counts.items())}), "
+        f"{len(problems)} problem(s); nothing was computed or written"
+    )
     return problems
 
 
@@ -1322,6 +1518,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str] | list[str]:
     if is_global_zero():
         ran = sum(v == "ran" for v in status.values())
         report = f"; report: {out / 'report.md'}" if (out / "report.md").is_file() else ""
-        print(f"pipeline: {ran} stage(s) ran, {sum(v == 'skipped' for v in status.values())} up to date, "
-              f"{time.perf_counter() - start:.1f} s{report}")
+        print(
+            f"pipeline: {ran} stage(s) ran, {sum(v == 'skipped' for v in status.values())} up to date, "
+            f"{time.perf_counter() - start:.1f} s{report}"
+        )
     return status

@@ -30,23 +30,34 @@ def normalized(score: float | None, reference: float | None) -> float | None:
     return score / reference
 
 
-def task_result(merged: dict[str, float] | None, individual: dict[str, float] | None,
-                average: dict[str, float] | None, baseline: dict[str, float] | None = None,
-                examples: int | None = None) -> dict[str, Any]:
+def task_result(
+    merged: dict[str, float] | None,
+    individual: dict[str, float] | None,
+    average: dict[str, float] | None,
+    baseline: dict[str, float] | None = None,
+    examples: int | None = None,
+) -> dict[str, Any]:
     """One task's entry of `results`, with the constant-prediction `baseline` on the same `examples` and the
     competence flags they raise (`flags`)."""
     score = lambda m: None if m is None else m.get("score")  # noqa: E731
     entry = {
-        "merged": merged, "individual": individual, "average": average,
+        "merged": merged,
+        "individual": individual,
+        "average": average,
         "normalized": normalized(score(merged), score(individual)),
         "normalized_average": normalized(score(average), score(individual)),
     }
     if baseline is not None:
         b = score(baseline)
-        entry |= {"baseline": baseline, "examples": examples,
-                  "above_baseline": normalized(None if score(merged) is None else score(merged) - b,
-                                               None if score(individual) is None else score(individual) - b),
-                  "flags": competence_flags(entry, baseline, examples)}
+        entry |= {
+            "baseline": baseline,
+            "examples": examples,
+            "above_baseline": normalized(
+                None if score(merged) is None else score(merged) - b,
+                None if score(individual) is None else score(individual) - b,
+            ),
+            "flags": competence_flags(entry, baseline, examples),
+        }
     return entry
 
 
@@ -60,12 +71,16 @@ def competence_flags(entry: dict[str, Any], baseline: dict[str, float], examples
         if not m or m.get("score") is None:
             continue
         if m["score"] - baseline["score"] < margin:
-            flags.append(f"{which} scores {100 * m['score']:.1f}, not clearly above the constant prediction's "
-                         f"{100 * baseline['score']:.1f} (noise margin {100 * margin:.1f} on {examples} examples)")
+            flags.append(
+                f"{which} scores {100 * m['score']:.1f}, not clearly above the constant prediction's "
+                f"{100 * baseline['score']:.1f} (noise margin {100 * margin:.1f} on {examples} examples)"
+            )
         if "mse" in m and "mse" in baseline and m["mse"] > baseline["mse"]:
-            flags.append(f"{which} is off scale: mean squared error {m['mse']:.2f} above the constant prediction's "
-                         f"{baseline['mse']:.2f} (predictions {m['pred_mean']:.2f} +- {m['pred_std']:.2f}, labels "
-                         f"{m['label_mean']:.2f} +- {m['label_std']:.2f})")
+            flags.append(
+                f"{which} is off scale: mean squared error {m['mse']:.2f} above the constant prediction's "
+                f"{baseline['mse']:.2f} (predictions {m['pred_mean']:.2f} +- {m['pred_std']:.2f}, labels "
+                f"{m['label_mean']:.2f} +- {m['label_std']:.2f})"
+            )
     return flags
 
 
@@ -92,16 +107,25 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per task: method, task, metric names, the three scores and both normalized scores."""
     out = []
     for task, r in report.get("results", {}).items():
-        metrics = [k for k in (r.get("merged") or r.get("individual") or {})
-                   if not k.endswith("score") and k.rpartition("/")[2] not in SCALE_METRICS]
-        out.append({
-            "method": report.get("method"), "label": report.get("label") or report.get("method"), "task": task,
-            "metrics": metrics,
-            **{k: (r.get(k) or {}).get("score") for k in ("baseline", "individual", "average", "merged")},
-            "mse": {k: (r.get(k) or {}).get("mse") for k in ("baseline", "individual", "average", "merged")},
-            "normalized": r.get("normalized"), "normalized_average": r.get("normalized_average"),
-            "above_baseline": r.get("above_baseline"), "flags": r.get("flags", []),
-        })
+        metrics = [
+            k
+            for k in (r.get("merged") or r.get("individual") or {})
+            if not k.endswith("score") and k.rpartition("/")[2] not in SCALE_METRICS
+        ]
+        out.append(
+            {
+                "method": report.get("method"),
+                "label": report.get("label") or report.get("method"),
+                "task": task,
+                "metrics": metrics,
+                **{k: (r.get(k) or {}).get("score") for k in ("baseline", "individual", "average", "merged")},
+                "mse": {k: (r.get(k) or {}).get("mse") for k in ("baseline", "individual", "average", "merged")},
+                "normalized": r.get("normalized"),
+                "normalized_average": r.get("normalized_average"),
+                "above_baseline": r.get("above_baseline"),
+                "flags": r.get("flags", []),
+            }
+        )
     return out
 
 
@@ -113,59 +137,96 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: a table of scores (x100) per task plus a mean row, then method and timings."""
     label = report.get("label") or report.get("method")
     lines = [f"# Merge report: {label}", ""]
-    lines.append(f"Tasks: {', '.join(report.get('tasks', []))}. Method `{report.get('method')}` with options "
-                 f"`{json.dumps(report.get('options', {}), sort_keys=True)}`.")
+    lines.append(
+        f"Tasks: {', '.join(report.get('tasks', []))}. Method `{report.get('method')}` with options "
+        f"`{json.dumps(report.get('options', {}), sort_keys=True)}`."
+    )
     ev = report.get("evaluation")
     if ev:
         cap = ev.get("max_samples")
-        lines.append(f"Scored on the `{ev.get('split')}` split ({'all examples' if cap is None else f'at most {cap} examples'}"
-                     f" per task); score = mean of the task's metrics, x100; normalized = merged / individual (%).")
+        lines.append(
+            f"Scored on the `{ev.get('split')}` split ({'all examples' if cap is None else f'at most {cap} examples'}"
+            f" per task); score = mean of the task's metrics, x100; normalized = merged / individual (%)."
+        )
     own = report.get("own_tensors")
     if own:
-        lines.append(f"Not merged: each task keeps its own {len(own['tensors'])} tensors ({own['parameters']:,} parameters) "
-                     f"matching {', '.join(f'`{p}`' for p in own['patterns'])}, and so does the plain average.")
+        lines.append(
+            f"Not merged: each task keeps its own {len(own['tensors'])} tensors ({own['parameters']:,} parameters) "
+            f"matching {', '.join(f'`{p}`' for p in own['patterns'])}, and so does the plain average."
+        )
     sel = report.get("selection")
     if sel and sel.get("evaluations"):
-        chosen = [f"{k.rsplit('_', 1)[0]} {k.rsplit('_', 1)[1]} {v['chosen']} (of {v['grid']})"  # e.g. fmn_power
-                  + (f", by {v['objective']}" if v.get("objective") else "")
-                  for k, v in (report.get("notes") or {}).items()
-                  if k.endswith(("_scaling", "_power", "_normalize")) and isinstance(v, dict) and "chosen" in v]
-        lines.append(f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations)"
-                     + (f": {', '.join(chosen)}." if chosen else "."))
+        chosen = [
+            f"{k.rsplit('_', 1)[0]} {k.rsplit('_', 1)[1]} {v['chosen']} (of {v['grid']})"  # e.g. fmn_power
+            + (f", by {v['objective']}" if v.get("objective") else "")
+            for k, v in (report.get("notes") or {}).items()
+            if k.endswith(("_scaling", "_power", "_normalize")) and isinstance(v, dict) and "chosen" in v
+        ]
+        lines.append(
+            f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations)"
+            + (f": {', '.join(chosen)}." if chosen else ".")
+        )
     if sel and sel.get("adapted"):
-        lines.append(f"Coefficients adapted on the unlabeled inputs of the `{sel.get('split')}` split"
-                     + (" (transductive: the examples scored below)." if sel.get("transductive") else "."))
+        lines.append(
+            f"Coefficients adapted on the unlabeled inputs of the `{sel.get('split')}` split"
+            + (" (transductive: the examples scored below)." if sel.get("transductive") else ".")
+        )
     lines += [f"- {r}" for r in report.get("remarks", [])]
     lines.append("")
     table = rows(report)
     if table:
-        lines += [f"| task | metrics | constant | individual | average | {label} | {label} / individual | "
-                  "average / individual | above constant |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"| task | metrics | constant | individual | average | {label} | {label} / individual | "
+            "average / individual | above constant |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in table:
-            lines.append(f"| {r['task']} | {', '.join(r['metrics'])} | {_fmt(r['baseline'])} | {_fmt(r['individual'])} | "
-                         f"{_fmt(r['average'])} | {_fmt(r['merged'])} | {_fmt(r['normalized'])} | "
-                         f"{_fmt(r['normalized_average'])} | {_fmt(r['above_baseline'])} |")
+            lines.append(
+                f"| {r['task']} | {', '.join(r['metrics'])} | {_fmt(r['baseline'])} | {_fmt(r['individual'])} | "
+                f"{_fmt(r['average'])} | {_fmt(r['merged'])} | {_fmt(r['normalized'])} | "
+                f"{_fmt(r['normalized_average'])} | {_fmt(r['above_baseline'])} |"
+            )
         s = report.get("summary", {})
-        lines.append(f"| **mean** | | {_fmt(s.get('baseline_score'))} | {_fmt(s.get('individual_score'))} | "
-                     f"{_fmt(s.get('average_score'))} | {_fmt(s.get('merged_score'))} | {_fmt(s.get('normalized'))} | "
-                     f"{_fmt(s.get('normalized_average'))} | {_fmt(s.get('above_baseline'))} |")
-        lines += ["", "Constant: the best constant prediction on the same examples (the majority class, or the "
-                  "label mean for regression), the score a model that learned nothing reaches. Above constant: "
-                  f"({label} - constant) / (individual - constant), the share of what the model learned that the "
-                  "merge keeps."]
+        lines.append(
+            f"| **mean** | | {_fmt(s.get('baseline_score'))} | {_fmt(s.get('individual_score'))} | "
+            f"{_fmt(s.get('average_score'))} | {_fmt(s.get('merged_score'))} | {_fmt(s.get('normalized'))} | "
+            f"{_fmt(s.get('normalized_average'))} | {_fmt(s.get('above_baseline'))} |"
+        )
+        lines += [
+            "",
+            "Constant: the best constant prediction on the same examples (the majority class, or the "
+            "label mean for regression), the score a model that learned nothing reaches. Above constant: "
+            f"({label} - constant) / (individual - constant), the share of what the model learned that the "
+            "merge keeps.",
+        ]
         for r in table:
             mse = r["mse"]
             if mse.get("individual") is not None:
-                lines.append(f"- {r['task']}: mean squared error " + ", ".join(
-                    f"{k} {v:.3f}" for k, v in (("constant", mse["baseline"]), ("individual", mse["individual"]),
-                                                ("average", mse["average"]), (label, mse["merged"])) if v is not None))
+                lines.append(
+                    f"- {r['task']}: mean squared error "
+                    + ", ".join(
+                        f"{k} {v:.3f}"
+                        for k, v in (
+                            ("constant", mse["baseline"]),
+                            ("individual", mse["individual"]),
+                            ("average", mse["average"]),
+                            (label, mse["merged"]),
+                        )
+                        if v is not None
+                    )
+                )
             lines += [f"- **{r['task']}: {flag}**" for flag in r["flags"]]
     else:
         lines.append("Not evaluated.")
     t = report.get("timings", {})
     if t:
-        lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, (int, float)))
-                  + (f"; peak RSS {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else "") + "."]
+        lines += [
+            "",
+            "Timings: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, (int, float)))
+            + (f"; peak RSS {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else "")
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -35,9 +35,13 @@ class GlueTask:
 TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in (
-        GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews",), "matthews", "CoLA", max_length=64),
+        GlueTask(
+            "cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews",), "matthews", "CoLA", max_length=64
+        ),
         GlueTask("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy", "SST-2", max_length=64),
-        GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"), "f1", "MRPC"),
+        GlueTask(
+            "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"), "f1", "MRPC"
+        ),
         GlueTask("stsb", ("sentence1", "sentence2"), (), ("pearson", "spearman"), "pearson", "STS-B"),
         GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy"), "f1", "QQP"),
         GlueTask(

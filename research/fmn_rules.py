@@ -8,9 +8,10 @@ FMN's defaults choose p (`powers`) and s (`scalings`) per merge on the held-out 
 objective (`mean` or `worst_gain`). Instead of running each rule as its own merge
 (`research/fmn_study.py` does that, one grid row per rule), this scores each candidate body
 theta0 + s (FMN_{normalize, p} - theta0) of every pair once, on the selection split (holdout) and on
-validation, with the plain average and the individual checkpoints, and then lets each rule choose by its objective among the stored holdout
-scores (`rank`, the criterion `fmn merge` itself uses). The rule's chosen cell per pair is exactly what the merge
-with those options returns; its validation gain over the average is what we report.
+validation, with the plain average and the individual checkpoints, and then lets each rule choose by its
+objective among the stored holdout scores (`rank`, the criterion `fmn merge` itself uses). The rule's chosen
+cell per pair is exactly what the merge with those options returns; its validation gain over the average is
+what we report.
 
 Inputs: <checkpoints_dir>/<task>/ with `data.holdout_samples` > 0 and mask_fisher.safetensors beside it
 (`fmn-pl fisher --checkpoint <dir>`). Outputs in <out>: cells/<pair>__<candidate>.json (one per scored body:
@@ -56,6 +57,7 @@ def candidate(p: float, s: float, normalize: str = "none") -> str:
 def rules(normalizes: list[str], powers: list[float], scalings: list[float]) -> list[dict[str, Any]]:
     """The rules compared, by each objective: every normalization with every power (FMN's grid), then subsets
     (each normalization alone; each power alone, and each nonzero power with 0); a candidate set once."""
+
     def braces(xs: list) -> str:
         return "{" + ", ".join(f"{x:g}" if isinstance(x, float) else x for x in xs) + "}"
 
@@ -70,35 +72,62 @@ def rules(normalizes: list[str], powers: list[float], scalings: list[float]) -> 
                 continue
             seen.add(tuple(cands))
             name = ("" if ns == ["none"] or not any(ps) else f"normalize {braces(ns)}, ") + (
-                f"p {ps[0]:g} alone" if len(ps) == 1 else f"p from {braces(ps)}")
-            options = {"normalize": ns[0] if len(ns) == 1 else None, "normalizes": ns,
-                       "power": ps[0] if len(ps) == 1 else None, "powers": ps}
-            out += [{"label": f"{name}, s by {objective}", "candidates": cands, "objective": objective,
-                     "options": {**options, "objective": objective}} for objective in ("mean", "worst_gain")]
+                f"p {ps[0]:g} alone" if len(ps) == 1 else f"p from {braces(ps)}"
+            )
+            options = {
+                "normalize": ns[0] if len(ns) == 1 else None,
+                "normalizes": ns,
+                "power": ps[0] if len(ps) == 1 else None,
+                "powers": ps,
+            }
+            out += [
+                {
+                    "label": f"{name}, s by {objective}",
+                    "candidates": cands,
+                    "objective": objective,
+                    "options": {**options, "objective": objective},
+                }
+                for objective in ("mean", "worst_gain")
+            ]
     return out
 
 
-def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+def score_cells(
+    args: argparse.Namespace, pairs: list[tuple[str, str]]
+) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
     """{(pair or task, candidate | 'average' | 'individual'): {task: {split: points}}}, cached per cell."""
     root = Path(args.checkpoints_dir)
     cache = Path(args.out) / "cells"
     cache.mkdir(parents=True, exist_ok=True)
-    settings = {"checkpoints_dir": str(root.resolve()), "data_dir": args.data_dir, "own_tensors": args.own_tensors,
-                "max_eval_samples": args.max_eval_samples,
-                # a checkpoint fine-tuned or a Fisher computed again makes every cached cell stale
-                "weights": {t: weights_fingerprint(root / t) for t in args.tasks},
-                "mask_fisher": {t: hashlib.sha256(artifact_path(root / t, "mask_fisher").read_bytes()).hexdigest()[:16]
-                                for t in args.tasks}}
+    settings = {
+        "checkpoints_dir": str(root.resolve()),
+        "data_dir": args.data_dir,
+        "own_tensors": args.own_tensors,
+        "max_eval_samples": args.max_eval_samples,
+        # a checkpoint fine-tuned or a Fisher computed again makes every cached cell stale
+        "weights": {t: weights_fingerprint(root / t) for t in args.tasks},
+        "mask_fisher": {
+            t: hashlib.sha256(artifact_path(root / t, "mask_fisher").read_bytes()).hexdigest()[:16] for t in args.tasks
+        },
+    }
     stored = Path(args.out) / "settings.json"
     old = json.loads(stored.read_text()) if stored.is_file() else settings
     if old != settings:
         changed = sorted(k for k in settings if old.get(k) != settings[k])
-        raise SystemExit(f"fmn_rules: {stored} holds cells of other settings ({', '.join(changed)} differ); "
-                         "use another --out")
+        raise SystemExit(
+            f"fmn_rules: {stored} holds cells of other settings ({', '.join(changed)} differ); use another --out"
+        )
     write_json(stored, settings)
     ckpts = [root / t for t in args.tasks]
-    ev = {split: Evaluator(ckpts, EvalData(args.data_dir, split, args.max_eval_samples if split == "validation" else None,
-                                           args.batch_size), args.accelerator, progress=False) for split in SPLITS}
+    ev = {
+        split: Evaluator(
+            ckpts,
+            EvalData(args.data_dir, split, args.max_eval_samples if split == "validation" else None, args.batch_size),
+            args.accelerator,
+            progress=False,
+        )
+        for split in SPLITS
+    }
     cells = {}
 
     def cell(combo: tuple[str, ...], name: str, body: Callable[[], dict | None]) -> None:
@@ -106,8 +135,10 @@ def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[
         if not path.is_file():
             t0 = time.time()
             merged = body()
-            scores = {t: {split: 100 * e.evaluate(args.tasks.index(t), body=merged)["score"] for split, e in ev.items()}
-                      for t in combo}
+            scores = {
+                t: {split: 100 * e.evaluate(args.tasks.index(t), body=merged)["score"] for split, e in ev.items()}
+                for t in combo
+            }
             write_json(path, {"scores": scores, "seconds": time.time() - t0})
             print(f"fmn_rules: {'+'.join(combo)} {name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         cells[("+".join(combo), name)] = json.loads(path.read_text())["scores"]
@@ -120,14 +151,23 @@ def score_cells(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> dict[
         cell(pair, "average", lambda: merge_body(cks, Average(), selection=ev["holdout"], own_tensors=own))
         for n, p in weightings(args.normalizes, args.powers):
             for s in args.scalings:
-                cell(pair, candidate(p, s, n), lambda n=n, p=p, s=s: merge_body(
-                    cks, FMN(normalize=n, power=p, scaling=s), selection=ev["holdout"], log=lambda msg: None,
-                    own_tensors=own))
+                cell(
+                    pair,
+                    candidate(p, s, n),
+                    lambda n=n, p=p, s=s: merge_body(
+                        cks,
+                        FMN(normalize=n, power=p, scaling=s),
+                        selection=ev["holdout"],
+                        log=lambda msg: None,
+                        own_tensors=own,
+                    ),
+                )
     return cells
 
 
 def compare(cells: dict, pairs: list[str], rule: dict[str, Any], choose_on: str = "holdout") -> dict[str, Any]:
     """One rule's choice per pair (on `choose_on`) and the gains over the average of the chosen body, per split."""
+
     def scores(pair: str, name: str) -> dict[str, float]:
         return {t: v[choose_on] for t, v in cells[(pair, name)].items()}
 
@@ -141,31 +181,51 @@ def compare(cells: dict, pairs: list[str], rule: dict[str, Any], choose_on: str 
         chosen[pair] = best
         for split in SPLITS:
             gains[split] += [cells[(pair, best)][t][split] - avg[t][split] for t in avg]
-    summary = {split: {"mean_gain": sum(g) / len(g), "wins": sum(x > 0 for x in g), "losses": sum(x < 0 for x in g),
-                       "cells": len(g)} for split, g in gains.items()}
+    summary = {
+        split: {
+            "mean_gain": sum(g) / len(g),
+            "wins": sum(x > 0 for x in g),
+            "losses": sum(x < 0 for x in g),
+            "cells": len(g),
+        }
+        for split, g in gains.items()
+    }
     return {**rule, "chosen": chosen, "gains": gains, "summary": summary}
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# FMN selection rules on {', '.join(report['tasks'])}", "",
-             f"Checkpoints: `{report['checkpoints_dir']}`"
-             + (f" (each task keeps its own {report['own_tensors']})" if report["own_tensors"] else "")
-             + f"; validation capped at {report['max_eval_samples']} examples per "
-             f"task; choices on the {report['choose_on']} split; gain = merged - plain average, points; wins (losses) of the "
-             f"{report['rules'][0]['summary']['validation']['cells']} (pair, task) cells.", "",
-             "| rule | validation gain | wins (losses) | holdout gain | wins (losses) |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"# FMN selection rules on {', '.join(report['tasks'])}",
+        "",
+        f"Checkpoints: `{report['checkpoints_dir']}`"
+        + (f" (each task keeps its own {report['own_tensors']})" if report["own_tensors"] else "")
+        + f"; validation capped at {report['max_eval_samples']} examples per "
+        f"task; choices on the {report['choose_on']} split; gain = merged - plain average, points; "
+        "wins (losses) of the "
+        f"{report['rules'][0]['summary']['validation']['cells']} (pair, task) cells.",
+        "",
+        "| rule | validation gain | wins (losses) | holdout gain | wins (losses) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in report["rules"]:
         v, h = r["summary"]["validation"], r["summary"]["holdout"]
-        lines.append(f"| {r['label']} | {v['mean_gain']:+.2f} | {v['wins']} ({v['losses']}) | {h['mean_gain']:+.2f} | "
-                     f"{h['wins']} ({h['losses']}) |")
+        lines.append(
+            f"| {r['label']} | {v['mean_gain']:+.2f} | {v['wins']} ({v['losses']}) | {h['mean_gain']:+.2f} | "
+            f"{h['wins']} ({h['losses']}) |"
+        )
     first = report["rules"][0]
-    lines += ["", f"Chosen per pair by `{first['label']}`: "
-              + ", ".join(f"{pair} {c}" for pair, c in first["chosen"].items()), ""]
+    lines += [
+        "",
+        f"Chosen per pair by `{first['label']}`: " + ", ".join(f"{pair} {c}" for pair, c in first["chosen"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--checkpoints_dir", required=True, help="folder with one fine-tuned checkpoint per task")
     ap.add_argument("--tasks", nargs="+", required=True)
     ap.add_argument("--out", required=True, help="output folder (cells/ cache, rules.json, rules.md)")
@@ -173,17 +233,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--normalizes", nargs="+", default=NORMALIZES, help="FMN normalizations the candidates use")
     ap.add_argument("--powers", type=float, nargs="+", default=POWERS)
     ap.add_argument("--scalings", type=float, nargs="+", default=SCALINGS)
-    ap.add_argument("--pairs", nargs="+", default=None,
-                    help="score only these pairs, e.g. rte+cola (default: every pair of --tasks; two processes "
-                         "with disjoint --pairs can share one --out)")
+    ap.add_argument(
+        "--pairs",
+        nargs="+",
+        default=None,
+        help="score only these pairs, e.g. rte+cola (default: every pair of --tasks; two processes "
+        "with disjoint --pairs can share one --out)",
+    )
     ap.add_argument("--max_eval_samples", type=int, default=500, help="validation cap per task (holdout: all rows)")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--choose_on", choices=SPLITS, default="holdout",
-                    help="the split rules choose on (validation: the swapped estimate, to rules.choose_on_validation.*)")
-    ap.add_argument("--own_tensors", nargs="*", default=[],
-                    help="glob patterns of body tensors each task keeps (e.g. '*.pooler.*'), the average too")
+    ap.add_argument(
+        "--choose_on",
+        choices=SPLITS,
+        default="holdout",
+        help="the split rules choose on (validation: the swapped estimate, to rules.choose_on_validation.*)",
+    )
+    ap.add_argument(
+        "--own_tensors",
+        nargs="*",
+        default=[],
+        help="glob patterns of body tensors each task keeps (e.g. '*.pooler.*'), the average too",
+    )
     return ap.parse_args(argv)
 
 
@@ -198,16 +270,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.pairs:
         unknown = sorted(set(args.pairs) - {"+".join(p) for p in pairs})
         if unknown:
-            raise SystemExit(f"fmn_rules: --pairs {unknown} are not pairs of --tasks in their order, "
-                             f"e.g. {'+'.join(pairs[0])}")
+            raise SystemExit(
+                f"fmn_rules: --pairs {unknown} are not pairs of --tasks in their order, e.g. {'+'.join(pairs[0])}"
+            )
         pairs = [p for p in pairs if "+".join(p) in args.pairs]
     cells = score_cells(args, pairs)
     names = ["+".join(p) for p in pairs]
-    report = {"checkpoints_dir": args.checkpoints_dir, "tasks": args.tasks, "max_eval_samples": args.max_eval_samples,
-              "own_tensors": args.own_tensors, "choose_on": args.choose_on,
-              "normalizes": args.normalizes, "powers": args.powers, "scalings": args.scalings,
-              "rules": [compare(cells, names, r, args.choose_on) for r in rules(args.normalizes, args.powers, args.scalings)],
-              "individual": {t: cells[(t, "individual")][t] for t in args.tasks}}
+    report = {
+        "checkpoints_dir": args.checkpoints_dir,
+        "tasks": args.tasks,
+        "max_eval_samples": args.max_eval_samples,
+        "own_tensors": args.own_tensors,
+        "choose_on": args.choose_on,
+        "normalizes": args.normalizes,
+        "powers": args.powers,
+        "scalings": args.scalings,
+        "rules": [compare(cells, names, r, args.choose_on) for r in rules(args.normalizes, args.powers, args.scalings)],
+        "individual": {t: cells[(t, "individual")][t] for t in args.tasks},
+    }
     out = Path(args.out)
     stem = "rules" if args.choose_on == "holdout" else f"rules.choose_on_{args.choose_on}"
     write_json(out / f"{stem}.json", report)

@@ -68,10 +68,20 @@ DEFAULT_GRID: dict[str, Any] = {
     # Merges: label, registered method, its options, and `artifact` (a variant of the kind the method needs;
     # default: the first of that kind). Options not given take the method's defaults (recorded resolved).
     "merges": [
-        *({"label": f"fmn {n}/{b}", "method": "fmn", "options": {**REFERENCE, "normalize": n, "broadcast": b},
-           "artifact": "n512"} for b in ("reference", "per_node") for n in ("none", "mean", "type", "layer")),
-        *({"label": f"fmn defaults [{v}]", "method": "fmn", "options": {}, "artifact": v}
-          for v in ("n512", "n128", "n2048", "per_batch", "sampled", "expected")),
+        *(
+            {
+                "label": f"fmn {n}/{b}",
+                "method": "fmn",
+                "options": {**REFERENCE, "normalize": n, "broadcast": b},
+                "artifact": "n512",
+            }
+            for b in ("reference", "per_node")
+            for n in ("none", "mean", "type", "layer")
+        ),
+        *(
+            {"label": f"fmn defaults [{v}]", "method": "fmn", "options": {}, "artifact": v}
+            for v in ("n512", "n128", "n2048", "per_batch", "sampled", "expected")
+        ),
         {"label": "task_arithmetic", "method": "task_arithmetic", "options": {"scaling": None}},
         {"label": "ties", "method": "ties", "options": {"scaling": None}},
         {"label": "fisher", "method": "fisher", "options": {}, "artifact": "full256"},
@@ -97,8 +107,9 @@ def load_grid(path: str | None, full_fisher_examples: int | None) -> dict[str, A
     grid = json.loads(json.dumps(DEFAULT_GRID))
     if path:
         given = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(given, dict) or (bad := set(given) - set(grid)):
-            raise ValueError(f"{path}: expected a mapping with keys among {sorted(grid)}, got {sorted(given) if isinstance(given, dict) else type(given).__name__}")
+        if not isinstance(given, dict) or set(given) - set(grid):
+            got = sorted(given) if isinstance(given, dict) else type(given).__name__
+            raise ValueError(f"{path}: expected a mapping with keys among {sorted(grid)}, got {got}")
         grid.update(given)
     if full_fisher_examples is not None:
         grid["full_fisher"] = {f"full{full_fisher_examples}": {"num_examples": full_fisher_examples}}
@@ -118,14 +129,20 @@ def check_grid(grid: dict[str, Any]) -> list[dict[str, Any]]:
     for j, m in enumerate(grid["merges"]):
         label = m.get("label")
         if not label or label in labels or label in BASELINES:
-            raise ValueError(f"grid merges[{j}]: label {label!r} is missing, repeated or reserved ({', '.join(BASELINES)})")
+            raise ValueError(
+                f"grid merges[{j}]: label {label!r} is missing, repeated or reserved ({', '.join(BASELINES)})"
+            )
         labels.add(label)
         if m.get("method") not in METHODS:
-            raise ValueError(f"grid merge {label!r}: unknown method {m.get('method')!r}; expected one of {', '.join(METHODS)}")
+            raise ValueError(
+                f"grid merge {label!r}: unknown method {m.get('method')!r}; expected one of {', '.join(METHODS)}"
+            )
         cls = method_class(m["method"])
         if cls.task_body is not MergeMethod.task_body:
-            raise ValueError(f"grid merge {label!r}: method {m['method']} gives each task its own body; the study "
-                             "holds one merged body per combination")
+            raise ValueError(
+                f"grid merge {label!r}: method {m['method']} gives each task its own body; the study "
+                "holds one merged body per combination"
+            )
         try:
             method = cls(**(m.get("options") or {}))
         except (TypeError, ValueError) as e:
@@ -139,10 +156,20 @@ def check_grid(grid: dict[str, Any]) -> list[dict[str, Any]]:
             variants = grid.get(kind) or {}
             artifact = artifact or next(iter(variants), None)
             if artifact not in variants:
-                raise ValueError(f"grid merge {label!r}: method {m['method']} needs a {kind} variant; "
-                                 f"{artifact!r} is not one of {sorted(variants)}")
-        merges.append({"label": label, "method": m["method"], "options": dict(m.get("options") or {}), "kind": kind,
-                       "artifact": artifact, "resolved": json.loads(json.dumps(method.options(), default=str))})
+                raise ValueError(
+                    f"grid merge {label!r}: method {m['method']} needs a {kind} variant; "
+                    f"{artifact!r} is not one of {sorted(variants)}"
+                )
+        merges.append(
+            {
+                "label": label,
+                "method": m["method"],
+                "options": dict(m.get("options") or {}),
+                "kind": kind,
+                "artifact": artifact,
+                "resolved": json.loads(json.dumps(method.options(), default=str)),
+            }
+        )
     return merges
 
 
@@ -174,7 +201,11 @@ def ensure_artifact(view: Path, kind: str, options: dict[str, Any], data_dir: st
     reused). True when it was computed now."""
     from fmn_pl.fisher import run_fisher
 
-    want = {"kind": kind, "options": options, "data_dir": str(Path(data_dir).resolve()) if Path(data_dir).exists() else data_dir}
+    want = {
+        "kind": kind,
+        "options": options,
+        "data_dir": str(Path(data_dir).resolve()) if Path(data_dir).exists() else data_dir,
+    }
     record = view / VIEW_RECORD
     recorded = json.loads(record.read_text()) if record.is_file() else {}
     art = None
@@ -186,8 +217,13 @@ def ensure_artifact(view: Path, kind: str, options: dict[str, Any], data_dir: st
     if art is not None:
         return False
     record.unlink(missing_ok=True)
-    run_fisher(checkpoint=str(view), kind=ARTIFACT_KINDS[kind], data_dir=data_dir, **{"seed": 0, **options},
-               trainer={"accelerator": accelerator, "devices": 1, "enable_progress_bar": False})
+    run_fisher(
+        checkpoint=str(view),
+        kind=ARTIFACT_KINDS[kind],
+        data_dir=data_dir,
+        **{"seed": 0, **options},
+        trainer={"accelerator": accelerator, "devices": 1, "enable_progress_bar": False},
+    )
     write_json(record, {**recorded, kind: want})
     return True
 
@@ -198,8 +234,12 @@ def artifact_cost(view: Path, kind: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     meta = Artifact(path, kind).metadata
-    return {"kind": kind, "seconds": meta.get("seconds"), "bytes": path.stat().st_size,
-            "num_examples": meta.get("num_examples")}
+    return {
+        "kind": kind,
+        "seconds": meta.get("seconds"),
+        "bytes": path.stat().st_size,
+        "num_examples": meta.get("num_examples"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -217,14 +257,24 @@ class Study:
             if meta["task"] != t:
                 raise ValueError(f"{c} is a {meta['task']!r} checkpoint, not {t!r}")
             if int((meta.get("data") or {}).get("holdout_samples") or 0) <= 0:
-                raise ValueError(f"{c} held out no training rows (data.holdout_samples is 0): the study selects on "
-                                 "them; fine-tune with --data.holdout_samples N")
+                raise ValueError(
+                    f"{c} held out no training rows (data.holdout_samples is 0): the study selects on "
+                    "them; fine-tune with --data.holdout_samples N"
+                )
         paths = [self.checkpoints[t] for t in self.tasks]
         self.evaluators = {
-            "validation": Evaluator(paths, EvalData(args.data_dir, "validation", args.max_eval_samples, args.batch_size),
-                                    args.accelerator, progress=False),
-            "holdout": Evaluator(paths, EvalData(args.data_dir, "holdout", args.selection_samples, args.batch_size),
-                                 args.accelerator, progress=False),
+            "validation": Evaluator(
+                paths,
+                EvalData(args.data_dir, "validation", args.max_eval_samples, args.batch_size),
+                args.accelerator,
+                progress=False,
+            ),
+            "holdout": Evaluator(
+                paths,
+                EvalData(args.data_dir, "holdout", args.selection_samples, args.batch_size),
+                args.accelerator,
+                progress=False,
+            ),
         }
         self.fingerprints = {t: weights_fingerprint(c) for t, c in self.checkpoints.items()}
         self.checked: set[tuple[str, str]] = set()  # (variant, task) artifacts checked in this run
@@ -247,8 +297,10 @@ class Study:
             if ensure_artifact(view, kind, self.args.grid[kind][name], self.args.data_dir, self.args.accelerator):
                 self.computed["artifacts"] += 1
                 cost = artifact_cost(view, kind) or {}
-                log(f"{self.elapsed()} {kind} {name} {task}: {cost.get('seconds')} s, {cost.get('bytes')} bytes "
-                    f"({time.perf_counter() - t0:.1f} s with loading)")
+                log(
+                    f"{self.elapsed()} {kind} {name} {task}: {cost.get('seconds')} s, {cost.get('bytes')} bytes "
+                    f"({time.perf_counter() - t0:.1f} s with loading)"
+                )
         return view
 
     def costs(self, merges: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -265,7 +317,11 @@ class Study:
         """Everything a cell's scores depend on: the merge (resolved options, artifact options), the checkpoints'
         weights, both splits' data, the base model argument."""
         ev = {s: [e.identity(e.tasks.index(t)) for t in combo] for s, e in self.evaluators.items()}
-        ident: dict[str, Any] = {"combo": list(combo), "fingerprints": [self.fingerprints[t] for t in combo], "data": ev}
+        ident: dict[str, Any] = {
+            "combo": list(combo),
+            "fingerprints": [self.fingerprints[t] for t in combo],
+            "data": ev,
+        }
         if merge is None:
             ident["baseline"] = "individual" if len(combo) == 1 else "average"
         else:
@@ -298,18 +354,37 @@ class Study:
             method = method_class(merge["method"])(**merge["options"])
             views = [self.view(merge, t) for t in combo]
             t0 = time.perf_counter()
-            body = merge_body(views, method, base=self.args.base, selection=self.evaluators["holdout"], notes=notes,
-                              accelerator=self.args.accelerator, log=lambda m: log(f"    {m}"))
+            body = merge_body(
+                views,
+                method,
+                base=self.args.base,
+                selection=self.evaluators["holdout"],
+                notes=notes,
+                accelerator=self.args.accelerator,
+                log=lambda m: log(f"    {m}"),
+            )
         t1 = time.perf_counter()
-        scores = {t: {s: 100 * e.evaluate(e.tasks.index(t), body=body)["score"] for s, e in self.evaluators.items()}
-                  for t in combo}
+        scores = {
+            t: {s: 100 * e.evaluate(e.tasks.index(t), body=body)["score"] for s, e in self.evaluators.items()}
+            for t in combo
+        }
         t2 = time.perf_counter()
-        result = {"key": key, "label": label, "combo": list(combo), "scores": scores, "notes": notes,
-                  "merge_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3), "identity": ident}
+        result = {
+            "key": key,
+            "label": label,
+            "combo": list(combo),
+            "scores": scores,
+            "notes": notes,
+            "merge_s": round(t1 - t0, 3),
+            "eval_s": round(t2 - t1, 3),
+            "identity": ident,
+        }
         write_json(path, result)
         self.computed["cells"] += 1
-        log(f"{self.elapsed()} {label:<24} {'+'.join(combo):<16} merge {t1 - t0:5.1f} s, eval {t2 - t1:5.1f} s: "
-            + "; ".join(f"{t} val {v['validation']:.2f} hold {v['holdout']:.2f}" for t, v in scores.items()))
+        log(
+            f"{self.elapsed()} {label:<24} {'+'.join(combo):<16} merge {t1 - t0:5.1f} s, eval {t2 - t1:5.1f} s: "
+            + "; ".join(f"{t} val {v['validation']:.2f} hold {v['holdout']:.2f}" for t, v in scores.items())
+        )
         return result
 
 
@@ -328,8 +403,12 @@ def summarize(cells: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[
         out[label] = {}
         for split in ("validation", "holdout"):
             gains = [c[f"gain_{split}"] for c in rows]
-            out[label][split] = {"mean_score": sum(c[split] for c in rows) / len(rows), "mean_gain": sum(gains) / len(gains),
-                                 "wins": sum(g > 0 for g in gains), "cells": len(rows)}
+            out[label][split] = {
+                "mean_score": sum(c[split] for c in rows) / len(rows),
+                "mean_gain": sum(gains) / len(gains),
+                "wins": sum(g > 0 for g in gains),
+                "cells": len(rows),
+            }
     return out
 
 
@@ -345,8 +424,9 @@ def pooled_summary(cells: list[dict[str, Any]], labels: list[str], pool: list[st
     return summarize(pooled, [lb for lb in labels if any(c["label"] == lb for c in pooled)])
 
 
-def select(summary: dict[str, dict[str, Any]], merges: list[dict[str, Any]],
-           pooled: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+def select(
+    summary: dict[str, dict[str, Any]], merges: list[dict[str, Any]], pooled: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
     """The FMN option with the best mean holdout gain (first in grid order on ties), with its validation numbers;
     the best on validation is shown for reference only (choosing on it would tune on the reported numbers).
     `pooled`: the summary of this study's cells plus other studies' (`--pool`), chosen on instead of `summary`."""
@@ -359,11 +439,18 @@ def select(summary: dict[str, dict[str, Any]], merges: list[dict[str, Any]],
     chosen = max(fmn, key=lambda m: on[m["label"]]["holdout"]["mean_gain"])
     oracle = max(fmn, key=lambda m: summary[m["label"]]["validation"]["mean_gain"])
     v = summary[chosen["label"]]["validation"]
-    out = {"chosen": chosen["label"], "method": chosen["method"], "options": chosen["resolved"],
-           "artifact": chosen["artifact"], "selected_on": "holdout" if pooled is None else "holdout, pooled",
-           "holdout": on[chosen["label"]]["holdout"], "validation": v, "goal": GOAL,
-           "goal_met": v["mean_gain"] >= GOAL["mean_gain"] and v["wins"] >= GOAL["wins_fraction"] * v["cells"],
-           "best_on_validation_for_reference": oracle["label"]}
+    out = {
+        "chosen": chosen["label"],
+        "method": chosen["method"],
+        "options": chosen["resolved"],
+        "artifact": chosen["artifact"],
+        "selected_on": "holdout" if pooled is None else "holdout, pooled",
+        "holdout": on[chosen["label"]]["holdout"],
+        "validation": v,
+        "goal": GOAL,
+        "goal_met": v["mean_gain"] >= GOAL["mean_gain"] and v["wins"] >= GOAL["wins_fraction"] * v["cells"],
+        "best_on_validation_for_reference": oracle["label"],
+    }
     if pooled is not None:
         out["pooled_validation"] = on[chosen["label"]]["validation"]
     return out
@@ -376,8 +463,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         merges = [m for m in merges if any(m["label"] == p or fnmatch.fnmatchcase(m["label"], p) for p in args.merges)]
     study = Study(args)
     todo = combos(study.tasks, args.combos)
-    log(f"fmn study: {len(study.tasks)} tasks, {len(todo)} combinations, {len(merges)} merges "
-        f"(+ individual and average) -> {args.out}")
+    log(
+        f"fmn study: {len(study.tasks)} tasks, {len(todo)} combinations, {len(merges)} merges "
+        f"(+ individual and average) -> {args.out}"
+    )
 
     results: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
     for t in study.tasks:
@@ -391,7 +480,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     missing = {k for k, v in results.items() if v is None}  # --cached_only: cells never computed
     if any(k[0] in BASELINES for k in missing):
         raise ValueError(f"--cached_only: baseline cells missing for {sorted({'+'.join(k[1]) for k in missing})}")
-    labels = [*BASELINES, *(m["label"] for m in merges if any(k[0] == m["label"] and k not in missing for k in results))]
+    labels = [
+        *BASELINES,
+        *(m["label"] for m in merges if any(k[0] == m["label"] and k not in missing for k in results)),
+    ]
     by_label = {m["label"]: m for m in merges}
     cells = []
     for combo in todo:
@@ -403,38 +495,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 s = results[("individual", (t,))]["scores"][t] if label == "individual" else r["scores"][t]
                 avg = results[("average", combo)]["scores"][t]
                 m = by_label.get(label)
-                cells.append({
-                    "label": label, "method": m["method"] if m else label, "options": m["resolved"] if m else None,
-                    "artifact": m["artifact"] if m else None, "combo": "+".join(combo), "pair": len(combo) == 2,
-                    "task": t, "validation": s["validation"], "holdout": s["holdout"],
-                    "average_validation": avg["validation"], "average_holdout": avg["holdout"],
-                    "gain_validation": s["validation"] - avg["validation"], "gain_holdout": s["holdout"] - avg["holdout"],
-                    "merge_s": None if label == "individual" else r["merge_s"],
-                    "notes": r["notes"] if m else None,
-                })
+                cells.append(
+                    {
+                        "label": label,
+                        "method": m["method"] if m else label,
+                        "options": m["resolved"] if m else None,
+                        "artifact": m["artifact"] if m else None,
+                        "combo": "+".join(combo),
+                        "pair": len(combo) == 2,
+                        "task": t,
+                        "validation": s["validation"],
+                        "holdout": s["holdout"],
+                        "average_validation": avg["validation"],
+                        "average_holdout": avg["holdout"],
+                        "gain_validation": s["validation"] - avg["validation"],
+                        "gain_holdout": s["holdout"] - avg["holdout"],
+                        "merge_s": None if label == "individual" else r["merge_s"],
+                        "notes": r["notes"] if m else None,
+                    }
+                )
     summary = {"pairs": summarize([c for c in cells if c["pair"]], labels)}
     if any(not c["pair"] for c in cells):
         summary["all"] = summarize([c for c in cells if not c["pair"]], labels)
     report = {
-        "settings": {k: v for k, v in vars(args).items() if k != "grid"}, "grid": args.grid,
+        "settings": {k: v for k, v in vars(args).items() if k != "grid"},
+        "grid": args.grid,
         "unit": "points (score x 100); gain = score - plain average on the same (combination, task); win = gain > 0",
-        "tasks": study.tasks, "checkpoints": {t: str(c) for t, c in study.checkpoints.items()},
+        "tasks": study.tasks,
+        "checkpoints": {t: str(c) for t, c in study.checkpoints.items()},
         "fingerprints": study.fingerprints,
         "data": {s: e.data.identity() for s, e in study.evaluators.items()},
-        "summary": summary, "selection": select(summary["pairs"], merges, pooled_summary(cells, labels, args.pool)),
+        "summary": summary,
+        "selection": select(summary["pairs"], merges, pooled_summary(cells, labels, args.pool)),
         "pooled_from": args.pool or [],
-        "costs": {"artifacts": study.costs(merges),
-                  "merge_s": {lb: _mean([c["merge_s"] for c in cells if c["label"] == lb and c["merge_s"] is not None])
-                              for lb in labels if lb != "individual"}},
-        "computed": study.computed, "elapsed_s": round(time.perf_counter() - study.start, 1),
+        "costs": {
+            "artifacts": study.costs(merges),
+            "merge_s": {
+                lb: _mean([c["merge_s"] for c in cells if c["label"] == lb and c["merge_s"] is not None])
+                for lb in labels
+                if lb != "individual"
+            },
+        },
+        "computed": study.computed,
+        "elapsed_s": round(time.perf_counter() - study.start, 1),
         "cells": cells,
     }
     out = Path(args.out)
     write_json(out / "study.json", report)
     _write_text(out / "study.md", markdown(report, merges))
     plot(report, labels, out / "study.png")
-    log(f"{study.elapsed()} wrote {out / 'study.json'}, study.md, study.png (computed {study.computed['cells']} cells, "
-        f"{study.computed['artifacts']} artifacts)")
+    log(
+        f"{study.elapsed()} wrote {out / 'study.json'}, study.md, study.png (computed {study.computed['cells']} cells, "
+        f"{study.computed['artifacts']} artifacts)"
+    )
     return report
 
 
@@ -465,65 +578,102 @@ def markdown(report: dict[str, Any], merges: list[dict[str, Any]]) -> str:
     grid = report["grid"]
     ev = report["data"]
     cap = lambda d: "all" if d["max_samples"] is None else f"at most {d['max_samples']}"  # noqa: E731
-    lines = ["# FMN study", "",
-             f"Tasks {', '.join(report['tasks'])}; scores x100 with each task's own head; gain = score - plain average "
-             "on the same (combination, task) cell; wins = cells with gain > 0. Validation: the GLUE validation split "
-             f"({cap(ev['validation'])} examples per task), the reported numbers. Holdout: the training rows each "
-             f"checkpoint held out ({cap(ev['holdout'])} per task), the selection split.", ""]
+    lines = [
+        "# FMN study",
+        "",
+        f"Tasks {', '.join(report['tasks'])}; scores x100 with each task's own head; gain = score - plain average "
+        "on the same (combination, task) cell; wins = cells with gain > 0. Validation: the GLUE validation split "
+        f"({cap(ev['validation'])} examples per task), the reported numbers. Holdout: the training rows each "
+        f"checkpoint held out ({cap(ev['holdout'])} per task), the selection split.",
+        "",
+    ]
     for group, summ in report["summary"].items():
         n = next(iter(summ.values()))["validation"]["cells"]
-        lines += [f"## {'Pairs' if group == 'pairs' else 'All tasks merged'} ({n} cells)", "",
-                  "| option | method | val score | val gain | val wins | holdout score | holdout gain | holdout wins | merge s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {'Pairs' if group == 'pairs' else 'All tasks merged'} ({n} cells)",
+            "",
+            "| option | method | val score | val gain | val wins | holdout score | holdout gain | holdout wins "
+            "| merge s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for label, s in summ.items():
             v, h = s["validation"], s["holdout"]
             ms = report["costs"]["merge_s"].get(label)
-            lines.append(f"| {label} | {_describe(by_label.get(label))} | {v['mean_score']:.2f} | {v['mean_gain']:+.2f} | "
-                         f"{v['wins']}/{v['cells']} | {h['mean_score']:.2f} | {h['mean_gain']:+.2f} | {h['wins']}/{h['cells']} | "
-                         f"{'' if ms is None else f'{ms:.1f}'} |")
+            lines.append(
+                f"| {label} | {_describe(by_label.get(label))} | {v['mean_score']:.2f} | {v['mean_gain']:+.2f} | "
+                f"{v['wins']}/{v['cells']} | {h['mean_score']:.2f} | {h['mean_gain']:+.2f} | "
+                f"{h['wins']}/{h['cells']} | "
+                f"{'' if ms is None else f'{ms:.1f}'} |"
+            )
         lines.append("")
     sel = report["selection"]
     if sel:
         v, h = sel["validation"], sel["holdout"]
-        where = "the pair cells" if not report.get("pooled_from") else \
-            f"the pair cells of this study and of {', '.join(report['pooled_from'])}"
-        lines += ["## Selection", "",
-                  f"Chosen on holdout (best mean holdout gain among the FMN rows over {where}): **{sel['chosen']}** "
-                  f"({_describe(by_label[sel['chosen']])}): holdout gain {h['mean_gain']:+.2f}, {h['wins']}/{h['cells']} wins; "
-                  f"validation score {v['mean_score']:.2f}, gain {v['mean_gain']:+.2f}, {v['wins']}/{v['cells']} wins. "
-                  f"Goal (gain >= {GOAL['mean_gain']:+.1f} and wins >= {GOAL['wins_fraction']:.0%} of cells on validation): "
-                  f"{'met' if sel['goal_met'] else 'not met'}. For reference only, the best FMN row on validation: "
-                  f"{sel['best_on_validation_for_reference']}."
-                  + ("" if "pooled_validation" not in sel else
-                     f" Over the pooled cells, validation gain {sel['pooled_validation']['mean_gain']:+.2f}, "
-                     f"{sel['pooled_validation']['wins']}/{sel['pooled_validation']['cells']} wins."), ""]
+        where = (
+            "the pair cells"
+            if not report.get("pooled_from")
+            else f"the pair cells of this study and of {', '.join(report['pooled_from'])}"
+        )
+        lines += [
+            "## Selection",
+            "",
+            f"Chosen on holdout (best mean holdout gain among the FMN rows over {where}): **{sel['chosen']}** "
+            f"({_describe(by_label[sel['chosen']])}): holdout gain {h['mean_gain']:+.2f}, "
+            f"{h['wins']}/{h['cells']} wins; "
+            f"validation score {v['mean_score']:.2f}, gain {v['mean_gain']:+.2f}, {v['wins']}/{v['cells']} wins. "
+            f"Goal (gain >= {GOAL['mean_gain']:+.1f} and wins >= {GOAL['wins_fraction']:.0%} of cells on validation): "
+            f"{'met' if sel['goal_met'] else 'not met'}. For reference only, the best FMN row on validation: "
+            f"{sel['best_on_validation_for_reference']}."
+            + (
+                ""
+                if "pooled_validation" not in sel
+                else f" Over the pooled cells, validation gain {sel['pooled_validation']['mean_gain']:+.2f}, "
+                f"{sel['pooled_validation']['wins']}/{sel['pooled_validation']['cells']} wins."
+            ),
+            "",
+        ]
     pair_cells = [c for c in report["cells"] if c["pair"]]
     keys = list(dict.fromkeys((c["combo"], c["task"]) for c in pair_cells))
     if keys:
-        lines += ["## Validation gain per pair cell", "",
-                  "| option | " + " | ".join(f"{combo}: {task}" for combo, task in keys) + " |",
-                  "|---|" + "---:|" * len(keys)]
+        lines += [
+            "## Validation gain per pair cell",
+            "",
+            "| option | " + " | ".join(f"{combo}: {task}" for combo, task in keys) + " |",
+            "|---|" + "---:|" * len(keys),
+        ]
         gains = {(c["label"], c["combo"], c["task"]): c["gain_validation"] for c in pair_cells}
         score = {(c["combo"], c["task"]): c["average_validation"] for c in pair_cells}
         lines.append("| average (score) | " + " | ".join(f"{score[k]:.2f}" for k in keys) + " |")
         for label in report["summary"]["pairs"]:
             if label != "average":
-                lines.append(f"| {label} | " + " | ".join(f"{gains[(label, *k)]:+.2f}" if (label, *k) in gains else "" for k in keys) + " |")
+                lines.append(
+                    f"| {label} | "
+                    + " | ".join(f"{gains[(label, *k)]:+.2f}" if (label, *k) in gains else "" for k in keys)
+                    + " |"
+                )
         lines.append("")
     costs = report["costs"]["artifacts"]
     if costs:
-        lines += ["## Artifact cost (per task)", "", "| variant | kind | options | " + " | ".join(report["tasks"]) + " | mean s | bytes |",
-                  "|---|---|---|" + "---:|" * (len(report["tasks"]) + 2)]
+        lines += [
+            "## Artifact cost (per task)",
+            "",
+            "| variant | kind | options | " + " | ".join(report["tasks"]) + " | mean s | bytes |",
+            "|---|---|---|" + "---:|" * (len(report["tasks"]) + 2),
+        ]
         for name, per_task in costs.items():
             kind = next(iter(per_task.values()))["kind"]
             secs = [per_task[t]["seconds"] for t in report["tasks"] if t in per_task]
             cells = " | ".join("" if t not in per_task else f"{per_task[t]['seconds']:.1f} s" for t in report["tasks"])
             size = max(c["bytes"] for c in per_task.values())
-            lines.append(f"| {name} | {kind} | {json.dumps(grid[kind][name], sort_keys=True)} | {cells} | "
-                         f"{sum(secs) / len(secs):.1f} | {size:,} |")
+            lines.append(
+                f"| {name} | {kind} | {json.dumps(grid[kind][name], sort_keys=True)} | {cells} | "
+                f"{sum(secs) / len(secs):.1f} | {size:,} |"
+            )
         lines.append("")
-    lines.append(f"Study time {report['elapsed_s']} s (this run computed {report['computed']['cells']} cells and "
-                 f"{report['computed']['artifacts']} artifacts; the rest came from cells/ and views/).")
+    lines.append(
+        f"Study time {report['elapsed_s']} s (this run computed {report['computed']['cells']} cells and "
+        f"{report['computed']['artifacts']} artifacts; the rest came from cells/ and views/)."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -541,8 +691,12 @@ def plot(report: dict[str, Any], labels: list[str], path: Path) -> Path:
     keys = list(dict.fromkeys((c["combo"], c["task"]) for c in cells))
     gain = {(c["label"], c["combo"], c["task"]): c["gain_validation"] for c in cells}
     matrix = [[gain.get((lb, *k), float("nan")) for k in keys] for lb in rows]  # nan: a cell not computed
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6 + 0.45 * len(keys), 1.2 + 0.32 * len(rows)),
-                                   gridspec_kw={"width_ratios": [1, max(1.0, len(keys) / 8)]})
+    fig, (ax1, ax2) = plt.subplots(
+        1,
+        2,
+        figsize=(6 + 0.45 * len(keys), 1.2 + 0.32 * len(rows)),
+        gridspec_kw={"width_ratios": [1, max(1.0, len(keys) / 8)]},
+    )
     ys = range(len(rows))
     for k, split in enumerate(("validation", "holdout")):
         ax1.barh([y + (k - 0.5) * 0.4 for y in ys], [summ[lb][split]["mean_gain"] for lb in rows], 0.4, label=split)
@@ -570,29 +724,55 @@ def plot(report: dict[str, Any], labels: list[str], path: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--checkpoints_dir", default="runs/checkpoints", help="task checkpoints <dir>/<task>/")
     p.add_argument("--tasks", nargs="+", default=["cola", "sst2", "mrpc", "stsb", "rte"])
     p.add_argument("--out", default="runs/study")
     p.add_argument("--data_dir", default="../shared/data/glue", help="GLUE data (parquet/TSV folder or hub name)")
-    p.add_argument("--base", default=None, help="pretrained model for task-vector methods (default: the checkpoints' record)")
+    p.add_argument(
+        "--base", default=None, help="pretrained model for task-vector methods (default: the checkpoints' record)"
+    )
     p.add_argument("--max_eval_samples", type=int, default=None, help="cap on validation examples per task (None: all)")
     p.add_argument("--selection_samples", type=int, default=None, help="cap on holdout examples per task (None: all)")
     p.add_argument("--batch_size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator for Fisher passes and evaluation")
-    p.add_argument("--combos", choices=("pairs", "all"), default="pairs",
-                   help="pairs: every pair of tasks; all: the pairs and the merge of all tasks")
-    p.add_argument("--grid", dest="grid_file", default=None,
-                   help="YAML/JSON file replacing keys of the default grid (mask_fisher, full_fisher, grams, merges)")
-    p.add_argument("--merges", nargs="+", default=None,
-                   help="only the merges whose label equals or matches (fnmatch glob) one of these")
-    p.add_argument("--full_fisher_examples", type=int, default=None, help="examples of the full Fisher (default grid: 256)")
+    p.add_argument(
+        "--combos",
+        choices=("pairs", "all"),
+        default="pairs",
+        help="pairs: every pair of tasks; all: the pairs and the merge of all tasks",
+    )
+    p.add_argument(
+        "--grid",
+        dest="grid_file",
+        default=None,
+        help="YAML/JSON file replacing keys of the default grid (mask_fisher, full_fisher, grams, merges)",
+    )
+    p.add_argument(
+        "--merges",
+        nargs="+",
+        default=None,
+        help="only the merges whose label equals or matches (fnmatch glob) one of these",
+    )
+    p.add_argument(
+        "--full_fisher_examples", type=int, default=None, help="examples of the full Fisher (default grid: 256)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--pool", nargs="+", default=None, metavar="STUDY_JSON",
-                   help="other studies' study.json whose pair cells join the holdout selection (e.g. other checkpoints)")
+    p.add_argument(
+        "--pool",
+        nargs="+",
+        default=None,
+        metavar="STUDY_JSON",
+        help="other studies' study.json whose pair cells join the holdout selection (e.g. other checkpoints)",
+    )
     p.add_argument("--print_grid", action="store_true", help="print the grid as YAML and exit")
-    p.add_argument("--cached_only", action="store_true",
-                   help="compute nothing: report the cells already in <out>/cells (a row over the cells it has)")
+    p.add_argument(
+        "--cached_only",
+        action="store_true",
+        help="compute nothing: report the cells already in <out>/cells (a row over the cells it has)",
+    )
     return p.parse_args(argv)
 
 
@@ -617,5 +797,8 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError) as e:
-        print(f"fmn_study: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        print(
+            f"fmn_study: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None

@@ -43,8 +43,16 @@ ROWS: dict[str, list[str]] = {
     "fmn previous defaults": FMN_PREVIOUS,
     "fmn reference": FMN_REFERENCE,
     "fmn reference per_node": [*FMN_REFERENCE, "--method.broadcast=per_node"],  # the last value given wins
-    "fmn mean/per_node/scaled": ["--method", "fmn", "--method.normalize", "mean", "--method.power", "1",
-                                 "--method.objective", "mean"],
+    "fmn mean/per_node/scaled": [
+        "--method",
+        "fmn",
+        "--method.normalize",
+        "mean",
+        "--method.power",
+        "1",
+        "--method.objective",
+        "mean",
+    ],
     "fisher": ["--method", "fisher"],
     "task_arithmetic": ["--method", "task_arithmetic"],
     "task_arithmetic dare": ["--method", "task_arithmetic", "--method.dare_p", "0.5"],
@@ -53,8 +61,16 @@ ROWS: dict[str, list[str]] = {
     "regmean": ["--method", "regmean"],
     "adamerging task": ["--method", "adamerging", "--method.steps", "100"],
     "adamerging layer": ["--method", "adamerging", "--method.granularity", "layer", "--method.steps", "100"],
-    "adamerging++ layer": ["--method", "adamerging", "--method.granularity", "layer", "--method.plus", "true",
-                           "--method.steps", "100"],
+    "adamerging++ layer": [
+        "--method",
+        "adamerging",
+        "--method.granularity",
+        "layer",
+        "--method.plus",
+        "true",
+        "--method.steps",
+        "100",
+    ],
     "tall": ["--method", "tall"],
     "consensus ta": ["--method", "consensus"],
     "consensus ties": ["--method", "consensus", "--method.over", "ties"],
@@ -66,8 +82,24 @@ def run_row(label: str, checkpoints: list[str], out: Path, common: list[str]) ->
     folder = out / label.replace(" ", "_").replace("/", "-").replace("+", "p")
     report = folder / "report.json"
     if not report.is_file():
-        argv = [sys.executable, "-m", "fmn_pl.cli", "merge", *ROWS[label], "--checkpoints", *checkpoints,
-                "--output", str(folder), "--overwrite", "true", "--save_model", "false", "--label", label, *common]
+        argv = [
+            sys.executable,
+            "-m",
+            "fmn_pl.cli",
+            "merge",
+            *ROWS[label],
+            "--checkpoints",
+            *checkpoints,
+            "--output",
+            str(folder),
+            "--overwrite",
+            "true",
+            "--save_model",
+            "false",
+            "--label",
+            label,
+            *common,
+        ]
         start = time.perf_counter()
         with open(folder.with_suffix(".log"), "w") as log:
             proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -92,9 +124,11 @@ def table(reports: dict[str, dict]) -> str:
         lines.append(f"| {base} | " + " | ".join(cells) + f" | {norm:.1f} | | | |")
     for label, r in reports.items():
         cells = [f"{100 * r['results'][t]['merged']['score']:.1f}" for t in tasks]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * r['summary']['normalized']:.1f} | "
-                     f"{r['timings']['merge_s']:.0f} | {r.get('command_s', float('nan')):.0f} | "
-                     f"{r['peak_rss_mb'] / 1024:.2f} |")
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {100 * r['summary']['normalized']:.1f} | "
+            f"{r['timings']['merge_s']:.0f} | {r.get('command_s', float('nan')):.0f} | "
+            f"{r['peak_rss_mb'] / 1024:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -102,8 +136,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoints", nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW",
-                        help=f"rows to run, of: {', '.join(ROWS)}")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=list(ROWS),
+        choices=list(ROWS),
+        metavar="ROW",
+        help=f"rows to run, of: {', '.join(ROWS)}",
+    )
     parser.add_argument("--max_eval_samples", type=int, default=500)
     parser.add_argument("--base", default=None, help="the pretrained model (default: the checkpoints' recorded one)")
     parser.add_argument("--data_dir", default=None, help="GLUE data (default: `fmn-pl merge`'s)")
@@ -119,12 +159,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label}: normalized {100 * reports[label]['summary']['normalized']:.1f}%", file=sys.stderr)
     (args.out / "table.md").write_text(table(reports))
     doc = {
-        "checkpoints": args.checkpoints, "max_eval_samples": args.max_eval_samples,
-        "rows": {label: {"options": r["options"], "summary": r["summary"], "timings": r["timings"],
-                         "command_s": r.get("command_s"), "peak_rss_mb": r["peak_rss_mb"],
-                         "notes": r.get("notes", {}), "remarks": r.get("remarks", []),
-                         "scores": {t: v["merged"]["score"] for t, v in r["results"].items()}}
-                 for label, r in reports.items()},
+        "checkpoints": args.checkpoints,
+        "max_eval_samples": args.max_eval_samples,
+        "rows": {
+            label: {
+                "options": r["options"],
+                "summary": r["summary"],
+                "timings": r["timings"],
+                "command_s": r.get("command_s"),
+                "peak_rss_mb": r["peak_rss_mb"],
+                "notes": r.get("notes", {}),
+                "remarks": r.get("remarks", []),
+                "scores": {t: v["merged"]["score"] for t, v in r["results"].items()},
+            }
+            for label, r in reports.items()
+        },
     }
     print(json.dumps(doc, indent=2))
     return doc

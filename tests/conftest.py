@@ -75,9 +75,7 @@ def tiny_config(family: str = "bert", vocab_size: int = 160, layers: int = 2, he
         kw = dict(dim=32, n_layers=layers, n_heads=heads, hidden_dim=37)
     else:
         kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=37)
-    return AutoConfig.for_model(
-        family, vocab_size=vocab_size, max_position_embeddings=130, pad_token_id=0, **kw
-    )
+    return AutoConfig.for_model(family, vocab_size=vocab_size, max_position_embeddings=130, pad_token_id=0, **kw)
 
 
 def tiny_model(family: str = "bert", num_labels: int = 2, seed: int = 0, **kw) -> torch.nn.Module:
@@ -144,7 +142,9 @@ def make_checkpoint(tmp_path: Path, tiny_base: Callable[[str], Path]) -> Callabl
     from fmn_pl.module import load_model
     from fmn_pl.tasks import get_task
 
-    def make(task: str = "rte", family: str = "bert", seed: int = 0, noise: float = 0.02, name: str | None = None) -> Path:
+    def make(
+        task: str = "rte", family: str = "bert", seed: int = 0, noise: float = 0.02, name: str | None = None
+    ) -> Path:
         spec = get_task(task)
         base = tiny_base(family)
         torch.manual_seed(seed)
@@ -153,8 +153,15 @@ def make_checkpoint(tmp_path: Path, tiny_base: Callable[[str], Path]) -> Callabl
             for p in model.parameters():
                 p.add_(noise * torch.randn_like(p))
         target = tmp_path / (name or f"{family}-{task}-{seed}")
-        meta = {"task": spec.name, "label_names": list(spec.label_names), "num_labels": spec.num_labels,
-                "base_model": str(base), "metrics": {}, "seed": seed, "num_train_examples": 0}
+        meta = {
+            "task": spec.name,
+            "label_names": list(spec.label_names),
+            "num_labels": spec.num_labels,
+            "base_model": str(base),
+            "metrics": {},
+            "seed": seed,
+            "num_train_examples": 0,
+        }
         return export_checkpoint(model.eval(), AutoTokenizer.from_pretrained(base), target, meta)
 
     return make

@@ -28,8 +28,10 @@ def _problem(n_tasks: int = 2, noise: float = 0.3):
         taus.append({k: m.state_dict()[k] - base[k] for k in body_keys})
         models.append(m.eval())
     g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(5, 150, (10,), generator=g), "attention_mask": torch.ones(10, dtype=torch.long)}
-            for _ in range(32)]
+    rows = [
+        {"input_ids": torch.randint(5, 150, (10,), generator=g), "attention_mask": torch.ones(10, dtype=torch.long)}
+        for _ in range(32)
+    ]
     return base, taus, models, rows
 
 
@@ -37,8 +39,10 @@ def _reference_entropy(model: torch.nn.Module, base: dict, taus: list[dict], coe
     """Entropy of an explicitly merged copy of `model` (independent of the functional forward)."""
     m = copy.deepcopy(model)
     keys = list(base)
-    state = {k: base[k] + sum((coef[t] if coef.dim() == 1 else coef[t, j]) * taus[t][k] for t in range(len(taus)))
-             for j, k in enumerate(keys)}
+    state = {
+        k: base[k] + sum((coef[t] if coef.dim() == 1 else coef[t, j]) * taus[t][k] for t in range(len(taus)))
+        for j, k in enumerate(keys)
+    }
     m.load_state_dict(state, strict=False)
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
     with torch.no_grad():
@@ -80,7 +84,8 @@ def test_functional_forward_matches_explicit_merge() -> None:
 def test_non_adapted_task_keeps_its_init_coefficient(tmp_path: Path) -> None:
     base, taus, models, rows = _problem()
     module = AdaMergingModule(base, taus, models, ["rte", "stsb"], adapt=[True, False], init=0.3, lr=0.1)
-    train_coefficients(module, {"rte": DataLoader(rows, batch_size=16)}, steps=5, root=tmp_path,
-                       accelerator="cpu", progress=False)
+    train_coefficients(
+        module, {"rte": DataLoader(rows, batch_size=16)}, steps=5, root=tmp_path, accelerator="cpu", progress=False
+    )
     coef = module.effective().detach()
     assert coef[1].item() == pytest.approx(0.3) and coef[0].item() != pytest.approx(0.3)

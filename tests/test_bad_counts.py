@@ -16,24 +16,46 @@ from fmn_pl.cli import main, shell
 from fmn_pl.data import GLUEDataModule
 
 
-@pytest.mark.parametrize("option, value", [("max_train_samples", -5), ("max_train_samples", 0), ("batch_size", 0),
-                                           ("max_eval_samples", -3), ("holdout_samples", -1), ("max_length", 0)])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("max_train_samples", -5),
+        ("max_train_samples", 0),
+        ("batch_size", 0),
+        ("max_eval_samples", -3),
+        ("holdout_samples", -1),
+        ("max_length", 0),
+    ],
+)
 def test_data_module_counts(option: str, value: int) -> None:
     with pytest.raises(ValueError, match=rf"data\.{option} must be an integer >= [01]"):
         GLUEDataModule(task="rte", **{option: value})
 
 
-def test_fisher_and_merge_counts(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture) -> None:
+def test_fisher_and_merge_counts(
+    make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mrpc"])]
     for flags, name in ((["--num_examples=-5"], "num_examples"), (["--batch_size=0"], "batch_size")):
         with pytest.raises(ValueError, match=f"{name} must be"):
             main(["fisher", f"--checkpoint={cks[0]}", f"--data_dir={tiny_glue}", *flags])
-    for flags, name in ((["--max_eval_samples=-3"], "max_eval_samples"), (["--batch_size=0"], "batch_size"),
-                        (["--selection_samples=0"], "selection_samples")):
+    for flags, name in (
+        (["--max_eval_samples=-3"], "max_eval_samples"),
+        (["--batch_size=0"], "batch_size"),
+        (["--selection_samples=0"], "selection_samples"),
+    ):
         with pytest.raises(SystemExit, match="2"):
-            shell(["merge", "--method=average", "--checkpoints", *map(str, cks), f"--output={tmp_path / 'o'}",
-                  f"--data_dir={tiny_glue}", *flags])
+            shell(
+                [
+                    "merge",
+                    "--method=average",
+                    "--checkpoints",
+                    *map(str, cks),
+                    f"--output={tmp_path / 'o'}",
+                    f"--data_dir={tiny_glue}",
+                    *flags,
+                ]
+            )
         assert f"fmn-pl merge: error: {name} must be" in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
 
@@ -49,8 +71,12 @@ def test_empty_split_is_named(tiny_glue: Path, tokenizer_dir: Path, tmp_path: Pa
 
 
 def test_one_line_from_the_shell(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fmn_pl.cli", "fisher", f"--checkpoint={tmp_path}",
-                           "--num_examples=-5"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmn_pl.cli", "fisher", f"--checkpoint={tmp_path}", "--num_examples=-5"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("fmn-pl fisher: error: num_examples must be an integer >= 1 (or null where that means "
-                                   "all), got -5")
+    assert proc.stderr.strip() == (
+        "fmn-pl fisher: error: num_examples must be an integer >= 1 (or null where that means all), got -5"
+    )

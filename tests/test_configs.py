@@ -83,8 +83,12 @@ def test_fit_config_instantiates(task, tiny_base, tiny_glue, tmp_path, monkeypat
     model and data, since the shipped paths point at ../shared or the hub)."""
     monkeypatch.chdir(tmp_path)
     cli = lightning_cli(
-        ["--config", str(CONFIGS / "fit" / f"{task}.yaml"), f"--model.model_name_or_path={tiny_base('bert')}",
-         f"--data.data_dir={tiny_glue}"],
+        [
+            "--config",
+            str(CONFIGS / "fit" / f"{task}.yaml"),
+            f"--model.model_name_or_path={tiny_base('bert')}",
+            f"--data.data_dir={tiny_glue}",
+        ],
         run=False,
     )
     assert cli.model.task.name == cli.datamodule.task.name == task

@@ -52,8 +52,10 @@ def test_methods_with_p_zero_equal_the_underlying_method(tmp_path) -> None:  # n
     from fmn_pl.merging.ties import Ties
     from tests.test_merging import BASE, TAUS, vector_ctx
 
-    for name, make in (("ta", lambda **kw: TaskArithmetic(scaling=0.4, **kw)),
-                       ("ties", lambda **kw: Ties(top_k=60.0, scaling=0.8, **kw))):
+    for name, make in (
+        ("ta", lambda **kw: TaskArithmetic(scaling=0.4, **kw)),
+        ("ties", lambda **kw: Ties(top_k=60.0, scaling=0.8, **kw)),
+    ):
         plain = dict(make().merge(vector_ctx(tmp_path / f"{name}-plain", BASE, TAUS)))
         zero = dict(make(dare_p=0.0, dare_seed=9).merge(vector_ctx(tmp_path / f"{name}-zero", BASE, TAUS)))
         dropped = dict(make(dare_p=0.5, dare_seed=9).merge(vector_ctx(tmp_path / f"{name}-half", BASE, TAUS)))

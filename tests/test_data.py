@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from fmn_pl.data import (
-    Collator, GLUEDataModule, LengthGroupedSampler, is_local_path, read_split, split_file, subsample,
+    Collator,
+    GLUEDataModule,
+    LengthGroupedSampler,
+    is_local_path,
+    read_split,
+    split_file,
+    subsample,
 )
 from fmn_pl.tasks import TASKS, get_task
 from tests.conftest import GLUE, GLUE_TSV, make_sentence, requires_shared
@@ -49,11 +55,14 @@ def write_tsv(root: Path, task: str, split: str, rows: dict[str, list]) -> Path:
     spec = get_task(task)
     n = len(rows["label"])
     name = {"label": lambda i: rows["label"][i]}
-    text = lambda k: (lambda i: rows[k][i])  # noqa: E731
+    text = lambda k: lambda i: rows[k][i]  # noqa: E731
     label_name = lambda i: spec.label_names[rows["label"][i]]  # noqa: E731
     bom = ""
     if task == "cola":  # no header: source, label, original mark, sentence
-        header, cols = None, [lambda i: "gj04", name["label"], lambda i: "" if rows["label"][i] else "*", text("sentence")]
+        header, cols = (
+            None,
+            [lambda i: "gj04", name["label"], lambda i: "" if rows["label"][i] else "*", text("sentence")],
+        )
     elif task == "sst2":
         header, cols = ["sentence", "label"], [text("sentence"), name["label"]]
     elif task == "mrpc":  # header starts with a byte-order mark
@@ -61,20 +70,56 @@ def write_tsv(root: Path, task: str, split: str, rows: dict[str, list]) -> Path:
         header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
         cols = [name["label"], lambda i: str(1000 + i), lambda i: str(2000 + i), text("sentence1"), text("sentence2")]
     elif task == "stsb":  # ten columns, the score last
-        header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"]
-        cols = [lambda i: str(i), lambda i: "main-captions", lambda i: "MSRvid", lambda i: "2012test",
-                lambda i: f"{i:04d}", lambda i: "none", lambda i: "none", text("sentence1"), text("sentence2"),
-                lambda i: f"{rows['label'][i]:.3f}"]
+        header = [
+            "index",
+            "genre",
+            "filename",
+            "year",
+            "old_index",
+            "source1",
+            "source2",
+            "sentence1",
+            "sentence2",
+            "score",
+        ]
+        cols = [
+            lambda i: str(i),
+            lambda i: "main-captions",
+            lambda i: "MSRvid",
+            lambda i: "2012test",
+            lambda i: f"{i:04d}",
+            lambda i: "none",
+            lambda i: "none",
+            text("sentence1"),
+            text("sentence2"),
+            lambda i: f"{rows['label'][i]:.3f}",
+        ]
     elif task == "qqp":
         header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
-        cols = [lambda i: str(i), lambda i: str(2 * i), lambda i: str(2 * i + 1), text("question1"), text("question2"),
-                name["label"]]
+        cols = [
+            lambda i: str(i),
+            lambda i: str(2 * i),
+            lambda i: str(2 * i + 1),
+            text("question1"),
+            text("question2"),
+            name["label"],
+        ]
     elif task == "mnli":  # string labels in gold_label, after other label columns
         header = ["index", "promptID", "genre", "sentence1", "sentence2", "label1", "gold_label"]
-        cols = [lambda i: str(i), lambda i: str(i), lambda i: "fiction", text("premise"), text("hypothesis"),
-                label_name, label_name]
+        cols = [
+            lambda i: str(i),
+            lambda i: str(i),
+            lambda i: "fiction",
+            text("premise"),
+            text("hypothesis"),
+            label_name,
+            label_name,
+        ]
     elif task == "qnli":
-        header, cols = ["index", "question", "sentence", "label"], [lambda i: str(i), text("question"), text("sentence"), label_name]
+        header, cols = (
+            ["index", "question", "sentence", "label"],
+            [lambda i: str(i), text("question"), text("sentence"), label_name],
+        )
     elif task == "rte":  # string labels
         header = ["index", "sentence1", "sentence2", "label"]
         cols = [lambda i: str(i), text("sentence1"), text("sentence2"), label_name]
@@ -146,8 +191,11 @@ def test_hub_name_goes_to_datasets(monkeypatch):
     cols = read_split("nyu-mll/glue", "rte", "validation")
     assert calls == [("nyu-mll/glue", "rte", "validation")] and cols["label"] == [1, 0]
     with pytest.raises(ValueError, match=r"nyu-mll/glue:rte/train: row 0: label 5 is outside 0\.\.1"):
-        monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
-            load_dataset=lambda *a, **k: {"sentence1": ["a"], "sentence2": ["b"], "label": [5]}))
+        monkeypatch.setitem(
+            sys.modules,
+            "datasets",
+            types.SimpleNamespace(load_dataset=lambda *a, **k: {"sentence1": ["a"], "sentence2": ["b"], "label": [5]}),
+        )
         read_split("nyu-mll/glue", "rte", "train")
 
 
@@ -185,7 +233,11 @@ def test_missing_split_names_the_file(tmp_path, layout):
     write(tmp_path, "mnli", "validation_matched", glue_rows("mnli", 5, 0))
     with pytest.raises(FileNotFoundError) as e:
         read_split(tmp_path, "mnli", "validation_mismatched")
-    missing = tmp_path / "mnli" / "validation_mismatched.parquet" if layout == "parquet" else tmp_path / "MNLI" / "dev_mismatched.tsv"
+    missing = (
+        tmp_path / "mnli" / "validation_mismatched.parquet"
+        if layout == "parquet"
+        else tmp_path / "MNLI" / "dev_mismatched.tsv"
+    )
     assert f"{missing} does not exist" in one_line(e) and "validation_mismatched" in one_line(e)
 
 

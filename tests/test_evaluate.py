@@ -21,8 +21,14 @@ def lightning_scores(checkpoint: Path, task: str, dm, body: dict[str, torch.Tens
     module = GLUETransformer(str(checkpoint), task)
     if body is not None:
         module.model.load_state_dict(body, strict=False)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.validate(module, datamodule=dm, verbose=False)
     return {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
@@ -50,7 +56,9 @@ def test_swapped_body_scores_as_a_fresh_load(make_checkpoint: Callable, tiny_glu
 def test_bf16_selection_scores_close_to_float32(make_checkpoint: Callable, tiny_glue: Path) -> None:
     ck = make_checkpoint("stsb", seed=0, noise=0.05)
     exact = Evaluator([ck], EvalData(str(tiny_glue), max_samples=24), accelerator="cpu", progress=False)
-    fast = Evaluator([ck], EvalData(str(tiny_glue), max_samples=24), accelerator="cpu", progress=False, precision="bf16")
+    fast = Evaluator(
+        [ck], EvalData(str(tiny_glue), max_samples=24), accelerator="cpu", progress=False, precision="bf16"
+    )
     assert fast.bf16() and not exact.bf16()
     a, b = exact.evaluate(0), fast.evaluate(0)
     # autocast ran, and rounding is all (a tiny random model's near-constant predictions: compare the error)

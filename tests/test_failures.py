@@ -32,8 +32,11 @@ def test_config_that_disagrees_with_the_weights(make_checkpoint: Callable) -> No
 def test_integer_artifact_is_refused(make_checkpoint: Callable) -> None:
     ck = make_checkpoint("rte")
     meta = {"kind": "mask_fisher", "task": "rte", "fingerprint": weights_fingerprint(ck)}
-    save_artifact(artifact_path(ck, "mask_fisher"), {"head": torch.ones(2, 4, dtype=torch.int64),
-                                                     "neuron": torch.ones(2, 37, dtype=torch.int64)}, meta)
+    save_artifact(
+        artifact_path(ck, "mask_fisher"),
+        {"head": torch.ones(2, 4, dtype=torch.int64), "neuron": torch.ones(2, 37, dtype=torch.int64)},
+        meta,
+    )
     with pytest.raises(ValueError, match="tensor 'head' is int64; artifacts hold floating-point"):
         load_artifact(ck, "mask_fisher")
 
@@ -49,8 +52,9 @@ def test_unwritable_output_is_found_first(tmp_path: Path) -> None:
 
 
 def test_leftovers_of_a_killed_run_are_removed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a pid that has exited
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()  # a pid that has exited
     stale = tmp_path / f".out.tmp-{dead}-123"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "model.safetensors").write_bytes(b"0" * 1000)
@@ -81,9 +85,14 @@ def test_yaml_and_option_errors_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: [fmn\n  x: : y\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for args in (["merge", "--config", str(bad)], ["fit", "--config", str(bad)],
-                 ["fit", "--model.model_name_or_path=x", "--data.max_train_samples=abc"]):
+    for args in (
+        ["merge", "--config", str(bad)],
+        ["fit", "--config", str(bad)],
+        ["fit", "--model.model_name_or_path=x", "--data.max_train_samples=abc"],
+    ):
         proc = subprocess.run([sys.executable, "-m", "fmn_pl.cli", *args], capture_output=True, text=True, env=env)
         lines = [line for line in proc.stderr.splitlines() if line.strip() and "LightningCLI's args" not in line]
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"fmn-pl {args[0]}: error: "), proc.stderr
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"fmn-pl {args[0]}: error: "), (
+            proc.stderr
+        )
     assert "YAML syntax error" in lines[0] or "data.max_train_samples" in lines[0]

@@ -74,8 +74,8 @@ def test_head_mask_zero_equals_zeroed_value_rows(family: str, attn: str) -> None
     value = _layer(ref, l).get_submodule(adapter.value)
     d = value.out_features // heads
     with torch.no_grad():
-        value.weight[h * d:(h + 1) * d] = 0
-        value.bias[h * d:(h + 1) * d] = 0
+        value.weight[h * d : (h + 1) * d] = 0
+        value.bias[h * d : (h + 1) * d] = 0
         expected = _hidden(ref, batch)
         plain = _hidden(model, batch)
     torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)
@@ -136,8 +136,13 @@ def _node_grads(model: torch.nn.Module, loss: torch.Tensor) -> tuple[torch.Tenso
     """dL/dm for every head and neuron node at m = 1, from plain weight gradients (no hooks)."""
     adapter = adapter_for(model.config)
     layers, heads, ffn = node_shape(model.config)
-    outs = [(_layer(model, l).get_submodule(adapter.attn_out).weight, _layer(model, l).get_submodule(adapter.ffn_out).weight)
-            for l in range(layers)]
+    outs = [
+        (
+            _layer(model, l).get_submodule(adapter.attn_out).weight,
+            _layer(model, l).get_submodule(adapter.ffn_out).weight,
+        )
+        for l in range(layers)
+    ]
     grads = torch.autograd.grad(loss, [w for pair in outs for w in pair], retain_graph=True)
     head, neuron = torch.zeros(layers, heads, dtype=torch.float64), torch.zeros(layers, ffn, dtype=torch.float64)
     for l, (wa, wf) in enumerate(outs):
@@ -162,14 +167,14 @@ def _slow_mask_fisher(model: torch.nn.Module, batches: list[dict], labels: str =
             keep = batch["attention_mask"][i].bool()
             logits = model(input_ids=batch["input_ids"][i][keep][None]).logits
             if labels == "empirical":
-                terms = [(1.0, _nll(logits, batch["labels"][i:i + 1]))]
+                terms = [(1.0, _nll(logits, batch["labels"][i : i + 1]))]
             else:
                 p = torch.softmax(logits, -1)[0].detach()
                 terms = [(float(p[c]), _nll(logits, torch.tensor([c]))) for c in range(logits.shape[-1])]
             for w, loss in terms:
                 gh, gn = _node_grads(model, loss)
-                head += w * gh ** 2
-                neuron += w * gn ** 2
+                head += w * gh**2
+                neuron += w * gn**2
             n += 1
     return {"head": (head / n).float(), "neuron": (neuron / n).float()}
 
@@ -215,7 +220,7 @@ def test_per_batch_equals_reference_procedure() -> None:
     head, neuron = 0, 0
     for b in batches:
         gh, gn = _node_grads(model, _nll(_logits(model, b), b["labels"]) / len(b["labels"]))
-        head, neuron = head + gh ** 2, neuron + gn ** 2
+        head, neuron = head + gh**2, neuron + gn**2
     _rel_close(fast["head"], head)
     _rel_close(fast["neuron"], neuron)
 
@@ -255,23 +260,39 @@ def test_full_fisher_equals_slow_loop() -> None:
     assert set(fast) == {f"{prefix}.{k}" for k in params}
     # One relative tolerance over all parameters: the key bias's true gradient is 0 (softmax ignores a
     # per-query shift), so its entries are rounding noise that no per-tensor tolerance could match.
-    _rel_close(torch.cat([fast[f"{prefix}.{k}"].reshape(-1) for k in params]),
-               torch.cat([(slow[k] / n).reshape(-1) for k in params]))
+    _rel_close(
+        torch.cat([fast[f"{prefix}.{k}"].reshape(-1) for k in params]),
+        torch.cat([(slow[k] / n).reshape(-1) for k in params]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- pass and CLI
 
 
 def _dm(ckpt: Path, data: Path, n: int = 37) -> GLUEDataModule:
-    return GLUEDataModule(task="rte", data_dir=str(data), tokenizer=str(ckpt), eval_splits=["train"],
-                          max_eval_samples=n, eval_batch_size=8, unpadded_shards=True)
+    return GLUEDataModule(
+        task="rte",
+        data_dir=str(data),
+        tokenizer=str(ckpt),
+        eval_splits=["train"],
+        max_eval_samples=n,
+        eval_batch_size=8,
+        unpadded_shards=True,
+    )
 
 
 def _validate(ckpt: Path, data: Path, devices: int, **kw) -> dict:
     cb = MaskFisherCallback(ckpt, metadata={"task": "rte"}, **kw)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                        use_distributed_sampler=False, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[cb])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
     module = GLUETransformer(str(ckpt), "rte")
     trainer.validate(module, datamodule=_dm(ckpt, data), verbose=False)
     assert not any(m._forward_pre_hooks for m in module.modules())
@@ -304,13 +325,29 @@ def test_ddp_two_processes_equal_one(make_checkpoint: Callable, tiny_glue: Path)
 
 def test_cli_writes_each_kind_with_metadata(make_checkpoint: Callable, tiny_glue: Path) -> None:
     ckpt = make_checkpoint("rte")
-    common = ["--checkpoint", str(ckpt), "--data_dir", str(tiny_glue), "--num_examples", "12",
-              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    common = [
+        "--checkpoint",
+        str(ckpt),
+        "--data_dir",
+        str(tiny_glue),
+        "--num_examples",
+        "12",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     main(common + ["--aggregation", "per_batch", "--labels", "expected", "--seed", "5"])
     art = load_artifact(ckpt, "mask_fisher")
     meta = art.metadata
     assert (meta["task"], meta["split"], meta["num_examples"], meta["aggregation"], meta["labels"], meta["seed"]) == (
-        "rte", "train", 12, "per_batch", "expected", 5)
+        "rte",
+        "train",
+        12,
+        "per_batch",
+        "expected",
+        5,
+    )
     assert meta["nodes"] == [2, 4, 37] and meta["family"] == "bert" and art.get("head").dtype == torch.float32
     main(common + ["--kind", "full"])
     full = load_artifact(ckpt, "full_fisher")
@@ -322,8 +359,10 @@ def test_cli_writes_each_kind_with_metadata(make_checkpoint: Callable, tiny_glue
 def test_cli_from_yaml(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
     ckpt = make_checkpoint("rte")
     cfg = tmp_path / "f.yaml"
-    cfg.write_text(f"checkpoint: {ckpt}\ndata_dir: {tiny_glue}\nnum_examples: 9\nlabels: sampled\n"
-                   "trainer:\n  accelerator: cpu\n  enable_progress_bar: false\n")
+    cfg.write_text(
+        f"checkpoint: {ckpt}\ndata_dir: {tiny_glue}\nnum_examples: 9\nlabels: sampled\n"
+        "trainer:\n  accelerator: cpu\n  enable_progress_bar: false\n"
+    )
     main(["--config", str(cfg)])
     assert load_artifact(ckpt, "mask_fisher").metadata["labels"] == "sampled"
 
@@ -355,8 +394,20 @@ def test_artifact_checks(make_checkpoint: Callable, tiny_glue: Path) -> None:
     from safetensors.torch import save_file
 
     ckpt = make_checkpoint("rte")
-    main(["--checkpoint", str(ckpt), "--data_dir", str(tiny_glue), "--num_examples", "8",
-          "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"])
+    main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--data_dir",
+            str(tiny_glue),
+            "--num_examples",
+            "8",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     path = ckpt / "mask_fisher.safetensors"
     good = path.read_bytes()
     art = load_artifact(ckpt, "mask_fisher")
@@ -392,13 +443,30 @@ def test_cli_under_ddp_launcher_equals_one_process(make_checkpoint: Callable, ti
     import sys
 
     ckpt = make_checkpoint("rte")
-    args = ["--checkpoint", str(ckpt), "--data_dir", str(tiny_glue), "--num_examples", "21", "--batch_size", "4",
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    args = [
+        "--checkpoint",
+        str(ckpt),
+        "--data_dir",
+        str(tiny_glue),
+        "--num_examples",
+        "21",
+        "--batch_size",
+        "4",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     main(args)
     one = load_artifact(ckpt, "mask_fisher").load_all()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run([sys.executable, "-m", "fmn_pl.cli", "fisher", *args, "--trainer.strategy", "ddp",
-                          "--trainer.devices", "2"], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "fmn_pl.cli", "fisher", *args, "--trainer.strategy", "ddp", "--trainer.devices", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     art = load_artifact(ckpt, "mask_fisher")
     assert art.metadata["world_size"] == 2 and art.metadata["num_examples"] == 21
@@ -419,8 +487,13 @@ def test_hooks_and_flags_restored_when_the_pass_fails(make_checkpoint: Callable,
     monkeypatch.setattr(MaskFisher, "_orig_step", MaskFisher.step, raising=False)
     monkeypatch.setattr(MaskFisher, "step", failing_step)
     module = GLUETransformer(str(ckpt), "rte")
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[MaskFisherCallback(ckpt)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[MaskFisherCallback(ckpt)],
+    )
     with pytest.raises(RuntimeError, match="boom"):
         trainer.validate(module, datamodule=_dm(ckpt, tiny_glue), verbose=False)
     assert not any(m._forward_pre_hooks for m in module.modules())
@@ -432,8 +505,15 @@ def test_deberta_v2_adapter_semantics() -> None:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("deberta-v2", vocab_size=160, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=37, max_position_embeddings=64)
+    config = AutoConfig.for_model(
+        "deberta-v2",
+        vocab_size=160,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     model = AutoModelForSequenceClassification.from_config(config).eval()
     batch = _batch()
     masked = _with_node_off(model, batch, "head", 1, 3)

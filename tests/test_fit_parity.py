@@ -22,17 +22,40 @@ def learnable_sst2(root: Path, n_train: int = 192, n_val: int = 96) -> Path:
     for split, n in (("train", n_train), ("validation", n_val)):
         labels = [i % 2 for i in range(n)]
         sentences = [" ".join(rng.sample(words, 5) + (["good"] if y else ["bad"])) for y in labels]
-        pq.write_table(pa.table({"sentence": sentences, "label": pa.array(labels, pa.int64()),
-                                 "idx": pa.array(range(n), pa.int32())}), root / "sst2" / f"{split}.parquet")
+        pq.write_table(
+            pa.table(
+                {"sentence": sentences, "label": pa.array(labels, pa.int64()), "idx": pa.array(range(n), pa.int32())}
+            ),
+            root / "sst2" / f"{split}.parquet",
+        )
     return root
 
 
 def test_plain_and_fmn_pl_agree(tmp_path: Path, tiny_base: Callable[[str], Path], one_thread: None) -> None:
     parity = load_benchmark("fit_parity")
-    args = parity.parser().parse_args([
-        "--model", str(tiny_base("bert")), "--data_dir", str(learnable_sst2(tmp_path / "glue")), "--task", "sst2",
-        "--train_samples", "192", "--holdout", "0", "--epochs", "4", "--lr", "3e-3", "--batch_size", "16",
-        "--seeds", "0", "--grouped"])
+    args = parity.parser().parse_args(
+        [
+            "--model",
+            str(tiny_base("bert")),
+            "--data_dir",
+            str(learnable_sst2(tmp_path / "glue")),
+            "--task",
+            "sst2",
+            "--train_samples",
+            "192",
+            "--holdout",
+            "0",
+            "--epochs",
+            "4",
+            "--lr",
+            "3e-3",
+            "--batch_size",
+            "16",
+            "--seeds",
+            "0",
+            "--grouped",
+        ]
+    )
     result = parity.compare(args)
     plain, fit = (result["scores"][side]["0"] for side in ("plain", "fmn_pl"))
     assert len(plain) == len(fit) == 4

@@ -18,7 +18,9 @@ def _ctx(make_checkpoint: Callable, tiny_base: Callable, evaluate: Callable | No
 
 
 def test_scaling_one_is_the_reference_rule_and_needs_no_base() -> None:
-    assert "base" not in ref_fmn().needs and "base" in ref_fmn(scaling=1.5).needs and "base" in ref_fmn(scaling=None).needs
+    assert (
+        "base" not in ref_fmn().needs and "base" in ref_fmn(scaling=1.5).needs and "base" in ref_fmn(scaling=None).needs
+    )
     assert "needs" not in ref_fmn(scaling=2.0).options()
 
 
@@ -26,7 +28,12 @@ def test_defaults_are_the_study_selection() -> None:
     """The code defaults (docs/study): per_node; the normalization from {none, mean}, p from {0.25, 0.5, 0} and s
     chosen on data together by the mean score."""
     options = FMN().options()
-    assert (options["broadcast"], options["normalize"], options["power"], options["scaling"]) == ("per_node", None, None, None)
+    assert (options["broadcast"], options["normalize"], options["power"], options["scaling"]) == (
+        "per_node",
+        None,
+        None,
+        None,
+    )
     assert options["normalizes"] == ["none", "mean"] and options["powers"] == [0.25, 0.5, 0.0]
     assert options["scalings"] == [1.0, 1.5, 2.0, 2.5]
     assert options["objective"] == "mean" and "base" in FMN().needs
@@ -87,7 +94,9 @@ def test_power_zero_is_the_plain_average(make_checkpoint: Callable) -> None:
 
 
 @pytest.mark.parametrize("objective", ["mean", "worst_gain"])
-def test_objective_chooses_s_as_a_brute_force_search(make_checkpoint: Callable, tiny_base: Callable, objective: str) -> None:
+def test_objective_chooses_s_as_a_brute_force_search(
+    make_checkpoint: Callable, tiny_base: Callable, objective: str
+) -> None:
     """worst_gain: the s whose smallest per-task gain over the plain average is largest (then the mean); the two
     objectives pick different values here, and each matches a search written out over independent bodies."""
     grid = [1.0, 1.5, 2.0, 2.5, 3.0]
@@ -144,9 +153,11 @@ def test_null_power_is_chosen_with_s_as_a_brute_force_search(make_checkpoint: Ca
 
     for objective in ("mean", "worst_gain"):
         avg = evaluate(plain_average(ref_ctx))
+
         def rank(c: tuple[float, float]) -> tuple[float, float]:  # noqa: E306
             sc = evaluate(bodies[c])
             return (min(sc[t] - avg[t] for t in sc) if objective == "worst_gain" else 0.0, sum(sc.values()))
+
         want = max(bodies, key=rank)
         assert want != (powers[0], grid[0])  # not merely the first candidate
         ctx = _ctx(make_checkpoint, tiny_base, evaluate)
@@ -178,8 +189,10 @@ def test_null_power_with_fixed_scaling_one_needs_no_base(make_checkpoint: Callab
     ctx = model_ctx(cks, fishers, evaluate=evaluate)
     merged = dict(method.merge(ctx))
     assert ctx.notes["fmn_power"]["chosen"] == 0.0 and ctx.notes["fmn_scaling"]["chosen"] == 1.0
-    assert ctx.remarks == ["fmn: the selection split chose power 0, the unweighted merge: the plain average itself "
-                           "(no candidate scored better)"]
+    assert ctx.remarks == [
+        "fmn: the selection split chose power 0, the unweighted merge: the plain average itself "
+        "(no candidate scored better)"
+    ]
     for key in target:
         torch.testing.assert_close(merged[key], target[key], rtol=1e-5, atol=1e-6, msg=key)
 
@@ -237,14 +250,22 @@ def test_null_normalize_is_chosen_with_p_and_s_as_a_brute_force_search(
         return {"rte": -sum(float((body[k] - target[k]).abs().sum()) for k in target)}
 
     ctx = _ctx(make_checkpoint, tiny_base, evaluate)
-    merged = dict(ref_fmn(normalize=None, normalizes=normalizes, power=None, powers=powers, scaling=None,
-                          scalings=grid).merge(ctx))
+    merged = dict(
+        ref_fmn(normalize=None, normalizes=normalizes, power=None, powers=powers, scaling=None, scalings=grid).merge(
+            ctx
+        )
+    )
     assert ctx.notes["fmn_normalize"] == {"chosen": "mean", "grid": normalizes}
     assert (ctx.notes["fmn_power"]["chosen"], ctx.notes["fmn_scaling"]["chosen"]) == (1.0, 2.0)
     assert ctx.notes["fmn"]["normalize"] == "mean" and ctx.notes["fmn"]["power"] == 1.0
     assert list(ctx.notes["fmn_scaling"]["scores"]) == [
-        "normalize=none p=1.0 s=1.0", "normalize=none p=1.0 s=2.0", "p=0.0 s=1.0", "p=0.0 s=2.0",
-        "normalize=mean p=1.0 s=1.0", "normalize=mean p=1.0 s=2.0"]
+        "normalize=none p=1.0 s=1.0",
+        "normalize=none p=1.0 s=2.0",
+        "p=0.0 s=1.0",
+        "p=0.0 s=2.0",
+        "normalize=mean p=1.0 s=1.0",
+        "normalize=mean p=1.0 s=2.0",
+    ]
     assert len(evaluations) == 6
     for key in target:
         torch.testing.assert_close(merged[key], target[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -253,8 +274,10 @@ def test_null_normalize_is_chosen_with_p_and_s_as_a_brute_force_search(
         torch.testing.assert_close(bodies[("none", 0.0, 2.0)][key], bodies[("mean", 0.0, 2.0)][key])
 
 
-@pytest.mark.parametrize("bad", [dict(normalize="odd"), dict(normalize=None, normalizes=["none", "odd"]),
-                                 dict(normalize=None, normalizes=[])])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(normalize="odd"), dict(normalize=None, normalizes=["none", "odd"]), dict(normalize=None, normalizes=[])],
+)
 def test_bad_normalize_grid(bad: dict) -> None:
     with pytest.raises(ValueError, match="normalize"):
         ref_fmn(**bad)

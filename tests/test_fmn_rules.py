@@ -25,37 +25,93 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
     ckdir = path.parent
     rules = load_benchmark("fmn_rules", "research")
     out = tmp_path / "rules"
-    argv = ["--checkpoints_dir", str(ckdir), "--tasks", *TASKS, "--out", str(out), "--data_dir", str(tiny_glue),
-            "--max_eval_samples", "16", "--accelerator", "cpu", "--scalings", "1", "3", "--normalizes", "none", "mean",
-            "--powers", "0.25", "0"]
+    argv = [
+        "--checkpoints_dir",
+        str(ckdir),
+        "--tasks",
+        *TASKS,
+        "--out",
+        str(out),
+        "--data_dir",
+        str(tiny_glue),
+        "--max_eval_samples",
+        "16",
+        "--accelerator",
+        "cpu",
+        "--scalings",
+        "1",
+        "3",
+        "--normalizes",
+        "none",
+        "mean",
+        "--powers",
+        "0.25",
+        "0",
+    ]
     report = rules.main(argv)
     assert json.loads(capsys.readouterr().out) == json.loads((out / "rules.json").read_text()) == report
     assert len(list((out / "cells").glob("*.json"))) == 3 + 3 * (1 + 3 * 2)  # none p0.25, mean p0.25, p0 (once)
     by_label = {r["label"]: r for r in report["rules"]}
-    assert list(by_label) == [f"{c}, s by {o}" for c in ("normalize {none, mean}, p from {0.25, 0}",
-                                                         "normalize {none, mean}, p 0.25 alone", "p 0 alone",
-                                                         "p from {0.25, 0}", "p 0.25 alone",
-                                                         "normalize {mean}, p from {0.25, 0}",
-                                                         "normalize {mean}, p 0.25 alone")
-                              for o in ("mean", "worst_gain")]
+    assert list(by_label) == [
+        f"{c}, s by {o}"
+        for c in (
+            "normalize {none, mean}, p from {0.25, 0}",
+            "normalize {none, mean}, p 0.25 alone",
+            "p 0 alone",
+            "p from {0.25, 0}",
+            "p 0.25 alone",
+            "normalize {mean}, p from {0.25, 0}",
+            "normalize {mean}, p 0.25 alone",
+        )
+        for o in ("mean", "worst_gain")
+    ]
 
-    for k, label in enumerate(["normalize {none, mean}, p from {0.25, 0}, s by mean", "p from {0.25, 0}, s by mean",
-                               "p from {0.25, 0}, s by worst_gain", "p 0.25 alone, s by worst_gain"]):
+    for k, label in enumerate(
+        [
+            "normalize {none, mean}, p from {0.25, 0}, s by mean",
+            "p from {0.25, 0}, s by mean",
+            "p from {0.25, 0}, s by worst_gain",
+            "p 0.25 alone, s by worst_gain",
+        ]
+    ):
         rule = by_label[label]
-        options = [f"--method.{name}={value if isinstance(value, str) else json.dumps(value)}"
-                   for name, value in rule["options"].items()]
+        options = [
+            f"--method.{name}={value if isinstance(value, str) else json.dumps(value)}"
+            for name, value in rule["options"].items()
+        ]
         for n, pair in enumerate(["rte+stsb", "rte+mrpc", "stsb+mrpc"]):
             cks = [str(ckdir / t) for t in pair.split("+")]
-            merged = merge_main(["--method", "fmn", "--checkpoints", *cks, *options, "--method.scalings", "[1, 3]",
-                                 "--output", str(tmp_path / f"m{k}_{n}"), "--data_dir", str(tiny_glue),
-                                 "--max_eval_samples", "16", "--progress", "false",
-                                 "--selection_precision", "32", "--selection_screen", "null"])  # the rules' exact search
+            merged = merge_main(
+                [
+                    "--method",
+                    "fmn",
+                    "--checkpoints",
+                    *cks,
+                    *options,
+                    "--method.scalings",
+                    "[1, 3]",
+                    "--output",
+                    str(tmp_path / f"m{k}_{n}"),
+                    "--data_dir",
+                    str(tiny_glue),
+                    "--max_eval_samples",
+                    "16",
+                    "--progress",
+                    "false",
+                    "--selection_precision",
+                    "32",
+                    "--selection_screen",
+                    "null",
+                ]
+            )  # the rules' exact search
             notes = merged["notes"]
             p = notes["fmn_power"]["chosen"] if "fmn_power" in notes else rule["options"]["power"]
             norm = notes["fmn_normalize"]["chosen"] if "fmn_normalize" in notes else rule["options"]["normalize"]
             assert rule["chosen"][pair] == rules.candidate(p, notes["fmn_scaling"]["chosen"], norm), (label, pair)
             if rule["options"]["normalize"] is None:  # the report names the chosen normalization
-                assert f"fmn normalize {norm} (of ['none', 'mean'])" in (tmp_path / f"m{k}_{n}" / "report.md").read_text()
+                assert (
+                    f"fmn normalize {norm} (of ['none', 'mean'])" in (tmp_path / f"m{k}_{n}" / "report.md").read_text()
+                )
             cell = json.loads((out / "cells" / f"{pair}__{rule['chosen'][pair]}.json").read_text())["scores"]
             for task, result in merged["results"].items():
                 assert 100 * result["merged"]["score"] == pytest.approx(cell[task]["validation"], abs=1e-4)
@@ -63,8 +119,11 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
     # gains and wins recomputed from the cells
     rule = by_label["p from {0.25, 0}, s by mean"]
     cells = {p.stem: json.loads(p.read_text())["scores"] for p in (out / "cells").glob("*.json")}
-    gains = [cells[f"{pair}__{c}"][t]["validation"] - cells[f"{pair}__average"][t]["validation"]
-             for pair, c in rule["chosen"].items() for t in pair.split("+")]
+    gains = [
+        cells[f"{pair}__{c}"][t]["validation"] - cells[f"{pair}__average"][t]["validation"]
+        for pair, c in rule["chosen"].items()
+        for t in pair.split("+")
+    ]
     assert rule["gains"]["validation"] == pytest.approx(gains)
     assert rule["summary"]["validation"]["wins"] == sum(g > 0 for g in gains)
     assert "| p from {0.25, 0}, s by mean |" in (out / "rules.md").read_text()
@@ -78,15 +137,24 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
     assert "choices on the validation split" in (out / "rules.choose_on_validation.md").read_text()
     for label in ("p from {0.25, 0}, s by mean", "p from {0.25, 0}, s by worst_gain"):
         for pair, chosen in swapped[label]["chosen"].items():
-            val = {c: {t: v["validation"] for t, v in cells[f"{pair}__{c}"].items()} for c in swapped[label]["candidates"]}
+            val = {
+                c: {t: v["validation"] for t, v in cells[f"{pair}__{c}"].items()} for c in swapped[label]["candidates"]
+            }
             ref = val["p0_s1"]
-            key = ((lambda c: sum(val[c].values())) if label.endswith("mean")
-                   else (lambda c: (min(val[c][t] - ref[t] for t in ref), sum(val[c].values()))))
+            key = (
+                (lambda c: sum(val[c].values()))
+                if label.endswith("mean")
+                else (lambda c: (min(val[c][t] - ref[t] for t in ref), sum(val[c].values())))
+            )
             assert key(chosen) == max(key(c) for c in val), (label, pair)
             assert chosen == next(c for c in val if key(c) == key(chosen))  # ties: the first candidate, as the merge
         assert swapped[label]["gains"]["holdout"] == pytest.approx(
-            [cells[f"{pair}__{c}"][t]["holdout"] - cells[f"{pair}__average"][t]["holdout"]
-             for pair, c in swapped[label]["chosen"].items() for t in pair.split("+")])
+            [
+                cells[f"{pair}__{c}"][t]["holdout"] - cells[f"{pair}__average"][t]["holdout"]
+                for pair, c in swapped[label]["chosen"].items()
+                for t in pair.split("+")
+            ]
+        )
 
     # a rerun scores nothing again
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}

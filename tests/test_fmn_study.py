@@ -23,7 +23,11 @@ GRID = {
     "full_fisher": {"f": {"num_examples": 8}},
     "merges": [
         {"label": "fmn none/reference", "method": "fmn", "options": {**REFERENCE}, "artifact": "a"},
-        {"label": "fmn mean/per_node", "method": "fmn", "options": {**REFERENCE, "normalize": "mean", "broadcast": "per_node"}},
+        {
+            "label": "fmn mean/per_node",
+            "method": "fmn",
+            "options": {**REFERENCE, "normalize": "mean", "broadcast": "per_node"},
+        },
         {"label": "fmn [b]", "method": "fmn", "artifact": "b"},  # the defaults: s chosen on the holdout rows
         {"label": "task_arithmetic", "method": "task_arithmetic", "options": {"scaling": None, "scalings": [0.5, 1.0]}},
         {"label": "fisher", "method": "fisher", "artifact": "f"},
@@ -56,8 +60,22 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(GRID))
     out = tmp_path / "study"
-    argv = ["--checkpoints_dir", str(checkpoints), "--tasks", *TASKS, "--out", str(out), "--data_dir", str(tiny_glue),
-            "--grid", str(grid), "--accelerator", "cpu", "--batch_size", "16"]
+    argv = [
+        "--checkpoints_dir",
+        str(checkpoints),
+        "--tasks",
+        *TASKS,
+        "--out",
+        str(out),
+        "--data_dir",
+        str(tiny_glue),
+        "--grid",
+        str(grid),
+        "--accelerator",
+        "cpu",
+        "--batch_size",
+        "16",
+    ]
     report = study.main(argv)
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((out / "study.json").read_text())
@@ -70,7 +88,8 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
     # every (option, pair, task) cell once, gains over that cell's average
     cells = saved["cells"]
     assert sorted((c["label"], c["combo"], c["task"]) for c in cells) == sorted(
-        (lb, p, t) for lb in labels for p in pairs for t in p.split("+"))
+        (lb, p, t) for lb in labels for p in pairs for t in p.split("+")
+    )
     avg = {(c["combo"], c["task"]): c for c in cells if c["label"] == "average"}
     for c in cells:
         for split in ("validation", "holdout"):
@@ -88,7 +107,9 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
         for split, (score_col, gain_col, wins_col) in {"validation": (1, 2, 3), "holdout": (4, 5, 6)}.items():
             wins = sum(c[split] > c[f"average_{split}"] for c in mine)
             assert rows[label][wins_col] == f"{wins}/6", (label, split)
-            assert float(rows[label][gain_col]) == pytest.approx(sum(c[split] - c[f"average_{split}"] for c in mine) / 6, abs=0.006)
+            assert float(rows[label][gain_col]) == pytest.approx(
+                sum(c[split] - c[f"average_{split}"] for c in mine) / 6, abs=0.006
+            )
             assert float(rows[label][score_col]) == pytest.approx(sum(c[split] for c in mine) / 6, abs=0.006)
     assert rows["average"][3] == "0/6"
     per_cell = table(md, "## Validation gain per pair cell")
@@ -113,19 +134,33 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
 
     # views: hard links of the checkpoints, which get no artifact
     for task in TASKS:
-        assert not any((checkpoints / task / f).exists() for f in ("mask_fisher.safetensors", "full_fisher.safetensors"))
-        assert os.path.samefile(checkpoints / task / "model.safetensors", out / "views" / "a" / task / "model.safetensors")
+        assert not any(
+            (checkpoints / task / f).exists() for f in ("mask_fisher.safetensors", "full_fisher.safetensors")
+        )
+        assert os.path.samefile(
+            checkpoints / task / "model.safetensors", out / "views" / "a" / task / "model.safetensors"
+        )
         assert (out / "views" / "f" / task / "full_fisher.safetensors").is_file()
 
     # one cell against the saved model of `fmn-pl merge` on the same view
     from fmn_pl.merge import run_merge
 
     views = [str(out / "views" / "a" / t) for t in ("rte", "stsb")]
-    merged = run_merge(views, FMN(**{**REFERENCE, "normalize": "mean", "broadcast": "per_node"}), str(tmp_path / "merged"),
-                       data_dir=str(tiny_glue), batch_size=16, cache=False, compare_average=False, accelerator="cpu",
-                       progress=False)
+    merged = run_merge(
+        views,
+        FMN(**{**REFERENCE, "normalize": "mean", "broadcast": "per_node"}),
+        str(tmp_path / "merged"),
+        data_dir=str(tiny_glue),
+        batch_size=16,
+        cache=False,
+        compare_average=False,
+        accelerator="cpu",
+        progress=False,
+    )
     for task in ("rte", "stsb"):
-        cell = next(c for c in cells if c["label"] == "fmn mean/per_node" and c["combo"] == "rte+stsb" and c["task"] == task)
+        cell = next(
+            c for c in cells if c["label"] == "fmn mean/per_node" and c["combo"] == "rte+stsb" and c["task"] == task
+        )
         assert cell["validation"] == pytest.approx(100 * merged["results"][task]["merged"]["score"], abs=1e-4)
 
     # resume: nothing recomputed, no cell rewritten; an added option (and the 3-task merge) computes only new cells
@@ -134,8 +169,22 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
     assert again["computed"] == {"cells": 0, "artifacts": 0}
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps
     assert [c for c in again["cells"]] == cells
-    grid.write_text(yaml.safe_dump({**GRID, "merges": [*GRID["merges"], {
-        "label": "fmn layer/reference", "method": "fmn", "options": {**REFERENCE, "normalize": "layer"}, "artifact": "b"}]}))
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                **GRID,
+                "merges": [
+                    *GRID["merges"],
+                    {
+                        "label": "fmn layer/reference",
+                        "method": "fmn",
+                        "options": {**REFERENCE, "normalize": "layer"},
+                        "artifact": "b",
+                    },
+                ],
+            }
+        )
+    )
     more = study.main([*argv, "--combos", "all"])
     assert more["computed"] == {"cells": 3 + 1 + len(GRID["merges"]) + 1, "artifacts": 0}
     md = (out / "study.md").read_text()
@@ -143,20 +192,35 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
     assert list(table(md, "## All tasks merged (3 cells)")) == [*labels, "fmn layer/reference"]
     assert more["summary"]["pairs"]["fmn [b]"] == saved["summary"]["pairs"]["fmn [b]"]
     assert study.main([*argv, "--merges", "fmn [b]", "task_*"])["summary"]["pairs"].keys() == {
-        "individual", "average", "fmn [b]", "task_arithmetic"}
+        "individual",
+        "average",
+        "fmn [b]",
+        "task_arithmetic",
+    }
     assert list(table(md, "## Artifact cost (per task)")) == ["a", "b", "f"]  # read back, none recomputed
 
 
 def test_study_refuses_bad_inputs(checkpoints: Path, tiny_glue: Path, tmp_path: Path) -> None:
     study = load_benchmark("fmn_study", "research")
-    base = ["--checkpoints_dir", str(checkpoints), "--tasks", "rte", "mrpc", "--out", str(tmp_path / "s"),
-            "--data_dir", str(tiny_glue)]
+    base = [
+        "--checkpoints_dir",
+        str(checkpoints),
+        "--tasks",
+        "rte",
+        "mrpc",
+        "--out",
+        str(tmp_path / "s"),
+        "--data_dir",
+        str(tiny_glue),
+    ]
     grid = tmp_path / "grid.yaml"
-    for bad, match in (({"merges": [{"label": "x", "method": "nope"}]}, "unknown method"),
-                       ({"merges": [{"label": "x", "method": "fmn", "artifact": "zz"}]}, "needs a mask_fisher variant"),
-                       ({"merges": [{"label": "x", "method": "fmn", "options": {"normalize": "odd"}}]}, "bad options"),
-                       ({"merges": [{"label": "x", "method": "tall"}]}, "its own body"),
-                       ({"colour": 1}, "expected a mapping")):
+    for bad, match in (
+        ({"merges": [{"label": "x", "method": "nope"}]}, "unknown method"),
+        ({"merges": [{"label": "x", "method": "fmn", "artifact": "zz"}]}, "needs a mask_fisher variant"),
+        ({"merges": [{"label": "x", "method": "fmn", "options": {"normalize": "odd"}}]}, "bad options"),
+        ({"merges": [{"label": "x", "method": "tall"}]}, "its own body"),
+        ({"colour": 1}, "expected a mapping"),
+    ):
         grid.write_text(yaml.safe_dump(bad))
         with pytest.raises(ValueError, match=match):
             study.main([*base, "--grid", str(grid)])
@@ -177,11 +241,26 @@ def test_merge_body_equals_saved_merge(make_checkpoint, tiny_glue: Path, tmp_pat
     a, b = make_checkpoint("rte", seed=1), make_checkpoint("mrpc", seed=2)
     for method in (Ties(scaling=0.7), TaskArithmetic(scaling=None, scalings=[0.3, 0.9])):
         notes: dict = {}
-        body = merge_body([a, b], method, data_dir=str(tiny_glue), selection_split="validation", accelerator="cpu",
-                          notes=notes, log=lambda m: None)
+        body = merge_body(
+            [a, b],
+            method,
+            data_dir=str(tiny_glue),
+            selection_split="validation",
+            accelerator="cpu",
+            notes=notes,
+            log=lambda m: None,
+        )
         out = tmp_path / type(method).__name__
-        run_merge([str(a), str(b)], method, str(out), data_dir=str(tiny_glue), selection_split="validation",
-                  evaluate=False, accelerator="cpu", progress=False)
+        run_merge(
+            [str(a), str(b)],
+            method,
+            str(out),
+            data_dir=str(tiny_glue),
+            selection_split="validation",
+            evaluate=False,
+            accelerator="cpu",
+            progress=False,
+        )
         saved = load_file(out / "model.safetensors")
         assert saved.keys() == body.keys()
         for key in saved:
@@ -195,9 +274,20 @@ def test_pooled_selection_chooses_on_every_holdout_cell(tmp_path: Path) -> None:
     study = load_benchmark("fmn_study", "research")
 
     def cells(gains: dict[str, tuple[float, float]]) -> list[dict]:
-        return [{"label": lb, "pair": True, "combo": "x+y", "task": t, "validation": v, "holdout": h,
-                 "gain_validation": v, "gain_holdout": h}
-                for lb, (v, h) in gains.items() for t in ("x", "y")]
+        return [
+            {
+                "label": lb,
+                "pair": True,
+                "combo": "x+y",
+                "task": t,
+                "validation": v,
+                "holdout": h,
+                "gain_validation": v,
+                "gain_holdout": h,
+            }
+            for lb, (v, h) in gains.items()
+            for t in ("x", "y")
+        ]
 
     here = cells({"fmn a": (1.0, 2.0), "fmn b": (3.0, 1.0)})
     other = tmp_path / "other.json"

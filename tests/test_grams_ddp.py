@@ -16,12 +16,26 @@ from fmn_pl.module import GLUETransformer
 
 
 def _pass(ckpt: Path, data: Path, devices: int, include_padding: bool = False) -> dict[str, torch.Tensor]:
-    dm = GLUEDataModule(task="rte", data_dir=str(data), tokenizer=str(ckpt), eval_splits=["train"],
-                        max_eval_samples=37, eval_batch_size=8, unpadded_shards=True)
+    dm = GLUEDataModule(
+        task="rte",
+        data_dir=str(data),
+        tokenizer=str(ckpt),
+        eval_splits=["train"],
+        max_eval_samples=37,
+        eval_batch_size=8,
+        unpadded_shards=True,
+    )
     cb = GramCallback(ckpt, include_padding=include_padding, metadata={"task": "rte"})
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                        use_distributed_sampler=False, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[cb])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
     trainer.validate(GLUETransformer(str(ckpt), "rte"), datamodule=dm, verbose=False)
     art = load_artifact(ckpt, "grams")
     assert art.metadata["num_examples"] == 37 and art.metadata["include_padding"] is include_padding

@@ -13,13 +13,20 @@ from typing import Callable
 
 import pytest
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fmn_pl.cli", *args], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fmn_pl.cli", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV
+    )
 
 
 def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], signum: int, log: Path, timeout: float = 120) -> int:
@@ -38,14 +45,24 @@ def last_line(log: Path) -> str:
 
 
 def fit_args(base: Path, data: Path, root: Path, export: Path) -> list[str]:
-    return ["fit", f"--model.model_name_or_path={base}", "--data.task=rte", f"--data.data_dir={data}",
-            "--data.batch_size=4", "--trainer.max_epochs=100000", "--trainer.accelerator=cpu",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", f"--export.dirpath={export}"]
+    return [
+        "fit",
+        f"--model.model_name_or_path={base}",
+        "--data.task=rte",
+        f"--data.data_dir={data}",
+        "--data.batch_size=4",
+        "--trainer.max_epochs=100000",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",
+        f"--export.dirpath={export}",
+    ]
 
 
 @pytest.mark.parametrize("signum, status, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
-def test_fit_interrupted(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, signum: int, status: int,
-                         name: str) -> None:
+def test_fit_interrupted(
+    tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, signum: int, status: int, name: str
+) -> None:
     log, export = tmp_path / "log", tmp_path / "export"
     proc = start(fit_args(tiny_base("bert"), tiny_glue, tmp_path / "root", export), log)
     hparams = lambda: any((tmp_path / "root").rglob("metrics.csv"))  # noqa: E731 - an epoch has been logged
@@ -57,9 +74,21 @@ def test_fit_interrupted(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_
 def test_merge_interrupted_leaves_no_temp_folder(tmp_path: Path, make_checkpoint: Callable, tiny_glue: Path) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mrpc"])]
     log, out = tmp_path / "log", tmp_path / "merged"
-    proc = start(["merge", "--method=adamerging", "--method.steps=100000", "--method.batch_size=2",
-                  "--checkpoints", *map(str, cks), f"--output={out}", f"--data_dir={tiny_glue}", "--progress=false",
-                  "--selection_split=validation"], log)
+    proc = start(
+        [
+            "merge",
+            "--method=adamerging",
+            "--method.steps=100000",
+            "--method.batch_size=2",
+            "--checkpoints",
+            *map(str, cks),
+            f"--output={out}",
+            f"--data_dir={tiny_glue}",
+            "--progress=false",
+            "--selection_split=validation",
+        ],
+        log,
+    )
     temp = lambda: any(p.name.startswith(".merged.tmp") for p in tmp_path.iterdir())  # noqa: E731
     assert signal_when(proc, temp, signal.SIGTERM, log) == 143
     assert "interrupted by SIGTERM" in last_line(log) and "Traceback" not in log.read_text()
@@ -83,7 +112,8 @@ def test_pipeline_interrupted_stamps_nothing(tmp_path: Path, tiny_base: Callable
 
 
 def test_fit_sigterm_then_resume_exports_the_best_epoch_of_the_whole_run(
-        tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path) -> None:
+    tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path
+) -> None:
     """SIGTERM saves a resumable last.ckpt (the export's best epoch inside it); `--ckpt_path last` goes on, and
     the export is the best epoch over both parts of the run."""
     import json
@@ -92,19 +122,43 @@ def test_fit_sigterm_then_resume_exports_the_best_epoch_of_the_whole_run(
 
     ckpts, root, export = tmp_path / "ckpts", tmp_path / "root", tmp_path / "export"
     config = tmp_path / "fit.yaml"
-    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {"dirpath": str(ckpts), "monitor": "val/score", "mode": "max", "save_top_k": 1,
-                      "save_last": True}}]}}))
-    args = [*fit_args(tiny_base("bert"), tiny_glue, root, export), "--config", str(config),
-            "--model.learning_rate=1e-3"]
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks": [
+                        {
+                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {
+                                "dirpath": str(ckpts),
+                                "monitor": "val/score",
+                                "mode": "max",
+                                "save_top_k": 1,
+                                "save_last": True,
+                            },
+                        }
+                    ]
+                }
+            }
+        )
+    )
+    args = [
+        *fit_args(tiny_base("bert"), tiny_glue, root, export),
+        "--config",
+        str(config),
+        "--model.learning_rate=1e-3",
+    ]
     log = tmp_path / "log"
     two_epochs = lambda: sum(1 for _ in root.rglob("metrics.csv")) and len(scores(root)) >= 2  # noqa: E731
     assert signal_when(start(args, log), two_epochs, signal.SIGTERM, log) == 143
     assert (ckpts / "last.ckpt").is_file() and "saved" in log.read_text() and not export.exists()
     before = scores(root)
-    resumed = subprocess.run([sys.executable, "-m", "fmn_pl.cli", *args, "--ckpt_path=last",
-                              f"--trainer.max_epochs={len(before) + 2}"], capture_output=True, text=True, env=ENV)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fmn_pl.cli", *args, "--ckpt_path=last", f"--trainer.max_epochs={len(before) + 2}"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     every = scores(root)
     logs = sorted(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
@@ -126,8 +180,9 @@ def scores(root: Path) -> dict[int, float]:
     return out
 
 
-def test_pipeline_fit_sigterm_then_rerun_resumes(tmp_path: Path, tiny_base: Callable[[str], Path],
-                                                 tiny_glue: Path) -> None:
+def test_pipeline_fit_sigterm_then_rerun_resumes(
+    tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path
+) -> None:
     """A pipeline stopped by SIGTERM mid fine-tuning leaves a resumable checkpoint, and the rerun with the same
     options goes on from it (not from epoch 0), then clears it; other options would start afresh."""
     import yaml
@@ -138,13 +193,24 @@ def test_pipeline_fit_sigterm_then_rerun_resumes(tmp_path: Path, tiny_base: Call
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     log, run = tmp_path / "log", tmp_path / "run"
     two_epochs = lambda: len(scores(run / "logs")) >= 2  # noqa: E731
-    assert signal_when(start(["pipeline", "--config", str(tmp_path / "p.yaml"), "--only", "fit/rte"], log), two_epochs,
-                       signal.SIGTERM, log) == 143
+    assert (
+        signal_when(
+            start(["pipeline", "--config", str(tmp_path / "p.yaml"), "--only", "fit/rte"], log),
+            two_epochs,
+            signal.SIGTERM,
+            log,
+        )
+        == 143
+    )
     saved = list((run / "resume").glob("rte-*/last.ckpt"))
     assert len(saved) == 1 and not (run / "checkpoints" / "rte").exists()
     interrupted = max(scores(run / "logs"))
-    proc = subprocess.run([sys.executable, "-m", "fmn_pl.cli", "pipeline", "--config", str(tmp_path / "p.yaml"),
-                           "--only", "fit/rte"], capture_output=True, text=True, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmn_pl.cli", "pipeline", "--config", str(tmp_path / "p.yaml"), "--only", "fit/rte"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resuming from {saved[0]}" in proc.stderr
     fit_log = (run / "logs" / "fit__rte.log").read_text()

@@ -13,11 +13,11 @@ import torch
 
 from fmn_pl.artifacts import artifact_path, save_artifact
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
-from fmn_pl.metrics import SCALE_METRICS
 from fmn_pl.cli import shell
 from fmn_pl.merge import build_parser, main, normalize_argv, run_merge
 from fmn_pl.merging.base import CheckpointReader, MergeContext
 from fmn_pl.merging.fmn import FMN
+from fmn_pl.metrics import SCALE_METRICS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "merge"
 
@@ -25,7 +25,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "merge"
 def add_fisher(ckpt: Path, seed: int, kind: str = "mask_fisher", fingerprint_of: Path | None = None) -> Path:
     g = torch.Generator().manual_seed(seed)
     tensors = {"head": torch.rand(2, 4, generator=g), "neuron": torch.rand(2, 37, generator=g)}
-    meta = {"kind": kind, "task": read_metadata(ckpt)["task"], "fingerprint": weights_fingerprint(fingerprint_of or ckpt)}
+    meta = {
+        "kind": kind,
+        "task": read_metadata(ckpt)["task"],
+        "fingerprint": weights_fingerprint(fingerprint_of or ckpt),
+    }
     return save_artifact(artifact_path(ckpt, "mask_fisher"), tensors, meta)
 
 
@@ -46,8 +50,14 @@ def memory_merge(checkpoints: list[Path], method: object) -> dict[str, torch.Ten
 
     readers = [CheckpointReader(c) for c in checkpoints]
     keys = [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]
-    ctx = MergeContext(checkpoints=checkpoints, tasks=[read_metadata(c)["task"] for c in checkpoints],
-                       config=AutoConfig.from_pretrained(checkpoints[0]), body_prefix="bert.", keys=keys, readers=readers)
+    ctx = MergeContext(
+        checkpoints=checkpoints,
+        tasks=[read_metadata(c)["task"] for c in checkpoints],
+        config=AutoConfig.from_pretrained(checkpoints[0]),
+        body_prefix="bert.",
+        keys=keys,
+        readers=readers,
+    )
     return dict(method.merge(ctx))  # type: ignore[attr-defined]
 
 
@@ -58,9 +68,20 @@ def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: 
     for s, c in enumerate(cks):
         add_fisher(c, s)
     out = tmp_path / "out"
-    report = main(["--method", "fmn", "--method.broadcast", "per_node", "--method.normalize=mean", "--method.scaling=1",
-                   "--method.power=0.25",
-                   "--checkpoints", *map(str, cks), *common(out, tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "fmn",
+            "--method.broadcast",
+            "per_node",
+            "--method.normalize=mean",
+            "--method.scaling=1",
+            "--method.power=0.25",
+            "--checkpoints",
+            *map(str, cks),
+            *common(out, tiny_glue),
+        ]
+    )
     assert report is not None
 
     # the saved per-task models are the in-memory merge with each task's own head
@@ -79,8 +100,9 @@ def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: 
         assert read_metadata(out / task)["fingerprint"] == weights_fingerprint(out / task)
         assert read_metadata(out / task)["merged"]["method"] == "fmn"
     body = AutoModel.from_pretrained(out)  # the bare merged body loads too
-    torch.testing.assert_close(body.encoder.layer[1].output.dense.weight,
-                               merged["bert.encoder.layer.1.output.dense.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        body.encoder.layer[1].output.dense.weight, merged["bert.encoder.layer.1.output.dense.weight"], rtol=0, atol=0
+    )
 
     # the report
     on_disk = json.loads((out / "report.json").read_text())
@@ -110,8 +132,9 @@ def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: 
     assert ev.evaluate(0) == pytest.approx(on_disk["results"]["rte"]["individual"])
 
 
-def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_individual_and_average_scores_are_cached(
+    make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fmn_pl.evaluate import Evaluator
 
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mnli"])]
@@ -131,8 +154,16 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
         return original(self, i, model_dir, body)
 
     monkeypatch.setattr(Evaluator, "evaluate", counting)
-    second = main(["--method=fmn", "--method.broadcast=reference", *fixed, "--checkpoints", *map(str, cks),
-                   *common(tmp_path / "b", tiny_glue)])
+    second = main(
+        [
+            "--method=fmn",
+            "--method.broadcast=reference",
+            *fixed,
+            "--checkpoints",
+            *map(str, cks),
+            *common(tmp_path / "b", tiny_glue),
+        ]
+    )
     assert len(calls) == 2 and all(c is not None for c in calls)  # only the two merged models
     for t in ("rte", "mnli"):
         assert second["results"][t]["individual"] == first["results"][t]["individual"]
@@ -140,10 +171,24 @@ def test_individual_and_average_scores_are_cached(make_checkpoint: Callable, tin
     assert (cks[0] / "fmn_pl_eval.json").is_file()
 
 
-def test_task_arithmetic_scaling_chosen_and_reported(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
+def test_task_arithmetic_scaling_chosen_and_reported(
+    make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path
+) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "sst2"])]
-    report = main(["--method", "task_arithmetic", "--method.scalings=[0.5, 1.0]", "--checkpoints", *map(str, cks),
-                   "--selection_samples", "8", "--compare_average", "false", *common(tmp_path / "o", tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "task_arithmetic",
+            "--method.scalings=[0.5, 1.0]",
+            "--checkpoints",
+            *map(str, cks),
+            "--selection_samples",
+            "8",
+            "--compare_average",
+            "false",
+            *common(tmp_path / "o", tiny_glue),
+        ]
+    )
     sel = report["selection"]
     assert sel["split"] == "validation" and sel["transductive"] and sel["evaluations"] == 2 and sel["max_samples"] == 8
     assert report["notes"]["task_arithmetic_scaling"]["chosen"] in (0.5, 1.0)
@@ -154,8 +199,17 @@ def test_fmn_defaults_choose_power_and_scaling(make_checkpoint: Callable, tiny_g
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "sst2"])]
     for s, c in enumerate(cks):
         add_fisher(c, s)
-    report = main(["--method", "fmn", "--checkpoints", *map(str, cks), "--selection_samples", "8",
-                   *common(tmp_path / "o", tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "fmn",
+            "--checkpoints",
+            *map(str, cks),
+            "--selection_samples",
+            "8",
+            *common(tmp_path / "o", tiny_glue),
+        ]
+    )
     options = report["options"]
     assert options["power"] is None and options["normalize"] is None and options["broadcast"] == "per_node"
     # every (normalize, p, s) of {none, mean} x {0.25, 0.5} x [1, 1.5, 2, 2.5] and p = 0 (one body: no Fisher in
@@ -166,9 +220,13 @@ def test_fmn_defaults_choose_power_and_scaling(make_checkpoint: Callable, tiny_g
     assert s in (1.0, 1.5, 2.0, 2.5) and p in (0.25, 0.5, 0.0) and n in ("none", "mean")
     means = notes["fmn_scaling"]["mean_scores"]
     assert len(means) == len(notes["fmn_scaling"]["scores"]) == 20
-    assert means[(f"normalize={n} " if p else "") + f"p={p} s={s}"] == max(means.values()) and notes["fmn"]["power"] == p
-    assert (f"(20 evaluations): fmn scaling {s} (of [1.0, 1.5, 2.0, 2.5]), by mean, fmn power {p} (of [0.25, 0.5, 0.0])"
-            in (tmp_path / "o" / "report.md").read_text())
+    assert (
+        means[(f"normalize={n} " if p else "") + f"p={p} s={s}"] == max(means.values()) and notes["fmn"]["power"] == p
+    )
+    assert (
+        f"(20 evaluations): fmn scaling {s} (of [1.0, 1.5, 2.0, 2.5]), by mean, fmn power {p} (of [0.25, 0.5, 0.0])"
+        in (tmp_path / "o" / "report.md").read_text()
+    )
 
 
 def test_screening_keeps_the_best_finalists(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
@@ -177,8 +235,21 @@ def test_screening_keeps_the_best_finalists(make_checkpoint: Callable, tiny_glue
     cks = [make_checkpoint(t, seed=s, noise=0.2) for s, t in enumerate(["rte", "sst2"])]
     for s, c in enumerate(cks):
         add_fisher(c, s)
-    report = main(["--method", "fmn", "--checkpoints", *map(str, cks), "--selection_samples", "16",
-                   "--selection_screen", "4", "--selection_finalists", "3", *common(tmp_path / "o", tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "fmn",
+            "--checkpoints",
+            *map(str, cks),
+            "--selection_samples",
+            "16",
+            "--selection_screen",
+            "4",
+            "--selection_finalists",
+            "3",
+            *common(tmp_path / "o", tiny_glue),
+        ]
+    )
     notes = report["notes"]["fmn_scaling"]
     screened = notes["screened"]
     assert screened["rows"] == 4 and len(screened["mean_scores"]) == 20
@@ -192,8 +263,18 @@ def test_screening_keeps_the_best_finalists(make_checkpoint: Callable, tiny_glue
 def test_ties_uses_recorded_base_and_no_eval(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mrpc"])]
     out = tmp_path / "o"
-    report = main(["--method", "ties", "--method.top_k", "50", "--checkpoints", *map(str, cks), "--no_eval",
-                   *common(out, tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "ties",
+            "--method.top_k",
+            "50",
+            "--checkpoints",
+            *map(str, cks),
+            "--no_eval",
+            *common(out, tiny_glue),
+        ]
+    )
     assert "results" not in report and report["base"]["path"] == read_metadata(cks[0])["base_model"]
     assert (out / "rte" / "model-head.safetensors").is_file() and not (out / "report.png").exists()
     assert "Not evaluated" in (out / "report.md").read_text()
@@ -202,7 +283,9 @@ def test_ties_uses_recorded_base_and_no_eval(make_checkpoint: Callable, tiny_glu
 def test_save_model_false_keeps_reports_only(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mrpc"])]
     out = tmp_path / "o"
-    report = main(["--method", "average", "--checkpoints", *map(str, cks), "--save_model", "false", *common(out, tiny_glue)])
+    report = main(
+        ["--method", "average", "--checkpoints", *map(str, cks), "--save_model", "false", *common(out, tiny_glue)]
+    )
     assert report["results"]["rte"]["merged"] == report["results"]["rte"]["average"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("report")) == ["config.yaml"]
 
@@ -234,8 +317,15 @@ def test_help_shows_methods_and_their_options(capsys: pytest.CaptureFixture) -> 
 # ---------------------------------------------------------------------------------------------- bad input
 
 
-def export_variant(tmp: Path, tiny_base: Callable, name: str, task: str = "mrpc", family: str = "bert",
-                   vocab: dict[str, int] | None = None, **config: object) -> Path:
+def export_variant(
+    tmp: Path,
+    tiny_base: Callable,
+    name: str,
+    task: str = "mrpc",
+    family: str = "bert",
+    vocab: dict[str, int] | None = None,
+    **config: object,
+) -> Path:
     """A task checkpoint whose config differs (layers, hidden size, vocabulary, family) or whose tokenizer does."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertTokenizerFast
 
@@ -254,15 +344,23 @@ def export_variant(tmp: Path, tiny_base: Callable, name: str, task: str = "mrpc"
     tok = AutoTokenizer.from_pretrained(tiny_base(family))
     if vocab is not None:
         tok = BertTokenizerFast(vocab=vocab)
-    meta = {"task": task, "label_names": list(spec.label_names), "num_labels": spec.num_labels,
-            "base_model": str(tiny_base(family)), "metrics": {}}
+    meta = {
+        "task": task,
+        "label_names": list(spec.label_names),
+        "num_labels": spec.num_labels,
+        "base_model": str(tiny_base(family)),
+        "metrics": {},
+    }
     return export_checkpoint(model, tok, tmp / name, meta)
 
 
 @pytest.mark.parametrize(
     ("variant", "message"),
     [
-        ({"num_hidden_layers": 3}, r"has num_hidden_layers=3 but .* has num_hidden_layers=2: checkpoints of different architectures"),
+        (
+            {"num_hidden_layers": 3},
+            r"has num_hidden_layers=3 but .* has num_hidden_layers=2: checkpoints of different architectures",
+        ),
         ({"hidden_size": 48, "intermediate_size": 37}, r"has hidden_size=48 but .* has hidden_size=32"),
         ({"vocab_size": 170}, r"has vocab_size=170 but .* has vocab_size=160"),
         ({"family": "distilbert"}, r"has model_type=distilbert but .* has model_type=bert"),
@@ -270,8 +368,15 @@ def export_variant(tmp: Path, tiny_base: Callable, name: str, task: str = "mrpc"
     ],
     ids=["layers", "hidden", "vocab", "family", "tokenizer"],
 )
-def test_mismatched_checkpoints_are_refused(variant: dict, message: str, make_checkpoint: Callable, tiny_base: Callable,
-                                            tiny_glue: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_mismatched_checkpoints_are_refused(
+    variant: dict,
+    message: str,
+    make_checkpoint: Callable,
+    tiny_base: Callable,
+    tiny_glue: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     good = make_checkpoint("rte")
     variant = dict(variant)
     family = variant.pop("family", "bert")
@@ -283,14 +388,18 @@ def test_mismatched_checkpoints_are_refused(variant: dict, message: str, make_ch
         vocab["[SEP]"], vocab["[MASK]"] = vocab["[MASK]"], vocab["[SEP]"]  # same tokens, different ids
     other = export_variant(tmp_path, tiny_base, "other", family=family, vocab=vocab, **variant)
     out = tmp_path / "out"
-    code, err = run_main(["--method", "average", "--checkpoints", str(good), str(other), *common(out, tiny_glue)], capsys)
+    code, err = run_main(
+        ["--method", "average", "--checkpoints", str(good), str(other), *common(out, tiny_glue)], capsys
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("fmn-pl merge: error: ")
     assert __import__("re").search(message, err), err
     assert not out.exists()
 
 
-def test_input_errors(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_input_errors(
+    make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     rte, mrpc = make_checkpoint("rte", seed=0), make_checkpoint("mrpc", seed=1)
     out = tmp_path / "out"
 
@@ -301,18 +410,26 @@ def test_input_errors(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path
 
     refused(["--method", "average", "--checkpoints", str(rte)], "at least two checkpoints, got 1")
     twin = make_checkpoint("rte", seed=5, name="rte-again")
-    refused(["--method", "average", "--checkpoints", str(rte), str(twin)], "are both task 'rte': each task may appear once")
+    refused(
+        ["--method", "average", "--checkpoints", str(rte), str(twin)], "are both task 'rte': each task may appear once"
+    )
     refused(["--method", "average", "--checkpoints", str(rte), str(tmp_path / "nope")], "does not exist")
     # Fisher artifacts: missing, computed on other weights, of the wrong kind, or of a kind the method cannot use
-    refused(["--method", "fmn", "--checkpoints", str(rte), str(mrpc)],
-            r"method fmn needs a mask_fisher artifact beside .*rte.* compute it with `fmn-pl fisher")
+    refused(
+        ["--method", "fmn", "--checkpoints", str(rte), str(mrpc)],
+        r"method fmn needs a mask_fisher artifact beside .*rte.* compute it with `fmn-pl fisher",
+    )
     add_fisher(rte, 0)
     add_fisher(mrpc, 1, fingerprint_of=rte)
     refused(["--method", "fmn", "--checkpoints", str(rte), str(mrpc)], r"was computed on weights .* recompute it")
     add_fisher(mrpc, 1, kind="full_fisher")
-    refused(["--method", "fmn", "--checkpoints", str(rte), str(mrpc)], r"is a 'full_fisher' artifact, not 'mask_fisher'")
-    refused(["--method", "fisher", "--checkpoints", str(rte), str(mrpc)],
-            r"method fisher needs a full_fisher artifact .* it has mask_fisher .*--kind full")
+    refused(
+        ["--method", "fmn", "--checkpoints", str(rte), str(mrpc)], r"is a 'full_fisher' artifact, not 'mask_fisher'"
+    )
+    refused(
+        ["--method", "fisher", "--checkpoints", str(rte), str(mrpc)],
+        r"method fisher needs a full_fisher artifact .* it has mask_fisher .*--kind full",
+    )
     # a base model that is not these checkpoints' pretrained model
     other_base = tmp_path / "other-base"
     from transformers import AutoModel
@@ -320,8 +437,20 @@ def test_input_errors(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path
     from tests.conftest import tiny_config
 
     AutoModel.from_config(tiny_config("bert", layers=1)).save_pretrained(other_base)
-    refused(["--method", "task_arithmetic", "--method.scaling", "0.5", "--checkpoints", str(rte), str(mrpc),
-             "--base", str(other_base)], r"base model .* lacks tensor 'bert.encoder.layer.1")
+    refused(
+        [
+            "--method",
+            "task_arithmetic",
+            "--method.scaling",
+            "0.5",
+            "--checkpoints",
+            str(rte),
+            str(mrpc),
+            "--base",
+            str(other_base),
+        ],
+        r"base model .* lacks tensor 'bert.encoder.layer.1",
+    )
     refused(["--method", "nonsense", "--checkpoints", str(rte), str(mrpc)], r"nonsense")
     # an existing output folder is refused and left untouched
     out.mkdir()
@@ -331,8 +460,9 @@ def test_input_errors(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_nothing_half_written_when_a_merge_fails(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nothing_half_written_when_a_merge_fails(
+    make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mrpc"])]
     out = tmp_path / "out"
     out.mkdir()
@@ -363,11 +493,22 @@ def test_own_tensors_stay_with_each_task(make_checkpoint: Callable, tiny_glue: P
 
     cks = [make_checkpoint(t, seed=s, noise=0.3) for s, t in enumerate(["rte", "mrpc"])]
     out = tmp_path / "o"
-    report = main(["--method", "average", "--own_tensors", '["*.pooler.*"]', "--checkpoints", *map(str, cks),
-                   *common(out, tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "average",
+            "--own_tensors",
+            '["*.pooler.*"]',
+            "--checkpoints",
+            *map(str, cks),
+            *common(out, tiny_glue),
+        ]
+    )
     own = ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
     assert sorted(report["own_tensors"]["tensors"]) == own and report["own_tensors"]["parameters"] == 32 * 32 + 32
-    assert "each task keeps its own 2 tensors (1,056 parameters) matching `*.pooler.*`" in (out / "report.md").read_text()
+    assert (
+        "each task keeps its own 2 tensors (1,056 parameters) matching `*.pooler.*`" in (out / "report.md").read_text()
+    )
     readers = [CheckpointReader(c) for c in cks]
     for i, task in enumerate(["rte", "mrpc"]):
         saved = CheckpointReader(out / task)
@@ -383,10 +524,14 @@ def test_own_tensors_stay_with_each_task(make_checkpoint: Callable, tiny_glue: P
     for i, task in enumerate(["rte", "mrpc"]):
         assert report["results"][task]["merged"] == pytest.approx(ev.evaluate(i, body=body))
     plain = main(["--method", "average", "--checkpoints", *map(str, cks), *common(tmp_path / "p", tiny_glue)])
-    assert plain["results"]["rte"]["average"] != report["results"]["rte"]["average"] or \
-        plain["results"]["mrpc"]["average"] != report["results"]["mrpc"]["average"]  # a baseline of its own
-    for patterns, error in ((["*.nothing.*"], r"own_tensors pattern '\*.nothing.\*' matches no body tensor"),
-                            (["*"], "match every body tensor: nothing would be merged")):
+    assert (
+        plain["results"]["rte"]["average"] != report["results"]["rte"]["average"]
+        or plain["results"]["mrpc"]["average"] != report["results"]["mrpc"]["average"]
+    )  # a baseline of its own
+    for patterns, error in (
+        (["*.nothing.*"], r"own_tensors pattern '\*.nothing.\*' matches no body tensor"),
+        (["*"], "match every body tensor: nothing would be merged"),
+    ):
         with pytest.raises(ValueError, match=error):
             run_merge(list(map(str, cks)), Average(), str(tmp_path / "x"), own_tensors=patterns, evaluate=False)
         assert not (tmp_path / "x").exists()

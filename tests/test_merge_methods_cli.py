@@ -25,10 +25,16 @@ def memory_merge(checkpoints: list[Path], method: object) -> dict[str, torch.Ten
 
     readers = [CheckpointReader(c) for c in checkpoints]
     keys = [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]
-    ctx = MergeContext(checkpoints=checkpoints, tasks=[read_metadata(c)["task"] for c in checkpoints],
-                       config=AutoConfig.from_pretrained(checkpoints[0]), body_prefix="bert.", keys=keys, readers=readers,
-                       base_reader=CheckpointReader(read_metadata(checkpoints[0])["base_model"], prefix="bert."),
-                       log=lambda s: None)
+    ctx = MergeContext(
+        checkpoints=checkpoints,
+        tasks=[read_metadata(c)["task"] for c in checkpoints],
+        config=AutoConfig.from_pretrained(checkpoints[0]),
+        body_prefix="bert.",
+        keys=keys,
+        readers=readers,
+        base_reader=CheckpointReader(read_metadata(checkpoints[0])["base_model"], prefix="bert."),
+        log=lambda s: None,
+    )
     return dict(method.merge(ctx))  # type: ignore[attr-defined]
 
 
@@ -39,11 +45,23 @@ def add_grams(ckpt: Path, data: Path, samples: int = 24) -> Path:
     from fmn_pl.module import GLUETransformer
 
     task = read_metadata(ckpt)["task"]
-    dm = GLUEDataModule(task=task, data_dir=str(data), tokenizer=str(ckpt), eval_splits=["train"],
-                        max_eval_samples=samples, eval_batch_size=8)
+    dm = GLUEDataModule(
+        task=task,
+        data_dir=str(data),
+        tokenizer=str(ckpt),
+        eval_splits=["train"],
+        max_eval_samples=samples,
+        eval_batch_size=8,
+    )
     cb = GramCallback(ckpt, metadata={"task": task})
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[cb])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
     trainer.validate(GLUETransformer(str(ckpt), task), datamodule=dm, verbose=False)
     assert cb.path is not None
     return cb.path
@@ -77,12 +95,16 @@ def test_regmean_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path
     for c in cks:
         add_grams(c, tiny_glue)
     out = tmp_path / "out"
-    report = main(["--method", "regmean", "--method.alpha", "0.9", "--checkpoints", *map(str, cks),
-                   *common(out, tiny_glue)])
+    report = main(
+        ["--method", "regmean", "--method.alpha", "0.9", "--checkpoints", *map(str, cks), *common(out, tiny_glue)]
+    )
     expected = memory_merge(cks, RegMean(alpha=0.9))
     saved = body_of(out / "rte")
-    for key in ("bert.encoder.layer.0.attention.self.key.weight", "bert.encoder.layer.1.output.dense.weight",
-                "bert.embeddings.LayerNorm.weight"):
+    for key in (
+        "bert.encoder.layer.0.attention.self.key.weight",
+        "bert.encoder.layer.1.output.dense.weight",
+        "bert.embeddings.LayerNorm.weight",
+    ):
         torch.testing.assert_close(saved[key], expected[key], rtol=0, atol=0)
     assert os.stat(out / "mrpc" / "model-body.safetensors").st_ino == os.stat(out / "model.safetensors").st_ino
     assert_rows(report, ["rte", "mrpc"])
@@ -91,10 +113,13 @@ def test_regmean_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path
     assert "selection" not in report  # nothing chosen on data
 
 
-def test_regmean_without_grams_names_the_command(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_regmean_without_grams_names_the_command(
+    make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mrpc"])]
-    code, err = run_main(["--method", "regmean", "--checkpoints", *map(str, cks), *common(tmp_path / "o", tiny_glue)], capsys)
+    code, err = run_main(
+        ["--method", "regmean", "--checkpoints", *map(str, cks), *common(tmp_path / "o", tiny_glue)], capsys
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "needs a grams artifact" in err and "--kind grams" in err
     assert not (tmp_path / "o").exists()
@@ -103,8 +128,9 @@ def test_regmean_without_grams_names_the_command(make_checkpoint: Callable, tiny
 # ---------------------------------------------------------------------------------------------- AdaMerging
 
 
-def task_vector_body(cks: list[Path], coefficients: list[float | dict[str, float]],
-                     vectors: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+def task_vector_body(
+    cks: list[Path], coefficients: list[float | dict[str, float]], vectors: list[dict[str, torch.Tensor]] | None = None
+) -> dict[str, torch.Tensor]:
     """theta0 + sum_t c_t tau_t (c_t a number or {key: number}), from the files, in float64."""
     base = FileReader(read_metadata(cks[0])["base_model"], prefix="bert.")
     readers = [FileReader(c) for c in cks]
@@ -119,11 +145,28 @@ def task_vector_body(cks: list[Path], coefficients: list[float | dict[str, float
     return out
 
 
-def test_adamerging_excludes_regression_with_a_warning(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
+def test_adamerging_excludes_regression_with_a_warning(
+    make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path
+) -> None:
     cks = [make_checkpoint(t, seed=s, noise=0.05) for s, t in enumerate(["rte", "stsb", "mrpc"])]
     out = tmp_path / "out"
-    report = main(["--method", "adamerging", "--method.steps", "4", "--method.lr", "0.05", "--method.batch_size", "8",
-                   "--checkpoints", *map(str, cks), "--selection_samples", "16", *common(out, tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "adamerging",
+            "--method.steps",
+            "4",
+            "--method.lr",
+            "0.05",
+            "--method.batch_size",
+            "8",
+            "--checkpoints",
+            *map(str, cks),
+            "--selection_samples",
+            "16",
+            *common(out, tiny_glue),
+        ]
+    )
     notes = report["notes"]["adamerging"]
     assert notes["adapted"] == ["rte", "mrpc"] and notes["not_adapted"] == ["stsb"] and notes["steps"] == 4
     coef = notes["coefficients"]
@@ -144,11 +187,22 @@ def test_adamerging_excludes_regression_with_a_warning(make_checkpoint: Callable
     assert_rows(report, ["rte", "stsb", "mrpc"])
 
 
-def test_adamerging_refuses_regression_by_name(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_adamerging_refuses_regression_by_name(
+    make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "stsb"])]
-    code, err = run_main(["--method", "adamerging", "--method.regression", "refuse", "--checkpoints", *map(str, cks),
-                          *common(tmp_path / "o", tiny_glue)], capsys)
+    code, err = run_main(
+        [
+            "--method",
+            "adamerging",
+            "--method.regression",
+            "refuse",
+            "--checkpoints",
+            *map(str, cks),
+            *common(tmp_path / "o", tiny_glue),
+        ],
+        capsys,
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "stsb is a regression task" in err
     assert not (tmp_path / "o").exists()
 
@@ -160,10 +214,31 @@ def test_adamerging_plus_layer_wise(make_checkpoint: Callable, tiny_glue: Path, 
 
     cks = [make_checkpoint(t, seed=s, noise=0.05) for s, t in enumerate(["rte", "mnli"])]
     out = tmp_path / "out"
-    report = main(["--method", "adamerging", "--method.granularity", "layer", "--method.plus", "true",
-                   "--method.top_k", "50", "--method.steps", "3", "--method.lr", "0.05", "--method.batch_size", "4",
-                   "--checkpoints", *map(str, cks), "--selection_samples", "8", "--compare_average", "false",
-                   *common(out, tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "adamerging",
+            "--method.granularity",
+            "layer",
+            "--method.plus",
+            "true",
+            "--method.top_k",
+            "50",
+            "--method.steps",
+            "3",
+            "--method.lr",
+            "0.05",
+            "--method.batch_size",
+            "4",
+            "--checkpoints",
+            *map(str, cks),
+            "--selection_samples",
+            "8",
+            "--compare_average",
+            "false",
+            *common(out, tiny_glue),
+        ]
+    )
     coef = report["notes"]["adamerging"]["coefficients"]
     readers = [FileReader(c) for c in cks]
     keys = [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]
@@ -174,8 +249,15 @@ def test_adamerging_plus_layer_wise(make_checkpoint: Callable, tiny_glue: Path, 
     from transformers import AutoConfig
 
     base = CheckpointReader(read_metadata(cks[0])["base_model"], prefix="bert.")
-    ctx = MergeContext(checkpoints=cks, tasks=["rte", "mnli"], config=AutoConfig.from_pretrained(cks[0]),
-                       body_prefix="bert.", keys=keys, readers=[CheckpointReader(c) for c in cks], base_reader=base)
+    ctx = MergeContext(
+        checkpoints=cks,
+        tasks=["rte", "mnli"],
+        config=AutoConfig.from_pretrained(cks[0]),
+        body_prefix="bert.",
+        keys=keys,
+        readers=[CheckpointReader(c) for c in cks],
+        base_reader=base,
+    )
     vectors = ties_processed_vectors(ctx, 50.0)
     expected = task_vector_body(cks, [coef["rte"], coef["mnli"]], vectors)
     saved = body_of(out / "rte")
@@ -195,8 +277,19 @@ def test_tall_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: P
     tasks = ["rte", "mrpc", "cola"]
     cks = [make_checkpoint(t, seed=s, noise=0.05) for s, t in enumerate(tasks)]
     out = tmp_path / "out"
-    report = main(["--method", "tall", "--method.lambdas", "[0.2, 0.6]", "--checkpoints", *map(str, cks),
-                   "--selection_samples", "8", *common(out, tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "tall",
+            "--method.lambdas",
+            "[0.2, 0.6]",
+            "--checkpoints",
+            *map(str, cks),
+            "--selection_samples",
+            "8",
+            *common(out, tiny_glue),
+        ]
+    )
     lambdas = report["notes"]["tall_lambdas"]
     assert set(lambdas) == set(tasks) and all(v in (0.2, 0.6) for v in lambdas.values())
     assert report["selection"]["evaluations"] == 3 * 2  # each candidate scored on its own task only
@@ -228,9 +321,25 @@ def test_consensus_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_pa
     tasks = ["rte", "mrpc", "cola"]
     cks = [make_checkpoint(t, seed=s, noise=0.05) for s, t in enumerate(tasks)]
     out = tmp_path / "out"
-    report = main(["--method", "consensus", "--method.over", "ties", "--method.k", "2", "--method.lambdas", "[0.4]",
-                   "--method.scalings", "[0.5, 1.0]", "--checkpoints", *map(str, cks), "--selection_samples", "8",
-                   *common(out, tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "consensus",
+            "--method.over",
+            "ties",
+            "--method.k",
+            "2",
+            "--method.lambdas",
+            "[0.4]",
+            "--method.scalings",
+            "[0.5, 1.0]",
+            "--checkpoints",
+            *map(str, cks),
+            "--selection_samples",
+            "8",
+            *common(out, tiny_glue),
+        ]
+    )
     chosen = report["notes"]["consensus_scaling"]["chosen"]
     assert chosen in (0.5, 1.0) and report["selection"]["evaluations"] == 2
     expected = memory_merge(cks, Consensus(over="ties", k=2, scaling=chosen, lambdas=[0.4]))
@@ -249,8 +358,22 @@ def test_dare_through_the_cli(make_checkpoint: Callable, tiny_glue: Path, tmp_pa
     from fmn_pl.merging.task_arithmetic import TaskArithmetic
 
     cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "sst2"])]
-    report = main(["--method", "task_arithmetic", "--method.scaling", "0.5", "--method.dare_p", "0.3",
-                   "--method.dare_seed", "4", "--checkpoints", *map(str, cks), "--no_eval", *common(tmp_path / "o", tiny_glue)])
+    report = main(
+        [
+            "--method",
+            "task_arithmetic",
+            "--method.scaling",
+            "0.5",
+            "--method.dare_p",
+            "0.3",
+            "--method.dare_seed",
+            "4",
+            "--checkpoints",
+            *map(str, cks),
+            "--no_eval",
+            *common(tmp_path / "o", tiny_glue),
+        ]
+    )
     assert report["options"]["dare_p"] == 0.3
     expected = memory_merge(cks, TaskArithmetic(scaling=0.5, dare_p=0.3, dare_seed=4))
     plain = memory_merge(cks, TaskArithmetic(scaling=0.5))

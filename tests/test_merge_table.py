@@ -13,11 +13,24 @@ def test_merge_table(make_checkpoint, tiny_glue: Path, tmp_path: Path, capsys) -
     mt = load_benchmark("merge_table", "research")
     ckpts = [str(make_checkpoint(t, seed=i + 1, name=t)) for i, t in enumerate(["rte", "mrpc"])]
     out = tmp_path / "table"
-    argv = ["--checkpoints", *ckpts, "--out", str(out), "--rows", "average", "task_arithmetic",
-            "--max_eval_samples", "16", "--data_dir", str(tiny_glue)]
+    argv = [
+        "--checkpoints",
+        *ckpts,
+        "--out",
+        str(out),
+        "--rows",
+        "average",
+        "task_arithmetic",
+        "--max_eval_samples",
+        "16",
+        "--data_dir",
+        str(tiny_glue),
+    ]
     doc = mt.main(argv)
     assert json.loads(capsys.readouterr().out) == doc
-    lines = [[c.strip() for c in line.strip("|").split("|")] for line in (out / "table.md").read_text().splitlines()[2:]]
+    lines = [
+        [c.strip() for c in line.strip("|").split("|")] for line in (out / "table.md").read_text().splitlines()[2:]
+    ]
     assert [r[0] for r in lines] == ["individual", "average", "task_arithmetic"]  # the average run is the baseline row
     rows = {r[0]: r[1:] for r in lines}
     for label in ("average", "task_arithmetic"):

@@ -28,6 +28,7 @@ def ref_fmn(**options: object) -> FMN:
     """FMN with the paper's rule (`REFERENCE`) under `options`: what the slow loops below compute."""
     return FMN(**{**REFERENCE, **options})  # type: ignore[arg-type]
 
+
 L, H, F, HIDDEN = 2, 4, 37, 32  # tests/conftest.py tiny_config
 D = HIDDEN // H
 
@@ -45,17 +46,27 @@ class FakeArtifact:
         return self.tensors[key]
 
 
-def model_ctx(checkpoints: list[Path], fishers: list[dict[str, torch.Tensor]] | None = None,
-              base: Path | None = None, evaluate: Callable | None = None) -> MergeContext:
+def model_ctx(
+    checkpoints: list[Path],
+    fishers: list[dict[str, torch.Tensor]] | None = None,
+    base: Path | None = None,
+    evaluate: Callable | None = None,
+) -> MergeContext:
     """A context over real tiny checkpoints; `fishers` become (fake) mask-Fisher artifacts."""
     from transformers import AutoConfig
 
     readers = [CheckpointReader(c) for c in checkpoints]
     keys = [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]
     ctx = MergeContext(
-        checkpoints=list(checkpoints), tasks=["rte"] * len(checkpoints), config=AutoConfig.from_pretrained(checkpoints[0]),
-        body_prefix="bert.", keys=keys, readers=readers,
-        base_reader=CheckpointReader(base, prefix="bert.") if base else None, evaluate=evaluate, log=lambda s: None,
+        checkpoints=list(checkpoints),
+        tasks=["rte"] * len(checkpoints),
+        config=AutoConfig.from_pretrained(checkpoints[0]),
+        body_prefix="bert.",
+        keys=keys,
+        readers=readers,
+        base_reader=CheckpointReader(base, prefix="bert.") if base else None,
+        evaluate=evaluate,
+        log=lambda s: None,
     )
     for i, f in enumerate(fishers or []):
         ctx._artifacts[(i, "mask_fisher")] = FakeArtifact(f)
@@ -96,8 +107,13 @@ def spec_weight(key: str, idx: tuple[int, ...], f: dict[str, torch.Tensor], broa
     raise AssertionError(f"unexpected body tensor {key}")
 
 
-def slow_fmn(ctx: MergeContext, fishers: list[dict[str, torch.Tensor]], broadcast: str = "reference",
-             universal: bool = True, coefficients: list[float] | None = None) -> dict[str, torch.Tensor]:
+def slow_fmn(
+    ctx: MergeContext,
+    fishers: list[dict[str, torch.Tensor]],
+    broadcast: str = "reference",
+    universal: bool = True,
+    coefficients: list[float] | None = None,
+) -> dict[str, torch.Tensor]:
     """The FMN rule entry by entry in float64, with the all-zero fallback to the (coefficient-weighted) mean."""
     c = coefficients or [1.0] * len(fishers)
     out = {}
@@ -265,15 +281,21 @@ def test_fmn_reads_real_artifacts_and_checks_shapes(make_checkpoint) -> None:
     cks = [make_checkpoint("rte", seed=s, noise=0.05, name=f"m{s}") for s in range(2)]
     fishers = [random_fisher(20), random_fisher(21)]
     for c, f in zip(cks, fishers):
-        save_artifact(artifact_path(c, "mask_fisher"), f, {"kind": "mask_fisher", "task": "rte",
-                                                           "fingerprint": weights_fingerprint(c)})
+        save_artifact(
+            artifact_path(c, "mask_fisher"),
+            f,
+            {"kind": "mask_fisher", "task": "rte", "fingerprint": weights_fingerprint(c)},
+        )
     ctx = model_ctx(cks)
     merged = dict(ref_fmn(broadcast="per_node").merge(ctx))
     ref = dict(ref_fmn(broadcast="per_node").merge(model_ctx(cks, fishers)))
     for k in ref:
         torch.testing.assert_close(merged[k], ref[k])
-    save_artifact(artifact_path(cks[1], "mask_fisher"), {"head": torch.rand(L, H + 1), "neuron": torch.rand(L, F)},
-                  {"kind": "mask_fisher", "task": "rte", "fingerprint": weights_fingerprint(cks[1])})
+    save_artifact(
+        artifact_path(cks[1], "mask_fisher"),
+        {"head": torch.rand(L, H + 1), "neuron": torch.rand(L, F)},
+        {"kind": "mask_fisher", "task": "rte", "fingerprint": weights_fingerprint(cks[1])},
+    )
     with pytest.raises(ValueError, match=r"'head' has shape \(2, 5\), expected \(2, 4\)"):
         dict(ref_fmn().merge(model_ctx(cks)))
 
@@ -307,12 +329,17 @@ def test_full_fisher_against_loop(make_checkpoint) -> None:
         f = {k: torch.rand(ctx.readers[0].shape(k), generator=g) ** 3 for k in ctx.keys}
         f[ctx.keys[0]].view(-1)[:5] = 0.0  # zero in all models: floor or average
         fishers.append(f)
-        save_artifact(artifact_path(c, "full_fisher"), {k.removeprefix("bert."): v for k, v in f.items()},
-                      {"kind": "full_fisher", "task": "rte", "fingerprint": weights_fingerprint(c)})
+        save_artifact(
+            artifact_path(c, "full_fisher"),
+            {k.removeprefix("bert."): v for k, v in f.items()},
+            {"kind": "full_fisher", "task": "rte", "fingerprint": weights_fingerprint(c)},
+        )
     for normalize, eps in ((False, 1e-6), (True, 0.0)):
         merged = dict(Fisher(normalize=normalize, epsilon=eps, coefficients=[1.0, 2.0, 0.5]).merge(model_ctx(cks)))
-        norms = [float(np.sqrt(sum(float((v.double() ** 2).sum()) for v in f.values()))) if normalize else 1.0
-                 for f in fishers]
+        norms = [
+            float(np.sqrt(sum(float((v.double() ** 2).sum()) for v in f.values()))) if normalize else 1.0
+            for f in fishers
+        ]
         for key in ctx.keys:
             thetas = [r.get(key).double() for r in ctx.readers]
             ws = [c * (f[key].double() / n).clamp_min(eps) for c, f, n in zip([1.0, 2.0, 0.5], fishers, norms)]
@@ -325,8 +352,11 @@ def test_full_fisher_against_loop(make_checkpoint) -> None:
 def test_full_fisher_missing_tensor(make_checkpoint) -> None:
     cks = [make_checkpoint("rte", seed=s, name=f"m{s}") for s in range(2)]
     for c in cks:
-        save_artifact(artifact_path(c, "full_fisher"), {"bert.pooler.dense.bias": torch.ones(HIDDEN)},
-                      {"kind": "full_fisher", "task": "rte", "fingerprint": weights_fingerprint(c)})
+        save_artifact(
+            artifact_path(c, "full_fisher"),
+            {"bert.pooler.dense.bias": torch.ones(HIDDEN)},
+            {"kind": "full_fisher", "task": "rte", "fingerprint": weights_fingerprint(c)},
+        )
     with pytest.raises(ValueError, match="has no Fisher for 'bert.embeddings"):
         dict(Fisher().merge(model_ctx(cks)))
 
@@ -339,7 +369,9 @@ def test_average_and_registry(make_checkpoint) -> None:
         torch.testing.assert_close(merged[k], v)
     weighted = dict(Average(coefficients=[2, 1, 1]).merge(ctx))
     k = ctx.keys[3]
-    torch.testing.assert_close(weighted[k], (2 * ctx.readers[0].get(k) + ctx.readers[1].get(k) + ctx.readers[2].get(k)) / 4)
+    torch.testing.assert_close(
+        weighted[k], (2 * ctx.readers[0].get(k) + ctx.readers[1].get(k) + ctx.readers[2].get(k)) / 4
+    )
     for name in ("average", "fmn", "fisher", "task_arithmetic", "ties"):
         assert name in METHODS and method_class(name).__doc__
 
@@ -347,8 +379,9 @@ def test_average_and_registry(make_checkpoint) -> None:
 # ---------------------------------------------------------------------------------------------- task vectors
 
 
-def vector_ctx(tmp_path: Path, base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]],
-               evaluate: Callable | None = None) -> MergeContext:
+def vector_ctx(
+    tmp_path: Path, base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]], evaluate: Callable | None = None
+) -> MergeContext:
     """Hand-made 'checkpoints' (plain safetensors folders) = base + tau_i."""
     dirs = []
     for name, state in [("base", base), *((f"t{i}", {k: base[k] + t[k] for k in base}) for i, t in enumerate(taus))]:
@@ -356,9 +389,17 @@ def vector_ctx(tmp_path: Path, base: dict[str, torch.Tensor], taus: list[dict[st
         d.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
         dirs.append(d)
-    return MergeContext(checkpoints=dirs[1:], tasks=["rte", "mrpc", "cola"][: len(taus)], config=None, body_prefix="",
-                        keys=list(base), readers=[CheckpointReader(d) for d in dirs[1:]],
-                        base_reader=CheckpointReader(dirs[0]), evaluate=evaluate, log=lambda s: None)
+    return MergeContext(
+        checkpoints=dirs[1:],
+        tasks=["rte", "mrpc", "cola"][: len(taus)],
+        config=None,
+        body_prefix="",
+        keys=list(base),
+        readers=[CheckpointReader(d) for d in dirs[1:]],
+        base_reader=CheckpointReader(dirs[0]),
+        evaluate=evaluate,
+        log=lambda s: None,
+    )
 
 
 BASE = {"w": torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0]), "m": torch.full((2, 3), 5.0)}
@@ -397,10 +438,12 @@ def test_task_arithmetic_chooses_scaling_on_selection_scores(tmp_path: Path) -> 
         dict(TaskArithmetic(scaling=None).merge(vector_ctx(tmp_path / "n", BASE, TAUS)))
 
 
-@pytest.mark.parametrize("grid, dare_p, evaluations", [([0.2, 0.5, 1.0], 0.0, 3), ([0.2, 1.0], 0.0, 3),
-                                                       ([0.2, 0.5, 1.0], 0.3, 4)])
-def test_task_arithmetic_worst_gain_by_brute_force(tmp_path: Path, grid: list[float], dare_p: float,
-                                                   evaluations: int) -> None:
+@pytest.mark.parametrize(
+    "grid, dare_p, evaluations", [([0.2, 0.5, 1.0], 0.0, 3), ([0.2, 1.0], 0.0, 3), ([0.2, 0.5, 1.0], 0.3, 4)]
+)
+def test_task_arithmetic_worst_gain_by_brute_force(
+    tmp_path: Path, grid: list[float], dare_p: float, evaluations: int
+) -> None:
     """worst_gain: the lambda whose smallest per-task gain over the plain average is largest, checked against a
     search over bodies built by hand. With two models lambda = 0.5 is the average itself, scored once as the
     reference; without it in the grid, or with DARE, the average is scored on its own (one more evaluation)."""
@@ -418,9 +461,11 @@ def test_task_arithmetic_worst_gain_by_brute_force(tmp_path: Path, grid: list[fl
     avg = {k: (2 * BASE[k] + TAUS[0][k] + TAUS[1][k]) / 2 for k in BASE}
     reference = evaluate(avg)
     if dare_p == 0:
+
         def rank(x: float) -> tuple[float, float]:  # noqa: E306
             sc = evaluate({k: BASE[k] + x * (TAUS[0][k] + TAUS[1][k]) for k in BASE})
             return min(sc[t] - reference[t] for t in sc), sum(sc.values())
+
         assert ctx.notes["task_arithmetic_scaling"]["chosen"] == max(grid, key=rank)
     assert ctx.notes["task_arithmetic_scaling"]["average_scores"] == pytest.approx(reference)
 
@@ -434,7 +479,9 @@ def test_dare_option_drops_and_rescales_each_task_vector(tmp_path: Path) -> None
     assert 0.2 < float((merged["w"] == 0).float().mean()) < 0.3  # both dropped: p^2 = 1/4
 
 
-def slow_ties(base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]], top_k: float, lam: float) -> dict[str, torch.Tensor]:
+def slow_ties(
+    base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]], top_k: float, lam: float
+) -> dict[str, torch.Tensor]:
     """The reference TIES on flattened vectors: kthvalue trim, sign by sum with majority for zeros, disjoint mean."""
     keys = list(base)
     flat = torch.stack([torch.cat([t[k].reshape(-1) for k in keys]) for t in taus]).double()
@@ -478,7 +525,11 @@ def test_ties_by_hand(tmp_path: Path) -> None:
 @pytest.mark.parametrize("top_k", [10.0, 20.0, 100.0])
 def test_ties_against_reference_on_random_vectors(tmp_path: Path, top_k: float) -> None:
     g = torch.Generator().manual_seed(int(top_k))
-    base = {"a": torch.randn(7, 5, generator=g), "b": torch.randn(13, generator=g), "c": torch.randn(3, 4, 2, generator=g)}
+    base = {
+        "a": torch.randn(7, 5, generator=g),
+        "b": torch.randn(13, generator=g),
+        "c": torch.randn(3, 4, 2, generator=g),
+    }
     taus = [{k: torch.randn(v.shape, generator=g) * (i + 1) for k, v in base.items()} for i in range(3)]
     ctx = vector_ctx(tmp_path, base, taus)
     merged = dict(Ties(top_k=top_k, scaling=0.7).merge(ctx))

@@ -80,8 +80,14 @@ def random_labels(n: int, k: int, seed: int, agree: float = 0.7) -> tuple[list[i
 # -- tests ---------------------------------------------------------------------------------------------
 def test_every_task_has_its_glue_metrics():
     expected = {
-        "cola": {"matthews"}, "sst2": {"accuracy"}, "mrpc": {"f1", "accuracy"}, "stsb": {"pearson", "spearman"},
-        "qqp": {"f1", "accuracy"}, "mnli": {"accuracy"}, "qnli": {"accuracy"}, "rte": {"accuracy"},
+        "cola": {"matthews"},
+        "sst2": {"accuracy"},
+        "mrpc": {"f1", "accuracy"},
+        "stsb": {"pearson", "spearman"},
+        "qqp": {"f1", "accuracy"},
+        "mnli": {"accuracy"},
+        "qnli": {"accuracy"},
+        "rte": {"accuracy"},
     }
     assert {name: set(t.metrics) for name, t in TASKS.items()} == expected
     assert set(glue_metrics(get_task("mrpc")).keys()) == {"f1", "accuracy"}

@@ -109,13 +109,22 @@ def test_export_monitor_picks_the_epoch_on_holdout(tiny_base, glue_dir, tmp_path
     """`export.monitor: val_holdout/score` with eval splits holdout and validation: the exported epoch is the
     best on the held-out rows, whatever validation says; a monitor that is not logged is refused by name."""
     monkeypatch.chdir(tmp_path)
-    extra = ["--data.holdout_samples=16", "--data.eval_splits=[holdout, validation]", "--export.monitor=val_holdout/score"]
+    extra = [
+        "--data.holdout_samples=16",
+        "--data.eval_splits=[holdout, validation]",
+        "--export.monitor=val_holdout/score",
+    ]
     lightning_cli(fit_args(tiny_base("bert"), glue_dir, tmp_path, "rte", 4, *extra))
     holdout = epoch_means(read_csv_log(tmp_path), "val_holdout/score")
     meta = read_metadata(tmp_path / "export")
     assert len(holdout) == 4 and meta["epoch"] == holdout.index(max(holdout))
-    assert meta["metrics"]["val_holdout/score"] == pytest.approx(max(holdout)) and "val_validation/score" in meta["metrics"]
-    with pytest.raises(ValueError, match=r"export.monitor 'val/acc' is not a logged validation metric; logged: .*val/score"):
+    assert (
+        meta["metrics"]["val_holdout/score"] == pytest.approx(max(holdout))
+        and "val_validation/score" in meta["metrics"]
+    )
+    with pytest.raises(
+        ValueError, match=r"export.monitor 'val/acc' is not a logged validation metric; logged: .*val/score"
+    ):
         lightning_cli(fit_args(tiny_base("bert"), glue_dir, tmp_path / "b", "rte", 1, "--export.monitor=val/acc"))
 
 
@@ -129,8 +138,12 @@ def test_export_keeps_the_best_epoch_of_the_monitored_metric():
     for monitor, best in (("val_holdout/score", 2), ("val/score", 1)):
         cb = ExportCheckpoint(dirpath="unused", monitor=monitor)
         for epoch, (both, held) in enumerate([(0.5, 0.5), (0.9, 0.4), (0.6, 0.7), (0.7, 0.6)]):
-            trainer = SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn="fit"), current_epoch=epoch,
-                                      callback_metrics={"val/score": torch.tensor(both), "val_holdout/score": torch.tensor(held)})
+            trainer = SimpleNamespace(
+                sanity_checking=False,
+                state=SimpleNamespace(fn="fit"),
+                current_epoch=epoch,
+                callback_metrics={"val/score": torch.tensor(both), "val_holdout/score": torch.tensor(held)},
+            )
             cb.on_validation_end(trainer, module)
         assert cb.best_epoch == best, monitor
 
@@ -143,9 +156,11 @@ def test_sigterm_while_writing_leaves_nothing(tmp_path):
 
     from fmn_pl.checkpoint import atomic_dir
 
-    script = ("import os, signal, sys, time\nfrom fmn_pl.checkpoint import atomic_dir\n"
-              "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'half.bin').write_bytes(b'x')\n"
-              "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n")
+    script = (
+        "import os, signal, sys, time\nfrom fmn_pl.checkpoint import atomic_dir\n"
+        "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'half.bin').write_bytes(b'x')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
+    )
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=repo, timeout=60)
     assert proc.returncode == 143 and list(tmp_path.iterdir()) == []
@@ -169,8 +184,17 @@ def test_fit_lowers_loss_exports_and_reloads(family, tiny_base, glue_dir, tmp_pa
 
     export = tmp_path / "export"
     meta = read_metadata(export)
-    for key in ("task", "label_names", "num_labels", "base_model", "metrics", "seed", "num_train_examples",
-                "fingerprint", "epoch"):
+    for key in (
+        "task",
+        "label_names",
+        "num_labels",
+        "base_model",
+        "metrics",
+        "seed",
+        "num_train_examples",
+        "fingerprint",
+        "epoch",
+    ):
         assert key in meta, key
     assert meta["task"] == "rte" and meta["label_names"] == ["entailment", "not_entailment"]
     assert meta["base_model"] == str(base) and meta["seed"] == 7 and meta["num_train_examples"] == 32
@@ -195,10 +219,17 @@ def test_fit_lowers_loss_exports_and_reloads(family, tiny_base, glue_dir, tmp_pa
     assert tokenizer(text)["input_ids"] == cli.datamodule.tokenizer(text)["input_ids"]
 
     # `validate` on the export reproduces the recorded (best epoch's) metrics, not the last epoch's
-    val = lightning_cli([
-        "validate", f"--model.model_name_or_path={export}", "--data.task=rte", f"--data.data_dir={glue_dir}",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'val'}",
-    ])
+    val = lightning_cli(
+        [
+            "validate",
+            f"--model.model_name_or_path={export}",
+            "--data.task=rte",
+            f"--data.data_dir={glue_dir}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path / 'val'}",
+        ]
+    )
     assert float(val.trainer.callback_metrics["val/score"]) == pytest.approx(meta["metrics"]["val/score"])
 
 
@@ -224,16 +255,24 @@ def test_validate_and_test_subcommands_mnli(make_checkpoint, glue_dir, tmp_path,
     """An exported checkpoint validates and tests; MNLI reports matched, mismatched and their mean."""
     monkeypatch.chdir(tmp_path)
     ckpt = make_checkpoint("mnli")
-    args = [f"--model.model_name_or_path={ckpt}", "--data.task=mnli", f"--data.data_dir={glue_dir}",
-            "--data.max_eval_samples=16", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}"]
+    args = [
+        f"--model.model_name_or_path={ckpt}",
+        "--data.task=mnli",
+        f"--data.data_dir={glue_dir}",
+        "--data.max_eval_samples=16",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     model = AutoModelForSequenceClassification.from_pretrained(ckpt)
     for stage in ("validate", "test"):
         cli = lightning_cli([stage, *args])
         m = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
         prefix = "val" if stage == "validate" else "test"
         assert {f"{prefix}_matched/accuracy", f"{prefix}_mismatched/accuracy", f"{prefix}/score"} <= set(m)
-        assert m[f"{prefix}/score"] == pytest.approx((m[f"{prefix}_matched/accuracy"] + m[f"{prefix}_mismatched/accuracy"]) / 2)
+        assert m[f"{prefix}/score"] == pytest.approx(
+            (m[f"{prefix}_matched/accuracy"] + m[f"{prefix}_mismatched/accuracy"]) / 2
+        )
         # the accuracy on the matched split, by hand
         dm = cli.datamodule
         correct = total = 0
@@ -249,8 +288,14 @@ def test_help_lists_the_options(capsys):
         main(["fit", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--data.max_train_samples", "--data.group_by_length", "--model.model_name_or_path",
-                   "--export.dirpath", "--export.overwrite", "cap on training examples"):
+    for option in (
+        "--data.max_train_samples",
+        "--data.group_by_length",
+        "--model.model_name_or_path",
+        "--export.dirpath",
+        "--export.overwrite",
+        "cap on training examples",
+    ):
         assert option in text, option
     main(["--help"])
     text = capsys.readouterr().out
@@ -292,16 +337,25 @@ def test_bad_unknown_task(setup_bad):
 def test_bad_data_dir_without_task(setup_bad, tmp_path):
     base, _, out = setup_bad
     (tmp_path / "empty").mkdir()
-    expect_error(fit_args(base, tmp_path / "empty", out, "rte", 1), FileNotFoundError,
-                 f"data directory {tmp_path / 'empty'} has neither rte/", "RTE/", out=out)
+    expect_error(
+        fit_args(base, tmp_path / "empty", out, "rte", 1),
+        FileNotFoundError,
+        f"data directory {tmp_path / 'empty'} has neither rte/",
+        "RTE/",
+        out=out,
+    )
 
 
 def test_bad_missing_split(setup_bad, tmp_path):
     base, data, out = setup_bad
     (tmp_path / "d" / "rte").mkdir(parents=True)
     (tmp_path / "d" / "rte" / "train.parquet").write_bytes((data / "rte" / "train.parquet").read_bytes())
-    expect_error(fit_args(base, tmp_path / "d", out, "rte", 1), FileNotFoundError,
-                 str(tmp_path / "d" / "rte" / "validation.parquet"), out=out)
+    expect_error(
+        fit_args(base, tmp_path / "d", out, "rte", 1),
+        FileNotFoundError,
+        str(tmp_path / "d" / "rte" / "validation.parquet"),
+        out=out,
+    )
 
 
 def test_bad_missing_column(setup_bad, tmp_path):
@@ -309,54 +363,82 @@ def test_bad_missing_column(setup_bad, tmp_path):
     (tmp_path / "d" / "rte").mkdir(parents=True)
     for split in ("train", "validation"):
         pq.write_table(pa.table({"sentence1": ["a b"], "label": [0]}), tmp_path / "d" / "rte" / f"{split}.parquet")
-    expect_error(fit_args(base, tmp_path / "d", out, "rte", 1), ValueError, "train.parquet lacks column(s) ['sentence2']",
-                 out=out)
+    expect_error(
+        fit_args(base, tmp_path / "d", out, "rte", 1),
+        ValueError,
+        "train.parquet lacks column(s) ['sentence2']",
+        out=out,
+    )
 
 
 def test_bad_labels_out_of_range(setup_bad, tmp_path):
     base, _, out = setup_bad
     (tmp_path / "d" / "sst2").mkdir(parents=True)
     for split in ("train", "validation"):
-        pq.write_table(pa.table({"sentence": ["a b", "c d"], "label": [1, 2]}), tmp_path / "d" / "sst2" / f"{split}.parquet")
-    expect_error(fit_args(base, tmp_path / "d", out, "sst2", 1), ValueError, "train.parquet: row 1: label 2 is outside 0..1",
-                 out=out)
+        pq.write_table(
+            pa.table({"sentence": ["a b", "c d"], "label": [1, 2]}), tmp_path / "d" / "sst2" / f"{split}.parquet"
+        )
+    expect_error(
+        fit_args(base, tmp_path / "d", out, "sst2", 1),
+        ValueError,
+        "train.parquet: row 1: label 2 is outside 0..1",
+        out=out,
+    )
 
 
 def test_bad_model_path_missing(setup_bad):
     base, data, out = setup_bad
-    expect_error(fit_args(out / "no-such-model", data, out, "rte", 1), FileNotFoundError,
-                 f"model {out / 'no-such-model'} does not exist", out=out)
+    expect_error(
+        fit_args(out / "no-such-model", data, out, "rte", 1),
+        FileNotFoundError,
+        f"model {out / 'no-such-model'} does not exist",
+        out=out,
+    )
 
 
 def test_bad_model_folder_without_config(setup_bad, tmp_path):
     _, data, out = setup_bad
     (tmp_path / "notamodel").mkdir()
     (tmp_path / "notamodel" / "weights.txt").write_text("x")
-    expect_error(fit_args(tmp_path / "notamodel", data, out, "rte", 1), ValueError,
-                 f"model folder {tmp_path / 'notamodel'} has no config.json", out=out)
+    expect_error(
+        fit_args(tmp_path / "notamodel", data, out, "rte", 1),
+        ValueError,
+        f"model folder {tmp_path / 'notamodel'} has no config.json",
+        out=out,
+    )
 
 
 def test_bad_model_without_sequence_classification(setup_bad, tmp_path):
     from transformers import AutoConfig
 
     _, data, out = setup_bad
-    AutoConfig.for_model("vit", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=37).save_pretrained(tmp_path / "vit")
-    expect_error(fit_args(tmp_path / "vit", data, out, "rte", 1), ValueError,
-                 "(vit) has no sequence-classification model", out=out)
+    AutoConfig.for_model(
+        "vit", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    ).save_pretrained(tmp_path / "vit")
+    expect_error(
+        fit_args(tmp_path / "vit", data, out, "rte", 1),
+        ValueError,
+        "(vit) has no sequence-classification model",
+        out=out,
+    )
 
 
 def test_bad_num_labels(setup_bad):
     base, data, out = setup_bad
-    expect_error(fit_args(base, data, out, "rte", 1, "--model.num_labels=3"), ValueError,
-                 "num_labels=3 disagrees with task 'rte', which has 2", out=out)
+    expect_error(
+        fit_args(base, data, out, "rte", 1, "--model.num_labels=3"),
+        ValueError,
+        "num_labels=3 disagrees with task 'rte', which has 2",
+        out=out,
+    )
 
 
 def test_bad_trained_head_of_another_size(setup_bad, make_checkpoint):
     _, data, out = setup_bad
     stsb = make_checkpoint("stsb")
-    expect_error(fit_args(stsb, data, out, "rte", 1), ValueError, "1-label classifier head but task 'rte' needs 2",
-                 out=out)
+    expect_error(
+        fit_args(stsb, data, out, "rte", 1), ValueError, "1-label classifier head but task 'rte' needs 2", out=out
+    )
 
 
 def test_export_folder_of_another_task_is_refused_before_training(setup_bad, make_checkpoint):
@@ -367,7 +449,10 @@ def test_export_folder_of_another_task_is_refused_before_training(setup_bad, mak
     args[args.index(f"--export.dirpath={out / 'export'}")] = f"--export.dirpath={other}"
     with pytest.raises(FileExistsError) as e:
         lightning_cli(args)
-    assert str(e.value) == f"{other} already holds an export of task 'stsb'; refusing to write task 'rte' there without overwrite"
+    assert (
+        str(e.value)
+        == f"{other} already holds an export of task 'stsb'; refusing to write task 'rte' there without overwrite"
+    )
     assert weights_fingerprint(other) == before and read_metadata(other)["task"] == "stsb"
     assert not list((out / "logs").rglob("metrics.csv"))  # refused before any training step or log
     assert no_debris(out) == []

@@ -20,15 +20,23 @@ def test_walkthrough_executes(tmp_path: Path, monkeypatch, tiny_base: Callable[[
     nbclient = pytest.importorskip("nbclient", reason="the notebooks extra is not installed")
     out = tmp_path / "walkthrough"
     real = MINILM.is_dir() and GLUE.is_dir()
-    sizes = {"OUTPUT": str(out), "TRAIN": "48", "EVAL": "32", "FISHER": "16", "EPOCHS": "1",
-             "MODEL": str(MINILM if real else tiny_base("bert")), "DATA": str(GLUE if real else tiny_glue)}
+    sizes = {
+        "OUTPUT": str(out),
+        "TRAIN": "48",
+        "EVAL": "32",
+        "FISHER": "16",
+        "EPOCHS": "1",
+        "MODEL": str(MINILM if real else tiny_base("bert")),
+        "DATA": str(GLUE if real else tiny_glue),
+    }
     for key, value in sizes.items():  # the kernel inherits this environment
         monkeypatch.setenv(f"FMN_PL_WALKTHROUGH_{key}", value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
     client.execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors

@@ -30,8 +30,14 @@ def run(config: Path, out: Path, base: Path, data: Path, *extra: str) -> dict[st
 
 def mtimes(folder: Path) -> dict[str, int]:
     """Modification times of the outputs (not logs, stamps, the resolved config or the merges' score cache)."""
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()
-            and "logs" not in p.parts and "stamps" not in p.parts and p.name not in ("pipeline.yaml", "fmn_pl_eval.json")}
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns
+        for p in folder.rglob("*")
+        if p.is_file()
+        and "logs" not in p.parts
+        and "stamps" not in p.parts
+        and p.name not in ("pipeline.yaml", "fmn_pl_eval.json")
+    }
 
 
 def with_scaling(tmp_path: Path, scaling: float) -> Path:
@@ -43,12 +49,20 @@ def with_scaling(tmp_path: Path, scaling: float) -> Path:
     return path
 
 
-def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, capsys,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_end_to_end_then_resume(
+    tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, out = tiny_base("bert"), tmp_path / "run"
     status = run(TINY, out, base, tiny_glue)
-    stages = ["fit/rte", "fit/mrpc", "fisher/rte/mask_fisher", "fisher/mrpc/mask_fisher", "merge/rte+mrpc/fmn",
-              "merge/rte+mrpc/task_arithmetic", "report"]
+    stages = [
+        "fit/rte",
+        "fit/mrpc",
+        "fisher/rte/mask_fisher",
+        "fisher/mrpc/mask_fisher",
+        "merge/rte+mrpc/fmn",
+        "merge/rte+mrpc/task_arithmetic",
+        "report",
+    ]
     assert status == {s: "ran" for s in stages}
 
     # Every stage's output: checkpoints, artifacts tied to them, merges, the combined report.
@@ -64,7 +78,9 @@ def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path]
         own = json.loads((out / "merges" / "rte+mrpc" / label / "report.json").read_text())
         assert label == "fmn" or own["options"]["scaling"] == 0.5
         for task, r in own["results"].items():
-            row = next(x for x in report["results"] if (x["combination"], x["task"], x["column"]) == ("rte+mrpc", task, label))
+            row = next(
+                x for x in report["results"] if (x["combination"], x["task"], x["column"]) == ("rte+mrpc", task, label)
+            )
             assert row["score"] == r["merged"]["score"] and row["normalized"] == r["normalized"]
             ind = next(x for x in report["results"] if (x["task"], x["column"]) == (task, "individual"))
             assert ind["score"] == r["individual"]["score"]
@@ -82,7 +98,10 @@ def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path]
     # research/results.py turns the run into docs/results.md's tables: the gains are the reports' own
     results = load_benchmark("results", "research")
     methods = {m["label"]: m for m in results.method_rows(results.load(out))}
-    cell = {t: r for t, r in json.loads((out / "merges" / "rte+mrpc" / "fmn" / "report.json").read_text())["results"].items()}
+    cell = {
+        t: r
+        for t, r in json.loads((out / "merges" / "rte+mrpc" / "fmn" / "report.json").read_text())["results"].items()
+    }
     expected = sum(100 * (r["merged"]["score"] - r["average"]["score"]) for r in cell.values()) / 2
     assert methods["fmn"]["gain"] == pytest.approx(expected) and methods["fmn"]["cells"] == 2
     assert methods["average"]["gain"] == 0 and methods["average"]["wins"] == methods["average"]["losses"] == 0
@@ -102,15 +121,27 @@ def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path]
     assert own["options"]["scaling"] == 0.3
     after = mtimes(out)
     assert {k for k in after if after[k] != before.get(k)} <= {
-        k for k in after if k.startswith(("merges/rte+mrpc/task_arithmetic", "report", "plots"))}
+        k for k in after if k.startswith(("merges/rte+mrpc/task_arithmetic", "report", "plots"))
+    }
 
     # A method whose defaults changed (a new fmn-pl) recomputes its merges: the key holds the resolved options.
     from fmn_pl.merging.fmn import FMN
 
     options = FMN.options
     monkeypatch.setattr(FMN, "options", lambda self: {**options(self), "power": 0.5})
-    assert pipeline.main(["--config", str(with_scaling(tmp_path, 0.3)), f"--model={base}", f"--data_dir={tiny_glue}",
-                          f"--output={out}", "--dry_run=true"]) == []
+    assert (
+        pipeline.main(
+            [
+                "--config",
+                str(with_scaling(tmp_path, 0.3)),
+                f"--model={base}",
+                f"--data_dir={tiny_glue}",
+                f"--output={out}",
+                "--dry_run=true",
+            ]
+        )
+        == []
+    )
     assert "merge/rte+mrpc/fmn: would run (options or inputs changed)" in capsys.readouterr().out
     monkeypatch.undo()
 
@@ -120,8 +151,9 @@ def test_end_to_end_then_resume(tmp_path: Path, tiny_base: Callable[[str], Path]
     assert {s for s, v in status.items() if v == "ran"} == {"fisher/rte/mask_fisher", "merge/rte+mrpc/fmn", "report"}
 
 
-def test_interrupted_stage_is_redone(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path,
-                                     monkeypatch) -> None:
+def test_interrupted_stage_is_redone(
+    tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, monkeypatch
+) -> None:
     """A stage killed after writing its output but before its stamp is not taken for finished."""
     base, out = tiny_base("bert"), tmp_path / "run"
     real = pipeline.run_stage
@@ -135,16 +167,19 @@ def test_interrupted_stage_is_redone(tmp_path: Path, tiny_base: Callable[[str], 
     with pytest.raises(KeyboardInterrupt):
         run(TINY, out, base, tiny_glue)
     assert (out / "merges" / "rte+mrpc" / "fmn" / "report.json").is_file()
-    assert not pipeline.stamp_path(pipeline.parse_config(["--config", str(TINY), f"--output={out}"])[0],
-                                   pipeline.Stage("merge/rte+mrpc/fmn", "merge", [], {}, [], None, out)).exists()
+    assert not pipeline.stamp_path(
+        pipeline.parse_config(["--config", str(TINY), f"--output={out}"])[0],
+        pipeline.Stage("merge/rte+mrpc/fmn", "merge", [], {}, [], None, out),
+    ).exists()
     monkeypatch.setattr(pipeline, "run_stage", real)
     status = run(TINY, out, base, tiny_glue)
     assert status["merge/rte+mrpc/fmn"] == "ran" and status["fit/rte"] == status["fisher/mrpc/mask_fisher"] == "skipped"
     assert status["merge/rte+mrpc/task_arithmetic"] == "ran"  # never reached before the interruption
 
 
-def test_stage_that_wrote_nothing_is_never_stamped(tmp_path: Path, tiny_base: Callable[[str], Path],
-                                                   tiny_glue: Path, monkeypatch, capsys) -> None:
+def test_stage_that_wrote_nothing_is_never_stamped(
+    tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, monkeypatch, capsys
+) -> None:
     """A stage that returns without writing (as Lightning's SIGTERM exit 0 once did) leaves the old artifact, which
     the pipeline refuses to stamp: the stage fails and stays unstamped."""
     base, out = tiny_base("bert"), tmp_path / "run"
@@ -152,12 +187,16 @@ def test_stage_that_wrote_nothing_is_never_stamped(tmp_path: Path, tiny_base: Ca
     artifact = out / "checkpoints" / "rte" / "mask_fisher.safetensors"
     os.utime(artifact, (time.time() - 10, time.time() - 10))  # written well before the rerun
     real = pipeline.run_stage
-    monkeypatch.setattr(pipeline, "run_stage", lambda stage, *a, **kw: None if stage.kind == "fisher" else real(stage, *a, **kw))
+    monkeypatch.setattr(
+        pipeline, "run_stage", lambda stage, *a, **kw: None if stage.kind == "fisher" else real(stage, *a, **kw)
+    )
     with pytest.raises(SystemExit):
         run(TINY, out, base, tiny_glue, "--only=fisher/rte", "--rerun=fisher/rte")
     assert "ended without writing" in capsys.readouterr().err
     cfg = pipeline.parse_config(["--config", str(TINY), f"--output={out}"])[0]
-    assert not pipeline.stamp_path(cfg, pipeline.Stage("fisher/rte/mask_fisher", "fisher", [], {}, [], None, out)).exists()
+    assert not pipeline.stamp_path(
+        cfg, pipeline.Stage("fisher/rte/mask_fisher", "fisher", [], {}, [], None, out)
+    ).exists()
 
 
 def test_only_needs_finished_inputs(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, capsys) -> None:
@@ -200,14 +239,20 @@ def test_dry_run_reports_problems(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("change, error", [
-    ({"tasks": ["rte", "RTE"]}, "lists a task twice"),
-    ({"merge": {"methods": [{"name": "fmn"}, {"name": "fmn"}]}}, "appear twice; give each a distinct `label`"),
-    ({"merge": {"methods": [{"name": "magic"}]}}, "unknown merge method 'magic'"),
-    ({"merge": {"combinations": [["rte", "cola"]]}}, r"names \['cola'\], not in tasks"),
-    ({"fit": {"per_task": {"rte": {"learning_rat": 1.0}}}}, r"fit.per_task.rte: unknown option\(s\) \['learning_rat'\]"),
-    ({"fisher": {"kinds": ["grams"]}}, r"lacks \['mask_fisher'\], which merge.methods need"),
-])
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"tasks": ["rte", "RTE"]}, "lists a task twice"),
+        ({"merge": {"methods": [{"name": "fmn"}, {"name": "fmn"}]}}, "appear twice; give each a distinct `label`"),
+        ({"merge": {"methods": [{"name": "magic"}]}}, "unknown merge method 'magic'"),
+        ({"merge": {"combinations": [["rte", "cola"]]}}, r"names \['cola'\], not in tasks"),
+        (
+            {"fit": {"per_task": {"rte": {"learning_rat": 1.0}}}},
+            r"fit.per_task.rte: unknown option\(s\) \['learning_rat'\]",
+        ),
+        ({"fisher": {"kinds": ["grams"]}}, r"lacks \['mask_fisher'\], which merge.methods need"),
+    ],
+)
 def test_option_errors(tmp_path: Path, change: dict, error: str) -> None:
     cfg = yaml.safe_load(TINY.read_text())
     for key, value in change.items():
@@ -235,8 +280,16 @@ def test_ddp_stage_with_two_cpu_processes(tmp_path: Path, tiny_base: Callable[[s
     """A fine-tuning stage with devices 2 and strategy ddp runs as its own `python -m fmn_pl.cli fit` process,
     whose Lightning launcher starts the second rank (gloo on CPU); rank 0 exports, the pipeline stamps."""
     out = tmp_path / "run"
-    status = run(TINY, out, tiny_base("bert"), tiny_glue, "--only=fit/rte", "--fit.launch.accelerator=cpu",
-                 "--fit.launch.devices=2", "--fit.launch.strategy=ddp")
+    status = run(
+        TINY,
+        out,
+        tiny_base("bert"),
+        tiny_glue,
+        "--only=fit/rte",
+        "--fit.launch.accelerator=cpu",
+        "--fit.launch.devices=2",
+        "--fit.launch.strategy=ddp",
+    )
     assert status == {"fit/rte": "ran"}
     log = (out / "logs" / "fit__rte.log").read_text()
     assert "--trainer.devices=2" in log.splitlines()[0] and "MEMBER: 2/2" in log
@@ -254,15 +307,31 @@ def test_under_torchrun_two_ranks(tmp_path: Path, tiny_base: Callable[[str], Pat
     import subprocess
     import sys
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+    }
     script = Path(__file__).resolve().parents[1] / "examples" / "torchrun.sh"
     for attempt in range(2):
         out = tmp_path / f"run{attempt}"
-        proc = subprocess.run(["bash", str(script), str(TINY), "2", f"--model={tiny_base('bert')}",
-                               f"--data_dir={tiny_glue}", f"--output={out}", "--trainer.accelerator=cpu",
-                               "--only=fit/rte,fisher/rte/mask_fisher"], env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            [
+                "bash",
+                str(script),
+                str(TINY),
+                "2",
+                f"--model={tiny_base('bert')}",
+                f"--data_dir={tiny_glue}",
+                f"--output={out}",
+                "--trainer.accelerator=cpu",
+                "--only=fit/rte,fisher/rte/mask_fisher",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         rank1 = out / "logs" / "fit__rte.rank1.log"
         # Seen once on an oversubscribed 2-core machine: rank 1's gloo process aborted ("terminate called without
         # an active exception") during the fit; a second try passed. Retry that one failure once, nothing else.
@@ -281,5 +350,7 @@ def test_under_torchrun_two_ranks(tmp_path: Path, tiny_base: Callable[[str], Pat
 def test_method_option_null_reaches_the_merge() -> None:
     """`options: {scaling: null}` means "choose it": it must reach the stage as null, not be dropped for the
     method's default (TIES' is 1.0); other None options still leave the stage's default."""
-    assert pipeline._flags({"method.scaling": None, "base": None, "label": "ties"}) == ["--method.scaling=null",
-                                                                                     "--label=ties"]
+    assert pipeline._flags({"method.scaling": None, "base": None, "label": "ties"}) == [
+        "--method.scaling=null",
+        "--label=ties",
+    ]

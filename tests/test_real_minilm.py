@@ -25,25 +25,27 @@ pytestmark = [
 def test_minilm_sst2_fit_export_reload(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     export = tmp_path / "export"
-    cli = lightning_cli([
-        "fit",
-        f"--model.model_name_or_path={MINILM}",
-        "--model.learning_rate=5e-4",  # high for fine-tuning: the new head must learn in 10 steps
-        "--data.task=sst2",
-        f"--data.data_dir={GLUE}",
-        "--data.max_train_samples=320",
-        "--data.max_eval_samples=192",
-        "--data.batch_size=32",
-        "--trainer.max_epochs=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        f"--export.dirpath={export}",
-        "--seed_everything=0",
-    ])
+    cli = lightning_cli(
+        [
+            "fit",
+            f"--model.model_name_or_path={MINILM}",
+            "--model.learning_rate=5e-4",  # high for fine-tuning: the new head must learn in 10 steps
+            "--data.task=sst2",
+            f"--data.data_dir={GLUE}",
+            "--data.max_train_samples=320",
+            "--data.max_eval_samples=192",
+            "--data.batch_size=32",
+            "--trainer.max_epochs=1",
+            "--trainer.accelerator=cpu",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            f"--export.dirpath={export}",
+            "--seed_everything=0",
+        ]
+    )
     (log,) = (tmp_path / "logs").rglob("metrics.csv")
     rows = list(csv.DictReader(open(log)))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
@@ -67,11 +69,18 @@ def test_minilm_sst2_fit_export_reload(tmp_path, monkeypatch):
         assert torch.equal(model(**model_inputs(batch)).logits, cli.model.model.eval()(**model_inputs(batch)).logits)
 
     # validating the export on the same sample reproduces the recorded accuracy
-    val = lightning_cli([
-        "validate", f"--model.model_name_or_path={export}", "--data.task=sst2", f"--data.data_dir={GLUE}",
-        "--data.max_eval_samples=192", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={tmp_path / 'val'}",
-    ])
+    val = lightning_cli(
+        [
+            "validate",
+            f"--model.model_name_or_path={export}",
+            "--data.task=sst2",
+            f"--data.data_dir={GLUE}",
+            "--data.max_eval_samples=192",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path / 'val'}",
+        ]
+    )
     assert float(val.trainer.callback_metrics["val/accuracy"]) == pytest.approx(accuracy)
 
     # the Fisher stage on the real export: the artifact's shape and metadata, and the per-example mask Fisher
@@ -81,8 +90,18 @@ def test_minilm_sst2_fit_export_reload(tmp_path, monkeypatch):
     from fmn_pl.fisher import main as fisher
     from tests.test_fisher import _rel_close, _slow_mask_fisher
 
-    fisher(["--checkpoint", str(export), "--num_examples", "48", "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false"])
+    fisher(
+        [
+            "--checkpoint",
+            str(export),
+            "--num_examples",
+            "48",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     art = load_artifact(export, "mask_fisher", shapes={"head": (6, 12), "neuron": (6, 1536)})
     assert (art.metadata["task"], art.metadata["split"], art.metadata["num_examples"]) == ("sst2", "train", 48)
     assert (art.get("head") > 0).float().mean() > 0.9

@@ -104,19 +104,32 @@ def test_merge_over_context_with_hand_made_grams(tmp_path: Path) -> None:
         xs = {g: torch.randn(64, states[i][f"{g}.weight"].shape[1]) for g in set(linear.values())}
         inputs.append(xs)
         grams = {g: x.T @ x / len(x) for g, x in xs.items()}
-        save_artifact(d / "grams.safetensors", grams,
-                      {"kind": "grams", "fingerprint": weights_fingerprint(d), "task": "rte", "num_examples": 8})
+        save_artifact(
+            d / "grams.safetensors",
+            grams,
+            {"kind": "grams", "fingerprint": weights_fingerprint(d), "task": "rte", "num_examples": 8},
+        )
     keys = [k for k, v in states[0].items() if k.startswith("bert.") and v.is_floating_point()]
-    ctx = MergeContext(checkpoints=dirs, tasks=["rte", "mrpc"], config=model.config, body_prefix="bert.",
-                       keys=keys, readers=[CheckpointReader(d) for d in dirs], log=lambda s: None)
+    ctx = MergeContext(
+        checkpoints=dirs,
+        tasks=["rte", "mrpc"],
+        config=model.config,
+        body_prefix="bert.",
+        keys=keys,
+        readers=[CheckpointReader(d) for d in dirs],
+        log=lambda s: None,
+    )
     merged = dict(RegMean(alpha=1.0).merge(ctx))
     assert set(merged) == set(keys)
     for module, gram in linear.items():
         w = f"{module}.weight"
         ref = lstsq_reference([inputs[i][gram] for i in range(2)], [states[i][w] for i in range(2)])
         torch.testing.assert_close(merged[w], ref, rtol=1e-4, atol=1e-5)
-    for k in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.bias",
-              "bert.encoder.layer.1.output.LayerNorm.weight"):
+    for k in (
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.0.attention.self.query.bias",
+        "bert.encoder.layer.1.output.LayerNorm.weight",
+    ):
         torch.testing.assert_close(merged[k], (states[0][k] + states[1][k]) / 2)
     assert ctx.notes["regmean_ridge"] == []
 
@@ -124,12 +137,21 @@ def test_merge_over_context_with_hand_made_grams(tmp_path: Path) -> None:
 def test_missing_gram_is_a_clear_error(tmp_path: Path) -> None:
     dirs, states = _saved_models(tmp_path, 2)
     for d in dirs:
-        save_artifact(d / "grams.safetensors", {"bert.pooler.dense": torch.eye(32)},
-                      {"kind": "grams", "fingerprint": weights_fingerprint(d), "task": "rte"})
+        save_artifact(
+            d / "grams.safetensors",
+            {"bert.pooler.dense": torch.eye(32)},
+            {"kind": "grams", "fingerprint": weights_fingerprint(d), "task": "rte"},
+        )
     model = tiny_model("bert")
     keys = [k for k in states[0] if k.startswith("bert.")]
-    ctx = MergeContext(checkpoints=dirs, tasks=["rte", "mrpc"], config=model.config, body_prefix="bert.",
-                       keys=keys, readers=[CheckpointReader(d) for d in dirs])
+    ctx = MergeContext(
+        checkpoints=dirs,
+        tasks=["rte", "mrpc"],
+        config=model.config,
+        body_prefix="bert.",
+        keys=keys,
+        readers=[CheckpointReader(d) for d in dirs],
+    )
     with pytest.raises(ValueError, match="lacks the Gram"):
         dict(RegMean().merge(ctx))
 
@@ -158,7 +180,8 @@ def test_tiny_model_layer_equals_least_squares_over_stacked_real_inputs(tmp_path
         xs: list[torch.Tensor] = []
         current: dict[str, torch.Tensor] = {}
         handle = dict(model.named_modules())[layer].register_forward_pre_hook(
-            lambda m, a: xs.append(a[0][current["mask"].bool()].detach()))
+            lambda m, a: xs.append(a[0][current["mask"].bool()].detach())
+        )
         acc = GramAccumulator(model)
         with acc.hooks(), torch.no_grad():
             for b in _padded_batches(seed=i):
@@ -169,12 +192,20 @@ def test_tiny_model_layer_equals_least_squares_over_stacked_real_inputs(tmp_path
         grams = acc.grams()
         assert acc.rows[layer] == sum(int(b["attention_mask"].sum()) for b in _padded_batches(seed=i))
         assert acc.rows["bert.pooler.dense"] == 12  # one row per example
-        save_artifact(d / "grams.safetensors", grams,
-                      {"kind": "grams", "fingerprint": weights_fingerprint(d), "task": "rte"})
+        save_artifact(
+            d / "grams.safetensors", grams, {"kind": "grams", "fingerprint": weights_fingerprint(d), "task": "rte"}
+        )
     model = tiny_model("bert")
     keys = [k for k, v in states[0].items() if k.startswith("bert.") and v.is_floating_point()]
-    ctx = MergeContext(checkpoints=dirs, tasks=["rte", "mrpc"], config=model.config, body_prefix="bert.",
-                       keys=keys, readers=[CheckpointReader(d) for d in dirs], log=lambda s: None)
+    ctx = MergeContext(
+        checkpoints=dirs,
+        tasks=["rte", "mrpc"],
+        config=model.config,
+        body_prefix="bert.",
+        keys=keys,
+        readers=[CheckpointReader(d) for d in dirs],
+        log=lambda s: None,
+    )
     merged = dict(RegMean(alpha=1.0).merge(ctx))
     ref = lstsq_reference(captured, [states[i][f"{layer}.weight"] for i in range(2)])
     assert f"{layer}.weight" not in ctx.notes["regmean_ridge"]
@@ -195,6 +226,7 @@ def test_padding_option_changes_what_the_gram_sees() -> None:
         results[include] = (acc.rows["bert.encoder.layer.0.attention.self.query"].item(), acc.grams())
     assert results[False][0] == int(_padded_batches(seed=0, n=1)[0]["attention_mask"].sum())
     assert results[True][0] == 4 * 12
-    assert not torch.allclose(results[False][1]["bert.encoder.layer.0.output.dense"],
-                              results[True][1]["bert.encoder.layer.0.output.dense"])
+    assert not torch.allclose(
+        results[False][1]["bert.encoder.layer.0.output.dense"], results[True][1]["bert.encoder.layer.0.output.dense"]
+    )
     assert len(model._forward_pre_hooks) == 0 and all(not m._forward_pre_hooks for m in model.modules())

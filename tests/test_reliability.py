@@ -23,24 +23,53 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 # (case id, command line with {placeholders}, what the one line must contain). {out} must not exist afterwards.
 CASES: list[tuple[str, str, str]] = [
     # fit
-    ("fit-unknown-task", "fit --model.model_name_or_path={base} --data.task=qqq --data.data_dir={glue}",
-     "unknown GLUE task 'qqq'"),
-    ("fit-negative-cap", "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
-     "--data.max_train_samples=-5 --export.dirpath={out}", "max_train_samples"),
-    ("fit-zero-cap", "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
-     "--data.max_train_samples=0 --export.dirpath={out}", "max_train_samples"),
-    ("fit-zero-batch", "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
-     "--data.batch_size=0 --export.dirpath={out}", "batch_size"),
-    ("fit-devices-abc", "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
-     "--trainer.devices=abc --export.dirpath={out}", "devices"),
+    (
+        "fit-unknown-task",
+        "fit --model.model_name_or_path={base} --data.task=qqq --data.data_dir={glue}",
+        "unknown GLUE task 'qqq'",
+    ),
+    (
+        "fit-negative-cap",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
+        "--data.max_train_samples=-5 --export.dirpath={out}",
+        "max_train_samples",
+    ),
+    (
+        "fit-zero-cap",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
+        "--data.max_train_samples=0 --export.dirpath={out}",
+        "max_train_samples",
+    ),
+    (
+        "fit-zero-batch",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
+        "--data.batch_size=0 --export.dirpath={out}",
+        "batch_size",
+    ),
+    (
+        "fit-devices-abc",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
+        "--trainer.devices=abc --export.dirpath={out}",
+        "devices",
+    ),
     ("fit-yaml-syntax", "fit --config={bad_yaml}", "YAML syntax error"),
-    ("fit-missing-data", "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={missing} "
-     "--export.dirpath={out}", "does not exist"),
-    ("fit-missing-model", "fit --model.model_name_or_path={missing} --data.task=rte --data.data_dir={glue} "
-     "--export.dirpath={out}", "missing"),
+    (
+        "fit-missing-data",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={missing} --export.dirpath={out}",
+        "does not exist",
+    ),
+    (
+        "fit-missing-model",
+        "fit --model.model_name_or_path={missing} --data.task=rte --data.data_dir={glue} --export.dirpath={out}",
+        "missing",
+    ),
     ("fit-unknown-option", "fit --model.model_name_or_path={base} --data.task=rte --bogus=1", "bogus"),
-    ("fit-export-unwritable", "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
-     "--trainer.max_epochs=1 --export.dirpath={file}/out", "not a folder"),
+    (
+        "fit-export-unwritable",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
+        "--trainer.max_epochs=1 --export.dirpath={file}/out",
+        "not a folder",
+    ),
     # fisher
     ("fisher-missing-checkpoint", "fisher --checkpoint={missing} --data_dir={glue}", "missing"),
     ("fisher-negative-examples", "fisher --checkpoint={ck1} --data_dir={glue} --num_examples=-5", "num_examples"),
@@ -52,36 +81,74 @@ CASES: list[tuple[str, str, str]] = [
     ("fisher-yaml-syntax", "fisher --config={bad_yaml}", "YAML syntax error"),
     ("fisher-unknown-option", "fisher --checkpoint={ck1} --bogus=1", "bogus"),
     # merge
-    ("merge-one-checkpoint", "merge --method=average --checkpoints {ck1} --output={out} --data_dir={glue}",
-     "at least two checkpoints"),
-    ("merge-missing-checkpoint", "merge --method=average --checkpoints {ck1} {missing} --output={out} "
-     "--data_dir={glue}", "missing"),
+    (
+        "merge-one-checkpoint",
+        "merge --method=average --checkpoints {ck1} --output={out} --data_dir={glue}",
+        "at least two checkpoints",
+    ),
+    (
+        "merge-missing-checkpoint",
+        "merge --method=average --checkpoints {ck1} {missing} --output={out} --data_dir={glue}",
+        "missing",
+    ),
     ("merge-unknown-method", "merge --method=bogus --checkpoints {ck1} {ck2} --output={out}", "bogus"),
-    ("merge-unknown-method-option", "merge --method=fmn --method.bogus=1 --checkpoints {ck1} {ck2} --output={out}",
-     "bogus"),
-    ("merge-negative-eval", "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} "
-     "--max_eval_samples=-3", "max_eval_samples"),
-    ("merge-zero-batch", "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} "
-     "--batch_size=0", "batch_size"),
-    ("merge-zero-selection", "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} "
-     "--selection_samples=0", "selection_samples"),
-    ("merge-no-fisher", "merge --method=fmn --checkpoints {ck1} {nofisher} --output={out} --data_dir={glue}",
-     "mask_fisher"),
-    ("merge-integer-fisher", "merge --method=fmn --checkpoints {ck1} {intfisher} --output={out} --data_dir={glue}",
-     "int64"),
-    ("merge-nan-fisher", "merge --method=fmn --checkpoints {ck1} {nanfisher} --output={out} --data_dir={glue}",
-     "NaN"),
-    ("merge-stale-fisher", "merge --method=fmn --checkpoints {ck1} {stale} --output={out} --data_dir={glue}",
-     "recompute it"),
-    ("merge-output-is-input", "merge --method=average --checkpoints {ck1} {ck2} --output={ck1} --data_dir={glue}",
-     "replace the input checkpoint"),
-    ("merge-output-occupied", "merge --method=average --checkpoints {ck1} {ck2} --output={occupied} "
-     "--data_dir={glue}", "already exists"),
-    ("merge-output-unwritable", "merge --method=average --checkpoints {ck1} {ck2} --output={file}/out "
-     "--data_dir={glue}", "not a folder"),
+    (
+        "merge-unknown-method-option",
+        "merge --method=fmn --method.bogus=1 --checkpoints {ck1} {ck2} --output={out}",
+        "bogus",
+    ),
+    (
+        "merge-negative-eval",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} --max_eval_samples=-3",
+        "max_eval_samples",
+    ),
+    (
+        "merge-zero-batch",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} --batch_size=0",
+        "batch_size",
+    ),
+    (
+        "merge-zero-selection",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} --selection_samples=0",
+        "selection_samples",
+    ),
+    (
+        "merge-no-fisher",
+        "merge --method=fmn --checkpoints {ck1} {nofisher} --output={out} --data_dir={glue}",
+        "mask_fisher",
+    ),
+    (
+        "merge-integer-fisher",
+        "merge --method=fmn --checkpoints {ck1} {intfisher} --output={out} --data_dir={glue}",
+        "int64",
+    ),
+    ("merge-nan-fisher", "merge --method=fmn --checkpoints {ck1} {nanfisher} --output={out} --data_dir={glue}", "NaN"),
+    (
+        "merge-stale-fisher",
+        "merge --method=fmn --checkpoints {ck1} {stale} --output={out} --data_dir={glue}",
+        "recompute it",
+    ),
+    (
+        "merge-output-is-input",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={ck1} --data_dir={glue}",
+        "replace the input checkpoint",
+    ),
+    (
+        "merge-output-occupied",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={occupied} --data_dir={glue}",
+        "already exists",
+    ),
+    (
+        "merge-output-unwritable",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={file}/out --data_dir={glue}",
+        "not a folder",
+    ),
     ("merge-yaml-syntax", "merge --config={bad_yaml}", "YAML syntax error"),
-    ("merge-missing-data", "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={missing}",
-     "does not exist"),
+    (
+        "merge-missing-data",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={missing}",
+        "does not exist",
+    ),
     # pipeline
     ("pipeline-missing-config", "pipeline --config={missing}", "missing"),
     ("pipeline-yaml-syntax", "pipeline --config={bad_yaml}", "YAML syntax error"),
@@ -94,7 +161,9 @@ CASES: list[tuple[str, str, str]] = [
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_base: Callable[[str], Path], tiny_glue: Path) -> dict[str, str]:
+def inputs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Callable[[str], Path], tiny_glue: Path
+) -> dict[str, str]:
     """Tiny checkpoints with Fisher artifacts, and broken variants of them."""
     from transformers import AutoTokenizer
 
@@ -111,27 +180,51 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_base: Callable[[str], 
         torch.manual_seed(seed)
         spec = get_task(task)
         model = load_model(str(base), spec)
-        meta = {"task": task, "label_names": list(spec.label_names), "num_labels": spec.num_labels,
-                "base_model": str(base), "metrics": {}, "seed": seed, "num_train_examples": 0}
+        meta = {
+            "task": task,
+            "label_names": list(spec.label_names),
+            "num_labels": spec.num_labels,
+            "base_model": str(base),
+            "metrics": {},
+            "seed": seed,
+            "num_train_examples": 0,
+        }
         ck = export_checkpoint(model.eval(), AutoTokenizer.from_pretrained(base), root / name, meta)
         if with_fisher:
-            fisher([f"--checkpoint={ck}", f"--data_dir={tiny_glue}", "--num_examples=8", "--trainer.accelerator=cpu",
-                    "--trainer.enable_progress_bar=false"])
+            fisher(
+                [
+                    f"--checkpoint={ck}",
+                    f"--data_dir={tiny_glue}",
+                    "--num_examples=8",
+                    "--trainer.accelerator=cpu",
+                    "--trainer.enable_progress_bar=false",
+                ]
+            )
         return ck
 
-    p = {"base": base, "glue": tiny_glue, "missing": root / "missing", "ck1": checkpoint("rte", "rte", 0),
-         "ck2": checkpoint("mrpc", "mrpc", 1), "nofisher": checkpoint("nofisher", "mrpc", 2, with_fisher=False)}
+    p = {
+        "base": base,
+        "glue": tiny_glue,
+        "missing": root / "missing",
+        "ck1": checkpoint("rte", "rte", 0),
+        "ck2": checkpoint("mrpc", "mrpc", 1),
+        "nofisher": checkpoint("nofisher", "mrpc", 2, with_fisher=False),
+    }
     fisher_of = load_artifact(p["ck2"], "mask_fisher")
     for name, transform in (("intfisher", lambda t: t.to(torch.int64)), ("nanfisher", lambda t: t * float("nan"))):
         ck = p[name] = checkpoint(name, "mrpc", 3, with_fisher=False)
         meta = {"kind": "mask_fisher", "task": "mrpc", "fingerprint": weights_fingerprint(ck), "num_examples": 8}
-        save_artifact(artifact_path(ck, "mask_fisher"), {k: transform(fisher_of.get(k)) for k in fisher_of.keys()}, meta)
+        save_artifact(
+            artifact_path(ck, "mask_fisher"), {k: transform(fisher_of.get(k)) for k in fisher_of.keys()}, meta
+        )
     p["stale"] = checkpoint("stale", "mrpc", 4)
     with torch.no_grad():  # retrain after the Fisher pass: its fingerprint no longer matches
         from safetensors.torch import load_file, save_file
 
         weights = load_file(p["stale"] / "model.safetensors")
-        save_file({k: v + 0.01 for k, v in weights.items()}, p["stale"] / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v + 0.01 for k, v in weights.items()}, p["stale"] / "model.safetensors", metadata={"format": "pt"}
+        )
         meta = json.loads((p["stale"] / "fmn_pl.json").read_text())
         meta["fingerprint"] = weights_fingerprint(p["stale"])
         (p["stale"] / "fmn_pl.json").write_text(json.dumps(meta))
@@ -150,8 +243,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_base: Callable[[str], 
     p["bad_yaml"] = root / "bad.yaml"
     p["bad_yaml"].write_text("method: [fmn\n  x: : y\n")
     p["pipeline"] = root / "pipeline.yaml"
-    p["pipeline"].write_text(f"output: {root / 'pipeline-out'}\nmodel: {base}\ndata_dir: {tiny_glue}\n"
-                             "tasks: [rte, mrpc]\nmerge:\n  methods: [{name: average}]\n")
+    p["pipeline"].write_text(
+        f"output: {root / 'pipeline-out'}\nmodel: {base}\ndata_dir: {tiny_glue}\n"
+        "tasks: [rte, mrpc]\nmerge:\n  methods: [{name: average}]\n"
+    )
     return {k: str(v) for k, v in p.items()}
 
 
@@ -162,8 +257,9 @@ def test_bad_input_is_one_line(inputs: dict[str, str], tmp_path: Path, case: str
     before = {p: sorted(os.listdir(p)) for p in (inputs["ck1"], inputs["ck2"], inputs["occupied"])}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("FMN_PL_TRACEBACK", None)
-    proc = subprocess.run([sys.executable, "-m", "fmn_pl.cli", *argv], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmn_pl.cli", *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     command_name = argv[0]
     assert proc.returncode == 2, f"exit {proc.returncode}:\n{proc.stderr[-2000:]}"

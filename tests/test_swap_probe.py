@@ -18,8 +18,9 @@ from tests.conftest import load_benchmark
 def test_swap_probe(make_checkpoint: Callable, tiny_glue: Path, capsys: pytest.CaptureFixture) -> None:
     sp = load_benchmark("swap_probe", "research")
     cks = [str(make_checkpoint(t, seed=s, noise=0.3)) for s, t in enumerate(["rte", "mrpc"])]
-    result = sp.main(["--checkpoints", *cks, "--data_dir", str(tiny_glue), "--split", "validation",
-                      "--max_samples", "16"])
+    result = sp.main(
+        ["--checkpoints", *cks, "--data_dir", str(tiny_glue), "--split", "validation", "--max_samples", "16"]
+    )
     assert json.loads(capsys.readouterr().out) == result
     assert list(result["rte"]) == ["none", "embeddings", "layer0", "layer1", "pooler", "norms", "all"]
     ev = Evaluator(cks, EvalData(str(tiny_glue), "validation", 16), accelerator="cpu", progress=False)
@@ -36,4 +37,8 @@ def test_groups_split_the_layers(tiny_base: Callable[[str], Path]) -> None:
     named = sp.groups(AutoConfig.from_pretrained(tiny_base("bert")))
     key = "bert.encoder.layer.1.attention.self.query.weight"
     assert [n for n, picks in named.items() if picks(key)] == ["layer1", "all"]
-    assert [n for n, picks in named.items() if picks("bert.embeddings.LayerNorm.weight")] == ["embeddings", "norms", "all"]
+    assert [n for n, picks in named.items() if picks("bert.embeddings.LayerNorm.weight")] == [
+        "embeddings",
+        "norms",
+        "all",
+    ]

@@ -37,9 +37,17 @@ def make_ctx(tmp_path: Path, evaluate: Callable | None = None) -> MergeContext:
         d.mkdir(parents=True)
         save_file(state, str(d / "model.safetensors"))
         dirs.append(d)
-    return MergeContext(checkpoints=dirs[1:], tasks=TASKS, config=None, body_prefix="", keys=["w", "m"],
-                        readers=[CheckpointReader(d) for d in dirs[1:]], base_reader=CheckpointReader(dirs[0]),
-                        evaluate=evaluate, log=lambda s: None)
+    return MergeContext(
+        checkpoints=dirs[1:],
+        tasks=TASKS,
+        config=None,
+        body_prefix="",
+        keys=["w", "m"],
+        readers=[CheckpointReader(d) for d in dirs[1:]],
+        base_reader=CheckpointReader(dirs[0]),
+        evaluate=evaluate,
+        log=lambda s: None,
+    )
 
 
 def test_tall_mask_by_hand() -> None:
@@ -95,8 +103,10 @@ def test_lambda_and_alpha_chosen_on_selection_scores(tmp_path: Path) -> None:
     """A fake evaluator whose best lambda differs per task: the choice must follow each task's own score."""
     mtl = {k: sum(t[k] for t in TAUS) for k in BASE}
     best = {"rte": 1.0, "mrpc": 1.5, "cola": 0.2}  # each gives a mask no other grid value gives
-    targets = {task: {k: BASE[k] + tall_mask(TAUS[i][k], mtl[k], best[task]) * mtl[k] for k in BASE}
-               for i, task in enumerate(TASKS)}
+    targets = {
+        task: {k: BASE[k] + tall_mask(TAUS[i][k], mtl[k], best[task]) * mtl[k] for k in BASE}
+        for i, task in enumerate(TASKS)
+    }
     calls = []
 
     def evaluate(body: dict[str, torch.Tensor], tasks: list[str] | None = None) -> dict[str, float]:

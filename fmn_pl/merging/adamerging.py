@@ -136,8 +136,15 @@ def train_coefficients(
         accelerator=accelerator,
         devices=1,
         logger=CSVLogger(root, name="logs"),
-        callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", monitor="entropy/sum", mode="min",
-                                   save_last=True, every_n_train_steps=max(1, min(steps, 50)))],
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=root / "checkpoints",
+                monitor="entropy/sum",
+                mode="min",
+                save_last=True,
+                every_n_train_steps=max(1, min(steps, 50)),
+            )
+        ],
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -214,11 +221,15 @@ class AdaMerging(MergeMethod):
 
         regression = [t for t in ctx.tasks if get_task(t).is_regression]
         if regression and self.regression == "refuse":
-            raise ValueError(f"adamerging minimises the prediction entropy of classifiers, and {', '.join(regression)} "
-                             "is a regression task: leave it out, or pass --method.regression exclude")
+            raise ValueError(
+                f"adamerging minimises the prediction entropy of classifiers, and {', '.join(regression)} "
+                "is a regression task: leave it out, or pass --method.regression exclude"
+            )
         for t in regression:
-            ctx.remark(f"Warning: {t} is a regression task (no predictive distribution, so no entropy): AdaMerging "
-                       f"did not adapt on it; its task vector keeps the initial coefficient {self.init}.")
+            ctx.remark(
+                f"Warning: {t} is a regression task (no predictive distribution, so no entropy): AdaMerging "
+                f"did not adapt on it; its task vector keeps the initial coefficient {self.init}."
+            )
         if len(regression) == len(ctx.tasks):
             raise ValueError("adamerging needs at least one classification task to adapt on")
         if ctx.selection_inputs is None:
@@ -230,8 +241,13 @@ class AdaMerging(MergeMethod):
         from torch.utils.data import ConcatDataset
 
         sets = list(datamodule.eval_datasets.values())
-        return DataLoader(sets[0] if len(sets) == 1 else ConcatDataset(sets), batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed * 1000 + i), collate_fn=datamodule.collator())
+        return DataLoader(
+            sets[0] if len(sets) == 1 else ConcatDataset(sets),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed * 1000 + i),
+            collate_fn=datamodule.collator(),
+        )
 
     def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
         import tempfile
@@ -245,8 +261,14 @@ class AdaMerging(MergeMethod):
         if self.plus:
             taus = ties_processed_vectors(ctx, self.top_k)
         else:
-            taus = [{k: (t.sub_(base[k]) if owns_tensors(ctx, i) else t - base[k]) for k in ctx.keys
-                     for t in (ctx.models(k)[i],)} for i in range(ctx.num_models)]
+            taus = [
+                {
+                    k: (t.sub_(base[k]) if owns_tensors(ctx, i) else t - base[k])
+                    for k in ctx.keys
+                    for t in (ctx.models(k)[i],)
+                }
+                for i in range(ctx.num_models)
+            ]
         models = []
         for c, t, a in zip(ctx.checkpoints, ctx.tasks, adapt):
             model = load_model(str(c), get_task(t)) if a else None
@@ -260,20 +282,29 @@ class AdaMerging(MergeMethod):
             root = ctx.workdir if ctx.workdir is not None else Path(scratch)
             train_coefficients(module, loaders, self.steps, root, ctx.accelerator, ctx.progress)
         coef = module.effective().detach().cpu()
-        named = {t: (float(coef[i]) if self.granularity == "task" else dict(zip(module.keys, coef[i].tolist())))
-                 for i, t in enumerate(ctx.tasks)}
+        named = {
+            t: (float(coef[i]) if self.granularity == "task" else dict(zip(module.keys, coef[i].tolist())))
+            for i, t in enumerate(ctx.tasks)
+        }
         ctx.notes["adamerging"] = {
-            "adapted": [t for t, a in zip(ctx.tasks, adapt) if a], "not_adapted": [t for t, a in zip(ctx.tasks, adapt) if not a],
-            "steps": len(module.history), "entropy_first_step": module.history[0], "entropy_last_step": module.history[-1],
+            "adapted": [t for t, a in zip(ctx.tasks, adapt) if a],
+            "not_adapted": [t for t, a in zip(ctx.tasks, adapt) if not a],
+            "steps": len(module.history),
+            "entropy_first_step": module.history[0],
+            "entropy_last_step": module.history[-1],
             "coefficients": named,
         }
         per_task = coef if self.granularity == "task" else coef.mean(1)
-        ctx.remark(f"AdaMerging{'++' if self.plus else ''} ({self.granularity}-wise, {len(module.history)} steps) "
-                   + ("coefficients" if self.granularity == "task" else "mean coefficients over tensors") + ": "
-                   + ", ".join(f"{t} {float(c):.3f}" + ("" if a else " (not adapted)")
-                               for t, c, a in zip(ctx.tasks, per_task, adapt))
-                   + "; entropy first -> last step: " + ", ".join(
-                       f"{t} {module.history[0][t]:.3f} -> {module.history[-1][t]:.3f}" for t in module.history[0]))
+        ctx.remark(
+            f"AdaMerging{'++' if self.plus else ''} ({self.granularity}-wise, {len(module.history)} steps) "
+            + ("coefficients" if self.granularity == "task" else "mean coefficients over tensors")
+            + ": "
+            + ", ".join(
+                f"{t} {float(c):.3f}" + ("" if a else " (not adapted)") for t, c, a in zip(ctx.tasks, per_task, adapt)
+            )
+            + "; entropy first -> last step: "
+            + ", ".join(f"{t} {module.history[0][t]:.3f} -> {module.history[-1][t]:.3f}" for t in module.history[0])
+        )
         with torch.no_grad():
             for j, key in enumerate(module.keys):
                 w = coef if self.granularity == "task" else coef[:, j]

@@ -50,7 +50,7 @@ class Fisher(MergeMethod):
             have = set(art.keys())
             names = {}
             for key in ctx.keys:
-                short = key[len(ctx.body_prefix):] if key.startswith(ctx.body_prefix) else key
+                short = key[len(ctx.body_prefix) :] if key.startswith(ctx.body_prefix) else key
                 name = key if key in have else short if short in have else None
                 if name is None:
                     raise ValueError(f"{art.path} has no Fisher for {key!r}: recompute it for this checkpoint")

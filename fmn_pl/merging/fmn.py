@@ -152,8 +152,10 @@ class FMN(MergeMethod):
         self.normalize, self.normalizes = normalize, list(normalizes)
         grid = self.normalize_grid()
         if not grid or any(n not in get_args(Normalize) for n in grid):
-            raise ValueError(f"fmn normalize and normalizes must be among {', '.join(get_args(Normalize))}; "
-                             f"got {normalize!r} and {normalizes!r}")
+            raise ValueError(
+                f"fmn normalize and normalizes must be among {', '.join(get_args(Normalize))}; "
+                f"got {normalize!r} and {normalizes!r}"
+            )
         if epsilon < 0:
             raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
         if power is not None and power < 0 or not powers or min(powers) < 0:
@@ -189,8 +191,10 @@ class FMN(MergeMethod):
         self._fisher = {}
         for how in self.normalize_grid():
             pairs = [normalize_fisher(head, neuron, how) for head, neuron in raw]
-            self._fisher[how] = (torch.stack([h.clamp_min(self.epsilon) for h, _ in pairs]),
-                                 torch.stack([n.clamp_min(self.epsilon) for _, n in pairs]))
+            self._fisher[how] = (
+                torch.stack([h.clamp_min(self.epsilon) for h, _ in pairs]),
+                torch.stack([n.clamp_min(self.epsilon) for _, n in pairs]),
+            )
         self._roles = parameter_roles(ctx.config, ctx.body_prefix, ctx.keys)
         self.use_weights(self.normalize_grid()[0], self.powers[0] if self.power is None else self.power, ctx)
 
@@ -275,17 +279,23 @@ class FMN(MergeMethod):
         def key_of(n: str, p: float, s: float) -> Any:  # e.g. "normalize=mean p=0.25 s=2.0" (p = 0: no normalize)
             if not named:
                 return s
-            return (f"normalize={n} " if self.normalize is None and p != 0 else "") + (
-                f"p={p} " if self.power is None else "") + f"s={s}"
+            return (
+                (f"normalize={n} " if self.normalize is None and p != 0 else "")
+                + (f"p={p} " if self.power is None else "")
+                + f"s={s}"
+            )
 
         grid = {key_of(n, p, s): (n, p, s) for n, p in weightings(norms, powers) for s in scalings}
-        candidates = {key: lambda n=n, p=p, s=s: {k: origin(k) + s * v for k, v in vector((n, p)).items()}
-                      for key, (n, p, s) in grid.items()}
+        candidates = {
+            key: lambda n=n, p=p, s=s: {k: origin(k) + s * v for k, v in vector((n, p)).items()}
+            for key, (n, p, s) in grid.items()
+        }
         # p = 0, s = 1 is the plain average when the coefficients are equal: its scores are worst_gain's reference
         equal = self.coefficients is None or len(set(self.coefficients)) == 1
         average = next((key for key, (_, p, s) in grid.items() if (p, s) == (0.0, 1.0)), None) if equal else None
-        best, measured = choose_body(ctx, candidates, "fmn", self.objective, average=average,
-                                     describe=lambda key: key if named else f"s={key}")
+        best, measured = choose_body(
+            ctx, candidates, "fmn", self.objective, average=average, describe=lambda key: key if named else f"s={key}"
+        )
         n, p, s = grid[best]
         vec = vector((n, p))  # the last weighting built, so the notes describe the chosen weights
         held.clear()
@@ -295,9 +305,14 @@ class FMN(MergeMethod):
         if self.normalize is None:
             ctx.notes["fmn_normalize"] = {"chosen": n, "grid": norms}
         if p == 0:  # say what the chosen body is: no Fisher weighting is left in it
-            ctx.remark("fmn: the selection split chose power 0, the unweighted merge: "
-                       + ("the plain average itself (no candidate scored better)" if s == 1 else
-                          f"task arithmetic with lambda = s / {ctx.num_models} = {s / ctx.num_models:g}"))
+            ctx.remark(
+                "fmn: the selection split chose power 0, the unweighted merge: "
+                + (
+                    "the plain average itself (no candidate scored better)"
+                    if s == 1
+                    else f"task arithmetic with lambda = s / {ctx.num_models} = {s / ctx.num_models:g}"
+                )
+            )
         for key in ctx.keys:
             yield key, vec.pop(key).mul_(s).add_(origin(key))
 

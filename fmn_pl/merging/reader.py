@@ -16,6 +16,7 @@ import torch
 from fmn_pl.merging.base import CheckpointReader
 from fmn_pl.tensorfile import DTYPES, FLOAT_DTYPES, SafetensorsFile, read_header  # noqa: F401 - re-exported
 
+
 class FileReader(CheckpointReader):
     """`CheckpointReader` over a model folder's model*.safetensors that reads tensors without memory maps.
 

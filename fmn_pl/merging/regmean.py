@@ -17,7 +17,10 @@ from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
 
 
 def regmean_solve(
-    grams: list[torch.Tensor], weights: list[torch.Tensor], alpha: float = 1.0, ridge: float = 1e-5,
+    grams: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    alpha: float = 1.0,
+    ridge: float = 1e-5,
     rcond: float = 1e-10,
 ) -> tuple[torch.Tensor, bool]:
     """The RegMean weight (d_out, d_in) from M Grams (d_in, d_in) and M weights; and whether a ridge was added.
@@ -91,17 +94,20 @@ class RegMean(MergeMethod):
                 raise ValueError(f"{art.path} lacks the Gram(s) of {missing[:3]}{' ...' if len(missing) > 3 else ''}")
         ctx.notes.setdefault("regmean_ridge", [])
         meta = ctx.artifact(0, "grams").metadata
-        ctx.notes["regmean_grams"] = {"include_padding": meta.get("include_padding"),
-                                      "num_examples": [ctx.artifact(i, "grams").metadata.get("num_examples")
-                                                       for i in range(ctx.num_models)]}
+        ctx.notes["regmean_grams"] = {
+            "include_padding": meta.get("include_padding"),
+            "num_examples": [ctx.artifact(i, "grams").metadata.get("num_examples") for i in range(ctx.num_models)],
+        }
 
     def _grams(self, gram_key: str, ctx: MergeContext, d_in: int) -> list[torch.Tensor]:
         if self._cache is None or self._cache[0] != gram_key:
             grams = [ctx.artifact(i, "grams").get(gram_key) for i in range(ctx.num_models)]
             for i, g in enumerate(grams):
                 if tuple(g.shape) != (d_in, d_in):
-                    raise ValueError(f"{ctx.artifact(i, 'grams').path}: Gram {gram_key!r} has shape "
-                                     f"{tuple(g.shape)}, expected ({d_in}, {d_in})")
+                    raise ValueError(
+                        f"{ctx.artifact(i, 'grams').path}: Gram {gram_key!r} has shape "
+                        f"{tuple(g.shape)}, expected ({d_in}, {d_in})"
+                    )
             self._cache = (gram_key, grams)
         return self._cache[1]
 
@@ -110,9 +116,13 @@ class RegMean(MergeMethod):
             return sum(models[i] for i in range(len(models))) / len(models)
         weights = [models[i] for i in range(len(models))]
         gram_key = self._weight_gram[key]
-        merged, singular = regmean_solve(self._grams(gram_key, ctx, weights[0].shape[1]), weights, self.alpha, self.ridge)
+        merged, singular = regmean_solve(
+            self._grams(gram_key, ctx, weights[0].shape[1]), weights, self.alpha, self.ridge
+        )
         if singular:
-            ctx.log(f"regmean: the summed Gram of {gram_key} is singular; added a ridge of {self.ridge} x its mean "
-                    f"diagonal for {key} (directions no input spans fall back to the plain average)")
+            ctx.log(
+                f"regmean: the summed Gram of {gram_key} is singular; added a ridge of {self.ridge} x its mean "
+                f"diagonal for {key} (directions no input spans fall back to the plain average)"
+            )
             ctx.notes["regmean_ridge"].append(key)
         return merged

@@ -56,8 +56,14 @@ def compression(numel: int, itemsize: int, num_tasks: int) -> dict[str, float]:
     masks = num_tasks * ((numel + 7) // 8)
     checkpoints = num_tasks * numel * itemsize
     total = base + merged + masks
-    return {"base_bytes": base, "merged_vector_bytes": merged, "mask_bytes": masks, "total_bytes": total,
-            "checkpoints_bytes": checkpoints, "ratio": checkpoints / total}
+    return {
+        "base_bytes": base,
+        "merged_vector_bytes": merged,
+        "mask_bytes": masks,
+        "total_bytes": total,
+        "checkpoints_bytes": checkpoints,
+        "ratio": checkpoints / total,
+    }
 
 
 class _TaskMasks(MergeMethod):
@@ -98,8 +104,10 @@ class _TaskMasks(MergeMethod):
     # -- masks ---------------------------------------------------------------------------------------------
     def _score(self, ctx: MergeContext, body: dict[str, torch.Tensor], task: str) -> float:
         if ctx.evaluate is None:
-            raise ValueError("choosing lambda per task needs selection data (the merge stage's evaluator); "
-                             "or give a single value in `lambdas`")
+            raise ValueError(
+                "choosing lambda per task needs selection data (the merge stage's evaluator); "
+                "or give a single value in `lambdas`"
+            )
         return float(ctx.evaluate(body, [task])[task])
 
     def select_masks(self, ctx: MergeContext, tau_mtl: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -166,17 +174,25 @@ class Tall(_TaskMasks):
 
             ctx.workdir.mkdir(parents=True, exist_ok=True)
             path = ctx.workdir / "masks.safetensors"
-            meta = {"over": self.over, "lambdas": json.dumps(ctx.notes[f"{self.name}_lambdas"]),
-                    "shapes": json.dumps({k: list(v.shape) for k, v in self._tau.items()})}
-            save_file({f"{t}/{k}": m for t, masks in zip(ctx.tasks, self._masks) for k, m in masks.items()},
-                      str(path), metadata=meta)
+            meta = {
+                "over": self.over,
+                "lambdas": json.dumps(ctx.notes[f"{self.name}_lambdas"]),
+                "shapes": json.dumps({k: list(v.shape) for k, v in self._tau.items()}),
+            }
+            save_file(
+                {f"{t}/{k}": m for t, masks in zip(ctx.tasks, self._masks) for k, m in masks.items()},
+                str(path),
+                metadata=meta,
+            )
             sizes["mask_file_bytes"] = path.stat().st_size
         ctx.notes["tall_compression"] = sizes
         mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
-        ctx.remark(f"TALL storage: base {mb(sizes['base_bytes'])} + merged vector {mb(sizes['merged_vector_bytes'])} + "
-                   f"{ctx.num_models} packed masks {mb(sizes['mask_bytes'])} = {mb(sizes['total_bytes'])}, against "
-                   f"{mb(sizes['checkpoints_bytes'])} for the {ctx.num_models} fine-tuned bodies ({sizes['ratio']:.2f}x); "
-                   "each task is evaluated with its own body theta0 + m_t * tau_MTL.")
+        ctx.remark(
+            f"TALL storage: base {mb(sizes['base_bytes'])} + merged vector {mb(sizes['merged_vector_bytes'])} + "
+            f"{ctx.num_models} packed masks {mb(sizes['mask_bytes'])} = {mb(sizes['total_bytes'])}, against "
+            f"{mb(sizes['checkpoints_bytes'])} for the {ctx.num_models} fine-tuned bodies ({sizes['ratio']:.2f}x); "
+            "each task is evaluated with its own body theta0 + m_t * tau_MTL."
+        )
         for key in ctx.keys:
             yield key, self._tau[key] + ctx.base(key)
 

@@ -45,8 +45,12 @@ def rank(scores: dict[str, float], reference: dict[str, float] | None) -> tuple[
 
 
 def choose_body(
-    ctx: MergeContext, candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]], name: str,
-    objective: Objective = "mean", describe: Callable[[Any], str] = str, average: Any = None,
+    ctx: MergeContext,
+    candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]],
+    name: str,
+    objective: Objective = "mean",
+    describe: Callable[[Any], str] = str,
+    average: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The key of `candidates` ({key: builder of a candidate body}) whose body scores best on the selection data
     (first in order on ties), and what was measured: {"objective", "scores", "mean_scores"[, "average_scores"]}.
@@ -60,8 +64,9 @@ def choose_body(
 
     check_objective(objective, name)
     if ctx.evaluate is None:
-        raise ValueError(f"{name}: an option set to null is chosen on selection data, which needs evaluation; "
-                         "give a fixed value")
+        raise ValueError(
+            f"{name}: an option set to null is chosen on selection data, which needs evaluation; give a fixed value"
+        )
     if average is not None and average not in candidates:
         raise ValueError(f"{name}: average={average!r} is not one of the candidates {list(candidates)}")
     scores: dict[Any, dict[str, float]] = {}
@@ -72,29 +77,42 @@ def choose_body(
         else:  # score the candidate that is the average first: its scores are the reference
             scores[average] = reference = ctx.evaluate(candidates[average]())
 
-    finalists, screened = screen_candidates(ctx, candidates, name, describe,
-                                            keep=[average] if reference is not None and average is not None else [])
+    finalists, screened = screen_candidates(
+        ctx, candidates, name, describe, keep=[average] if reference is not None and average is not None else []
+    )
     for i, key in enumerate(finalists, start=1):
         if key not in scores:
             scores[key] = ctx.evaluate(candidates[key]())
         worst, mean = rank(scores[key], reference)
-        ctx.log(f"{name}: candidate {i}/{len(finalists)} {describe(key)}: mean selection score={mean:.4f}"
-                + (f", worst gain over the average={worst:+.4f}" if reference else ""))
+        ctx.log(
+            f"{name}: candidate {i}/{len(finalists)} {describe(key)}: mean selection score={mean:.4f}"
+            + (f", worst gain over the average={worst:+.4f}" if reference else "")
+        )
     scores = {key: scores[key] for key in finalists}  # in the candidates' order
     means = {key: rank(s, None)[1] for key, s in scores.items()}
     best = max(finalists, key=lambda key: rank(scores[key], reference))
     tied = [key for key in finalists if key != best and rank(scores[key], reference) == rank(scores[best], reference)]
     if tied:
-        ctx.remark(f"{name}: the chosen {describe(best)} ties on the selection data with "
-                   f"{', '.join(describe(k) for k in tied)}: the first in order was taken")
-    measured = {"objective": objective, "scores": scores, "mean_scores": means, "tied": tied,
-                **({"screened": screened} if screened else {})}
+        ctx.remark(
+            f"{name}: the chosen {describe(best)} ties on the selection data with "
+            f"{', '.join(describe(k) for k in tied)}: the first in order was taken"
+        )
+    measured = {
+        "objective": objective,
+        "scores": scores,
+        "mean_scores": means,
+        "tied": tied,
+        **({"screened": screened} if screened else {}),
+    }
     return best, {**measured, "average_scores": reference} if reference else measured
 
 
 def screen_candidates(
-    ctx: MergeContext, candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]], name: str,
-    describe: Callable[[Any], str], keep: list[Any],
+    ctx: MergeContext,
+    candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]],
+    name: str,
+    describe: Callable[[Any], str],
+    keep: list[Any],
 ) -> tuple[list[Any], dict[str, Any]]:
     """Successive halving: with `ctx.screen` rows per task, score every candidate on that spread subset of the
     selection data and keep the `ctx.finalists` best by mean score (plus `keep`) for the full scoring. Cuts a
@@ -113,16 +131,22 @@ def screen_candidates(
 
 
 def select_scaling(
-    ctx: MergeContext, vector: dict[str, torch.Tensor], grid: list[float], name: str, symbol: str = "lambda",
-    objective: Objective = "mean", average: float | None = None,
+    ctx: MergeContext,
+    vector: dict[str, torch.Tensor],
+    grid: list[float],
+    name: str,
+    symbol: str = "lambda",
+    objective: Objective = "mean",
+    average: float | None = None,
 ) -> float:
     """The lambda of `grid` whose body theta0 + lambda * vector scores best by `objective` (`choose_body`).
     `symbol` names it in the log (FMN's is s); `average`, the lambda (if any) whose body is the plain average.
     Records the chosen value, the grid and every candidate's scores in `ctx.notes[name + "_scaling"]`."""
     candidates = {lam: lambda lam=lam: {k: ctx.base(k, keep=True) + lam * v for k, v in vector.items()} for lam in grid}
     average = next((lam for lam in grid if average is not None and math.isclose(lam, average)), None)
-    best, measured = choose_body(ctx, candidates, name, objective, average=average,
-                                 describe=lambda lam: f"{symbol}={lam}")
+    best, measured = choose_body(
+        ctx, candidates, name, objective, average=average, describe=lambda lam: f"{symbol}={lam}"
+    )
     ctx.notes[f"{name}_scaling"] = {"chosen": best, "grid": list(grid), **measured}
     return best
 
@@ -134,7 +158,11 @@ class TaskVectorMethod(MergeMethod, abc.ABC):
     name = "task_vectors"
 
     def __init__(
-        self, scaling: float | None, scalings: list[float] | None = None, dare_p: float = 0.0, dare_seed: int = 0,
+        self,
+        scaling: float | None,
+        scalings: list[float] | None = None,
+        dare_p: float = 0.0,
+        dare_seed: int = 0,
         objective: Objective = "mean",
     ) -> None:
         self.objective = check_objective(objective, self.name)
@@ -173,9 +201,12 @@ class TaskVectorMethod(MergeMethod, abc.ABC):
                 yield key, merged
                 del merged
             return
-        vector = {k: self.merged_vector(k, ctx, ctx.base(k)) for k in tqdm(ctx.keys, desc=f"{self.name} vector", leave=False)}
-        lam = select_scaling(ctx, vector, self.scalings, self.name, objective=self.objective,
-                             average=self.average_scaling(ctx))
+        vector = {
+            k: self.merged_vector(k, ctx, ctx.base(k)) for k in tqdm(ctx.keys, desc=f"{self.name} vector", leave=False)
+        }
+        lam = select_scaling(
+            ctx, vector, self.scalings, self.name, objective=self.objective, average=self.average_scaling(ctx)
+        )
         for key in ctx.keys:
             yield key, vector.pop(key).mul_(lam).add_(ctx.base(key))
 
