@@ -379,9 +379,12 @@ class GLUEDataModule(L.LightningDataModule):
         sampler = None
         if self.hparams.unpadded_shards and torch.distributed.is_available() and torch.distributed.is_initialized():
             sampler = ShardSampler(len(ds), torch.distributed.get_rank(), torch.distributed.get_world_size())
+        batch_size = self.hparams.eval_batch_size or 2 * self.hparams.batch_size
+        if limit is not None:  # a sample spread over the split mixes every length: smaller batches pad less
+            batch_size = min(batch_size, 32)
         return DataLoader(
             ds,
-            batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
+            batch_size=batch_size,
             sampler=sampler,
             collate_fn=self.collator(),
             num_workers=self.hparams.num_workers,

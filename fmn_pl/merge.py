@@ -448,7 +448,7 @@ def run_merge(
     max_eval_samples: int | None = None,
     batch_size: int = 64,
     selection_split: Literal["auto", "holdout", "validation", "train"] = "auto",
-    selection_samples: int | None = None,
+    selection_samples: int | None = 300,
     selection_screen: int | None = 64,
     selection_finalists: int = 4,
     selection_precision: Literal["32", "bf16", "auto"] = "auto",
@@ -481,7 +481,9 @@ def run_merge(
             or adapt on unlabeled inputs (AdaMerging): holdout (the training rows each checkpoint held out),
             validation (the scored examples: transductive), train; auto: holdout when every checkpoint held rows
             out, else validation.
-        selection_samples: cap on the selection examples per task; None: all.
+        selection_samples: cap on the selection examples per task (a seeded sample); None: all. 300 is where
+            FMN's defaults were chosen (docs/results.md): scoring costs time in proportion, and on 300 examples a
+            difference of a point or two between candidates is noise anyway.
         selection_screen: a search over more than `selection_finalists` candidates first scores each on this many
             selection examples per task (spread evenly), then only the best `selection_finalists` on all of them;
             None: every candidate on every example (the cost grows with the candidates).
