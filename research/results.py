@@ -211,7 +211,40 @@ def claims(
     return out
 
 
-def markdown(data: dict[str, Any], why: dict[str, str], parity: Path | None = None) -> str:
+def speed_lines(folder: Path) -> list[str]:
+    """One merge alone, from `benchmarks/merge_speed.py` outputs (*.json) in `folder`."""
+    rows = []
+    for path in sorted(folder.glob("merge_speed*.json")):
+        try:
+            run = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        setup = run.pop("setup")
+        pair = "+".join(Path(c).name for c in setup["checkpoints"])
+        for method, m in run.items():
+            rows.append(
+                f"| {pair} | {method} | {m['wall_s']:.1f} | {m['check_s']:.1f} | {m['merge_s']:.1f} | "
+                f"{m['peak_rss_mb']:.0f} | {m['evaluations']} | {setup['reps']} | "
+                f"{setup['load_average_after'][0]:.1f} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "## One merge alone",
+        "",
+        "`python benchmarks/merge_speed.py --checkpoints <two reference checkpoints> --reps 3`: `fmn-pl merge` in a "
+        "fresh process without the final evaluation, start-up included, median of the reps; check: inputs and "
+        "fingerprints; merge: merging with option selection (300 held-out rows per task, the default). The goal "
+        "for FMN's defaults is 30 s on 2 CPU cores.",
+        "",
+        "| pair | method | wall s | check s | merge s | peak MB | scorings | reps | load after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
+
+
+def markdown(data: dict[str, Any], why: dict[str, str], parity: Path | None = None, speed: Path | None = None) -> str:
     methods = {m["label"]: m for m in method_rows(data)}
     cost = fisher_cost(data)
     table = cells(data)
@@ -294,6 +327,7 @@ def markdown(data: dict[str, Any], why: dict[str, str], parity: Path | None = No
                 + " | ".join(f"{c[k + '_s']:.1f} / {c[k + '_examples']}" for k in c["per_example"])
                 + " |"
             )
+    lines += speed_lines(speed) if speed is not None and speed.is_dir() else []
     lines += ["", "## The published claims, here", "", "| claim | here | figures | why |", "|---|---|---|---|"]
     for claim, verdict, figure in claims(methods, cost, data):
         lines.append(f"| {claim} | **{verdict}** | {figure} | {why.get(claim, '')} |")
@@ -307,6 +341,7 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=Path("runs/reference"), help="a finished pipeline output folder")
     p.add_argument("--out", type=Path, default=Path("docs/results.md"))
     p.add_argument("--parity", type=Path, default=Path("runs/parity"), help="benchmarks/fit_parity.py outputs (*.json)")
+    p.add_argument("--speed", type=Path, default=Path("runs/bench"), help="benchmarks/merge_speed.py outputs (*.json)")
     p.add_argument(
         "--why",
         type=Path,
@@ -315,7 +350,7 @@ def main() -> None:
     )
     args = p.parse_args()
     why = json.loads(args.why.read_text()) if args.why.is_file() else {}
-    text = markdown(load(args.run), why, args.parity)
+    text = markdown(load(args.run), why, args.parity, args.speed)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(text)
     tmp.replace(args.out)
