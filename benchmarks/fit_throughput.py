@@ -32,8 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fmn_pl.fit import lightning_cli  # noqa: E402
 from fmn_pl.data import GLUEDataModule  # noqa: E402
+from fmn_pl.fit import lightning_cli  # noqa: E402
 from fmn_pl.module import load_model, model_inputs  # noqa: E402
 from fmn_pl.tasks import get_task  # noqa: E402
 

@@ -130,6 +130,7 @@ class Evaluator:
                 eval_splits=None if self.data.split == "validation" else [self.data.split],
                 holdout_samples=holdout,
             )
+            dm.note_short = False  # a merge's caps are defaults more often than requests; its report states n
             dm.setup("validate")
             self._modules[i] = dm
         return self._modules[i]

@@ -153,6 +153,23 @@ class FmnCLI(LightningCLI):
         except TypeError as e:
             raise ValueError(f"trainer options: {e}") from e
 
+    def _parse_ckpt_path(self) -> None:
+        """A `--ckpt_path` that is not a checkpoint Lightning saved (a pickle that does not load as weights only)
+        is the user's error: one line that names it, not torch's advice to unpickle untrusted code."""
+        import pickle
+        import warnings
+
+        try:
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says it all
+                warnings.simplefilter("ignore")
+                super()._parse_ckpt_path()
+        except pickle.UnpicklingError as e:
+            ckpt = self.config[self.config.subcommand].get("ckpt_path")
+            raise ValueError(
+                f"--ckpt_path {ckpt} is not a checkpoint that `fmn-pl fit` saved (it does not load as weights "
+                "only); give its last.ckpt or a best-epoch .ckpt, or leave --ckpt_path out to start afresh"
+            ) from e
+
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> FmnCLI:
     """The fit/validate/test/predict CLI (also used by tests and the pipeline)."""

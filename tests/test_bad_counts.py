@@ -80,3 +80,10 @@ def test_one_line_from_the_shell(tmp_path: Path) -> None:
     assert proc.stderr.strip() == (
         "fmn-pl fisher: error: num_examples must be an integer >= 1 (or null where that means all), got -5"
     )
+
+
+def test_a_cap_beyond_the_rows_is_said(tiny_glue: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    dm = GLUEDataModule(task="rte", data_dir=str(tiny_glue), tokenizer=str(tokenizer_dir), max_train_samples=1000)
+    dm.setup("fit")
+    assert dm.num_train_examples == 64
+    assert "note: rte train: 1000 examples asked for, 64 available; using all 64" in capsys.readouterr().err

@@ -70,6 +70,12 @@ CASES: list[tuple[str, str, str]] = [
         "--trainer.max_epochs=1 --export.dirpath={file}/out",
         "not a folder",
     ),
+    (
+        "fit-pickled-ckpt",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} "
+        "--export.dirpath={out} --ckpt_path={pickle}",
+        "is not a checkpoint that `fmn-pl fit` saved",
+    ),
     # fisher
     ("fisher-missing-checkpoint", "fisher --checkpoint={missing} --data_dir={glue}", "missing"),
     ("fisher-negative-examples", "fisher --checkpoint={ck1} --data_dir={glue} --num_examples=-5", "num_examples"),
@@ -240,6 +246,8 @@ def inputs(
     (p["occupied"] / "keep.txt").write_text("a user's file")
     p["file"] = root / "a-file"
     p["file"].write_text("not a folder")
+    p["pickle"] = root / "not-lightning.ckpt"  # a pickle of a class: no weights-only load
+    p["pickle"].write_bytes(__import__("pickle").dumps({"state": object}))
     p["bad_yaml"] = root / "bad.yaml"
     p["bad_yaml"].write_text("method: [fmn\n  x: : y\n")
     p["pipeline"] = root / "pipeline.yaml"

@@ -80,7 +80,8 @@ def choose_body(
     finalists, screened = screen_candidates(
         ctx, candidates, name, describe, keep=[average] if reference is not None and average is not None else []
     )
-    for i, key in enumerate(finalists, start=1):
+    bar = tqdm(finalists, desc=f"{name}: candidates", unit="candidate", leave=False, disable=not ctx.progress)
+    for i, key in enumerate(bar, start=1):
         if key not in scores:
             scores[key] = ctx.evaluate(candidates[key]())
         worst, mean = rank(scores[key], reference)
@@ -122,7 +123,8 @@ def screen_candidates(
     if ctx.screen is None or len(keys) <= ctx.finalists:
         return keys, {}
     means = {}
-    for i, key in enumerate(keys, start=1):
+    bar = tqdm(keys, desc=f"{name}: screening", unit="candidate", leave=False, disable=not ctx.progress)
+    for i, key in enumerate(bar, start=1):
         means[key] = rank(ctx.evaluate(candidates[key](), limit=ctx.screen), None)[1]
         ctx.log(f"{name}: screening {i}/{len(keys)} {describe(key)}: mean score on {ctx.screen} rows={means[key]:.4f}")
     top = sorted(keys, key=lambda k: -means[k])[: ctx.finalists]
