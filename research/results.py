@@ -21,12 +21,13 @@ TIE = 0.0005  # 0.05 points: closer than this to the average is neither a win no
 
 
 def load(run: Path) -> dict[str, Any]:
-    """The run's combined report (`fmn_pl.pipeline.gather`, over the merges finished so far) and every merge's
+    """The run's combined report (`fmn_pl.pipeline_report.gather`, over the merges finished so far) and every merge's
     own report, keyed (combination, label)."""
-    from fmn_pl import pipeline
+    from fmn_pl.pipeline_config import parse_config
+    from fmn_pl.pipeline_report import gather
 
-    cfg = pipeline.parse_config(["--config", str(run / "pipeline.yaml"), f"--output={run}"])[0]
-    data = pipeline.gather(cfg, partial=True)
+    cfg = parse_config(["--config", str(run / "pipeline.yaml"), f"--output={run}"])[0]
+    data = gather(cfg, partial=True)
     data["merge_reports"] = {}
     for path in sorted((run / "merges").glob("*/*/report.json")):
         data["merge_reports"][(path.parent.parent.name, path.parent.name)] = json.loads(path.read_text())

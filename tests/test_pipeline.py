@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from fmn_pl import pipeline
+from fmn_pl import pipeline, pipeline_config, stages
 from fmn_pl.artifacts import load_artifact
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
 from tests.conftest import load_benchmark
@@ -167,9 +167,9 @@ def test_interrupted_stage_is_redone(
     with pytest.raises(KeyboardInterrupt):
         run(TINY, out, base, tiny_glue)
     assert (out / "merges" / "rte+mrpc" / "fmn" / "report.json").is_file()
-    assert not pipeline.stamp_path(
-        pipeline.parse_config(["--config", str(TINY), f"--output={out}"])[0],
-        pipeline.Stage("merge/rte+mrpc/fmn", "merge", [], {}, [], None, out),
+    assert not stages.stamp_path(
+        pipeline_config.parse_config(["--config", str(TINY), f"--output={out}"])[0],
+        stages.Stage("merge/rte+mrpc/fmn", "merge", [], {}, [], None, out),
     ).exists()
     monkeypatch.setattr(pipeline, "run_stage", real)
     status = run(TINY, out, base, tiny_glue)
@@ -193,10 +193,8 @@ def test_stage_that_wrote_nothing_is_never_stamped(
     with pytest.raises(SystemExit):
         run(TINY, out, base, tiny_glue, "--only=fisher/rte", "--rerun=fisher/rte")
     assert "ended without writing" in capsys.readouterr().err
-    cfg = pipeline.parse_config(["--config", str(TINY), f"--output={out}"])[0]
-    assert not pipeline.stamp_path(
-        cfg, pipeline.Stage("fisher/rte/mask_fisher", "fisher", [], {}, [], None, out)
-    ).exists()
+    cfg = pipeline_config.parse_config(["--config", str(TINY), f"--output={out}"])[0]
+    assert not stages.stamp_path(cfg, stages.Stage("fisher/rte/mask_fisher", "fisher", [], {}, [], None, out)).exists()
 
 
 def test_only_needs_finished_inputs(tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path, capsys) -> None:
@@ -260,7 +258,7 @@ def test_option_errors(tmp_path: Path, change: dict, error: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=error):
-        pipeline.plan(pipeline.parse_config(["--config", str(path)])[0])
+        stages.plan(pipeline_config.parse_config(["--config", str(path)])[0])
 
 
 def test_other_ranks_leave_single_process_stages_to_rank_zero(tmp_path: Path, monkeypatch) -> None:
@@ -268,7 +266,7 @@ def test_other_ranks_leave_single_process_stages_to_rank_zero(tmp_path: Path, mo
     launcher; here there are none, so it runs nothing and writes nothing."""
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg, _ = pipeline.parse_config(["--config", str(TINY), f"--output={tmp_path / 'out'}"])
+    cfg, _ = pipeline_config.parse_config(["--config", str(TINY), f"--output={tmp_path / 'out'}"])
     monkeypatch.setattr(pipeline, "run_stage", lambda *a, **k: pytest.fail("rank 1 ran a single-process stage"))
     status = pipeline.execute(cfg)
     assert set(status.values()) == {"rank 0"} and len(status) == 7
@@ -350,7 +348,7 @@ def test_under_torchrun_two_ranks(tmp_path: Path, tiny_base: Callable[[str], Pat
 def test_method_option_null_reaches_the_merge() -> None:
     """`options: {scaling: null}` means "choose it": it must reach the stage as null, not be dropped for the
     method's default (TIES' is 1.0); other None options still leave the stage's default."""
-    assert pipeline._flags({"method.scaling": None, "base": None, "label": "ties"}) == [
+    assert stages._flags({"method.scaling": None, "base": None, "label": "ties"}) == [
         "--method.scaling=null",
         "--label=ties",
     ]

@@ -1,0 +1,347 @@
+"""The pipeline's config: its dataclasses (what `configs/pipeline/*.yaml` holds), the parser, and the
+checks and per-task resolution of the options, before any stage is planned."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal, Optional, Sequence, Union
+
+ARTIFACT_KINDS = {"mask_fisher": "mask", "full_fisher": "full", "grams": "grams"}  # artifact kind -> --kind
+STAGE_KINDS = ("fit", "fisher", "merge", "report")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class Launch:
+    """Where a stage runs: given to every stage as Lightning's own `--trainer.*` options."""
+
+    accelerator: str = "auto"
+    """Lightning accelerator: "cpu", "gpu", "auto", ..."""
+    devices: Union[int, str] = 1
+    """Devices per node. More than 1 runs the stage in its own process, launched by Lightning (DDP)."""
+    num_nodes: int = 1
+    """Nodes per stage. Several nodes need an external launcher that starts one pipeline per device
+    (srun --ntasks-per-node=devices, torchrun --nproc_per_node=devices); see examples/."""
+    strategy: str = "auto"
+    """Lightning strategy: "auto", "ddp", ... (a DDP-like strategy runs the stage in its own process)."""
+
+    def argv(self) -> list[str]:
+        return [f"--trainer.{f.name}={getattr(self, f.name)}" for f in fields(self)]
+
+    def world(self) -> int:
+        """Processes this stage needs (-1 when Lightning decides: `devices: auto` or a device list)."""
+        try:
+            return int(self.devices) * int(self.num_nodes)
+        except (TypeError, ValueError):
+            return -1
+
+    def in_process(self) -> bool:
+        """True when the stage needs no launcher: one process, no distributed strategy."""
+        return self.world() == 1 and str(self.strategy) in ("auto", "single_device")
+
+
+@dataclass
+class FitOptions:
+    """Fine-tuning of one model per task (`fmn-pl fit`; see `configs/fit/*.yaml` for the stage alone)."""
+
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate (linear warm-up, then linear decay)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases and LayerNorm weights)."""
+    warmup_ratio: float = 0.1
+    """Fraction of the training steps spent warming the learning rate up."""
+    max_epochs: int = 3
+    """Training epochs; the epoch with the best validation score is exported."""
+    batch_size: int = 32
+    """Training batch size (per device)."""
+    max_length: Optional[int] = None
+    """Truncation length (default: the task's, 64 for single sentences, 128 for pairs)."""
+    max_train_samples: Optional[int] = None
+    """Cap on training examples (a seeded sample without replacement); None: the whole split."""
+    max_eval_samples: Optional[int] = None
+    """Cap on the validation examples scored after each epoch (to pick the exported epoch)."""
+    holdout_samples: int = 0
+    """Training rows held out (never trained on) for merge methods that choose options on data."""
+    seed: int = 42
+    """`seed_everything` seed of the fine-tuning run (also the data sampling seed)."""
+    precision: str = "32-true"
+    """Lightning precision ("32-true", "bf16-mixed", "16-mixed", ...)."""
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-task overrides of the options above, e.g. {rte: {learning_rate: 3.0e-5, max_epochs: 10}}."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Further `fmn-pl fit` options, by their dotted name, e.g. {"trainer.accumulate_grad_batches": 2}."""
+    launch: Optional[Launch] = None
+    """Where this stage runs (default: the pipeline's `trainer`)."""
+
+
+@dataclass
+class ArtifactOptions:
+    """How one artifact kind is computed (`fmn-pl fisher --kind ...`)."""
+
+    num_examples: Optional[int] = None
+    """Training examples it reads (a seeded sample without replacement; None: the stage's default)."""
+    aggregation: Optional[str] = None
+    """Fisher only: "per_example" or "per_batch" (None: the stage's default)."""
+    labels: Optional[str] = None
+    """Fisher only: "empirical", "sampled" or "expected" (None: the stage's default)."""
+    batch_size: Optional[int] = None
+    """Batch size (None: the stage's default)."""
+    seed: int = 0
+    """Seed of the example sample (and of sampled labels)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Further `fmn-pl fisher` options, by name, e.g. {include_padding: true}."""
+
+
+@dataclass
+class FisherOptions:
+    """Artifacts beside each task checkpoint: mask-node Fisher, full diagonal Fisher, Gram matrices."""
+
+    kinds: Optional[list[Literal["mask_fisher", "full_fisher", "grams"]]] = None
+    """Artifacts to compute; None: exactly those the merge methods need."""
+    mask_fisher: ArtifactOptions = field(default_factory=ArtifactOptions)
+    """Options of the mask-node Fisher (FMN's input)."""
+    full_fisher: ArtifactOptions = field(default_factory=ArtifactOptions)
+    """Options of the full diagonal Fisher (Fisher merging's input)."""
+    grams: ArtifactOptions = field(default_factory=ArtifactOptions)
+    """Options of the Gram matrices (RegMean's input)."""
+    launch: Optional[Launch] = None
+    """Where this stage runs (default: the pipeline's `trainer`)."""
+
+
+@dataclass
+class MethodSpec:
+    """One merge method with its options: one column of the report."""
+
+    name: str
+    """Registered method name (see `fmn-pl merge --help`): average, fmn, fisher, task_arithmetic, ..."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The method's options, e.g. {broadcast: per_node}; checked against its signature."""
+    label: Optional[str] = None
+    """Column name in the report and folder name (default: `name`); set it to run a method twice."""
+
+    @property
+    def column(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class MergeOptions:
+    """Merging, and the evaluation of every merged model on each task with that task's own head."""
+
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec("fmn")])
+    """Methods to compare; the plain average and the individual models are always in the report."""
+    combinations: Union[Literal["pairs", "all"], list[list[str]]] = "pairs"
+    """Task sets to merge: "pairs" (every pair), "all" (all tasks at once) or explicit lists."""
+    max_eval_samples: Optional[int] = None
+    """Cap on the validation examples each task is scored on (a seeded sample); None: all."""
+    save_model: bool = True
+    """Keep each merged body on disk (turn off to save space on large sweeps)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Further `fmn-pl merge` options, by name, e.g. {batch_size: 128, selection_samples: 200}."""
+    accelerator: Optional[str] = None
+    """Accelerator of merging and evaluation (default: the pipeline's `trainer.accelerator`). A merge is one
+    process: it runs on global rank 0 whatever `trainer.devices` says."""
+
+
+@dataclass
+class PipelineConfig:
+    """fmn-pl pipeline: fine-tune one model per task, compute Fisher (and Gram) artifacts, merge, report."""
+
+    output: str = "runs/pipeline"
+    """Folder of everything the pipeline writes (checkpoints, merges, stamps, logs, report)."""
+    model: str = "../shared/models/all-MiniLM-L6-v2"
+    """Pretrained model: a local folder or a hub name (e.g. bert-base-uncased). Also the merges' base."""
+    data_dir: str = "../shared/data/glue"
+    """GLUE data: a local folder (nyu-mll/glue parquet or GLUE TSV layout) or a hub name (nyu-mll/glue)."""
+    tasks: list[str] = field(default_factory=lambda: ["rte", "mrpc"])
+    """GLUE tasks, one fine-tuned model each."""
+    fit: FitOptions = field(default_factory=FitOptions)
+    """Fine-tuning options."""
+    fisher: FisherOptions = field(default_factory=FisherOptions)
+    """Artifact options."""
+    merge: MergeOptions = field(default_factory=MergeOptions)
+    """Merge and evaluation options."""
+    trainer: Launch = field(default_factory=Launch)
+    """Where stages run, unless a stage sets its own `launch`: `--trainer.devices 4 --trainer.strategy ddp`."""
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> Any:
+    """The `fmn-pl pipeline` parser: the config dataclasses plus per-invocation flags."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
+        prog="fmn-pl pipeline",
+        description="Fine-tune one model per GLUE task, compute Fisher/Gram artifacts, merge, evaluate and "
+        "report, skipping every stage whose recorded inputs still match.",
+        exit_on_error=False,  # one line at the CLI's error boundary, not the usage
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (see configs/pipeline/)")
+    parser.add_class_arguments(PipelineConfig, None)
+    parser.add_argument(
+        "--dry_run",
+        type=bool,
+        default=False,
+        help="check the model, the data and every stage's arguments, print which stages would run and why; "
+        "compute and write nothing",
+    )
+    parser.add_argument(
+        "--only",
+        type=Optional[Union[list[str], str]],
+        default=None,
+        help="run only the stages matching these patterns, a list or comma-separated: e.g. fit/rte, fisher "
+        "(every fisher stage), merge/*/fmn, report; the stages they read must be finished",
+    )
+    parser.add_argument(
+        "--rerun",
+        type=Union[list[str], str],
+        default=[],
+        help="recompute the stages matching these patterns (as --only) even when their stamps match",
+    )
+    return parser
+
+
+def parse_config(argv: Sequence[str]) -> tuple[PipelineConfig, dict[str, Any]]:
+    """(config, {dry_run, only, rerun}) from command-line arguments."""
+    parser = build_parser()
+    ns = parser.parse_args(list(argv))
+    flags = {k: ns.pop(k) for k in ("dry_run", "only", "rerun")}
+    for k in ("only", "rerun"):  # a list, or one string of comma-separated patterns
+        if isinstance(flags[k], str):
+            flags[k] = [p.strip() for p in flags[k].split(",") if p.strip()]
+    ns.pop("config", None)
+    init = parser.instantiate_classes(ns) if hasattr(parser, "instantiate_classes") else parser.instantiate(ns)
+    cfg = PipelineConfig(**{f.name: init[f.name] for f in fields(PipelineConfig)})
+    return normalize(cfg), flags
+
+
+COUNTS = ("max_epochs", "batch_size", "max_length", "max_train_samples", "max_eval_samples")
+
+
+def check_counts(cfg: PipelineConfig) -> None:
+    """Counts and sizes are positive integers (or null) before any stage runs, per-task overrides included: a
+    negative cap would otherwise fail a stage minutes in, or mean "all but N"."""
+    from fmn_pl.options import check_count
+
+    for where, options in [("fit", vars(cfg.fit)), *((f"fit.per_task.{t}", o) for t, o in cfg.fit.per_task.items())]:
+        for name in COUNTS:
+            if name in options:
+                check_count(f"{where}.{name}", options[name])
+        if "holdout_samples" in options:
+            check_count(f"{where}.holdout_samples", options["holdout_samples"], minimum=0)
+    for kind in ARTIFACT_KINDS:
+        a = getattr(cfg.fisher, kind)
+        check_count(f"fisher.{kind}.num_examples", a.num_examples)
+        check_count(f"fisher.{kind}.batch_size", a.batch_size)
+    check_count("merge.max_eval_samples", cfg.merge.max_eval_samples)
+
+
+def normalize(cfg: PipelineConfig) -> PipelineConfig:
+    """Canonical task names, checked options and per-task overrides; errors name the bad value."""
+    from fmn_pl.tasks import get_task
+
+    tasks = [get_task(t).name for t in cfg.tasks]
+    check_counts(cfg)
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks lists a task twice: {cfg.tasks}")
+    known = {f.name for f in fields(FitOptions)} - {"per_task", "args", "launch"}
+    per_task = {}
+    for t, over in cfg.fit.per_task.items():
+        name = get_task(t).name
+        if name not in tasks:
+            raise ValueError(f"fit.per_task names task {t!r}, which is not in tasks {tasks}")
+        bad = sorted(set(over) - known)
+        if bad:
+            raise ValueError(f"fit.per_task.{t}: unknown option(s) {bad}; expected some of {sorted(known)}")
+        per_task[name] = dict(over)
+    labels = [m.column for m in cfg.merge.methods]
+    dup = sorted({c for c in labels if labels.count(c) > 1})
+    if dup:
+        raise ValueError(f"merge.methods: column(s) {dup} appear twice; give each a distinct `label`")
+    bad = [c for c in labels if not c or "/" in c or c.startswith(".")]
+    if bad:
+        raise ValueError(f"merge.methods: label(s) {bad} cannot name a folder")
+    for m in cfg.merge.methods:
+        resolve_method(m.name, m.options)  # an unknown method fails here, with the known names
+    return replace(cfg, tasks=tasks, fit=replace(cfg.fit, per_task=per_task))
+
+
+def combinations(cfg: PipelineConfig) -> list[list[str]]:
+    """The task sets to merge, in config order."""
+    from fmn_pl.tasks import get_task
+
+    combos = cfg.merge.combinations
+    if combos == "pairs":
+        if len(cfg.tasks) < 2:
+            raise ValueError(f"merge.combinations 'pairs' needs at least two tasks, got {cfg.tasks}")
+        return [list(c) for c in itertools.combinations(cfg.tasks, 2)]
+    if combos == "all":
+        if len(cfg.tasks) < 2:
+            raise ValueError(f"merge.combinations 'all' needs at least two tasks, got {cfg.tasks}")
+        return [list(cfg.tasks)]
+    out = []
+    for combo in combos:
+        names = [get_task(t).name for t in combo]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"merge.combinations: {combo} must name at least two distinct tasks")
+        missing = [t for t in names if t not in cfg.tasks]
+        if missing:
+            raise ValueError(f"merge.combinations: {combo} names {missing}, not in tasks {cfg.tasks}")
+        out.append(names)
+    return out
+
+
+def artifact_kinds(cfg: PipelineConfig) -> list[str]:
+    """The artifact kinds to compute: as configured, or those the merge methods need."""
+    needed: list[str] = []
+    for spec in cfg.merge.methods:
+        needs, _ = resolve_method(spec.name, spec.options)
+        needed += [k for k in ARTIFACT_KINDS if k in needs]
+    if cfg.fisher.kinds is None:
+        return list(dict.fromkeys(needed))
+    missing = [k for k in needed if k not in cfg.fisher.kinds]
+    if missing:
+        raise ValueError(
+            f"fisher.kinds {cfg.fisher.kinds} lacks {sorted(set(missing))}, which merge.methods need "
+            "(leave fisher.kinds null to compute exactly what they need)"
+        )
+    return list(dict.fromkeys(cfg.fisher.kinds))
+
+
+def resolve_method(name: str, options: dict[str, Any]) -> tuple[frozenset[str], dict[str, Any]]:
+    """What merge method `name` with `options` needs (an instance's: options can change it, e.g. FMN's
+    `scaling: null` needs the base model) and its resolved options as JSON (defaults filled in, so a changed
+    default changes the merge stage's key). An unknown name fails here, with the known names; bad options give
+    the class's needs and the given options, and the stage's argument check reports them with every other problem."""
+    from fmn_pl.merging import method_class
+
+    cls = method_class(name)
+    try:
+        method = cls(**options)
+    except (TypeError, ValueError):
+        return frozenset(cls.needs), dict(options)
+    return frozenset(method.needs), json.loads(json.dumps(method.options(), default=str))
+
+
+def fit_options(cfg: PipelineConfig, task: str) -> dict[str, Any]:
+    """The fit options of one task: the shared ones with its per-task overrides applied."""
+    base = {
+        f.name: getattr(cfg.fit, f.name) for f in fields(FitOptions) if f.name not in ("per_task", "args", "launch")
+    }
+    return {**base, **cfg.fit.per_task.get(task, {})}
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def config_yaml(cfg: PipelineConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)

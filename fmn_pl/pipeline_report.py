@@ -1,0 +1,347 @@
+"""The pipeline's combined report: every merge's per-task scores beside the constant baselines and the
+individual models, means per combination, stage costs; as JSON, Markdown and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from fmn_pl.checkpoint import write_json
+from fmn_pl.pipeline_config import PipelineConfig, artifact_kinds
+from fmn_pl.stages import plan, read_stamp, report_options, stamp_path
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _mean(values: list[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def gather(cfg: PipelineConfig, partial: bool = False) -> dict[str, Any]:
+    """The combined report as data: per-task scores of every merge, means per combination, stage costs.
+    `partial`: leave out merges not run yet (a look at a run in progress) instead of failing on them."""
+    from fmn_pl.artifacts import Artifact, artifact_path
+    from fmn_pl.checkpoint import read_metadata
+    from fmn_pl.report import rows
+
+    stages = plan(cfg)
+    opts = report_options(cfg)
+    labels = list(dict.fromkeys(["average", *(c["label"] for c in opts["columns"])]))
+    results: dict[tuple[str, str, str], dict[str, Any]] = {}
+    flags: list[str] = []
+    for s in (s for s in stages if s.kind == "merge"):
+        if partial and not s.output.is_file():
+            continue
+        rep = json.loads(s.output.read_text())
+        combo = "+".join(s.options["tasks"])
+        for r in rows(rep):  # constant, individual and average are in every report of a combination: kept once
+            base = {"combination": combo, "task": r["task"], "metrics": r["metrics"]}
+            for column, which, norm in (
+                ("constant", "baseline", None),
+                ("individual", "individual", 1.0),
+                ("average", "average", r["normalized_average"]),
+                (s.options["label"], "merged", r["normalized"]),
+            ):
+                results.setdefault(
+                    (combo, r["task"], column),
+                    {**base, "column": column, "score": r[which], "normalized": norm, "mse": r["mse"][which]},
+                )
+            flags += [
+                f"{combo} {s.options['label']}: {r['task']}: {f}"
+                for f in r["flags"]
+                if not f.startswith(("individual", "average"))
+            ]
+            flags += [f"{combo}: {r['task']}: {f}" for f in r["flags"] if f.startswith(("individual", "average"))]
+        flags += [f"{combo} {s.options['label']}: {remark}" for remark in rep.get("remarks", [])]
+    table = list(results.values())
+    summary = {
+        combo: {
+            col: {
+                k: _mean([r[k] for r in table if r["combination"] == combo and r["column"] == col])
+                for k in ("score", "normalized")
+            }
+            for col in ["constant", "individual", *labels]
+        }
+        for combo in opts["combinations"]
+    }
+    overall = {
+        col: {k: _mean([summary[c][col][k] for c in summary]) for k in ("score", "normalized")}
+        for col in ["constant", "individual", *labels]
+    }
+    costs = []
+    for s in stages:
+        if s.kind != "report":
+            stamp = read_stamp(stamp_path(cfg, s)) or {}
+            costs.append(
+                {
+                    "stage": s.id,
+                    "kind": s.kind,
+                    "wall_s": stamp.get("wall_s"),
+                    "cpu_s": stamp.get("cpu_s"),
+                    "peak_rss_mb": stamp.get("peak_rss_mb"),
+                    "load": stamp.get("load"),
+                    "cpus": stamp.get("cpus"),
+                    "finished": stamp.get("finished"),
+                    "launch": stamp.get("launch"),
+                }
+            )
+    checkpoints = {}
+    for t in cfg.tasks:
+        folder = Path(cfg.output) / "checkpoints" / t
+        meta = read_metadata(folder)
+        checkpoints[t] = {
+            k: meta.get(k) for k in ("num_train_examples", "epoch", "epochs_trained", "metrics", "fingerprint")
+        }
+        checkpoints[t]["artifacts"] = {  # what each artifact was computed from, as it records it
+            k: {
+                m: Artifact(artifact_path(folder, k), k).metadata.get(m)
+                for m in ("num_examples", "aggregation", "labels", "batch_size", "seconds")
+            }
+            for k in artifact_kinds(cfg)
+        }
+    return {
+        **opts,
+        "labels": labels,
+        "checkpoints": checkpoints,
+        "results": table,
+        "summary": summary,
+        "flags": list(dict.fromkeys(flags)),
+        "overall": overall,
+        "stages": costs,
+        "cost_s": {
+            k: round(sum(c["wall_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")
+        },
+        "cpu_s": {
+            k: round(sum(c["cpu_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")
+        },
+    }
+
+
+def _pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def caps_text(data: dict[str, Any]) -> str:
+    """One paragraph saying how much data each stage read (the caps of a quick run)."""
+    caps = data["caps"]
+    fit = "; ".join(
+        f"{t} {c.get('num_train_examples') or '?'} training examples"
+        + (f" (capped at {caps['fit'][t]['max_train_samples']})" if caps["fit"][t]["max_train_samples"] else " (all)")
+        + f", {caps['fit'][t]['max_epochs']} epoch(s)"
+        for t, c in data["checkpoints"].items()
+    )
+
+    def examples(kind: str) -> str:
+        counts = sorted({str(c["artifacts"][kind]["num_examples"]) for c in data["checkpoints"].values()})
+        return "/".join(counts)
+
+    fisher = ", ".join(f"{k} on {examples(k)} training examples per task" for k in caps["fisher"])
+    cap = caps["eval"]["max_eval_samples"]
+    scored = (
+        "all validation examples" if cap is None else f"at most {cap} validation examples per task (a seeded sample)"
+    )
+    return f"Fine-tuning: {fit}. Artifacts: {fisher or 'none'}. Scored on {scored}."
+
+
+def report_markdown(data: dict[str, Any]) -> str:
+    """The combined report as Markdown: normalized means per combination, per-task scores, stage costs."""
+    labels = data["labels"]
+    lines = [
+        "# fmn-pl pipeline report",
+        "",
+        f"Model `{data['model']}`, data `{data['data_dir']}`, tasks {', '.join(data['tasks'])}; "
+        f"{len(data['combinations'])} task combination(s) merged with each method.",
+        "",
+        caps_text(data),
+        "",
+        "## Normalized score (merged / individual, %, mean over the merged tasks)",
+        "",
+        "| tasks | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    for combo, cols in data["summary"].items():
+        lines.append(f"| {combo} | " + " | ".join(_pct(cols[c]["normalized"]) for c in labels) + " |")
+    if len(data["summary"]) > 1:
+        lines.append(
+            "| **mean** | " + " | ".join(f"**{_pct(data['overall'][c]['normalized'])}**" for c in labels) + " |"
+        )
+    cols = ["constant", "individual", *labels]
+    index = {(r["combination"], r["task"], r["column"]): r for r in data["results"]}
+    lines += [
+        "",
+        "## Scores per task (x100)",
+        "",
+        "Constant: the best constant prediction on the same examples (majority class, or the label mean), "
+        "what a model that learned nothing scores.",
+        "",
+        "| tasks | task | metrics | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---:|" * len(cols),
+    ]
+    for combo in data["summary"]:
+        for t in dict.fromkeys(r["task"] for r in data["results"] if r["combination"] == combo):
+            metrics = ", ".join(index[(combo, t, "individual")]["metrics"])
+            lines.append(
+                f"| {combo} | {t} | {metrics} | "
+                + " | ".join(_pct((index.get((combo, t, c)) or {}).get("score")) for c in cols)
+                + " |"
+            )
+    mse = [r for r in data["results"] if r.get("mse") is not None]
+    if mse:
+        lines += [
+            "",
+            "## Mean squared error of the regression tasks (correlations ignore scale)",
+            "",
+            "| tasks | task | " + " | ".join(cols) + " |",
+            "|---|---|" + "---:|" * len(cols),
+        ]
+        for combo, t in dict.fromkeys((r["combination"], r["task"]) for r in mse):
+            lines.append(
+                f"| {combo} | {t} | "
+                + " | ".join(
+                    "–" if (index.get((combo, t, c)) or {}).get("mse") is None else f"{index[(combo, t, c)]['mse']:.3f}"
+                    for c in cols
+                )
+                + " |"
+            )
+    if data.get("flags"):
+        lines += ["", "## Flags", "", *[f"- {f}" for f in data["flags"]]]
+    loads = any(c.get("load") is not None for c in data["stages"])
+    lines += [
+        "",
+        "## Cost per stage",
+        "",
+        "Wall time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items())
+        + "; CPU time (all threads): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in data["cpu_s"].items())
+        + ". On shared cores wall time grows, and CPU time too (threads waiting for a core spin)"
+        + ("; load: the 1-minute load average when the stage ended / the machine's cores." if loads else "."),
+        "",
+        "| stage | wall s | CPU s | peak memory MB |" + (" load |" if loads else "") + " where |",
+        "|---|---:|---:|---:|" + ("---:|" if loads else "") + "---|",
+    ]
+    for c in data["stages"]:
+        launch = c.get("launch")
+        where = (
+            (
+                f"{launch['devices']} device(s) x {launch['num_nodes']} node(s), {launch['accelerator']}, "
+                f"{launch['strategy']}"
+            )
+            if launch
+            else "one process"
+        )
+        wall, cpu, load, peak = (
+            "–" if c.get(k) is None else f"{c[k]:.1f}" for k in ("wall_s", "cpu_s", "load", "peak_rss_mb")
+        )
+        load = f" {load} / {c.get('cpus') or '?'} |" if loads else ""
+        lines.append(f"| {c['stage']} | {wall} | {cpu} | {peak} |{load} {where} |")
+    lines += [
+        "",
+        "Plots: `plots/normalized.png`, `plots/scores-<tasks>.png`, `plots/cost.png`. Each merge's own "
+        "report: `merges/<tasks>/<label>/report.md`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _bars(ax: Any, groups: list[str], series: dict[str, list[Optional[float]]], ylabel: str) -> None:
+    """Grouped bars (values x100), one colour per series, legend below."""
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [0 if v is None else 100 * v for v in values], width, label=name)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.legend(
+        fontsize="small", ncols=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False
+    )
+
+
+def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
+    """plots/normalized.png (methods per combination), plots/scores-<tasks>.png, plots/cost.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, paths = data["labels"], []
+    combos = list(data["summary"])
+    many = len(combos) > 1
+    groups = combos + (["mean"] if many else [])
+    series = {
+        c: [data["summary"][g][c]["normalized"] for g in combos] + ([data["overall"][c]["normalized"]] if many else [])
+        for c in labels
+    }
+    fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(groups) * len(labels), 3.8))
+    _bars(ax, groups, series, "merged / individual (%)")
+    ax.axhline(100, color="black", linewidth=0.6, linestyle="--")
+    low = min([100 * v for vals in series.values() for v in vals if v is not None] or [0.0])
+    ax.set_ylim(max(0.0, low - 10), None)
+    ax.set_title("Normalized score per merge (mean over its tasks)")
+    paths.append(_save(fig, folder / "normalized.png"))
+    index = {(r["combination"], r["task"], r["column"]): r["score"] for r in data["results"]}
+    cols = ["constant", "individual", *labels]
+    for combo in combos:
+        tasks = list(dict.fromkeys(r["task"] for r in data["results"] if r["combination"] == combo))
+        fig, ax = plt.subplots(figsize=(2.5 + 0.3 * len(tasks) * len(cols), 3.6))
+        _bars(ax, tasks, {c: [index.get((combo, t, c)) for t in tasks] for c in cols}, "score (x100)")
+        ax.set_title(f"Scores per task: {combo}")
+        paths.append(_save(fig, folder / f"scores-{combo}.png"))
+    costs = [c for c in data["stages"] if c["wall_s"] is not None][::-1]
+    if costs:
+        colors = {"fit": "tab:blue", "fisher": "tab:orange", "merge": "tab:green"}
+        fig, ax = plt.subplots(figsize=(7, 1.4 + 0.26 * len(costs)))
+        ys = range(len(costs))
+        ax.barh(
+            [y + 0.2 for y in ys],
+            [c["wall_s"] for c in costs],
+            0.4,
+            label="wall",
+            color=[colors.get(c["kind"], "tab:gray") for c in costs],
+        )
+        ax.barh(
+            [y - 0.2 for y in ys],
+            [c["cpu_s"] or 0 for c in costs],
+            0.4,
+            label="CPU (hatched)",
+            hatch="///",
+            color="white",
+            edgecolor=[colors.get(c["kind"], "tab:gray") for c in costs],
+        )
+        ax.set_yticks(list(ys), [c["stage"] for c in costs], fontsize=7)
+        ax.set_xlabel("seconds")
+        ax.legend(fontsize="small", loc="lower right")
+        ax.set_title(
+            "Cost per stage, wall: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items()), fontsize="medium"
+        )
+        paths.append(_save(fig, folder / "cost.png"))
+    return paths
+
+
+def write_report(cfg: PipelineConfig) -> Path:
+    """Combine the merges' reports into <output>/report.{json,md} and <output>/plots/*.png."""
+    out = Path(cfg.output)
+    data = gather(cfg)
+    report_plots(data, out / "plots")
+    text = report_markdown(data)
+    md = out / "report.md"
+    tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(md)
+    write_json(out / "report.json", data)  # last: the stage's output, so its presence means the report is whole
+    print(text)
+    return out / "report.json"
