@@ -107,9 +107,9 @@ def stage_main(kind: str) -> Callable[[list[str]], object]:
         from fmn_pl.fit import lightning_cli
 
         return lambda argv: lightning_cli(["fit", *argv])
-    from fmn_pl import fisher, merge
+    from fmn_pl import fisher, merge_cli
 
-    return {"fisher": fisher.main, "merge": merge.main}[kind]
+    return {"fisher": fisher.main, "merge": merge_cli.main}[kind]
 
 
 def run_stage(
@@ -356,7 +356,7 @@ def check_args(stage: Stage) -> Optional[str]:
                     seed_everything_default=False,
                 )
             elif stage.kind == "merge":
-                from fmn_pl.merge import build_parser, normalize_argv
+                from fmn_pl.merge_cli import build_parser, normalize_argv
 
                 build_parser().parse_args(normalize_argv(argv))
             else:

@@ -179,7 +179,7 @@ def check_grid(grid: dict[str, Any]) -> list[dict[str, Any]]:
 def make_view(src: Path, dst: Path) -> Path:
     """dst: hard links to every file of checkpoint `src` except artifacts and the evaluation cache (relinked when
     the checkpoint's file changed)."""
-    from fmn_pl.merge import link_or_copy
+    from fmn_pl.merge_output import link_or_copy
 
     own = set(FILES.values()) | {CACHE_FILE, VIEW_RECORD}
     dst.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
-from fmn_pl.merge import body_prefix, merge_body  # noqa: E402
+from fmn_pl.merge import merge_body  # noqa: E402
+from fmn_pl.merge_inputs import body_prefix  # noqa: E402
 from fmn_pl.merging import method_class  # noqa: E402
 from fmn_pl.merging.reader import FileReader  # noqa: E402
 from fmn_pl.nodes import adapter_for, node_shape  # noqa: E402

@@ -14,7 +14,8 @@ import torch
 from fmn_pl.artifacts import artifact_path, save_artifact
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
 from fmn_pl.cli import shell
-from fmn_pl.merge import build_parser, main, normalize_argv, run_merge
+from fmn_pl.merge import run_merge
+from fmn_pl.merge_cli import build_parser, main, normalize_argv
 from fmn_pl.merging.base import CheckpointReader, MergeContext
 from fmn_pl.merging.fmn import FMN
 from fmn_pl.metrics import SCALE_METRICS

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fmn_pl.checkpoint import read_metadata
-from fmn_pl.merge import main
+from fmn_pl.merge_cli import main
 from fmn_pl.merging.reader import FileReader
 from tests.test_merge_cli import common, run_main
 

@@ -1,0 +1,245 @@
+"""What a merge reads, checked before any work: at least two checkpoints of distinct tasks, one architecture,
+vocabulary and tokenizer, the artifacts the method needs (present, of the right kind, computed on these weights),
+and the base model when the method needs one (`check_inputs` -> `Inputs`, the merge context's source)."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fmn_pl.artifacts import FILES, Artifact, artifact_path, load_artifact
+from fmn_pl.checkpoint import read_metadata
+from fmn_pl.merging import METHODS, MergeContext, MergeMethod
+from fmn_pl.merging.reader import FLOAT_DTYPES, FileReader
+from fmn_pl.options import is_local_path
+
+# Config attributes that must agree (read through each config's attribute map, e.g. DistilBERT's `dim`).
+ARCH_ATTRS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+
+
+# ---------------------------------------------------------------------------------------------- safetensors I/O
+
+
+def read_header(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} of a model folder's model*.safetensors, read from the headers only."""
+    reader = FileReader(folder)
+    return {k: (reader.dtype(k), reader.shape(k)) for k in reader.keys()}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    """Checked inputs of a merge."""
+
+    checkpoints: list[Path]
+    metadata: list[dict[str, Any]]
+    tasks: list[str]
+    config: Any
+    body_prefix: str
+    keys: list[str]  # floating-point body tensors: merged
+    fixed: list[str]  # other body tensors (integer buffers): copied from the first checkpoint
+    heads: list[list[str]]  # per checkpoint: its head tensors
+    specs: dict[str, tuple[str, tuple[int, ...]]]  # body tensors of the first checkpoint
+    headers: list[dict[str, tuple[str, tuple[int, ...]]]]
+    base: Path | None = None
+    artifacts: dict[tuple[int, str], Artifact] | None = None
+    own: list[str] | None = None  # body tensors each task keeps from its own checkpoint (they joined `heads`)
+
+    def context(self, **kw: Any) -> MergeContext:
+        """A merge context over these checkpoints (plain-read, base model when given, checked artifacts);
+        `kw` sets the rest (evaluate, selection_inputs, accelerator, progress, log)."""
+        return MergeContext(
+            checkpoints=self.checkpoints,
+            tasks=self.tasks,
+            config=self.config,
+            body_prefix=self.body_prefix,
+            keys=list(self.keys),
+            readers=[FileReader(p) for p in self.checkpoints],
+            base_reader=FileReader(self.base, prefix=self.body_prefix) if self.base else None,
+            _artifacts=dict(self.artifacts or {}),
+            **kw,
+        )
+
+
+def body_prefix(config: Any) -> tuple[str, str]:
+    """("bert.", "BertModel"): the parameter prefix of the base model inside the task model, and its class."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return f"{model.base_model_prefix}.", type(model.base_model).__name__
+
+
+def tokenizer_signature(folder: str | Path) -> str:
+    """Hash of a tokenizer's class, vocabulary and how it tokenizes a probe text (casing, accents, digits)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder} has no loadable tokenizer: {e}") from e
+    probe = tok("Hello WORLD, naïve café 12345 don't!", "Second SEGMENT.")["input_ids"]
+    blob = json.dumps([type(tok).__name__.removesuffix("Fast"), sorted(tok.get_vocab().items()), probe])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A local folder as is; a hub name through the local Hugging Face cache (or a download when online)."""
+    if is_local_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"base model {path} does not exist")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as e:  # offline, unknown repo, ...: one line that says which
+        raise FileNotFoundError(
+            f"base model {name_or_path!r} is neither a folder nor a reachable hub model: {e}"
+        ) from e
+
+
+def check_inputs(
+    checkpoints: Sequence[str | Path], method: MergeMethod, base: str | None, own_tensors: Sequence[str] = ()
+) -> Inputs:
+    """Every check a merge needs before it starts, with a one-line error naming the culprit. Body tensors that
+    match an `own_tensors` pattern are not merged: each task keeps its own, as part of its head."""
+    from transformers import AutoConfig
+
+    name = method_name(method)
+    paths = [Path(c) for c in checkpoints]
+    if len(paths) < 2:
+        raise ValueError(f"merging needs at least two checkpoints, got {len(paths)}")
+    metadata = [read_metadata(p) for p in paths]
+    tasks = [m["task"] for m in metadata]
+    for j, t in enumerate(tasks):
+        if t in tasks[:j]:
+            raise ValueError(
+                f"{paths[tasks.index(t)]} and {paths[j]} are both task {t!r}: each task may appear once "
+                "(its head, output folder and report row are keyed by task)"
+            )
+    configs = [AutoConfig.from_pretrained(p) for p in paths]
+    for attr in ARCH_ATTRS:
+        values = [getattr(c, attr, None) for c in configs]
+        for p, v in zip(paths[1:], values[1:]):
+            if v != values[0]:
+                raise ValueError(
+                    f"{p} has {attr}={v} but {paths[0]} has {attr}={values[0]}: "
+                    "checkpoints of different architectures cannot be merged"
+                )
+    signatures = [tokenizer_signature(p) for p in paths]
+    for p, s in zip(paths[1:], signatures[1:]):
+        if s != signatures[0]:
+            raise ValueError(
+                f"the tokenizer of {p} differs from that of {paths[0]} (vocabulary or normalisation): "
+                "merged checkpoints must share one tokenizer"
+            )
+    prefix, _ = body_prefix(configs[0])
+    headers = [read_header(p) for p in paths]
+    body = [{k: v for k, v in h.items() if k.startswith(prefix)} for h in headers]
+    if not body[0]:
+        raise ValueError(f"{paths[0]} has no tensors under {prefix!r}: not a {configs[0].model_type} task model")
+    for p, b in zip(paths[1:], body[1:]):
+        for key in sorted(set(body[0]) ^ set(b)):
+            raise ValueError(f"{p if key not in b else paths[0]} lacks body tensor {key!r} that the other has")
+        for key, (dtype, shape) in body[0].items():
+            if b[key][1] != shape:
+                raise ValueError(f"{p}: {key} has shape {b[key][1]}, but {paths[0]} has {shape}")
+    keys = [k for k, (dtype, _) in body[0].items() if dtype in FLOAT_DTYPES]
+    fixed = [k for k in body[0] if k not in keys]
+    for p in own_tensors:
+        if not any(fnmatch.fnmatchcase(k, p) for k in keys):
+            raise ValueError(
+                f"own_tensors pattern {p!r} matches no body tensor of {paths[0]} (names look like "
+                f"{keys[0]!r}, {keys[-1]!r})"
+            )
+    own = [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in own_tensors)]
+    if len(own) == len(keys):
+        raise ValueError(f"own_tensors {list(own_tensors)} match every body tensor: nothing would be merged")
+    keys = [k for k in keys if k not in own]
+    heads = [[k for k in h if not k.startswith(prefix)] + own for h in headers]
+    inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body[0], headers, own=own)
+    inputs.artifacts = check_artifacts(paths, method)
+    if "base" in method.needs:
+        inputs.base = check_base(base, metadata, inputs, name)
+    elif base is not None:
+        inputs.base = resolve_model(base)
+    return inputs
+
+
+def check_artifacts(paths: list[Path], method: MergeMethod) -> dict[tuple[int, str], Artifact]:
+    """Open (and check against its checkpoint) every artifact the method needs, one line per failure."""
+    name = method_name(method)
+    out = {}
+    for kind in (k for k in FILES if k in method.needs):
+        for i, p in enumerate(paths):
+            if not artifact_path(p, kind).is_file():
+                others = [k for k in FILES if k != kind and artifact_path(p, k).is_file()]
+                has = f"; it has {', '.join(others)} (for other methods)" if others else ""
+                flag = "" if kind == "mask_fisher" else f" --kind {kind.removesuffix('_fisher')}"
+                raise FileNotFoundError(
+                    f"method {name} needs a {kind} artifact beside {p} ({FILES[kind]}){has}: "
+                    f"compute it with `fmn-pl fisher --checkpoint {p}{flag}`"
+                )
+            out[(i, kind)] = load_artifact(p, kind)
+            task = out[(i, kind)].metadata.get("task")
+            if task is not None and task != read_metadata(p)["task"]:
+                raise ValueError(
+                    f"{artifact_path(p, kind)} was computed for task {task!r}, not {read_metadata(p)['task']!r}"
+                )
+    return out
+
+
+def check_base(base: str | None, metadata: list[dict[str, Any]], inputs: Inputs, name: str) -> Path:
+    """The pretrained model (given, or the checkpoints' common `base_model`), checked against the body."""
+    if base is None:
+        recorded = {m.get("base_model") for m in metadata}
+        if len(recorded) != 1 or None in recorded:
+            raise ValueError(
+                f"method {name} needs the pretrained model: pass --base (the checkpoints record "
+                f"different base models: {sorted(map(str, recorded))})"
+            )
+        base = recorded.pop()
+        if is_local_path(base) and not Path(base).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"method {name} needs the pretrained model; the checkpoints record {base}, "
+                "which does not exist here: pass --base"
+            )
+    path = resolve_model(base)
+    reader = FileReader(path, prefix=inputs.body_prefix)
+    for key in inputs.keys:
+        if key not in reader:
+            raise ValueError(
+                f"base model {base} lacks tensor {key!r}: is it the pretrained model of these checkpoints?"
+            )
+        if tuple(reader.shape(key)) != inputs.specs[key][1]:
+            raise ValueError(
+                f"base model {base}: {key} has shape {tuple(reader.shape(key))}, "
+                f"but the checkpoints have {inputs.specs[key][1]}"
+            )
+    return path
+
+
+def method_name(method: MergeMethod) -> str:
+    """The registry name of a method instance (its class path when unregistered)."""
+    path = f"{type(method).__module__.removeprefix('fmn_pl.merging.')}:{type(method).__name__}"
+    return next((n for n, p in METHODS.items() if p == path), f"{type(method).__module__}.{type(method).__name__}")
