@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fmn_pl.merge import run_merge
-from fmn_pl.merging import METHODS
+from fmn_pl.merging import METHODS, target
 
 # ---------------------------------------------------------------------------------------------- CLI
 
@@ -18,10 +18,9 @@ def class_path(name: str) -> str:
     """A registry name (or a registered class's name) -> its importable class path; dotted paths unchanged."""
     if "." in name:
         return name
-    for key, target in METHODS.items():
-        module, cls = target.split(":")
-        if name in (key, cls):
-            return f"fmn_pl.merging.{module}.{cls}"
+    for key, entry in METHODS.items():
+        if name in (key, entry.split(":")[1]):
+            return ".".join(target(key))
     from fmn_pl.merging import method_class
 
     method_class(name)  # raises: unknown merge method, with the known names
@@ -117,9 +116,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if any(a in ("-h", "--help") for a in args):
         method = next((a.partition("=")[2] for a in args if a.startswith("--method=")), None)
         if method:  # that method's options only, one line each
-            from fmn_pl.merging import METHODS, option_lines
+            from fmn_pl.merging import option_lines
 
-            method = next((n for n, t in METHODS.items() if method.endswith(t.replace(":", "."))), method)
+            method = next((n for n in METHODS if ".".join(target(n)) == method), method)  # normalize_argv's class path
             print("\n".join(option_lines(method)))
         else:
             build_parser().print_help()

@@ -8,6 +8,8 @@ import ast
 import re
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,3 +67,70 @@ def test_no_import_circle() -> None:
 
 def test_the_check_finds_a_circle() -> None:
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+TOY_METHOD = '''
+"""Elementwise maximum of the models' tensors (a toy: what a method of your own looks like)."""
+
+import torch
+
+from fmn_pl.merging.base import MergeMethod
+
+
+class Maximum(MergeMethod):
+    """Elementwise maximum of the models' tensors."""
+
+    name = "maximum"
+
+    def __init__(self, floor: float = -1e9) -> None:
+        """
+        Args:
+            floor: no merged value below this.
+        """
+        self.floor = floor
+
+    def merge_tensor(self, key, models, ctx):
+        out = models[0].clone()
+        for j in range(1, len(models)):
+            out = torch.maximum(out, models[j])
+        return out.clamp_min(self.floor)
+'''
+
+
+def test_a_new_method_is_one_file_and_one_registry_line(
+    tmp_path: Path, make_checkpoint, tiny_glue: Path, monkeypatch, capsys
+) -> None:
+    from safetensors.torch import load_file
+
+    from fmn_pl.merge_cli import main
+    from fmn_pl.merging import METHODS
+
+    (tmp_path / "toy_methods").mkdir()
+    (tmp_path / "toy_methods" / "__init__.py").write_text("")
+    (tmp_path / "toy_methods" / "maximum.py").write_text(TOY_METHOD)  # the one file
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(METHODS, "maximum", "toy_methods.maximum:Maximum")  # the one registry line
+    main(["--method", "maximum", "--help"])
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "maximum: Elementwise maximum of the models' tensors.",
+        "  --method.floor          float = -1000000000.0  no merged value below this.",
+    ]
+    cks = [make_checkpoint(t, seed=s) for s, t in enumerate(["rte", "mrpc"])]
+    out = tmp_path / "merged"
+    main(
+        [
+            "--method",
+            "maximum",
+            "--checkpoints",
+            *map(str, cks),
+            "--output",
+            str(out),
+            "--evaluate",
+            "false",
+            "--progress",
+            "false",
+        ]
+    )
+    merged, a, b = (load_file(p / "model.safetensors") for p in (out, *cks))
+    key = next(k for k in merged if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    assert torch.equal(merged[key], torch.maximum(a[key], b[key]))

@@ -1,4 +1,5 @@
-"""Merge methods by name. A new method is one file in this folder and one line in `METHODS`."""
+"""Merge methods by name. A new method is one file in this folder (or any importable module) and one line in
+`METHODS`."""
 
 from __future__ import annotations
 
@@ -18,14 +19,21 @@ METHODS: dict[str, str] = {
 }
 
 
+def target(name: str) -> tuple[str, str]:
+    """(importable module, class name) of the method registered under `name`: a bare module name lives in this
+    folder; a dotted one anywhere on the path (a method of your own, e.g. "mypkg.merges:MyMethod")."""
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; expected one of: {', '.join(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return (module if "." in module else f"fmn_pl.merging.{module}"), cls
+
+
 def method_class(name: str) -> type[MergeMethod]:
     """The class registered under `name`, with an error that lists the known names."""
     import importlib
 
-    if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; expected one of: {', '.join(METHODS)}")
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(f"fmn_pl.merging.{module}"), cls)
+    module, cls = target(name)
+    return getattr(importlib.import_module(module), cls)
 
 
 def summary(name: str) -> str:
@@ -35,10 +43,8 @@ def summary(name: str) -> str:
     import importlib.util
     from pathlib import Path
 
-    if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; expected one of: {', '.join(METHODS)}")
-    module, cls = METHODS[name].split(":")
-    spec = importlib.util.find_spec(f"fmn_pl.merging.{module}")
+    module, cls = target(name)
+    spec = importlib.util.find_spec(module)
     tree = ast.parse(Path(spec.origin).read_text())
     node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
     return ((ast.get_docstring(node) if node else None) or "").strip().partition("\n")[0]
@@ -61,4 +67,4 @@ def option_lines(name: str) -> list[str]:
     return lines
 
 
-__all__ = ["METHODS", "MergeContext", "MergeMethod", "method_class", "option_lines", "summary"]
+__all__ = ["METHODS", "MergeContext", "MergeMethod", "method_class", "option_lines", "summary", "target"]
