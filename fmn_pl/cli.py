@@ -14,7 +14,7 @@ from fmn_pl.errors import EXIT_SIGNAL, _on_signal, is_user_error, one_line, run_
 
 # Stages that are not Trainer methods: name -> (module:function taking argv, one-line help).
 STAGES = {
-    "fisher": ("fmn_pl.fisher:main", "compute a mask-node (or full) Fisher artifact beside a task checkpoint"),
+    "fisher": ("fmn_pl.fisher_cli:main", "compute a mask-node (or full) Fisher artifact beside a task checkpoint"),
     "merge": ("fmn_pl.merge_cli:main", "merge task checkpoints, evaluate every task with its own head, report"),
     "pipeline": ("fmn_pl.pipeline:main", "fine-tune, Fisher, merge and report from one config, resumably"),
 }

@@ -23,16 +23,13 @@ passes; for regression E_y[(2 (f - y))^2] (df)^2 = 4 (df)^2).
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence
 
-import lightning as L
 import torch
 from torch import nn
 
-from fmn_pl.artifacts import artifact_path
-from fmn_pl.module import load_model, model_inputs
+from fmn_pl.module import model_inputs
 from fmn_pl.nodes import adapter_for, node_shape
 from fmn_pl.passes import ArtifactPass
 
@@ -342,145 +339,3 @@ class FullFisherCallback(MaskFisherCallback):
 
 
 # ---------------------------------------------------------------------------------------------- stage
-
-
-class _NodePass(L.LightningModule):
-    """The task model in a validation loop: a plain forward (`forward=True`, for hook-based passes such as
-    the Grams) or nothing at all (the Fisher callbacks run their own forward and backward)."""
-
-    def __init__(self, model: nn.Module, forward: bool = False) -> None:
-        super().__init__()
-        self.model, self.forward_in_step = model, forward
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        if self.forward_in_step:
-            self.model(**model_inputs(batch))
-
-
-KIND_DEFAULTS = {  # kind -> (artifact kind, aggregation, labels, batch size)
-    "mask": ("mask_fisher", "per_example", "empirical", 32),
-    "full": ("full_fisher", "per_example", "expected", 16),
-    "grams": ("grams", None, None, 32),
-}
-
-
-def run_fisher(
-    checkpoint: str,
-    kind: Literal["mask", "full", "grams"] = "mask",
-    task: Optional[str] = None,
-    data_dir: Optional[str] = None,
-    split: str = "train",
-    num_examples: Optional[int] = 2048,
-    batch_size: Optional[int] = None,
-    seed: int = 0,
-    aggregation: Optional[Aggregation] = None,
-    labels: Optional[LabelMode] = None,
-    include_padding: bool = False,
-    max_length: Optional[int] = None,
-    trainer: Optional[dict[str, Any]] = None,
-) -> Path:
-    """Compute one artifact of a task checkpoint and write it beside the weights.
-
-    Args:
-        checkpoint: task checkpoint folder (written by `fmn-pl fit`); the artifact is written there.
-        kind: mask (mask-node Fisher, FMN), full (diagonal Fisher of every body parameter), grams (RegMean).
-        task: GLUE task; default the checkpoint's. A different one is an error.
-        data_dir: GLUE data (parquet/TSV folder or hub name); default the one the checkpoint was trained on.
-        split: split to read; "train" excludes the rows the checkpoint held out (`holdout_samples`).
-        num_examples: examples drawn without replacement with `seed` (None: the whole split).
-        batch_size: examples per batch (default 32; 16 for full).
-        seed: seed of the example sample and of sampled labels.
-        aggregation: per_example (default; exact) or per_batch (the FMN reference code). Fisher kinds only.
-        labels: empirical (default for mask), sampled, or expected (default for full). Fisher kinds only.
-        include_padding: grams only: count padding positions too (the RegMean reference does).
-        max_length: truncation length (default: the checkpoint's fine-tuning setting).
-        trainer: Lightning Trainer options (devices, strategy, accelerator, precision, ...).
-    """
-    from fmn_pl.checkpoint import check_writable, read_metadata
-    from fmn_pl.data import GLUEDataModule, check_count
-    from fmn_pl.grams import GramCallback
-    from fmn_pl.tasks import get_task
-
-    if kind not in KIND_DEFAULTS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KIND_DEFAULTS)}")
-    for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
-        check_count(name, value)
-    meta = read_metadata(checkpoint)
-    check_writable(artifact_path(checkpoint, KIND_DEFAULTS[kind][0]))
-    if task is not None and task != meta["task"]:
-        raise ValueError(f"{checkpoint} is a {meta['task']!r} checkpoint, not {task!r}")
-    if kind == "grams" and (aggregation is not None or labels is not None):
-        raise ValueError("aggregation and labels apply to Fisher kinds only, not grams")
-    art_kind, default_agg, default_labels, default_bs = KIND_DEFAULTS[kind]
-    trained = meta.get("data", {})
-    task_ = get_task(meta["task"])
-    data_dir = data_dir or trained.get("data_dir")
-    if not data_dir:
-        raise ValueError(f"{checkpoint} does not record its data folder: pass --data_dir")
-    dm = GLUEDataModule(
-        task=task_.name,
-        data_dir=data_dir,
-        tokenizer=str(checkpoint),
-        max_length=max_length or trained.get("max_length"),
-        eval_batch_size=batch_size or default_bs,
-        max_eval_samples=num_examples,
-        sample_seed=seed,
-        eval_splits=[split],
-        unpadded_shards=True,
-        holdout_samples=trained.get("holdout_samples", 0) or 0,
-    )
-    info = {
-        "task": task_.name,
-        "split": split,
-        "data_dir": str(data_dir),
-        "batch_size": dm.hparams.eval_batch_size,
-        "max_length": dm.max_length,
-        "sample_seed": seed,
-        "holdout_samples": dm.hparams.holdout_samples,
-    }
-    if kind == "grams":
-        callback: L.Callback = GramCallback(checkpoint, include_padding=include_padding, metadata=info)
-    else:
-        cls = MaskFisherCallback if kind == "mask" else FullFisherCallback
-        callback = cls(checkpoint, aggregation or default_agg, labels or default_labels, seed, metadata=info)
-    options = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        **(trainer or {}),
-        "use_distributed_sampler": False,
-    }
-    options["callbacks"] = [*(options.get("callbacks") or []), callback]
-    model = load_model(str(checkpoint), task_)  # a bad checkpoint fails before the Trainer is built
-    pl_trainer = L.Trainer(**options)
-    pl_trainer.validate(_NodePass(model, forward=kind == "grams"), datamodule=dm, verbose=False)
-    path = artifact_path(checkpoint, art_kind)
-    if pl_trainer.is_global_zero:
-        print(f"wrote {path}")
-    return path
-
-
-def build_parser() -> Any:
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="fmn-pl fisher",
-        description="Compute a mask-node Fisher, full Fisher or Gram "
-        "artifact beside a task checkpoint (see configs/fisher/).",
-        exit_on_error=False,
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
-    parser.add_function_arguments(run_fisher, as_group=False, skip={"trainer"})
-    parser.add_class_arguments(
-        L.Trainer, "trainer", skip={"logger", "enable_checkpointing", "use_distributed_sampler"}, instantiate=False
-    )
-    parser.set_defaults({"trainer.enable_model_summary": False})
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> Path | None:
-    """`fmn-pl fisher ...`: the artifact's path; bad input raises (one line at `fmn_pl.cli.shell`)."""
-    parser = build_parser()
-    cfg = parser.instantiate_classes(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
-    kwargs = {k: v for k, v in vars(cfg).items() if k not in ("config", "trainer", "__path__")}
-    return run_fisher(**kwargs, trainer=dict(vars(cfg.trainer)))

@@ -23,7 +23,6 @@ stage with one device) run on global rank 0 only. Merging and evaluation are alw
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from fmn_pl.checkpoint import write_json
+from fmn_pl.dry_run import dry_run
 from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config
 from fmn_pl.pipeline_report import write_report
 from fmn_pl.ranks import (
@@ -107,9 +107,9 @@ def stage_main(kind: str) -> Callable[[list[str]], object]:
         from fmn_pl.fit import lightning_cli
 
         return lambda argv: lightning_cli(["fit", *argv])
-    from fmn_pl import fisher, merge_cli
+    from fmn_pl import fisher_cli, merge_cli
 
-    return {"fisher": fisher.main, "merge": merge_cli.main}[kind]
+    return {"fisher": fisher_cli.main, "merge": merge_cli.main}[kind]
 
 
 def run_stage(
@@ -304,117 +304,6 @@ def execute(
                 shutil.rmtree(folder, ignore_errors=True)
         echo(f"{prefix}: done in {wall:.1f} s")
     return status
-
-
-# ---------------------------------------------------------------------------------------------- dry run
-
-
-def check_source(what: str, source: str, paths: Callable[[Path], list[Path]]) -> tuple[list[str], list[str]]:
-    """(problems, notes) about a model or data source: a local folder must hold `paths`; a hub name is noted."""
-    from fmn_pl.options import is_local_path
-
-    if not is_local_path(source):
-        return [], [f"{what} {source!r} is a hub name: downloaded on first use (not checked here)"]
-    root = Path(source).expanduser()
-    if not root.is_dir():
-        return [f"{what}: folder {root} does not exist"], []
-    try:
-        missing = [str(p) for p in paths(root) if not p.is_file()]
-    except FileNotFoundError as e:
-        return [f"{what}: {e}"], []
-    return [f"{what}: {m} does not exist" for m in missing], []
-
-
-def check_args(stage: Stage) -> Optional[str]:
-    """Parse the stage's command line with the stage's own parser (nothing instantiated): the error, or None."""
-    import io
-
-    if stage.kind == "report":
-        return None
-    argv = [*stage.argv, *(stage.launch.argv() if stage.launch else [])]
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            if stage.kind == "fit":
-                from fmn_pl.data import GLUEDataModule
-                from fmn_pl.fit import FmnCLI
-                from fmn_pl.module import GLUETransformer
-
-                class Parse(FmnCLI):  # parse only: no seed set, no model loaded
-                    def _set_seed(self) -> None:
-                        pass
-
-                    def instantiate_classes(self) -> None:
-                        pass
-
-                conf = next(iter(stage.files.values()))  # the generated config, not yet written
-                Parse(
-                    GLUETransformer,
-                    GLUEDataModule,
-                    args=["--config", conf, *argv[2:]],
-                    run=False,
-                    seed_everything_default=False,
-                )
-            elif stage.kind == "merge":
-                from fmn_pl.merge_cli import build_parser, normalize_argv
-
-                build_parser().parse_args(normalize_argv(argv))
-            else:
-                import importlib
-
-                module = importlib.import_module(f"fmn_pl.{stage.kind}")
-                parse = getattr(module, "normalize_argv", list)
-                module.build_parser().parse_args(parse(argv))
-    except SystemExit as e:
-        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
-        return lines[-1] if lines else f"exit status {e.code}"
-    except Exception as e:  # noqa: BLE001 - any failure to parse is one line of the dry run
-        text = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {text[0] if text else ''}"
-    return None
-
-
-def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> list[str]:
-    """Check every stage's inputs and arguments without computing; print the plan; return the problems."""
-    from fmn_pl.data import split_file
-    from fmn_pl.tasks import get_task
-
-    stages = plan(cfg)
-    problems, notes = check_source("model", cfg.model, lambda root: [root / "config.json"])
-    for t in cfg.tasks:
-        spec = get_task(t)
-        p, n = check_source(
-            f"data of {t}", cfg.data_dir, lambda root: [split_file(root, spec, s) for s in ("train", *spec.eval_splits)]
-        )
-        problems += p
-        notes += n if t == cfg.tasks[0] else []
-    ids, done = Identities(), {}
-    width = len(str(len(stages)))
-    counts: dict[str, int] = {}
-    for n, stage in enumerate(stages, 1):
-        error = check_args(stage)
-        if error:
-            problems.append(f"{stage.id}: its arguments do not parse: {error}")
-        try:
-            _, current, why = freshness(stage, cfg, ids, done)
-        except (FileNotFoundError, ValueError) as e:  # an absent input, reported above
-            current, why = None, f"inputs not readable: {e}"
-        if why is None:
-            done[stage.id] = current  # type: ignore[assignment]
-        state = "up to date" if why is None else "would run"
-        counts[state] = counts.get(state, 0) + 1
-        echo(f"[{n:>{width}}/{len(stages)}] {stage.id}: {state}{'' if why is None else f' ({why})'}")
-        if why is not None and stage.kind != "report":
-            echo(f"    $ {' '.join(stage.command())}")
-    for note in notes:
-        echo(f"note: {note}")
-    for problem in problems:
-        echo(f"problem: {problem}")
-    echo(
-        f"dry run: {len(stages)} stages ({', '.join(f'{v} {k}' for k, v in counts.items())}), "
-        f"{len(problems)} problem(s); nothing was computed or written"
-    )
-    return problems
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str] | list[str]:

@@ -199,7 +199,7 @@ def make_view(src: Path, dst: Path) -> Path:
 def ensure_artifact(view: Path, kind: str, options: dict[str, Any], data_dir: str, accelerator: str) -> bool:
     """The `kind` artifact of a view computed with `options`, unless its record and fingerprint match (then
     reused). True when it was computed now."""
-    from fmn_pl.fisher import run_fisher
+    from fmn_pl.fisher_cli import run_fisher
 
     want = {
         "kind": kind,

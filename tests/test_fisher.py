@@ -17,7 +17,8 @@ import torch
 
 from fmn_pl.artifacts import load_artifact
 from fmn_pl.data import GLUEDataModule
-from fmn_pl.fisher import FullFisher, MaskFisher, MaskFisherCallback, MaskNodes, label_losses, main
+from fmn_pl.fisher import FullFisher, MaskFisher, MaskFisherCallback, MaskNodes, label_losses
+from fmn_pl.fisher_cli import main
 from fmn_pl.module import GLUETransformer
 from fmn_pl.nodes import adapter_for, node_shape
 from tests.conftest import FAMILIES, tiny_model

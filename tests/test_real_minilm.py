@@ -87,7 +87,7 @@ def test_minilm_sst2_fit_export_reload(tmp_path, monkeypatch):
     # of a few real examples against the hook-free slow loop of tests/test_fisher.py
     from fmn_pl.artifacts import load_artifact
     from fmn_pl.fisher import MaskFisher
-    from fmn_pl.fisher import main as fisher
+    from fmn_pl.fisher_cli import main as fisher
     from tests.test_fisher import _rel_close, _slow_mask_fisher
 
     fisher(

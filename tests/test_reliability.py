@@ -175,7 +175,7 @@ def inputs(
 
     from fmn_pl.artifacts import artifact_path, load_artifact, save_artifact
     from fmn_pl.checkpoint import export_checkpoint, weights_fingerprint
-    from fmn_pl.fisher import main as fisher
+    from fmn_pl.fisher_cli import main as fisher
     from fmn_pl.module import load_model
     from fmn_pl.tasks import get_task
 
