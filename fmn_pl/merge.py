@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from fmn_pl.checkpoint import METADATA_FILE, atomic_dir, weights_fingerprint
+from fmn_pl.merge_eval import Selection, evaluate_merge, log_line
 from fmn_pl.merge_inputs import Inputs, check_inputs, method_name
 from fmn_pl.merge_output import BODY_FILE, torch_dtype, write_body, write_body_folder, write_task_folder
 from fmn_pl.merging import MergeMethod
 from fmn_pl.options import check_count, is_local_path
-from fmn_pl.resources import peak_rss_mb, reset_peak, scoring_memory, set_mmap_threshold
+from fmn_pl.resources import peak_rss_mb, reset_peak, set_mmap_threshold
 
 # ---------------------------------------------------------------------------------------------- the stage
 
@@ -107,9 +107,7 @@ def run_merge(
             plain average the report compares with keeps them too; the bare merged body lacks them.
     """
 
-    def log(msg: str) -> None:
-        tqdm.write(f"merge: {msg}")
-
+    log = log_line
     for option, value in (
         ("max_eval_samples", max_eval_samples),
         ("selection_samples", selection_samples),
@@ -121,8 +119,87 @@ def run_merge(
     start = time.perf_counter()
     set_mmap_threshold()
     reset_peak()  # the merge's own peak, also when it runs inside a pipeline process
-    name = method_name(method)
-    out = Path(output)
+    name, out = method_name(method), Path(output)
+    check_output(out, checkpoints, overwrite, data_dir if evaluate else None)
+    inputs = check_inputs(checkpoints, method, base, own_tensors or ())
+    fingerprints = check_fingerprints(inputs)
+    from fmn_pl.evaluate import EvalData  # after the checks: tokenizers, metrics, Lightning
+
+    selection = Selection.over(
+        inputs,
+        EvalData(data_dir, resolve_selection_split(selection_split, inputs.metadata), selection_samples, batch_size),
+        accelerator,
+        selection_precision,
+    )
+    screen = (
+        None if selection_samples is not None and selection_samples <= (selection_screen or 0) else selection_screen
+    )
+    ctx = inputs.context(
+        evaluate=selection.scores,
+        selection_inputs=selection.inputs,
+        accelerator=accelerator,
+        progress=progress,
+        log=log,
+        finalists=selection_finalists,
+        screen=screen,
+    )
+    report = input_report(name, label or name, method, inputs, fingerprints, own_tensors)
+    timings: dict[str, float] = {"check_s": time.perf_counter() - start}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        ctx.workdir = tmp / name
+        t0 = time.perf_counter()
+        write_body(tmp, inputs, method.merge(ctx), progress)
+        timings["merge_s"] = time.perf_counter() - t0
+        report["peak_rss_merge_mb"] = peak_rss_mb()
+        if save_model:
+            write_body_folder(tmp, inputs)
+        info = {
+            "method": name,
+            "options": method.options(),
+            "fingerprints": fingerprints,
+            "checkpoints": [str(p) for p in inputs.checkpoints],
+        }
+        links = [
+            write_task_folder(tmp, i, inputs, info, log, method.task_body(i, ctx), progress)
+            for i in range(len(inputs.tasks))
+        ]
+        report["storage"] = {"body_bytes": (tmp / BODY_FILE).stat().st_size, "task_body": sorted(set(links))}
+        timings["write_s"] = time.perf_counter() - t0 - timings["merge_s"]
+        report |= selection.report() | {"notes": _jsonable(ctx.notes), "remarks": list(ctx.remarks)}
+        del ctx
+        if evaluate:
+            t0 = time.perf_counter()
+            report |= evaluate_merge(
+                tmp,
+                inputs,
+                fingerprints,
+                method,
+                EvalData(data_dir, "validation", max_eval_samples, batch_size),
+                accelerator,
+                cache,
+                compare_average,
+                progress,
+            )
+            report["remarks"] += report.pop("eval_remarks")
+            timings["eval_s"] = time.perf_counter() - t0
+        if not save_model:
+            (tmp / BODY_FILE).unlink()
+            for task in inputs.tasks:
+                shutil.rmtree(tmp / task)
+        timings["total_s"] = time.perf_counter() - start
+        report |= {"timings": timings, "peak_rss_mb": peak_rss_mb(), "versions": _versions()}
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        from fmn_pl.report import write_report
+
+        write_report(tmp, report)
+    log(done_line(name, out, report))
+    return report
+
+
+def check_output(out: Path, checkpoints: Sequence[str | Path], overwrite: bool, data_dir: str | None) -> None:
+    """Refuse, before any work, an output that would replace an input or that holds something (unless
+    `overwrite`), and a local data folder (when the merge evaluates) that does not exist."""
     for c in checkpoints:
         if out.resolve() == Path(c).resolve() or Path(c).resolve().is_relative_to(out.resolve()):
             raise ValueError(f"output {out} would replace the input checkpoint {c}")
@@ -130,9 +207,12 @@ def run_merge(
         raise FileExistsError(f"output {out} already exists and is not empty; pass --overwrite true to replace it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
-    if evaluate and is_local_path(data_dir) and not Path(data_dir).expanduser().is_dir():  # now, not after merging
+    if data_dir is not None and is_local_path(data_dir) and not Path(data_dir).expanduser().is_dir():
         raise FileNotFoundError(f"data directory {Path(data_dir).expanduser()} does not exist")
-    inputs = check_inputs(checkpoints, method, base, own_tensors or ())
+
+
+def check_fingerprints(inputs: Inputs) -> list[str]:
+    """Each checkpoint's weight fingerprint, refused where the files changed since export."""
     fingerprints = [weights_fingerprint(p) for p in inputs.checkpoints]
     for p, m, fp in zip(inputs.checkpoints, inputs.metadata, fingerprints):
         if m.get("fingerprint") not in (None, fp):
@@ -140,53 +220,16 @@ def run_merge(
                 f"{p}: its weights changed since export ({METADATA_FILE} records {m['fingerprint']}, "
                 f"the files hash to {fp})"
             )
+    return fingerprints
 
-    from fmn_pl.evaluate import EvalCache, EvalData, Evaluator  # after the checks: tokenizers, metrics, Lightning
-    from fmn_pl.report import summary, write_report
 
-    selection_split = resolve_selection_split(selection_split, inputs.metadata)
-    selection = Evaluator(
-        inputs.checkpoints,
-        EvalData(data_dir, selection_split, selection_samples, batch_size),
-        accelerator,
-        progress=False,
-        precision=selection_precision,
-    )
-    selection_calls, adapted = 0, False
-
-    def select(
-        body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None, limit: int | None = None
-    ) -> dict[str, float]:
-        nonlocal selection_calls
-        selection_calls += 1
-        with scoring_memory():
-            return selection.scores(body, tasks, limit)
-
-    def selection_inputs(i: int) -> Any:
-        nonlocal adapted
-        adapted = True
-        return selection.datamodule(i)
-
-    ctx = inputs.context(
-        evaluate=select,
-        selection_inputs=selection_inputs,
-        accelerator=accelerator,
-        progress=progress,
-        log=log,
-        finalists=selection_finalists,
-        screen=None
-        if selection_samples is not None and selection_samples <= (selection_screen or 0)
-        else selection_screen,
-    )
-    merge_info = {
-        "method": name,
-        "options": method.options(),
-        "checkpoints": [str(p) for p in inputs.checkpoints],
-        "fingerprints": fingerprints,
-    }
+def input_report(
+    name: str, label: str, method: MergeMethod, inputs: Inputs, fingerprints: list[str], own_tensors: Any
+) -> dict[str, Any]:
+    """The report's account of what was merged: method, options, checkpoints with their artifacts, base."""
     report: dict[str, Any] = {
         "method": name,
-        "label": label or name,
+        "label": label,
         "options": method.options(),
         "tasks": inputs.tasks,
         "checkpoints": [
@@ -194,11 +237,7 @@ def run_merge(
                 "task": t,
                 "path": str(p),
                 "fingerprint": fp,
-                "artifacts": {
-                    k: {key: v for key, v in a.metadata.items()}
-                    for (i, k), a in (inputs.artifacts or {}).items()
-                    if i == j
-                },
+                "artifacts": {k: dict(a.metadata) for (i, k), a in (inputs.artifacts or {}).items() if i == j},
             }
             for j, (t, p, fp) in enumerate(zip(inputs.tasks, inputs.checkpoints, fingerprints))
         ],
@@ -212,85 +251,19 @@ def run_merge(
             "tensors": inputs.own,
             "parameters": sum(math.prod(inputs.specs[k][1]) for k in inputs.own),
         }
-    timings: dict[str, float] = {"check_s": time.perf_counter() - start}
-
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        ctx.workdir = tmp / name
-        t0 = time.perf_counter()
-        write_body(tmp, inputs, method.merge(ctx), progress)
-        timings["merge_s"] = time.perf_counter() - t0
-        report["peak_rss_merge_mb"] = peak_rss_mb()
-        if save_model:
-            write_body_folder(tmp, inputs)
-        links = [
-            write_task_folder(tmp, i, inputs, merge_info, log, method.task_body(i, ctx), progress)
-            for i in range(len(inputs.tasks))
-        ]
-        report["storage"] = {"body_bytes": (tmp / BODY_FILE).stat().st_size, "task_body": sorted(set(links))}
-        timings["write_s"] = time.perf_counter() - t0 - timings["merge_s"]
-        if selection_calls or adapted:
-            report["selection"] = {
-                **selection.data.identity(),
-                "evaluations": selection_calls,
-                "adapted": adapted,
-                "bf16": selection.bf16(),
-                "transductive": selection_split == "validation",
-            }
-        report["notes"] = _jsonable(ctx.notes)
-        report["remarks"] = list(ctx.remarks)
-        del ctx
-
-        if evaluate:
-            t0 = time.perf_counter()
-            report["evaluation"] = EvalData(data_dir, "validation", max_eval_samples, batch_size).identity()
-            evaluator = Evaluator(
-                inputs.checkpoints,
-                EvalData(data_dir, "validation", max_eval_samples, batch_size),
-                accelerator,
-                progress,
-            )
-            with scoring_memory():
-                report["results"] = evaluate_all(
-                    tmp,
-                    inputs,
-                    fingerprints,
-                    evaluator,
-                    EvalCache(cache, log),
-                    compare_average,
-                    reuse_average=_is_plain_average(method),
-                    progress=progress,
-                    log=log,
-                )
-            report["summary"] = summary(report["results"])
-            res = report["results"].values()
-            if not _is_plain_average(method) and all(r["average"] and r["merged"] == r["average"] for r in res):
-                report["remarks"].append(
-                    "the merged model scores exactly as the plain average on every task: "
-                    "the method changed nothing these examples can show"
-                )
-                log(f"warning: {report['remarks'][-1]}")
-            timings["eval_s"] = time.perf_counter() - t0
-        if not save_model:
-            (tmp / BODY_FILE).unlink()
-            for task in inputs.tasks:
-                shutil.rmtree(tmp / task)
-        timings["total_s"] = time.perf_counter() - start
-        report["timings"] = timings
-        report["peak_rss_mb"] = peak_rss_mb()
-        report["versions"] = _versions()
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        write_report(tmp, report)
-    if evaluate:
-        s = report["summary"]
-        fmt = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
-        log(
-            f"{name}: mean score {fmt(s['merged_score'])} (average {fmt(s['average_score'])}, individual "
-            f"{fmt(s['individual_score'])}); report: {out / 'report.md'}"
-        )
-    else:
-        log(f"{name}: merged in {timings['merge_s']:.1f} s; output: {out}")
     return report
+
+
+def done_line(name: str, out: Path, report: dict[str, Any]) -> str:
+    """The merge's last line on the console: its mean scores, or its time when it did not evaluate."""
+    if "summary" not in report:
+        return f"{name}: merged in {report['timings']['merge_s']:.1f} s; output: {out}"
+    s = report["summary"]
+    fmt = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
+    return (
+        f"{name}: mean score {fmt(s['merged_score'])} (average {fmt(s['average_score'])}, individual "
+        f"{fmt(s['individual_score'])}); report: {out / 'report.md'}"
+    )
 
 
 def resolve_selection_split(split: str, metadata: list[dict[str, Any]]) -> str:
@@ -323,35 +296,22 @@ def merge_body(
     (chosen lambda, ...). Methods that serve each task its own body (TALL) are refused. Tensors matching
     `own_tensors` are left out of the body, so `Evaluator.evaluate(body=)` scores each task with its own.
     """
-    from fmn_pl.evaluate import EvalData, Evaluator
+    from fmn_pl.evaluate import EvalData
 
     if type(method).task_body is not MergeMethod.task_body:
         raise ValueError(f"method {method_name(method)} gives each task its own body: use run_merge, not merge_body")
-    log = log or (lambda msg: tqdm.write(f"merge: {msg}"))
     inputs = check_inputs(checkpoints, method, base, own_tensors)
     if selection is None:
         split = resolve_selection_split(selection_split, inputs.metadata)
-        selection = Evaluator(
-            inputs.checkpoints, EvalData(data_dir, split, selection_samples, batch_size), accelerator, progress=False
-        )
-    if missing := [t for t in inputs.tasks if t not in selection.tasks]:
-        raise ValueError(f"the selection evaluator has no checkpoint of task(s) {missing}")
-    where = [selection.tasks.index(t) for t in inputs.tasks]
-
-    def select(
-        body: dict[str, torch.Tensor], tasks: Sequence[str] | None = None, limit: int | None = None
-    ) -> dict[str, float]:
-        return {
-            t: selection.evaluate(where[inputs.tasks.index(t)], body=body, limit=limit)["score"]
-            for t in tasks or inputs.tasks
-        }
-
+        chooser = Selection.over(inputs, EvalData(data_dir, split, selection_samples, batch_size), accelerator)
+    else:
+        chooser = Selection(selection, inputs.tasks)
     ctx = inputs.context(
-        evaluate=select,
-        selection_inputs=lambda i: selection.datamodule(where[i]),
+        evaluate=chooser.scores,
+        selection_inputs=chooser.inputs,
         accelerator=accelerator,
         progress=False,
-        log=log,
+        log=log or log_line,
     )
     body = {}
     for key, tensor in method.merge(ctx):
@@ -363,63 +323,6 @@ def merge_body(
     if notes is not None:
         notes.update(_jsonable(ctx.notes))
     return body
-
-
-def evaluate_all(
-    folder: Path,
-    inputs: Inputs,
-    fingerprints: list[str],
-    evaluator: Any,
-    cache: Any,
-    compare_average: bool,
-    reuse_average: bool,
-    progress: bool,
-    log: Callable[[str], None],
-) -> dict[str, dict[str, Any]]:
-    """Per task: the saved merged model (folder/<task>), the individual checkpoint and the plain average."""
-    from fmn_pl.merging.average import Average
-    from fmn_pl.report import task_result
-
-    merged, individual, average = {}, {}, {}
-    for i, task in enumerate(tqdm(inputs.tasks, desc="evaluate tasks", disable=not progress)):
-        merged[task] = evaluator.evaluate(i, model_dir=folder / task)
-        key = {"what": "individual", "fingerprint": fingerprints[i], **evaluator.identity(i)}
-        individual[task] = cache.get(inputs.checkpoints[i], key)
-        if individual[task] is None:
-            individual[task] = evaluator.evaluate(i)
-            cache.put(inputs.checkpoints[i], key, individual[task])
-    if compare_average:
-        own = {"own_tensors": inputs.own} if inputs.own else {}  # the average keeps them too: another baseline
-        keys = [
-            {"what": "average", "fingerprints": fingerprints, **own, **evaluator.identity(i)}
-            for i in range(len(inputs.tasks))
-        ]
-        if reuse_average:
-            average = dict(merged)
-        else:
-            average = {t: cache.get(inputs.checkpoints[i], keys[i]) for i, t in enumerate(inputs.tasks)}
-            todo = [i for i, t in enumerate(inputs.tasks) if average[t] is None]
-            if todo:
-                body = dict(Average().merge(inputs.context(log=log)))
-                for i in tqdm(todo, desc="evaluate average", disable=not progress):
-                    average[inputs.tasks[i]] = evaluator.evaluate(i, body=body)
-                del body
-        for i, t in enumerate(inputs.tasks):
-            cache.put(inputs.checkpoints[i], keys[i], average[t])
-    baselines = [evaluator.baseline(i) for i in range(len(inputs.tasks))]
-    results = {
-        t: task_result(merged[t], individual[t], average.get(t), *baselines[i]) for i, t in enumerate(inputs.tasks)
-    }
-    for t, r in results.items():
-        for flag in r["flags"]:
-            log(f"warning: {t}: {flag}")
-    return results
-
-
-def _is_plain_average(method: MergeMethod) -> bool:
-    from fmn_pl.merging.average import Average
-
-    return type(method) is Average and not getattr(method, "coefficients", None)
 
 
 def _jsonable(x: Any) -> Any:
