@@ -81,6 +81,7 @@ def quiet_logs() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter")  # the pipeline's in-process stages
     warnings.filterwarnings("ignore", message=r".*`tensorboardX` has been removed")  # it logs to CSV instead
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)  # torch
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

@@ -29,13 +29,18 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
     )
 
 
-def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], signum: int, log: Path, timeout: float = 120) -> int:
-    """Send `signum` once `ready()` holds (the stage is mid-work), then wait for the exit status."""
+def signal_when(
+    proc: subprocess.Popen, ready: Callable[[], bool], signum: int, log: Path, timeout: float = 120
+) -> int | None:
+    """Send `signum` once `ready()` holds (the stage is mid-work), then wait for the exit status (0: only wait
+    for `ready()`, and return None)."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, f"the stage ended before it was signalled:\n{log.read_text()[-2000:]}"
         assert time.monotonic() < deadline, f"the stage never got going:\n{log.read_text()[-2000:]}"
         time.sleep(0.2)
+    if not signum:
+        return None
     proc.send_signal(signum)
     return proc.wait(timeout=120)
 
@@ -217,3 +222,38 @@ def test_pipeline_fit_sigterm_then_rerun_resumes(
     assert "Restored all states from the checkpoint" in fit_log or "Restoring states" in fit_log, fit_log[-2000:]
     assert (run / "checkpoints" / "rte" / "fmn_pl.json").is_file() and not list((run / "resume").iterdir())
     assert max(scores(run / "logs")) == 39 and interrupted < 39
+
+
+@pytest.mark.parametrize("signum, status, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_fisher_interrupted_writes_no_artifact(
+    tmp_path: Path, make_checkpoint: Callable, tiny_glue: Path, signum: int, status: int, name: str
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "glue"
+    (data / "rte").mkdir(parents=True)
+    rows = pq.read_table(tiny_glue / "rte" / "train.parquet")
+    pq.write_table(pa.concat_tables([rows] * 200), data / "rte" / "train.parquet")  # 12,800 rows: a long pass
+    ck = make_checkpoint("rte")
+    log = tmp_path / "log"
+    proc = start(
+        [
+            "fisher",
+            f"--checkpoint={ck}",
+            f"--data_dir={data}",
+            "--kind=full",
+            "--num_examples=12800",
+            "--batch_size=4",
+            "--trainer.accelerator=cpu",
+        ],
+        log,
+    )
+    started = time.monotonic()
+    built = lambda: "TPU available" in log.read_text() and time.monotonic() - started > 1  # noqa: E731
+    assert signal_when(proc, built, 0, log) is None  # the Trainer is built: the pass starts now
+    time.sleep(3)
+    passing = lambda: proc.poll() is None  # noqa: E731 - still in the pass (it takes a minute)
+    assert signal_when(proc, passing, signum, log) == status
+    assert f"interrupted by {name}" in last_line(log) and "Traceback" not in log.read_text()
+    assert not list(ck.glob("*fisher*")), list(ck.iterdir())
