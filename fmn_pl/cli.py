@@ -89,9 +89,8 @@ def quiet_logs() -> None:
 def close_process_group() -> None:
     """Destroy a DDP process group this process still holds (Lightning leaves it open), so that its
     communication threads stop before the interpreter exits rather than during its teardown."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (and `--help` stays free of torch)
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
