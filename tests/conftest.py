@@ -132,36 +132,41 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
     return make
 
 
-@pytest.fixture
-def make_checkpoint(tmp_path: Path, tiny_base: Callable[[str], Path]) -> Callable[..., Path]:
-    """`make_checkpoint(task, family="bert", seed=0, noise=0.02)`: an fmn-pl task checkpoint whose body is
-    the tiny base plus seeded noise (a stand-in for fine-tuning) and whose head is random."""
+def tiny_checkpoint(base: Path, task: str, target: Path, seed: int = 0, noise: float = 0.02) -> Path:
+    """An fmn-pl task checkpoint at `target` whose body is `base` plus seeded noise (a stand-in for fine-tuning)
+    and whose head is random."""
     from transformers import AutoTokenizer
 
     from fmn_pl.checkpoint import export_checkpoint
     from fmn_pl.module import load_model
     from fmn_pl.tasks import get_task
 
+    spec = get_task(task)
+    torch.manual_seed(seed)
+    model = load_model(str(base), spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    meta = {
+        "task": spec.name,
+        "label_names": list(spec.label_names),
+        "num_labels": spec.num_labels,
+        "base_model": str(base),
+        "metrics": {},
+        "seed": seed,
+        "num_train_examples": 0,
+    }
+    return export_checkpoint(model.eval(), AutoTokenizer.from_pretrained(base), target, meta)
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path, tiny_base: Callable[[str], Path]) -> Callable[..., Path]:
+    """`make_checkpoint(task, family="bert", seed=0, noise=0.02)`: `tiny_checkpoint` of the tiny base of
+    `family`, in this test's folder."""
+
     def make(
         task: str = "rte", family: str = "bert", seed: int = 0, noise: float = 0.02, name: str | None = None
     ) -> Path:
-        spec = get_task(task)
-        base = tiny_base(family)
-        torch.manual_seed(seed)
-        model = load_model(str(base), spec)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(noise * torch.randn_like(p))
-        target = tmp_path / (name or f"{family}-{task}-{seed}")
-        meta = {
-            "task": spec.name,
-            "label_names": list(spec.label_names),
-            "num_labels": spec.num_labels,
-            "base_model": str(base),
-            "metrics": {},
-            "seed": seed,
-            "num_train_examples": 0,
-        }
-        return export_checkpoint(model.eval(), AutoTokenizer.from_pretrained(base), target, meta)
+        return tiny_checkpoint(tiny_base(family), task, tmp_path / (name or f"{family}-{task}-{seed}"), seed, noise)
 
     return make

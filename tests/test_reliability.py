@@ -18,6 +18,8 @@ from typing import Callable
 import pytest
 import torch
 
+from tests.conftest import tiny_checkpoint
+
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 # (case id, command line with {placeholders}, what the one line must contain). {out} must not exist afterwards.
@@ -171,31 +173,16 @@ def inputs(
     tmp_path_factory: pytest.TempPathFactory, tiny_base: Callable[[str], Path], tiny_glue: Path
 ) -> dict[str, str]:
     """Tiny checkpoints with Fisher artifacts, and broken variants of them."""
-    from transformers import AutoTokenizer
 
     from fmn_pl.artifacts import artifact_path, load_artifact, save_artifact
-    from fmn_pl.checkpoint import export_checkpoint, weights_fingerprint
+    from fmn_pl.checkpoint import weights_fingerprint
     from fmn_pl.fisher_cli import main as fisher
-    from fmn_pl.module import load_model
-    from fmn_pl.tasks import get_task
 
     root = tmp_path_factory.mktemp("reliability")
     base = tiny_base("bert")
 
     def checkpoint(name: str, task: str, seed: int, with_fisher: bool = True) -> Path:
-        torch.manual_seed(seed)
-        spec = get_task(task)
-        model = load_model(str(base), spec)
-        meta = {
-            "task": task,
-            "label_names": list(spec.label_names),
-            "num_labels": spec.num_labels,
-            "base_model": str(base),
-            "metrics": {},
-            "seed": seed,
-            "num_train_examples": 0,
-        }
-        ck = export_checkpoint(model.eval(), AutoTokenizer.from_pretrained(base), root / name, meta)
+        ck = tiny_checkpoint(base, task, root / name, seed, noise=0.0)
         if with_fisher:
             fisher(
                 [
