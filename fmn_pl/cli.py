@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Sequence
 
-from fmn_pl.errors import EXIT_SIGNAL, _on_signal, is_user_error, one_line, run_interruptible
+from fmn_pl.errors import EXIT_SIGNAL, is_user_error, on_signal, one_line, run_interruptible
 
 # Stages that are not Trainer methods: name -> (module:function taking argv, one-line help).
 STAGES = {
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv is not None:
         return _main(list(argv), from_shell=False)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _on_signal)
+        signal.signal(signum, on_signal)
     shell(sys.argv[1:])
 
 

@@ -50,13 +50,13 @@ EXIT_SIGNAL = {143: "SIGTERM", 130: "SIGINT"}
 _received: list[int] = []  # signals received by this process (the handlers below record them)
 
 
-def _on_signal(signum: int, frame: object) -> None:
+def on_signal(signum: int, frame: object) -> None:
     """Record SIGTERM/SIGINT. Stop at once unless Lightning's own handler called this one after setting its flag:
     a Trainer then stops at the end of the current step and raises its SIGTERMException."""
     _received.append(signum)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
-    if signal.getsignal(signum) is _on_signal:
+    if signal.getsignal(signum) is on_signal:
         raise SystemExit(128 + signum)
 
 
