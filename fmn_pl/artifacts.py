@@ -61,7 +61,11 @@ def _decode(header: dict[str, str]) -> dict[str, Any]:
 class Artifact:
     """A checked, lazily read artifact: `metadata`, `keys()`, `get(key)` and `load_all()`."""
 
-    def __init__(self, path: str | Path, kind: str, checkpoint_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, path: str | Path, kind: str, checkpoint_dir: str | Path | None = None, fingerprint: str | None = None
+    ) -> None:
+        """`checkpoint_dir`: check the artifact against its weights, whose fingerprint the caller may pass when
+        it has one (hashing a checkpoint once per merge, not once per artifact and again for the report)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(
@@ -77,7 +81,7 @@ class Artifact:
         if self.metadata.get("kind") != kind:
             raise ValueError(f"{self.path} is a {self.metadata.get('kind')!r} artifact, not {kind!r}")
         if checkpoint_dir is not None:
-            expected = weights_fingerprint(checkpoint_dir)
+            expected = fingerprint or weights_fingerprint(checkpoint_dir)
             if self.metadata.get("fingerprint") != expected:
                 raise ValueError(
                     f"{self.path} was computed on weights {self.metadata.get('fingerprint')}, "
@@ -126,6 +130,12 @@ class Artifact:
         return self
 
 
-def load_artifact(checkpoint_dir: str | Path, kind: str, shapes: dict[str, tuple[int, ...]] | None = None) -> Artifact:
-    """Open the `kind` artifact of a task checkpoint, checked against its weights (and `shapes`)."""
-    return Artifact(artifact_path(checkpoint_dir, kind), kind, checkpoint_dir).check(shapes)
+def load_artifact(
+    checkpoint_dir: str | Path,
+    kind: str,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    fingerprint: str | None = None,
+) -> Artifact:
+    """Open the `kind` artifact of a task checkpoint, checked against its weights (their `fingerprint`, when the
+    caller has it) and `shapes`."""
+    return Artifact(artifact_path(checkpoint_dir, kind), kind, checkpoint_dir, fingerprint).check(shapes)

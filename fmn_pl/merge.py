@@ -107,7 +107,6 @@ def run_merge(
             plain average the report compares with keeps them too; the bare merged body lacks them.
     """
 
-    log = log_line
     for option, value in (
         ("max_eval_samples", max_eval_samples),
         ("selection_samples", selection_samples),
@@ -121,7 +120,7 @@ def run_merge(
     reset_peak()  # the merge's own peak, also when it runs inside a pipeline process
     name, out = method_name(method), Path(output)
     check_output(out, checkpoints, overwrite, data_dir if evaluate else None)
-    inputs = check_inputs(checkpoints, method, base, own_tensors or ())
+    inputs = check_inputs(checkpoints, method, base, own_tensors or (), fingerprints=True)
     fingerprints = check_fingerprints(inputs)
     from fmn_pl.evaluate import EvalData  # after the checks: tokenizers, metrics, Lightning
 
@@ -139,7 +138,7 @@ def run_merge(
         selection_inputs=selection.inputs,
         accelerator=accelerator,
         progress=progress,
-        log=log,
+        log=log_line,
         finalists=selection_finalists,
         screen=screen,
     )
@@ -160,7 +159,7 @@ def run_merge(
             "checkpoints": [str(p) for p in inputs.checkpoints],
         }
         links = [
-            write_task_folder(tmp, i, inputs, info, log, method.task_body(i, ctx), progress)
+            write_task_folder(tmp, i, inputs, info, log_line, method.task_body(i, ctx), progress)
             for i in range(len(inputs.tasks))
         ]
         report["storage"] = {"body_bytes": (tmp / BODY_FILE).stat().st_size, "task_body": sorted(set(links))}
@@ -193,7 +192,7 @@ def run_merge(
         from fmn_pl.report import write_report
 
         write_report(tmp, report)
-    log(done_line(name, out, report))
+    log_line(done_line(name, out, report))
     return report
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from fmn_pl.artifacts import FILES, Artifact, artifact_path, load_artifact
-from fmn_pl.checkpoint import read_metadata
+from fmn_pl.checkpoint import read_metadata, weights_fingerprint
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
 from fmn_pl.merging.reader import FLOAT_DTYPES, FileReader
 from fmn_pl.options import is_local_path
@@ -62,6 +62,7 @@ class Inputs:
     base: Path | None = None
     artifacts: dict[tuple[int, str], Artifact] | None = None
     own: list[str] | None = None  # body tensors each task keeps from its own checkpoint (they joined `heads`)
+    fingerprints: list[str] | None = None  # the checkpoints' weight fingerprints, when they were needed
 
     def context(self, **kw: Any) -> MergeContext:
         """A merge context over these checkpoints (plain-read, base model when given, checked artifacts);
@@ -119,10 +120,15 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def check_inputs(
-    checkpoints: Sequence[str | Path], method: MergeMethod, base: str | None, own_tensors: Sequence[str] = ()
+    checkpoints: Sequence[str | Path],
+    method: MergeMethod,
+    base: str | None,
+    own_tensors: Sequence[str] = (),
+    fingerprints: bool = False,
 ) -> Inputs:
     """Every check a merge needs before it starts, with a one-line error naming the culprit. Body tensors that
-    match an `own_tensors` pattern are not merged: each task keeps its own, as part of its head."""
+    match an `own_tensors` pattern are not merged: each task keeps its own, as part of its head. The checkpoints'
+    weight fingerprints are hashed once, when asked for (`fingerprints`) or when the method's artifacts need them."""
     from transformers import AutoConfig
 
     name = method_name(method)
@@ -178,7 +184,9 @@ def check_inputs(
     keys = [k for k in keys if k not in own]
     heads = [[k for k in h if not k.startswith(prefix)] + own for h in headers]
     inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body[0], headers, own=own)
-    inputs.artifacts = check_artifacts(paths, method)
+    if fingerprints or any(kind in method.needs for kind in FILES):
+        inputs.fingerprints = [weights_fingerprint(p) for p in paths]
+    inputs.artifacts = check_artifacts(paths, method, inputs.fingerprints)
     if "base" in method.needs:
         inputs.base = check_base(base, metadata, inputs, name)
     elif base is not None:
@@ -186,8 +194,11 @@ def check_inputs(
     return inputs
 
 
-def check_artifacts(paths: list[Path], method: MergeMethod) -> dict[tuple[int, str], Artifact]:
-    """Open (and check against its checkpoint) every artifact the method needs, one line per failure."""
+def check_artifacts(
+    paths: list[Path], method: MergeMethod, fingerprints: list[str] | None = None
+) -> dict[tuple[int, str], Artifact]:
+    """Open (and check against its checkpoint's `fingerprints`, hashed here if not given) every artifact the
+    method needs, one line per failure."""
     name = method_name(method)
     out = {}
     for kind in (k for k in FILES if k in method.needs):
@@ -200,7 +211,7 @@ def check_artifacts(paths: list[Path], method: MergeMethod) -> dict[tuple[int, s
                     f"method {name} needs a {kind} artifact beside {p} ({FILES[kind]}){has}: "
                     f"compute it with `fmn-pl fisher --checkpoint {p}{flag}`"
                 )
-            out[(i, kind)] = load_artifact(p, kind)
+            out[(i, kind)] = load_artifact(p, kind, fingerprint=fingerprints[i] if fingerprints else None)
             task = out[(i, kind)].metadata.get("task")
             if task is not None and task != read_metadata(p)["task"]:
                 raise ValueError(
