@@ -98,7 +98,10 @@ def resume_argv(stage: Stage, cfg: PipelineConfig, key: str) -> list[str]:
         return []
     folder = resume_folder(stage, cfg, key)
     last = folder / "last.ckpt"
-    return [f"--export.resume_dir={folder}", *([f"--ckpt_path={last}"] if last.is_file() else [])]
+    if not last.is_file():
+        return [f"--export.resume_dir={folder}"]
+    print(f"resuming from {last} (left by SIGTERM)", file=sys.stderr)
+    return [f"--export.resume_dir={folder}", f"--ckpt_path={last}"]
 
 
 def stage_main(kind: str) -> Callable[[list[str]], object]:
@@ -128,8 +131,6 @@ def run_stage(
             write_report(cfg)
         return
     argv = [*stage.argv, *(stage.launch.argv() if stage.launch else []), *resume_argv(stage, cfg, key)]
-    if "--ckpt_path" in " ".join(argv):
-        print(f"resuming from {argv[-1].partition('=')[2]} (left by SIGTERM)", file=sys.stderr)
     if not alone and not on_every_rank(stage):
         from fmn_pl.errors import EXIT_SIGNAL, is_user_error, one_line, run_interruptible
 
