@@ -211,8 +211,10 @@ def check_output(out: Path, checkpoints: Sequence[str | Path], overwrite: bool, 
 
 
 def check_fingerprints(inputs: Inputs) -> list[str]:
-    """Each checkpoint's weight fingerprint, refused where the files changed since export."""
-    fingerprints = [weights_fingerprint(p) for p in inputs.checkpoints]
+    """Each checkpoint's weight fingerprint (`check_inputs(fingerprints=True)` hashed them), refused where the files
+    changed since export."""
+    fingerprints = inputs.fingerprints
+    assert fingerprints is not None, "check_inputs(..., fingerprints=True) hashes them"
     for p, m, fp in zip(inputs.checkpoints, inputs.metadata, fingerprints):
         if m.get("fingerprint") not in (None, fp):
             raise ValueError(
