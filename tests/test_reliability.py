@@ -137,6 +137,11 @@ CASES: list[tuple[str, str, str]] = [
         "recompute it",
     ),
     (
+        "merge-weights-changed",
+        "merge --method=average --checkpoints {ck1} {changed} --output={out} --data_dir={glue}",
+        "its weights changed since export",
+    ),
+    (
         "merge-output-is-input",
         "merge --method=average --checkpoints {ck1} {ck2} --output={ck1} --data_dir={glue}",
         "replace the input checkpoint",
@@ -221,6 +226,9 @@ def inputs(
         meta = json.loads((p["stale"] / "fmn_pl.json").read_text())
         meta["fingerprint"] = weights_fingerprint(p["stale"])
         (p["stale"] / "fmn_pl.json").write_text(json.dumps(meta))
+    p["changed"] = checkpoint("changed", "mrpc", 7, with_fisher=False)  # its record names other weights
+    meta = json.loads((p["changed"] / "fmn_pl.json").read_text())
+    (p["changed"] / "fmn_pl.json").write_text(json.dumps({**meta, "fingerprint": "0" * 16}))
     p["truncated"] = checkpoint("truncated", "rte", 5, with_fisher=False)
     data = (p["truncated"] / "model.safetensors").read_bytes()
     (p["truncated"] / "model.safetensors").write_bytes(data[: len(data) // 2])
