@@ -7,16 +7,13 @@ the checkpoint weights it was computed on; loading it for another checkpoint is 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fmn_pl.checkpoint import weights_fingerprint
-from fmn_pl.tensorfile import SafetensorsFile
+from fmn_pl.tensorfile import SafetensorsFile, save_tensors
 
 FILES = {
     "mask_fisher": "mask_fisher.safetensors",
@@ -37,15 +34,8 @@ def save_artifact(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
     for key in ("kind", "fingerprint"):
         if key not in metadata:
             raise ValueError(f"artifact metadata needs {key!r}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_tensors(path, tensors, header)
 
 
 def _decode(header: dict[str, str]) -> dict[str, Any]:
@@ -72,12 +62,11 @@ class Artifact:
                 f"{self.path} does not exist: compute it with `fmn-pl fisher --checkpoint {self.path.parent}`"
                 + ("" if kind == "mask_fisher" else f" --kind {kind.removesuffix('_fisher')}")
             )
-        self._reader: Any = None
         try:
-            self._file = safe_open(str(self.path), framework="pt")
-            self.metadata = _decode(self._file.metadata() or {})
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            self._file = SafetensorsFile(self.path)
+        except ValueError as e:
             raise ValueError(f"{self.path} is corrupt or truncated: {e}") from e
+        self.metadata = _decode(self._file.metadata)
         if self.metadata.get("kind") != kind:
             raise ValueError(f"{self.path} is a {self.metadata.get('kind')!r} artifact, not {kind!r}")
         if checkpoint_dir is not None:
@@ -95,9 +84,7 @@ class Artifact:
         """One tensor, checked for NaN/Inf. Read with plain file reads: the pages of a memory map stay resident
         while the artifact is open (a whole Gram or full-Fisher artifact per checkpoint during a merge)."""
         try:
-            if self._reader is None:
-                self._reader = SafetensorsFile(self.path)
-            t = self._reader.get(key)
+            t = self._file.get(key)
         except Exception as e:
             raise ValueError(f"{self.path}: cannot read tensor {key!r} (corrupt or truncated file?): {e}") from e
         if not t.is_floating_point():

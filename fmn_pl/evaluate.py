@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fmn_pl.checkpoint import read_metadata, write_json
+from fmn_pl.checkpoint import read_metadata
+from fmn_pl.files import write_json
 from fmn_pl.options import is_local_path
 
 if TYPE_CHECKING:

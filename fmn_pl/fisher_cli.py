@@ -67,8 +67,9 @@ def run_fisher(
         max_length: truncation length (default: the checkpoint's fine-tuning setting).
         trainer: Lightning Trainer options (devices, strategy, accelerator, precision, ...).
     """
-    from fmn_pl.checkpoint import check_writable, read_metadata
+    from fmn_pl.checkpoint import read_metadata
     from fmn_pl.data import GLUEDataModule, check_count
+    from fmn_pl.files import check_writable
     from fmn_pl.grams import GramCallback
     from fmn_pl.tasks import get_task
 

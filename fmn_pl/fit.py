@@ -11,8 +11,9 @@ from typing import Any, Literal, Sequence
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from fmn_pl.checkpoint import check_export_target, check_writable, export_checkpoint
+from fmn_pl.checkpoint import check_export_target, export_checkpoint
 from fmn_pl.data import GLUEDataModule
+from fmn_pl.files import check_writable
 from fmn_pl.module import GLUETransformer
 
 

@@ -31,13 +31,15 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from fmn_pl.checkpoint import METADATA_FILE, atomic_dir, weights_fingerprint
+from fmn_pl.checkpoint import METADATA_FILE, weights_fingerprint
+from fmn_pl.files import atomic_dir
 from fmn_pl.merge_eval import Selection, evaluate_merge, log_line
 from fmn_pl.merge_inputs import Inputs, check_inputs, method_name
-from fmn_pl.merge_output import BODY_FILE, torch_dtype, write_body, write_body_folder, write_task_folder
+from fmn_pl.merge_output import BODY_FILE, write_body, write_body_folder, write_task_folder
 from fmn_pl.merging import MergeMethod
 from fmn_pl.options import check_count, is_local_path
 from fmn_pl.resources import peak_rss_mb, reset_peak, set_mmap_threshold
+from fmn_pl.tensorfile import DTYPES
 
 # ---------------------------------------------------------------------------------------------- the stage
 
@@ -318,7 +320,7 @@ def merge_body(
     for key, tensor in method.merge(ctx):
         if not torch.isfinite(tensor).all():
             raise ValueError(f"the merged tensor {key!r} has NaN or Inf entries")
-        body[key] = tensor.to(torch_dtype(inputs.specs[key][0]))
+        body[key] = tensor.to(DTYPES[inputs.specs[key][0]])
     for key in inputs.fixed:
         body[key] = ctx.readers[0].get(key)
     if notes is not None:

@@ -16,8 +16,8 @@ import torch
 from fmn_pl.artifacts import FILES, Artifact, artifact_path, load_artifact
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
-from fmn_pl.merging.reader import FLOAT_DTYPES, FileReader
 from fmn_pl.options import is_local_path
+from fmn_pl.tensorfile import FLOAT_DTYPES, CheckpointReader
 
 # Config attributes that must agree (read through each config's attribute map, e.g. DistilBERT's `dim`).
 ARCH_ATTRS = (
@@ -38,7 +38,7 @@ ARCH_ATTRS = (
 
 def read_header(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} of a model folder's model*.safetensors, read from the headers only."""
-    reader = FileReader(folder)
+    reader = CheckpointReader(folder)
     return {k: (reader.dtype(k), reader.shape(k)) for k in reader.keys()}
 
 
@@ -73,8 +73,8 @@ class Inputs:
             config=self.config,
             body_prefix=self.body_prefix,
             keys=list(self.keys),
-            readers=[FileReader(p) for p in self.checkpoints],
-            base_reader=FileReader(self.base, prefix=self.body_prefix) if self.base else None,
+            readers=[CheckpointReader(p) for p in self.checkpoints],
+            base_reader=CheckpointReader(self.base, prefix=self.body_prefix) if self.base else None,
             _artifacts=dict(self.artifacts or {}),
             **kw,
         )
@@ -236,7 +236,7 @@ def check_base(base: str | None, metadata: list[dict[str, Any]], inputs: Inputs,
                 "which does not exist here: pass --base"
             )
     path = resolve_model(base)
-    reader = FileReader(path, prefix=inputs.body_prefix)
+    reader = CheckpointReader(path, prefix=inputs.body_prefix)
     for key in inputs.keys:
         if key not in reader:
             raise ValueError(

@@ -34,8 +34,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from fmn_pl.checkpoint import write_json
 from fmn_pl.dry_run import dry_run
+from fmn_pl.files import atomic_write, write_json
 from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config
 from fmn_pl.pipeline_report import write_report
 from fmn_pl.ranks import (
@@ -79,11 +79,7 @@ def check_fresh_output(stage: Stage, started: float, log: Path) -> None:
 
 def write_files(stage: Stage) -> None:
     for name, text in stage.files.items():
-        path = Path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write(name, text)
 
 
 def resume_folder(stage: Stage, cfg: PipelineConfig, key: str) -> Path:
@@ -318,14 +314,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str] | list[str]:
             raise SystemExit(1)
         return problems
     if is_global_zero():
-        from fmn_pl.checkpoint import check_writable
+        from fmn_pl.files import check_writable
 
         check_writable(out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "pipeline.yaml"  # the resolved config that produced this folder
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(config_yaml(cfg))
-        tmp.replace(path)
+        atomic_write(out / "pipeline.yaml", config_yaml(cfg))  # the resolved config that produced this folder
     start = time.perf_counter()
     try:
         status = execute(cfg, flags["only"], flags["rerun"])

@@ -4,11 +4,10 @@ individual models, means per combination, stage costs; as JSON, Markdown and plo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
-from fmn_pl.checkpoint import write_json
+from fmn_pl.files import atomic_write, save_figure, write_json
 from fmn_pl.pipeline_config import PipelineConfig, artifact_kinds
 from fmn_pl.stages import plan, read_stamp, report_options, stamp_path
 
@@ -246,18 +245,6 @@ def report_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
 def _bars(ax: Any, groups: list[str], series: dict[str, list[Optional[float]]], ylabel: str) -> None:
     """Grouped bars (values x100), one colour per series, legend below."""
     width = 0.8 / max(1, len(series))
@@ -292,7 +279,7 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
     low = min([100 * v for vals in series.values() for v in vals if v is not None] or [0.0])
     ax.set_ylim(max(0.0, low - 10), None)
     ax.set_title("Normalized score per merge (mean over its tasks)")
-    paths.append(_save(fig, folder / "normalized.png"))
+    paths.append(save_figure(fig, folder / "normalized.png"))
     index = {(r["combination"], r["task"], r["column"]): r["score"] for r in data["results"]}
     cols = ["constant", "individual", *labels]
     for combo in combos:
@@ -300,7 +287,7 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(2.5 + 0.3 * len(tasks) * len(cols), 3.6))
         _bars(ax, tasks, {c: [index.get((combo, t, c)) for t in tasks] for c in cols}, "score (x100)")
         ax.set_title(f"Scores per task: {combo}")
-        paths.append(_save(fig, folder / f"scores-{combo}.png"))
+        paths.append(save_figure(fig, folder / f"scores-{combo}.png"))
     costs = [c for c in data["stages"] if c["wall_s"] is not None][::-1]
     if costs:
         colors = {"fit": "tab:blue", "fisher": "tab:orange", "merge": "tab:green"}
@@ -328,7 +315,7 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
         ax.set_title(
             "Cost per stage, wall: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items()), fontsize="medium"
         )
-        paths.append(_save(fig, folder / "cost.png"))
+        paths.append(save_figure(fig, folder / "cost.png"))
     return paths
 
 
@@ -338,10 +325,7 @@ def write_report(cfg: PipelineConfig) -> Path:
     data = gather(cfg)
     report_plots(data, out / "plots")
     text = report_markdown(data)
-    md = out / "report.md"
-    tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(md)
+    atomic_write(out / "report.md", text)
     write_json(out / "report.json", data)  # last: the stage's output, so its presence means the report is whole
     print(text)
     return out / "report.json"

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from fmn_pl.checkpoint import write_json
+from fmn_pl.files import atomic_write, save_figure, write_json
 from fmn_pl.tasks import SCALE_METRICS
 
 
@@ -259,22 +258,14 @@ def plot(report: dict[str, Any], path: str | Path) -> Path | None:
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize="small", ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(folder: str | Path, report: dict[str, Any]) -> list[Path]:
     """Write report.json, report.md and (when evaluated) report.png into `folder`."""
     folder = Path(folder)
     write_json(folder / "report.json", report)
-    md = folder / "report.md"
-    tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
-    tmp.write_text(markdown(report))
-    tmp.replace(md)
+    md = atomic_write(folder / "report.md", markdown(report))
     written = [folder / "report.json", md]
     png = plot(report, folder / "report.png")
     return written + ([png] if png else [])

@@ -39,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fmn_pl.artifacts import artifact_path  # noqa: E402
-from fmn_pl.checkpoint import weights_fingerprint, write_json  # noqa: E402
+from fmn_pl.checkpoint import weights_fingerprint  # noqa: E402
 from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
+from fmn_pl.files import atomic_write, write_json  # noqa: E402
 from fmn_pl.merge import merge_body  # noqa: E402
 from fmn_pl.merging.average import Average  # noqa: E402
 from fmn_pl.merging.fmn import FMN, NORMALIZES, POWERS, SCALINGS, weightings  # noqa: E402
@@ -291,9 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     stem = "rules" if args.choose_on == "holdout" else f"rules.choose_on_{args.choose_on}"
     write_json(out / f"{stem}.json", report)
-    tmp = out / f".{stem}.md.tmp-{os.getpid()}"
-    tmp.write_text(markdown(report))
-    tmp.replace(out / f"{stem}.md")
+    atomic_write(out / f"{stem}.md", markdown(report))
     print(json.dumps(report, indent=1))
     return report
 

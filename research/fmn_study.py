@@ -41,8 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fmn_pl.artifacts import FILES, Artifact, artifact_path  # noqa: E402
-from fmn_pl.checkpoint import read_metadata, weights_fingerprint, write_json  # noqa: E402
+from fmn_pl.checkpoint import read_metadata, weights_fingerprint  # noqa: E402
 from fmn_pl.evaluate import CACHE_FILE, EvalData, Evaluator  # noqa: E402
+from fmn_pl.files import atomic_write, save_figure, write_json  # noqa: E402
 from fmn_pl.merging import METHODS, MergeMethod, method_class  # noqa: E402
 from fmn_pl.merging.fmn import REFERENCE  # noqa: E402
 
@@ -542,7 +543,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     out = Path(args.out)
     write_json(out / "study.json", report)
-    _write_text(out / "study.md", markdown(report, merges))
+    atomic_write(out / "study.md", markdown(report, merges))
     plot(report, labels, out / "study.png")
     log(
         f"{study.elapsed()} wrote {out / 'study.json'}, study.md, study.png (computed {study.computed['cells']} cells, "
@@ -556,12 +557,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _describe(m: dict[str, Any] | None) -> str:
@@ -712,12 +707,7 @@ def plot(report: dict[str, Any], labels: list[str], path: Path) -> Path:
     ax2.set_xticks(range(len(keys)), [f"{c}: {t}" for c, t in keys], rotation=90, fontsize="x-small")
     ax2.set_title("validation gain per pair cell (points)", fontsize="small")
     fig.colorbar(im, ax=ax2, fraction=0.03)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

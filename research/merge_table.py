@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fmn_pl.checkpoint import write_json  # noqa: E402
+from fmn_pl.files import write_json  # noqa: E402
 from fmn_pl.merging.fmn import REFERENCE  # noqa: E402
 
 # the FMN defaults before question 5 (8 candidates: normalize none, p from [0.25, 0] x s)

@@ -352,9 +352,9 @@ def main() -> None:
     args = p.parse_args()
     why = json.loads(args.why.read_text()) if args.why.is_file() else {}
     text = markdown(load(args.run), why, args.parity, args.speed)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    from fmn_pl.files import atomic_write
+
+    atomic_write(args.out, text)
     print(f"wrote {args.out}")
 
 

@@ -26,8 +26,8 @@ from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
 from fmn_pl.merge import merge_body  # noqa: E402
 from fmn_pl.merge_inputs import body_prefix  # noqa: E402
 from fmn_pl.merging import method_class  # noqa: E402
-from fmn_pl.merging.reader import FileReader  # noqa: E402
 from fmn_pl.nodes import adapter_for, node_shape  # noqa: E402
+from fmn_pl.tensorfile import CheckpointReader  # noqa: E402
 
 
 def groups(config: object) -> dict[str, Callable[[str], bool]]:
@@ -53,7 +53,7 @@ def probe(checkpoints: list[str], method: object, data: EvalData) -> dict[str, d
     named = groups(AutoConfig.from_pretrained(checkpoints[0]))  # merge_body checked: one architecture
     out = {}
     for i, task in enumerate(evaluator.tasks):
-        reader = FileReader(checkpoints[i])
+        reader = CheckpointReader(checkpoints[i])
         own = {k: reader.get(k) for k in body}  # read once: every group swaps from these
         out[task] = {}
         for name, picks in named.items():

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from fmn_pl.artifacts import artifact_path, load_artifact, save_artifact
-from fmn_pl.checkpoint import atomic_dir, check_writable, weights_fingerprint
+from fmn_pl.checkpoint import weights_fingerprint
+from fmn_pl.files import atomic_dir, check_writable
 from fmn_pl.module import load_model
 from fmn_pl.tasks import get_task
 

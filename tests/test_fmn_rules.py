@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fmn_pl.checkpoint import read_metadata, write_json
+from fmn_pl.checkpoint import read_metadata
+from fmn_pl.files import write_json
 from fmn_pl.merge_cli import main as merge_main
 from tests.conftest import load_benchmark
 from tests.test_merge_cli import add_fisher

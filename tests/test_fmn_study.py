@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from fmn_pl.checkpoint import read_metadata, write_json
+from fmn_pl.checkpoint import read_metadata
+from fmn_pl.files import write_json
 from fmn_pl.merging.fmn import FMN, REFERENCE
 from tests.conftest import load_benchmark
 

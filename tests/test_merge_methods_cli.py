@@ -13,7 +13,7 @@ import torch
 
 from fmn_pl.checkpoint import read_metadata
 from fmn_pl.merge_cli import main
-from fmn_pl.merging.reader import FileReader
+from fmn_pl.tensorfile import CheckpointReader
 from tests.test_merge_cli import common, run_main
 
 
@@ -132,8 +132,8 @@ def task_vector_body(
     cks: list[Path], coefficients: list[float | dict[str, float]], vectors: list[dict[str, torch.Tensor]] | None = None
 ) -> dict[str, torch.Tensor]:
     """theta0 + sum_t c_t tau_t (c_t a number or {key: number}), from the files, in float64."""
-    base = FileReader(read_metadata(cks[0])["base_model"], prefix="bert.")
-    readers = [FileReader(c) for c in cks]
+    base = CheckpointReader(read_metadata(cks[0])["base_model"], prefix="bert.")
+    readers = [CheckpointReader(c) for c in cks]
     out = {}
     for key in [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]:
         b = base.get(key).double()
@@ -240,7 +240,7 @@ def test_adamerging_plus_layer_wise(make_checkpoint: Callable, tiny_glue: Path, 
         ]
     )
     coef = report["notes"]["adamerging"]["coefficients"]
-    readers = [FileReader(c) for c in cks]
+    readers = [CheckpointReader(c) for c in cks]
     keys = [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]
     assert set(coef) == {"rte", "mnli"} and all(set(c) == set(keys) for c in coef.values())
     values = [v for c in coef.values() for v in c.values()]
@@ -295,8 +295,8 @@ def test_tall_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: P
     assert report["selection"]["evaluations"] == 3 * 2  # each candidate scored on its own task only
     assert report["storage"]["task_body"] == ["own"]
     # every task folder holds theta0 + m_t * tau_MTL, m_t from its chosen lambda; the output body theta0 + tau_MTL
-    base = FileReader(read_metadata(cks[0])["base_model"], prefix="bert.")
-    readers = [FileReader(c) for c in cks]
+    base = CheckpointReader(read_metadata(cks[0])["base_model"], prefix="bert.")
+    readers = [CheckpointReader(c) for c in cks]
     root = body_of(out / "model.safetensors")
     with safe_open(str(out / "tall" / "masks.safetensors"), "pt") as masks:
         for i, task in enumerate(tasks):

@@ -154,10 +154,10 @@ def test_sigterm_while_writing_leaves_nothing(tmp_path):
     import signal
     import subprocess
 
-    from fmn_pl.checkpoint import atomic_dir
+    from fmn_pl.files import atomic_dir
 
     script = (
-        "import os, signal, sys, time\nfrom fmn_pl.checkpoint import atomic_dir\n"
+        "import os, signal, sys, time\nfrom fmn_pl.files import atomic_dir\n"
         "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'half.bin').write_bytes(b'x')\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
     )

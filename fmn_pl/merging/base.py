@@ -14,51 +14,9 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 
 from fmn_pl.artifacts import Artifact, load_artifact
-
-
-class CheckpointReader:
-    """Lazy access to the tensors of one Hugging Face folder (single or sharded safetensors)."""
-
-    def __init__(self, path: str | Path, prefix: str = "") -> None:
-        """`prefix` (e.g. `bert.`) is tried when a requested key is absent: a bare `BertModel`
-        checkpoint stores `embeddings...` where a task model stores `bert.embeddings...`."""
-        self.path, self.prefix = Path(path), prefix
-        files = sorted(self.path.glob("model*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{self.path} holds no model*.safetensors weights")
-        self._where: dict[str, Any] = {}
-        for f in files:
-            handle = safe_open(str(f), framework="pt")
-            for key in handle.keys():
-                self._where[key] = handle
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def _resolve(self, key: str) -> str | None:
-        if key in self._where:
-            return key
-        if self.prefix and key.startswith(self.prefix) and key[len(self.prefix) :] in self._where:
-            return key[len(self.prefix) :]
-        return None
-
-    def __contains__(self, key: str) -> bool:
-        return self._resolve(key) is not None
-
-    def get(self, key: str) -> torch.Tensor:
-        real = self._resolve(key)
-        if real is None:
-            raise KeyError(f"{self.path} has no tensor {key!r}")
-        return self._where[real].get_tensor(real)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        real = self._resolve(key)
-        if real is None:
-            raise KeyError(f"{self.path} has no tensor {key!r}")
-        return tuple(self._where[real].get_slice(real).get_shape())
+from fmn_pl.tensorfile import CheckpointReader
 
 
 class LazyTensors(Sequence[torch.Tensor]):

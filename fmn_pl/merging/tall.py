@@ -170,7 +170,7 @@ class Tall(_TaskMasks):
         itemsize = ctx.readers[0].get(ctx.keys[0]).element_size()
         sizes = compression(numel, itemsize, ctx.num_models)
         if ctx.workdir is not None:
-            from safetensors.torch import save_file
+            from fmn_pl.tensorfile import save_tensors
 
             ctx.workdir.mkdir(parents=True, exist_ok=True)
             path = ctx.workdir / "masks.safetensors"
@@ -179,10 +179,8 @@ class Tall(_TaskMasks):
                 "lambdas": json.dumps(ctx.notes[f"{self.name}_lambdas"]),
                 "shapes": json.dumps({k: list(v.shape) for k, v in self._tau.items()}),
             }
-            save_file(
-                {f"{t}/{k}": m for t, masks in zip(ctx.tasks, self._masks) for k, m in masks.items()},
-                str(path),
-                metadata=meta,
+            save_tensors(
+                path, {f"{t}/{k}": m for t, masks in zip(ctx.tasks, self._masks) for k, m in masks.items()}, meta
             )
             sizes["mask_file_bytes"] = path.stat().st_size
         ctx.notes["tall_compression"] = sizes

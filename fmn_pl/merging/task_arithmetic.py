@@ -25,7 +25,7 @@ OBJECTIVES = ("mean", "worst_gain")
 
 
 def owns_tensors(ctx: MergeContext, i: int) -> bool:
-    """True when model i's reader returns tensors the caller may modify (`fmn_pl.merging.reader.FileReader`);
+    """True when model i's reader returns tensors the caller may modify (`fmn_pl.tensorfile.CheckpointReader`);
     tensors of a memory-mapped reader must not be written to."""
     return bool(getattr(ctx.readers[i], "fresh", False))
 
