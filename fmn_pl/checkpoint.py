@@ -111,6 +111,44 @@ class CheckpointMeta:
         return write_json(Path(folder) / METADATA_FILE, self.to_dict())
 
 
+def task_datamodule(
+    checkpoint: str | Path,
+    meta: CheckpointMeta,
+    split: str = "validation",
+    data_dir: str | None = None,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    sample_seed: int = 0,
+    max_length: int | None = None,
+    **options: Any,
+) -> Any:
+    """The `GLUEDataModule` of a task checkpoint's own data, as fine-tuning read it (its tokenizer, `max_length` and
+    held-out rows), for one evaluation split: validation (MNLI: both), holdout (the rows fine-tuning held out) or
+    train (the rest). `data_dir`: default the one it was trained on. `options`: more `GLUEDataModule` options."""
+    from fmn_pl.data import GLUEDataModule  # Lightning: imported when data is read, not before
+
+    data_dir = data_dir or meta.data_dir
+    if not data_dir:
+        raise ValueError(f"{checkpoint} does not record its data folder: pass --data_dir")
+    if split == "holdout" and meta.holdout_samples <= 0:
+        raise ValueError(
+            f"{checkpoint} held out no training rows (data.holdout_samples is 0): "
+            "choose split validation or train instead, or fine-tune with holdout_samples"
+        )
+    return GLUEDataModule(
+        task=meta.task,
+        data_dir=data_dir,
+        tokenizer=str(checkpoint),
+        max_length=max_length or meta.max_length,
+        eval_batch_size=batch_size,
+        max_eval_samples=max_samples,
+        sample_seed=sample_seed,
+        eval_splits=None if split == "validation" else [split],
+        holdout_samples=meta.holdout_samples,
+        **options,
+    )
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The checked `fmn_pl.json` of a task checkpoint as a plain dict (for reports that copy it)."""
     return CheckpointMeta.read(path).to_dict()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fmn_pl.checkpoint import read_metadata
+from fmn_pl.checkpoint import CheckpointMeta, task_datamodule
 from fmn_pl.files import write_json
 from fmn_pl.options import is_local_path
 
@@ -102,8 +102,8 @@ class Evaluator:
         to within rounding: for option searches); "auto": bf16 where the device supports it; "32": exact."""
         self.checkpoints = [Path(c) for c in checkpoints]
         self.precision = precision
-        self.metadata = [read_metadata(c) for c in self.checkpoints]
-        self.tasks = [m["task"] for m in self.metadata]
+        self.metadata = [CheckpointMeta.read(c) for c in self.checkpoints]
+        self.tasks = [m.task for m in self.metadata]
         self.data, self.accelerator, self.progress = data, accelerator, progress
         self._modules: dict[int, GLUEDataModule] = {}
         self._models: dict[int, torch.nn.Module] = {}
@@ -111,25 +111,14 @@ class Evaluator:
     def datamodule(self, i: int) -> GLUEDataModule:
         """Checkpoint i's task data (tokenized once, kept): its tokenizer and fine-tuning `max_length`."""
         if i not in self._modules:
-            from fmn_pl.data import GLUEDataModule  # Lightning: imported when a task is scored, not before
-
-            trained = self.metadata[i].get("data") or {}
-            holdout = int(trained.get("holdout_samples") or 0)
-            if self.data.split == "holdout" and holdout <= 0:
-                raise ValueError(
-                    f"{self.checkpoints[i]} held out no training rows (data.holdout_samples is 0): "
-                    "choose on split validation or train instead, or fine-tune with holdout_samples"
-                )
-            dm = GLUEDataModule(
-                task=self.tasks[i],
-                data_dir=self.data.data_dir,
-                tokenizer=str(self.checkpoints[i]),
-                max_length=trained.get("max_length"),
-                eval_batch_size=self.data.batch_size,
-                max_eval_samples=self.data.max_samples,
-                sample_seed=self.data.sample_seed,
-                eval_splits=None if self.data.split == "validation" else [self.data.split],
-                holdout_samples=holdout,
+            dm = task_datamodule(
+                self.checkpoints[i],
+                self.metadata[i],
+                self.data.split,
+                self.data.data_dir,
+                self.data.batch_size,
+                self.data.max_samples,
+                self.data.sample_seed,
             )
             dm.note_short = False  # a merge's caps are defaults more often than requests; its report states n
             dm.setup("validate")
@@ -138,12 +127,12 @@ class Evaluator:
 
     def identity(self, i: int) -> dict[str, Any]:
         """Everything checkpoint i's scores depend on besides the weights."""
-        trained = self.metadata[i].get("data") or {}
+        meta = self.metadata[i]
         return {
             **self.data.identity(),
             "task": self.tasks[i],
-            "max_length": trained.get("max_length"),
-            "holdout_samples": trained.get("holdout_samples") if self.data.split != "validation" else None,
+            "max_length": meta.max_length,
+            "holdout_samples": meta.data.get("holdout_samples") if self.data.split != "validation" else None,
         }
 
     def device(self) -> torch.device:

@@ -67,44 +67,37 @@ def run_fisher(
         max_length: truncation length (default: the checkpoint's fine-tuning setting).
         trainer: Lightning Trainer options (devices, strategy, accelerator, precision, ...).
     """
-    from fmn_pl.checkpoint import read_metadata
-    from fmn_pl.data import GLUEDataModule, check_count
+    from fmn_pl.checkpoint import CheckpointMeta, task_datamodule
+    from fmn_pl.data import check_count
     from fmn_pl.files import check_writable
     from fmn_pl.grams import GramCallback
-    from fmn_pl.tasks import get_task
 
     if kind not in KIND_DEFAULTS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KIND_DEFAULTS)}")
     for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
         check_count(name, value)
-    meta = read_metadata(checkpoint)
+    meta = CheckpointMeta.read(checkpoint)
     check_writable(artifact_path(checkpoint, KIND_DEFAULTS[kind][0]))
-    if task is not None and task != meta["task"]:
-        raise ValueError(f"{checkpoint} is a {meta['task']!r} checkpoint, not {task!r}")
+    if task is not None and task != meta.task:
+        raise ValueError(f"{checkpoint} is a {meta.task!r} checkpoint, not {task!r}")
     if kind == "grams" and (aggregation is not None or labels is not None):
         raise ValueError("aggregation and labels apply to Fisher kinds only, not grams")
     art_kind, default_agg, default_labels, default_bs = KIND_DEFAULTS[kind]
-    trained = meta.get("data", {})
-    task_ = get_task(meta["task"])
-    data_dir = data_dir or trained.get("data_dir")
-    if not data_dir:
-        raise ValueError(f"{checkpoint} does not record its data folder: pass --data_dir")
-    dm = GLUEDataModule(
-        task=task_.name,
-        data_dir=data_dir,
-        tokenizer=str(checkpoint),
-        max_length=max_length or trained.get("max_length"),
-        eval_batch_size=batch_size or default_bs,
-        max_eval_samples=num_examples,
-        sample_seed=seed,
-        eval_splits=[split],
+    dm = task_datamodule(
+        checkpoint,
+        meta,
+        split,
+        data_dir,
+        batch_size or default_bs,
+        num_examples,
+        seed,
+        max_length,
         unpadded_shards=True,
-        holdout_samples=trained.get("holdout_samples", 0) or 0,
     )
     info = {
-        "task": task_.name,
+        "task": meta.task,
         "split": split,
-        "data_dir": str(data_dir),
+        "data_dir": str(dm.hparams.data_dir),
         "batch_size": dm.hparams.eval_batch_size,
         "max_length": dm.max_length,
         "sample_seed": seed,
@@ -123,7 +116,7 @@ def run_fisher(
         "use_distributed_sampler": False,
     }
     options["callbacks"] = [*(options.get("callbacks") or []), callback]
-    model = load_model(str(checkpoint), task_)  # a bad checkpoint fails before the Trainer is built
+    model = load_model(str(checkpoint), dm.task)  # a bad checkpoint fails before the Trainer is built
     pl_trainer = L.Trainer(**options)
     pl_trainer.validate(_NodePass(model, forward=kind == "grams"), datamodule=dm, verbose=False)
     path = artifact_path(checkpoint, art_kind)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from fmn_pl.checkpoint import METADATA_FILE, weights_fingerprint
+from fmn_pl.checkpoint import METADATA_FILE, CheckpointMeta, weights_fingerprint
 from fmn_pl.files import atomic_dir
 from fmn_pl.merge_eval import Selection, evaluate_merge, log_line
 from fmn_pl.merge_inputs import Inputs, check_inputs, method_name
@@ -218,9 +218,9 @@ def check_fingerprints(inputs: Inputs) -> list[str]:
     fingerprints = inputs.fingerprints
     assert fingerprints is not None, "check_inputs(..., fingerprints=True) hashes them"
     for p, m, fp in zip(inputs.checkpoints, inputs.metadata, fingerprints):
-        if m.get("fingerprint") not in (None, fp):
+        if m.fingerprint not in (None, fp):
             raise ValueError(
-                f"{p}: its weights changed since export ({METADATA_FILE} records {m['fingerprint']}, "
+                f"{p}: its weights changed since export ({METADATA_FILE} records {m.fingerprint}, "
                 f"the files hash to {fp})"
             )
     return fingerprints
@@ -269,11 +269,11 @@ def done_line(name: str, out: Path, report: dict[str, Any]) -> str:
     )
 
 
-def resolve_selection_split(split: str, metadata: list[dict[str, Any]]) -> str:
+def resolve_selection_split(split: str, metadata: list[CheckpointMeta]) -> str:
     """`auto` -> holdout when every checkpoint held training rows out, else validation; other splits unchanged."""
     if split != "auto":
         return split
-    held = all(int((m.get("data") or {}).get("holdout_samples") or 0) > 0 for m in metadata)
+    held = all(m.holdout_samples > 0 for m in metadata)
     return "holdout" if held else "validation"
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from fmn_pl.artifacts import FILES, Artifact, artifact_path, load_artifact
-from fmn_pl.checkpoint import read_metadata, weights_fingerprint
+from fmn_pl.checkpoint import CheckpointMeta, weights_fingerprint
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
 from fmn_pl.options import is_local_path
 from fmn_pl.tensorfile import FLOAT_DTYPES, CheckpointReader
@@ -50,7 +50,7 @@ class Inputs:
     """Checked inputs of a merge."""
 
     checkpoints: list[Path]
-    metadata: list[dict[str, Any]]
+    metadata: list[CheckpointMeta]
     tasks: list[str]
     config: Any
     body_prefix: str
@@ -135,8 +135,8 @@ def check_inputs(
     paths = [Path(c) for c in checkpoints]
     if len(paths) < 2:
         raise ValueError(f"merging needs at least two checkpoints, got {len(paths)}")
-    metadata = [read_metadata(p) for p in paths]
-    tasks = [m["task"] for m in metadata]
+    metadata = [CheckpointMeta.read(p) for p in paths]
+    tasks = [m.task for m in metadata]
     for j, t in enumerate(tasks):
         if t in tasks[:j]:
             raise ValueError(
@@ -213,17 +213,17 @@ def check_artifacts(
                 )
             out[(i, kind)] = load_artifact(p, kind, fingerprint=fingerprints[i] if fingerprints else None)
             task = out[(i, kind)].metadata.get("task")
-            if task is not None and task != read_metadata(p)["task"]:
+            if task is not None and task != CheckpointMeta.read(p).task:
                 raise ValueError(
-                    f"{artifact_path(p, kind)} was computed for task {task!r}, not {read_metadata(p)['task']!r}"
+                    f"{artifact_path(p, kind)} was computed for task {task!r}, not {CheckpointMeta.read(p).task!r}"
                 )
     return out
 
 
-def check_base(base: str | None, metadata: list[dict[str, Any]], inputs: Inputs, name: str) -> Path:
+def check_base(base: str | None, metadata: list[CheckpointMeta], inputs: Inputs, name: str) -> Path:
     """The pretrained model (given, or the checkpoints' common `base_model`), checked against the body."""
     if base is None:
-        recorded = {m.get("base_model") for m in metadata}
+        recorded: set[str | None] = {m.base_model for m in metadata}
         if len(recorded) != 1 or None in recorded:
             raise ValueError(
                 f"method {name} needs the pretrained model: pass --base (the checkpoints record "

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from fmn_pl.checkpoint import FORMAT_VERSION, METADATA_FILE, weights_fingerprint
+from fmn_pl.checkpoint import CheckpointMeta, weights_fingerprint
 from fmn_pl.files import write_json
 from fmn_pl.merge_inputs import Inputs, body_prefix
 from fmn_pl.tensorfile import DTYPES, SIZES, CheckpointReader, SafetensorsWriter, save_tensors
@@ -103,16 +103,16 @@ def write_task_folder(
     shutil.copyfile(src / "config.json", d / "config.json")
     AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(d))
     meta = inputs.metadata[i]
-    write_json(
-        d / METADATA_FILE,
-        {
-            "format_version": FORMAT_VERSION,
-            "task": task,
-            **{k: meta[k] for k in ("label_names", "num_labels", "base_model", "data") if k in meta},
-            "merged": merge_info,
-            "fingerprint": weights_fingerprint(d),
-        },
+    merged = CheckpointMeta(
+        task=task,
+        base_model=meta.base_model,
+        label_names=meta.label_names,
+        num_labels=meta.num_labels,
+        data=meta.data,
+        fingerprint=weights_fingerprint(d),
+        extra={"merged": merge_info},
     )
+    merged.write(d)
     return how
 
 
