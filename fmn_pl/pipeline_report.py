@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from fmn_pl.files import atomic_write, save_figure, write_json
 from fmn_pl.pipeline_config import PipelineConfig, artifact_kinds
-from fmn_pl.stages import plan, read_stamp, report_options, stamp_path
+from fmn_pl.stages import Stage, plan, read_stamp, report_options, stamp_path
 
 # ---------------------------------------------------------------------------------------------- report
 
@@ -22,13 +22,35 @@ def _mean(values: list[Optional[float]]) -> Optional[float]:
 def gather(cfg: PipelineConfig, partial: bool = False) -> dict[str, Any]:
     """The combined report as data: per-task scores of every merge, means per combination, stage costs.
     `partial`: leave out merges not run yet (a look at a run in progress) instead of failing on them."""
-    from fmn_pl.artifacts import Artifact, artifact_path
-    from fmn_pl.checkpoint import read_metadata
-    from fmn_pl.report import rows
-
     stages = plan(cfg)
     opts = report_options(cfg)
     labels = list(dict.fromkeys(["average", *(c["label"] for c in opts["columns"])]))
+    table, flags = _merge_results(stages, partial)
+    summary, overall = _summaries(table, opts["combinations"], ["constant", "individual", *labels])
+    costs = _stage_costs(cfg, stages)
+    return {
+        **opts,
+        "labels": labels,
+        "checkpoints": _checkpoints(cfg),
+        "results": table,
+        "summary": summary,
+        "flags": list(dict.fromkeys(flags)),
+        "overall": overall,
+        "stages": costs,
+        "cost_s": {
+            k: round(sum(c["wall_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")
+        },
+        "cpu_s": {
+            k: round(sum(c["cpu_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")
+        },
+    }
+
+
+def _merge_results(stages: list[Stage], partial: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per (combination, task, column) from the merges' reports, and their flags and remarks (repeats
+    kept): constant, individual and average are in every report of a combination, so they are kept once."""
+    from fmn_pl.report import rows
+
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
     flags: list[str] = []
     for s in (s for s in stages if s.kind == "merge"):
@@ -55,21 +77,31 @@ def gather(cfg: PipelineConfig, partial: bool = False) -> dict[str, Any]:
             ]
             flags += [f"{combo}: {r['task']}: {f}" for f in r["flags"] if f.startswith(("individual", "average"))]
         flags += [f"{combo} {s.options['label']}: {remark}" for remark in rep.get("remarks", [])]
-    table = list(results.values())
+    return list(results.values()), flags
+
+
+def _summaries(
+    table: list[dict[str, Any]], combinations: list[str], columns: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Mean score and normalized score per combination and column, and the means of those over combinations."""
     summary = {
         combo: {
             col: {
                 k: _mean([r[k] for r in table if r["combination"] == combo and r["column"] == col])
                 for k in ("score", "normalized")
             }
-            for col in ["constant", "individual", *labels]
+            for col in columns
         }
-        for combo in opts["combinations"]
+        for combo in combinations
     }
     overall = {
-        col: {k: _mean([summary[c][col][k] for c in summary]) for k in ("score", "normalized")}
-        for col in ["constant", "individual", *labels]
+        col: {k: _mean([summary[c][col][k] for c in summary]) for k in ("score", "normalized")} for col in columns
     }
+    return summary, overall
+
+
+def _stage_costs(cfg: PipelineConfig, stages: list[Stage]) -> list[dict[str, Any]]:
+    """What each stage but the report cost, as its stamp recorded it (None where it has no stamp yet)."""
     costs = []
     for s in stages:
         if s.kind != "report":
@@ -87,6 +119,14 @@ def gather(cfg: PipelineConfig, partial: bool = False) -> dict[str, Any]:
                     "launch": stamp.get("launch"),
                 }
             )
+    return costs
+
+
+def _checkpoints(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Per task: its checkpoint's training record and what each artifact was computed from, as they record it."""
+    from fmn_pl.artifacts import Artifact, artifact_path
+    from fmn_pl.checkpoint import read_metadata
+
     checkpoints = {}
     for t in cfg.tasks:
         folder = Path(cfg.output) / "checkpoints" / t
@@ -101,22 +141,7 @@ def gather(cfg: PipelineConfig, partial: bool = False) -> dict[str, Any]:
             }
             for k in artifact_kinds(cfg)
         }
-    return {
-        **opts,
-        "labels": labels,
-        "checkpoints": checkpoints,
-        "results": table,
-        "summary": summary,
-        "flags": list(dict.fromkeys(flags)),
-        "overall": overall,
-        "stages": costs,
-        "cost_s": {
-            k: round(sum(c["wall_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")
-        },
-        "cpu_s": {
-            k: round(sum(c["cpu_s"] or 0 for c in costs if c["kind"] == k), 1) for k in ("fit", "fisher", "merge")
-        },
-    }
+    return checkpoints
 
 
 def _pct(x: Optional[float]) -> str:
@@ -147,7 +172,6 @@ def caps_text(data: dict[str, Any]) -> str:
 
 def report_markdown(data: dict[str, Any]) -> str:
     """The combined report as Markdown: normalized means per combination, per-task scores, stage costs."""
-    labels = data["labels"]
     lines = [
         "# fmn-pl pipeline report",
         "",
@@ -156,6 +180,25 @@ def report_markdown(data: dict[str, Any]) -> str:
         "",
         caps_text(data),
         "",
+        *_normalized_lines(data),
+        *_score_lines(data),
+        *_mse_lines(data),
+    ]
+    if data.get("flags"):
+        lines += ["", "## Flags", "", *[f"- {f}" for f in data["flags"]]]
+    lines += _cost_lines(data)
+    lines += [
+        "",
+        "Plots: `plots/normalized.png`, `plots/scores-<tasks>.png`, `plots/cost.png`. Each merge's own "
+        "report: `merges/<tasks>/<label>/report.md`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _normalized_lines(data: dict[str, Any]) -> list[str]:
+    """The table of normalized scores per combination and method, with a mean row when there are several."""
+    labels = data["labels"]
+    lines = [
         "## Normalized score (merged / individual, %, mean over the merged tasks)",
         "",
         "| tasks | " + " | ".join(labels) + " |",
@@ -167,9 +210,19 @@ def report_markdown(data: dict[str, Any]) -> str:
         lines.append(
             "| **mean** | " + " | ".join(f"**{_pct(data['overall'][c]['normalized'])}**" for c in labels) + " |"
         )
-    cols = ["constant", "individual", *labels]
-    index = {(r["combination"], r["task"], r["column"]): r for r in data["results"]}
-    lines += [
+    return lines
+
+
+def _index(data: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The result rows by (combination, task, column)."""
+    return {(r["combination"], r["task"], r["column"]): r for r in data["results"]}
+
+
+def _score_lines(data: dict[str, Any]) -> list[str]:
+    """The table of scores (x100) per combination and task: constant, individual and each method."""
+    cols = ["constant", "individual", *data["labels"]]
+    index = _index(data)
+    lines = [
         "",
         "## Scores per task (x100)",
         "",
@@ -187,28 +240,39 @@ def report_markdown(data: dict[str, Any]) -> str:
                 + " | ".join(_pct((index.get((combo, t, c)) or {}).get("score")) for c in cols)
                 + " |"
             )
+    return lines
+
+
+def _mse_lines(data: dict[str, Any]) -> list[str]:
+    """The table of mean squared errors of the regression tasks (nothing when no task is one)."""
     mse = [r for r in data["results"] if r.get("mse") is not None]
-    if mse:
-        lines += [
-            "",
-            "## Mean squared error of the regression tasks (correlations ignore scale)",
-            "",
-            "| tasks | task | " + " | ".join(cols) + " |",
-            "|---|---|" + "---:|" * len(cols),
-        ]
-        for combo, t in dict.fromkeys((r["combination"], r["task"]) for r in mse):
-            lines.append(
-                f"| {combo} | {t} | "
-                + " | ".join(
-                    "–" if (index.get((combo, t, c)) or {}).get("mse") is None else f"{index[(combo, t, c)]['mse']:.3f}"
-                    for c in cols
-                )
-                + " |"
+    if not mse:
+        return []
+    cols = ["constant", "individual", *data["labels"]]
+    index = _index(data)
+    lines = [
+        "",
+        "## Mean squared error of the regression tasks (correlations ignore scale)",
+        "",
+        "| tasks | task | " + " | ".join(cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
+    for combo, t in dict.fromkeys((r["combination"], r["task"]) for r in mse):
+        lines.append(
+            f"| {combo} | {t} | "
+            + " | ".join(
+                "–" if (index.get((combo, t, c)) or {}).get("mse") is None else f"{index[(combo, t, c)]['mse']:.3f}"
+                for c in cols
             )
-    if data.get("flags"):
-        lines += ["", "## Flags", "", *[f"- {f}" for f in data["flags"]]]
+            + " |"
+        )
+    return lines
+
+
+def _cost_lines(data: dict[str, Any]) -> list[str]:
+    """The stage costs: wall and CPU time per kind, then each stage's time, memory, load and launch."""
     loads = any(c.get("load") is not None for c in data["stages"])
-    lines += [
+    lines = [
         "",
         "## Cost per stage",
         "",
@@ -237,25 +301,7 @@ def report_markdown(data: dict[str, Any]) -> str:
         )
         load = f" {load} / {c.get('cpus') or '?'} |" if loads else ""
         lines.append(f"| {c['stage']} | {wall} | {cpu} | {peak} |{load} {where} |")
-    lines += [
-        "",
-        "Plots: `plots/normalized.png`, `plots/scores-<tasks>.png`, `plots/cost.png`. Each merge's own "
-        "report: `merges/<tasks>/<label>/report.md`.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _bars(ax: Any, groups: list[str], series: dict[str, list[Optional[float]]], ylabel: str) -> None:
-    """Grouped bars (values x100), one colour per series, legend below."""
-    width = 0.8 / max(1, len(series))
-    for k, (name, values) in enumerate(series.items()):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [0 if v is None else 100 * v for v in values], width, label=name)
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel(ylabel)
-    ax.legend(
-        fontsize="small", ncols=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False
-    )
+    return lines
 
 
 def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
@@ -264,6 +310,8 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from fmn_pl.report import grouped_bars
 
     labels, paths = data["labels"], []
     combos = list(data["summary"])
@@ -274,7 +322,7 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
         for c in labels
     }
     fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(groups) * len(labels), 3.8))
-    _bars(ax, groups, series, "merged / individual (%)")
+    grouped_bars(ax, groups, series, "merged / individual (%)")
     ax.axhline(100, color="black", linewidth=0.6, linestyle="--")
     low = min([100 * v for vals in series.values() for v in vals if v is not None] or [0.0])
     ax.set_ylim(max(0.0, low - 10), None)
@@ -285,38 +333,46 @@ def report_plots(data: dict[str, Any], folder: Path) -> list[Path]:
     for combo in combos:
         tasks = list(dict.fromkeys(r["task"] for r in data["results"] if r["combination"] == combo))
         fig, ax = plt.subplots(figsize=(2.5 + 0.3 * len(tasks) * len(cols), 3.6))
-        _bars(ax, tasks, {c: [index.get((combo, t, c)) for t in tasks] for c in cols}, "score (x100)")
+        grouped_bars(ax, tasks, {c: [index.get((combo, t, c)) for t in tasks] for c in cols}, "score (x100)")
         ax.set_title(f"Scores per task: {combo}")
         paths.append(save_figure(fig, folder / f"scores-{combo}.png"))
+    cost = _cost_plot(data, folder / "cost.png")
+    return paths + ([cost] if cost else [])
+
+
+def _cost_plot(data: dict[str, Any], path: Path) -> Path | None:
+    """plots/cost.png: wall and CPU seconds of each stage that has a stamp, coloured by kind. None if none has."""
+    import matplotlib.pyplot as plt
+
     costs = [c for c in data["stages"] if c["wall_s"] is not None][::-1]
-    if costs:
-        colors = {"fit": "tab:blue", "fisher": "tab:orange", "merge": "tab:green"}
-        fig, ax = plt.subplots(figsize=(7, 1.4 + 0.26 * len(costs)))
-        ys = range(len(costs))
-        ax.barh(
-            [y + 0.2 for y in ys],
-            [c["wall_s"] for c in costs],
-            0.4,
-            label="wall",
-            color=[colors.get(c["kind"], "tab:gray") for c in costs],
-        )
-        ax.barh(
-            [y - 0.2 for y in ys],
-            [c["cpu_s"] or 0 for c in costs],
-            0.4,
-            label="CPU (hatched)",
-            hatch="///",
-            color="white",
-            edgecolor=[colors.get(c["kind"], "tab:gray") for c in costs],
-        )
-        ax.set_yticks(list(ys), [c["stage"] for c in costs], fontsize=7)
-        ax.set_xlabel("seconds")
-        ax.legend(fontsize="small", loc="lower right")
-        ax.set_title(
-            "Cost per stage, wall: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items()), fontsize="medium"
-        )
-        paths.append(save_figure(fig, folder / "cost.png"))
-    return paths
+    if not costs:
+        return None
+    colors = {"fit": "tab:blue", "fisher": "tab:orange", "merge": "tab:green"}
+    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.26 * len(costs)))
+    ys = range(len(costs))
+    ax.barh(
+        [y + 0.2 for y in ys],
+        [c["wall_s"] for c in costs],
+        0.4,
+        label="wall",
+        color=[colors.get(c["kind"], "tab:gray") for c in costs],
+    )
+    ax.barh(
+        [y - 0.2 for y in ys],
+        [c["cpu_s"] or 0 for c in costs],
+        0.4,
+        label="CPU (hatched)",
+        hatch="///",
+        color="white",
+        edgecolor=[colors.get(c["kind"], "tab:gray") for c in costs],
+    )
+    ax.set_yticks(list(ys), [c["stage"] for c in costs], fontsize=7)
+    ax.set_xlabel("seconds")
+    ax.legend(fontsize="small", loc="lower right")
+    ax.set_title(
+        "Cost per stage, wall: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["cost_s"].items()), fontsize="medium"
+    )
+    return save_figure(fig, path)
 
 
 def write_report(cfg: PipelineConfig) -> Path:

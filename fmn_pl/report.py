@@ -135,11 +135,25 @@ def _fmt(x: float | None, scale: float = 100.0) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: a table of scores (x100) per task plus a mean row, then method and timings."""
     label = report.get("label") or report.get("method")
-    lines = [f"# Merge report: {label}", ""]
-    lines.append(
+    lines = [f"# Merge report: {label}", "", *_intro_lines(report)]
+    lines += [f"- {r}" for r in report.get("remarks", [])]
+    lines.append("")
+    table = rows(report)
+    if table:
+        lines += _table_lines(report, table, label)
+        lines += _note_lines(table, label)
+    else:
+        lines.append("Not evaluated.")
+    lines += _timing_lines(report)
+    return "\n".join(lines) + "\n"
+
+
+def _intro_lines(report: dict[str, Any]) -> list[str]:
+    """The paragraphs above the table: tasks and method, how it was scored, what was left unmerged or chosen."""
+    lines = [
         f"Tasks: {', '.join(report.get('tasks', []))}. Method `{report.get('method')}` with options "
         f"`{json.dumps(report.get('options', {}), sort_keys=True)}`."
-    )
+    ]
     ev = report.get("evaluation")
     if ev:
         cap = ev.get("max_samples")
@@ -153,6 +167,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"Not merged: each task keeps its own {len(own['tensors'])} tensors ({own['parameters']:,} parameters) "
             f"matching {', '.join(f'`{p}`' for p in own['patterns'])}, and so does the plain average."
         )
+    return lines + _selection_lines(report)
+
+
+def _selection_lines(report: dict[str, Any]) -> list[str]:
+    """What the selection split decided: the options chosen on it, or the coefficients adapted on its inputs."""
+    lines = []
     sel = report.get("selection")
     if sel and sel.get("evaluations"):
         chosen = [
@@ -170,63 +190,97 @@ def markdown(report: dict[str, Any]) -> str:
             f"Coefficients adapted on the unlabeled inputs of the `{sel.get('split')}` split"
             + (" (transductive: the examples scored below)." if sel.get("transductive") else ".")
         )
-    lines += [f"- {r}" for r in report.get("remarks", [])]
-    lines.append("")
-    table = rows(report)
-    if table:
-        lines += [
-            f"| task | metrics | constant | individual | average | {label} | {label} / individual | "
-            "average / individual | above constant |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in table:
-            lines.append(
-                f"| {r['task']} | {', '.join(r['metrics'])} | {_fmt(r['baseline'])} | {_fmt(r['individual'])} | "
-                f"{_fmt(r['average'])} | {_fmt(r['merged'])} | {_fmt(r['normalized'])} | "
-                f"{_fmt(r['normalized_average'])} | {_fmt(r['above_baseline'])} |"
-            )
-        s = report.get("summary", {})
+    return lines
+
+
+def _table_lines(report: dict[str, Any], table: list[dict[str, Any]], label: str | None) -> list[str]:
+    """The score table (x100): one row per task and a mean row from the report's summary."""
+    lines = [
+        f"| task | metrics | constant | individual | average | {label} | {label} / individual | "
+        "average / individual | above constant |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table:
         lines.append(
-            f"| **mean** | | {_fmt(s.get('baseline_score'))} | {_fmt(s.get('individual_score'))} | "
-            f"{_fmt(s.get('average_score'))} | {_fmt(s.get('merged_score'))} | {_fmt(s.get('normalized'))} | "
-            f"{_fmt(s.get('normalized_average'))} | {_fmt(s.get('above_baseline'))} |"
+            f"| {r['task']} | {', '.join(r['metrics'])} | {_fmt(r['baseline'])} | {_fmt(r['individual'])} | "
+            f"{_fmt(r['average'])} | {_fmt(r['merged'])} | {_fmt(r['normalized'])} | "
+            f"{_fmt(r['normalized_average'])} | {_fmt(r['above_baseline'])} |"
         )
-        lines += [
-            "",
-            "Constant: the best constant prediction on the same examples (the majority class, or the "
-            "label mean for regression), the score a model that learned nothing reaches. Above constant: "
-            f"({label} - constant) / (individual - constant), the share of what the model learned that the "
-            "merge keeps.",
-        ]
-        for r in table:
-            mse = r["mse"]
-            if mse.get("individual") is not None:
-                lines.append(
-                    f"- {r['task']}: mean squared error "
-                    + ", ".join(
-                        f"{k} {v:.3f}"
-                        for k, v in (
-                            ("constant", mse["baseline"]),
-                            ("individual", mse["individual"]),
-                            ("average", mse["average"]),
-                            (label, mse["merged"]),
-                        )
-                        if v is not None
+    s = report.get("summary", {})
+    lines.append(
+        f"| **mean** | | {_fmt(s.get('baseline_score'))} | {_fmt(s.get('individual_score'))} | "
+        f"{_fmt(s.get('average_score'))} | {_fmt(s.get('merged_score'))} | {_fmt(s.get('normalized'))} | "
+        f"{_fmt(s.get('normalized_average'))} | {_fmt(s.get('above_baseline'))} |"
+    )
+    return lines
+
+
+def _note_lines(table: list[dict[str, Any]], label: str | None) -> list[str]:
+    """Below the table: what the constant column means, then each task's mean squared errors and flags."""
+    lines = [
+        "",
+        "Constant: the best constant prediction on the same examples (the majority class, or the "
+        "label mean for regression), the score a model that learned nothing reaches. Above constant: "
+        f"({label} - constant) / (individual - constant), the share of what the model learned that the "
+        "merge keeps.",
+    ]
+    for r in table:
+        mse = r["mse"]
+        if mse.get("individual") is not None:
+            lines.append(
+                f"- {r['task']}: mean squared error "
+                + ", ".join(
+                    f"{k} {v:.3f}"
+                    for k, v in (
+                        ("constant", mse["baseline"]),
+                        ("individual", mse["individual"]),
+                        ("average", mse["average"]),
+                        (label, mse["merged"]),
                     )
+                    if v is not None
                 )
-            lines += [f"- **{r['task']}: {flag}**" for flag in r["flags"]]
-    else:
-        lines.append("Not evaluated.")
+            )
+        lines += [f"- **{r['task']}: {flag}**" for flag in r["flags"]]
+    return lines
+
+
+def _timing_lines(report: dict[str, Any]) -> list[str]:
+    """The closing line of stage timings and peak memory, when the report has timings."""
     t = report.get("timings", {})
-    if t:
-        lines += [
-            "",
-            "Timings: "
-            + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, (int, float)))
-            + (f"; peak RSS {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else "")
-            + ".",
-        ]
-    return "\n".join(lines) + "\n"
+    if not t:
+        return []
+    return [
+        "",
+        "Timings: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, (int, float)))
+        + (f"; peak RSS {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else "")
+        + ".",
+    ]
+
+
+def grouped_bars(
+    ax: Any,
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    ylabel: str,
+    ncols: int | None = None,
+    legend_y: float = -0.12,
+) -> None:
+    """Grouped bars (values x100, None as 0), one colour per series, legend below in `ncols` columns (default:
+    up to 4): the bar chart of a merge's report and of the pipeline's combined report."""
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [0 if v is None else 100 * v for v in values], width, label=name)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.legend(
+        fontsize="small",
+        ncols=min(4, len(series)) if ncols is None else ncols,
+        loc="upper center",
+        bbox_to_anchor=(0.5, legend_y),
+        frameon=False,
+    )
 
 
 def plot(report: dict[str, Any], path: str | Path) -> Path | None:
@@ -248,15 +302,9 @@ def plot(report: dict[str, Any], path: str | Path) -> Path | None:
         label: [r["merged"] for r in table] + [s.get("merged_score")],
     }
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.6))
-    width = 0.8 / len(series)
-    for k, (name, values) in enumerate(series.items()):
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, [100 * v if v is not None else 0 for v in values], width, label=name)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("score (x100)")
+    grouped_bars(ax, names, series, "score (x100)", ncols=3, legend_y=-0.1)
     ax.set_title(f"{label}: {'+'.join(report.get('tasks', []))}")
     ax.axhline(0, color="black", linewidth=0.5)
-    ax.legend(fontsize="small", ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     return save_figure(fig, path)
 
