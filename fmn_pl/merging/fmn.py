@@ -102,6 +102,30 @@ def universal_weight(head: torch.Tensor, neuron: torch.Tensor) -> torch.Tensor:
     return (head.mean(1) + neuron.mean(1)).mean()
 
 
+def _check_options(
+    grid: list[str],
+    normalize: str | None,
+    normalizes: list[Normalize],
+    epsilon: float,
+    power: float | None,
+    powers: list[float],
+    scaling: float | None,
+    scalings: list[float],
+) -> None:
+    """Refuse FMN options out of their range by name (`grid`: the normalizations to try), before any setup."""
+    if not grid or any(n not in get_args(Normalize) for n in grid):
+        raise ValueError(
+            f"fmn normalize and normalizes must be among {', '.join(get_args(Normalize))}; "
+            f"got {normalize!r} and {normalizes!r}"
+        )
+    if epsilon < 0:
+        raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
+    if power is not None and power < 0 or not powers or min(powers) < 0:
+        raise ValueError(f"fmn power and powers must be >= 0, got {power} and {powers}")
+    if scaling is not None and scaling <= 0 or not scalings or min(scalings) <= 0:
+        raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
+
+
 class FMN(MergeMethod):
     """Fisher merging with mask nodes: a weighted mean by each model's head/neuron Fisher (`mask_fisher`)."""
 
@@ -150,20 +174,9 @@ class FMN(MergeMethod):
         if broadcast not in ("reference", "per_node"):
             raise ValueError(f"fmn broadcast must be 'reference' or 'per_node', got {broadcast!r}")
         self.normalize, self.normalizes = normalize, list(normalizes)
-        grid = self.normalize_grid()
-        if not grid or any(n not in get_args(Normalize) for n in grid):
-            raise ValueError(
-                f"fmn normalize and normalizes must be among {', '.join(get_args(Normalize))}; "
-                f"got {normalize!r} and {normalizes!r}"
-            )
-        if epsilon < 0:
-            raise ValueError(f"fmn epsilon must be >= 0, got {epsilon}")
-        if power is not None and power < 0 or not powers or min(powers) < 0:
-            raise ValueError(f"fmn power and powers must be >= 0, got {power} and {powers}")
+        _check_options(self.normalize_grid(), normalize, normalizes, epsilon, power, powers, scaling, scalings)
         self.broadcast, self.universal = broadcast, universal
         self.epsilon, self.coefficients, self.power, self.powers = epsilon, coefficients, power, list(powers)
-        if scaling is not None and scaling <= 0 or not scalings or min(scalings) <= 0:
-            raise ValueError(f"fmn scaling and scalings must be > 0, got {scaling} and {scalings}")
         self.scaling, self.scalings = scaling, list(scalings)
         self.objective = check_objective(objective, "fmn")
         if scaling != 1.0:  # an instance's needs: the base model for the task vectors
@@ -300,6 +313,16 @@ class FMN(MergeMethod):
         vec = vector((n, p))  # the last weighting built, so the notes describe the chosen weights
         held.clear()
         ctx.notes["fmn_scaling"] = {"chosen": s, "grid": scalings, **measured}
+        self._note_choice(ctx, (n, norms), (p, powers), s)
+        for key in ctx.keys:
+            yield key, vec.pop(key).mul_(s).add_(origin(key))
+
+    def _note_choice(
+        self, ctx: MergeContext, normalize: tuple[str, list[str]], power: tuple[float, list[float]], s: float
+    ) -> None:
+        """Record the chosen normalization and p (each with its grid) where they were chosen, and say so when
+        p = 0 was chosen: no Fisher weighting is left in the merged body."""
+        (n, norms), (p, powers) = normalize, power
         if self.power is None:
             ctx.notes["fmn_power"] = {"chosen": p, "grid": powers}
         if self.normalize is None:
@@ -313,8 +336,6 @@ class FMN(MergeMethod):
                     else f"task arithmetic with lambda = s / {ctx.num_models} = {s / ctx.num_models:g}"
                 )
             )
-        for key in ctx.keys:
-            yield key, vec.pop(key).mul_(s).add_(origin(key))
 
     def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
         shape = tuple(ctx.readers[0].shape(key))
