@@ -15,18 +15,10 @@ import torch
 from fmn_pl.checkpoint import weights_fingerprint
 from fmn_pl.tensorfile import SafetensorsFile, save_tensors
 
-FILES = {
-    "mask_fisher": "mask_fisher.safetensors",
-    "full_fisher": "full_fisher.safetensors",
-    "grams": "grams.safetensors",
-}
-
 
 def artifact_path(checkpoint_dir: str | Path, kind: str) -> Path:
-    """Where an artifact of `kind` lives in a task checkpoint."""
-    if kind not in FILES:
-        raise ValueError(f"unknown artifact kind {kind!r}; expected one of {sorted(FILES)}")
-    return Path(checkpoint_dir) / FILES[kind]
+    """Where an artifact of `kind` (a name in `fmn_pl.kinds.KINDS`, checked there) lives in a task checkpoint."""
+    return Path(checkpoint_dir) / f"{kind}.safetensors"
 
 
 def save_artifact(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
@@ -59,8 +51,8 @@ class Artifact:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(
-                f"{self.path} does not exist: compute it with `fmn-pl fisher --checkpoint {self.path.parent}`"
-                + ("" if kind == "mask_fisher" else f" --kind {kind.removesuffix('_fisher')}")
+                f"{self.path} does not exist: compute it with `fmn-pl fisher --checkpoint {self.path.parent} "
+                f"--kind {kind}`"
             )
         try:
             self._file = SafetensorsFile(self.path)

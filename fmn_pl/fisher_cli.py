@@ -3,15 +3,16 @@ command line or `run_fisher`: the checkpoint's own task data, a Trainer of the u
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning as L
 from torch import nn
 
 from fmn_pl.artifacts import artifact_path
-from fmn_pl.fisher import Aggregation, FullFisherCallback, LabelMode, MaskFisherCallback
+from fmn_pl.fisher import Aggregation, LabelMode
 from fmn_pl.module import load_model, model_inputs
 
 
@@ -28,16 +29,9 @@ class _NodePass(L.LightningModule):
             self.model(**model_inputs(batch))
 
 
-KIND_DEFAULTS = {  # kind -> (artifact kind, aggregation, labels, batch size)
-    "mask": ("mask_fisher", "per_example", "empirical", 32),
-    "full": ("full_fisher", "per_example", "expected", 16),
-    "grams": ("grams", None, None, 32),
-}
-
-
 def run_fisher(
     checkpoint: str,
-    kind: Literal["mask", "full", "grams"] = "mask",
+    kind: str = "mask",
     task: Optional[str] = None,
     data_dir: Optional[str] = None,
     split: str = "train",
@@ -46,7 +40,7 @@ def run_fisher(
     seed: int = 0,
     aggregation: Optional[Aggregation] = None,
     labels: Optional[LabelMode] = None,
-    include_padding: bool = False,
+    include_padding: Optional[bool] = None,
     max_length: Optional[int] = None,
     trainer: Optional[dict[str, Any]] = None,
 ) -> Path:
@@ -54,12 +48,13 @@ def run_fisher(
 
     Args:
         checkpoint: task checkpoint folder (written by `fmn-pl fit`); the artifact is written there.
-        kind: mask (mask-node Fisher, FMN), full (diagonal Fisher of every body parameter), grams (RegMean).
+        kind: mask (mask-node Fisher, FMN), full (diagonal Fisher of every body parameter), grams (RegMean), or
+            another kind registered in `fmn_pl.kinds.KINDS`.
         task: GLUE task; default the checkpoint's. A different one is an error.
         data_dir: GLUE data (parquet/TSV folder or hub name); default the one the checkpoint was trained on.
         split: split to read; "train" excludes the rows the checkpoint held out (`holdout_samples`).
         num_examples: examples drawn without replacement with `seed` (None: the whole split).
-        batch_size: examples per batch (default 32; 16 for full).
+        batch_size: examples per batch (default: the kind's, 32; 16 for full).
         seed: seed of the example sample and of sampled labels.
         aggregation: per_example (default; exact) or per_batch (the FMN reference code). Fisher kinds only.
         labels: empirical (default for mask), sampled, or expected (default for full). Fisher kinds only.
@@ -70,25 +65,23 @@ def run_fisher(
     from fmn_pl.checkpoint import CheckpointMeta, task_datamodule
     from fmn_pl.data import check_count
     from fmn_pl.files import check_writable
-    from fmn_pl.grams import GramCallback
+    from fmn_pl.kinds import get_kind
 
-    if kind not in KIND_DEFAULTS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KIND_DEFAULTS)}")
+    spec = get_kind(kind)
     for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
         check_count(name, value)
     meta = CheckpointMeta.read(checkpoint)
-    check_writable(artifact_path(checkpoint, KIND_DEFAULTS[kind][0]))
+    check_writable(artifact_path(checkpoint, spec.name))
     if task is not None and task != meta.task:
         raise ValueError(f"{checkpoint} is a {meta.task!r} checkpoint, not {task!r}")
-    if kind == "grams" and (aggregation is not None or labels is not None):
-        raise ValueError("aggregation and labels apply to Fisher kinds only, not grams")
-    art_kind, default_agg, default_labels, default_bs = KIND_DEFAULTS[kind]
+    cls = spec.pass_class()
+    own = pass_options(spec.cli, cls, aggregation=aggregation, labels=labels, include_padding=include_padding)
     dm = task_datamodule(
         checkpoint,
         meta,
         split,
         data_dir,
-        batch_size or default_bs,
+        batch_size or spec.batch_size,
         num_examples,
         seed,
         max_length,
@@ -103,11 +96,9 @@ def run_fisher(
         "sample_seed": seed,
         "holdout_samples": dm.hparams.holdout_samples,
     }
-    if kind == "grams":
-        callback: L.Callback = GramCallback(checkpoint, include_padding=include_padding, metadata=info)
-    else:
-        cls = MaskFisherCallback if kind == "mask" else FullFisherCallback
-        callback = cls(checkpoint, aggregation or default_agg, labels or default_labels, seed, metadata=info)
+    if "seed" in inspect.signature(cls).parameters:
+        own["seed"] = seed
+    callback = cls(checkpoint, metadata=info, **own)
     options = {
         "logger": False,
         "enable_checkpointing": False,
@@ -118,11 +109,21 @@ def run_fisher(
     options["callbacks"] = [*(options.get("callbacks") or []), callback]
     model = load_model(str(checkpoint), dm.task)  # a bad checkpoint fails before the Trainer is built
     pl_trainer = L.Trainer(**options)
-    pl_trainer.validate(_NodePass(model, forward=kind == "grams"), datamodule=dm, verbose=False)
-    path = artifact_path(checkpoint, art_kind)
+    pl_trainer.validate(_NodePass(model, forward=spec.forward), datamodule=dm, verbose=False)
+    path = artifact_path(checkpoint, spec.name)
     if pl_trainer.is_global_zero:
         print(f"wrote {path}")
     return path
+
+
+def pass_options(kind: str, cls: type, **options: Any) -> dict[str, Any]:
+    """The options the user set (not None), each checked to be one the kind's pass takes."""
+    accepted = inspect.signature(cls).parameters
+    given = {k: v for k, v in options.items() if v is not None}
+    wrong = [k for k in given if k not in accepted]
+    if wrong:
+        raise ValueError(f"{' and '.join(wrong)} does not apply to kind {kind!r} (its pass takes no such option)")
+    return given
 
 
 def build_parser() -> Any:

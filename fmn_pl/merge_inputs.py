@@ -13,8 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
-from fmn_pl.artifacts import FILES, Artifact, artifact_path, load_artifact
+from fmn_pl.artifacts import Artifact, artifact_path, load_artifact
 from fmn_pl.checkpoint import CheckpointMeta, weights_fingerprint
+from fmn_pl.kinds import KINDS, fisher_command
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
 from fmn_pl.options import is_local_path
 from fmn_pl.tensorfile import FLOAT_DTYPES, CheckpointReader
@@ -184,7 +185,7 @@ def check_inputs(
     keys = [k for k in keys if k not in own]
     heads = [[k for k in h if not k.startswith(prefix)] + own for h in headers]
     inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body[0], headers, own=own)
-    if fingerprints or any(kind in method.needs for kind in FILES):
+    if fingerprints or any(kind in method.needs for kind in KINDS):
         inputs.fingerprints = [weights_fingerprint(p) for p in paths]
     inputs.artifacts = check_artifacts(paths, method, inputs.fingerprints)
     if "base" in method.needs:
@@ -201,15 +202,14 @@ def check_artifacts(
     method needs, one line per failure."""
     name = method_name(method)
     out = {}
-    for kind in (k for k in FILES if k in method.needs):
+    for kind in (k for k in KINDS if k in method.needs):
         for i, p in enumerate(paths):
             if not artifact_path(p, kind).is_file():
-                others = [k for k in FILES if k != kind and artifact_path(p, k).is_file()]
+                others = [k for k in KINDS if k != kind and artifact_path(p, k).is_file()]
                 has = f"; it has {', '.join(others)} (for other methods)" if others else ""
-                flag = "" if kind == "mask_fisher" else f" --kind {kind.removesuffix('_fisher')}"
                 raise FileNotFoundError(
-                    f"method {name} needs a {kind} artifact beside {p} ({FILES[kind]}){has}: "
-                    f"compute it with `fmn-pl fisher --checkpoint {p}{flag}`"
+                    f"method {name} needs a {kind} artifact beside {p} ({KINDS[kind].file}){has}: "
+                    f"compute it with `{fisher_command(p, kind)}`"
                 )
             out[(i, kind)] = load_artifact(p, kind, fingerprint=fingerprints[i] if fingerprints else None)
             task = out[(i, kind)].metadata.get("task")

@@ -8,7 +8,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Optional, Sequence, Union
 
-ARTIFACT_KINDS = {"mask_fisher": "mask", "full_fisher": "full", "grams": "grams"}  # artifact kind -> --kind
+from fmn_pl.kinds import KINDS
+
 STAGE_KINDS = ("fit", "fisher", "merge", "report")
 
 
@@ -100,8 +101,9 @@ class ArtifactOptions:
 class FisherOptions:
     """Artifacts beside each task checkpoint: mask-node Fisher, full diagonal Fisher, Gram matrices."""
 
-    kinds: Optional[list[Literal["mask_fisher", "full_fisher", "grams"]]] = None
-    """Artifacts to compute; None: exactly those the merge methods need."""
+    kinds: Optional[list[str]] = None
+    """Artifacts to compute (mask_fisher, full_fisher, grams, or a kind registered in `fmn_pl.kinds.KINDS`);
+    None: exactly those the merge methods need."""
     mask_fisher: ArtifactOptions = field(default_factory=ArtifactOptions)
     """Options of the mask-node Fisher (FMN's input)."""
     full_fisher: ArtifactOptions = field(default_factory=ArtifactOptions)
@@ -236,8 +238,8 @@ def check_counts(cfg: PipelineConfig) -> None:
                 check_count(f"{where}.{name}", options[name])
         if "holdout_samples" in options:
             check_count(f"{where}.holdout_samples", options["holdout_samples"], minimum=0)
-    for kind in ARTIFACT_KINDS:
-        a = getattr(cfg.fisher, kind)
+    for kind in KINDS:
+        a = artifact_options(cfg, kind)
         check_count(f"fisher.{kind}.num_examples", a.num_examples)
         check_count(f"fisher.{kind}.batch_size", a.batch_size)
     check_count("merge.max_eval_samples", cfg.merge.max_eval_samples)
@@ -298,14 +300,22 @@ def combinations(cfg: PipelineConfig) -> list[list[str]]:
     return out
 
 
+def artifact_options(cfg: PipelineConfig, kind: str) -> ArtifactOptions:
+    """The configured options of one artifact kind (`fisher.<kind>`; defaults for a kind without a section)."""
+    return getattr(cfg.fisher, kind, None) or ArtifactOptions()
+
+
 def artifact_kinds(cfg: PipelineConfig) -> list[str]:
     """The artifact kinds to compute: as configured, or those the merge methods need."""
     needed: list[str] = []
     for spec in cfg.merge.methods:
         needs, _ = resolve_method(spec.name, spec.options)
-        needed += [k for k in ARTIFACT_KINDS if k in needs]
+        needed += [k for k in KINDS if k in needs]
     if cfg.fisher.kinds is None:
         return list(dict.fromkeys(needed))
+    unknown = [k for k in cfg.fisher.kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"fisher.kinds: unknown artifact kind(s) {unknown}; expected some of {list(KINDS)}")
     missing = [k for k in needed if k not in cfg.fisher.kinds]
     if missing:
         raise ValueError(

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from fmn_pl.kinds import KINDS
 from fmn_pl.pipeline_config import (
-    ARTIFACT_KINDS,
     ArtifactOptions,
     Launch,
     PipelineConfig,
     artifact_kinds,
+    artifact_options,
     combinations,
     fit_options,
     resolve_method,
@@ -117,7 +118,7 @@ def report_options(cfg: PipelineConfig) -> dict[str, Any]:
                 }
                 for t in cfg.tasks
             },
-            "fisher": {k: {"num_examples": getattr(cfg.fisher, k).num_examples} for k in kinds},  # None: default
+            "fisher": {k: {"num_examples": artifact_options(cfg, k).num_examples} for k in kinds},  # None: default
             "eval": {"max_eval_samples": cfg.merge.max_eval_samples},
         },
     }
@@ -150,18 +151,17 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     kinds = artifact_kinds(cfg)
     for task in cfg.tasks:
         for kind in kinds:
-            a: ArtifactOptions = getattr(cfg.fisher, kind)
+            a: ArtifactOptions = artifact_options(cfg, kind)
             opts = {
                 "checkpoint": str(out / "checkpoints" / task),
                 "task": task,
-                "kind": ARTIFACT_KINDS[kind],
+                "kind": KINDS[kind].cli,
                 "data_dir": cfg.data_dir,
                 "num_examples": a.num_examples,
                 "seed": a.seed,
                 "batch_size": a.batch_size,
             }
-            if kind != "grams":
-                opts.update(aggregation=a.aggregation, labels=a.labels)
+            opts.update({name: getattr(a, name) for name in KINDS[kind].options})
             opts.update(a.args)
             stages.append(
                 Stage(
@@ -200,7 +200,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                 "--overwrite=true",
             ]
             deps = [f"fit/{t}" for t in combo]
-            deps += [f"fisher/{t}/{k}" for t in combo for k in ARTIFACT_KINDS if k in needs and k in kinds]
+            deps += [f"fisher/{t}/{k}" for t in combo for k in KINDS if k in needs and k in kinds]
             stages.append(
                 Stage(
                     id=f"merge/{name}/{spec.column}",

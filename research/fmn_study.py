@@ -40,14 +40,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fmn_pl.artifacts import FILES, Artifact, artifact_path  # noqa: E402
+from fmn_pl.artifacts import Artifact, artifact_path  # noqa: E402
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint  # noqa: E402
 from fmn_pl.evaluate import CACHE_FILE, EvalData, Evaluator  # noqa: E402
 from fmn_pl.files import atomic_write, save_figure, write_json  # noqa: E402
+from fmn_pl.kinds import KINDS  # noqa: E402
 from fmn_pl.merging import METHODS, MergeMethod, method_class  # noqa: E402
 from fmn_pl.merging.fmn import REFERENCE  # noqa: E402
 
-ARTIFACT_KINDS = {"mask_fisher": "mask", "full_fisher": "full", "grams": "grams"}  # artifact kind -> run_fisher kind
 VIEW_RECORD = "study_artifact.json"  # in a view: the options its artifact was computed with
 BASELINES = ("individual", "average")
 GOAL = {"mean_gain": 3.0, "wins_fraction": 0.75}  # issue 8: +3.0 points over the average, >= 15 of 20 cells
@@ -123,7 +123,7 @@ def load_grid(path: str | None, full_fisher_examples: int | None) -> dict[str, A
 def check_grid(grid: dict[str, Any]) -> list[dict[str, Any]]:
     """The merges of the grid, each checked and completed: `kind` (artifact kind or None), `artifact`, `resolved`
     (the options as the method records them). One-line errors name the entry."""
-    names = [n for kind in ARTIFACT_KINDS for n in grid.get(kind) or {}]
+    names = [n for kind in KINDS for n in grid.get(kind) or {}]
     if len(names) != len(set(names)):
         raise ValueError(f"grid: artifact variant names must be unique over all kinds, got {names}")
     merges, labels = [], set()
@@ -148,7 +148,7 @@ def check_grid(grid: dict[str, Any]) -> list[dict[str, Any]]:
             method = cls(**(m.get("options") or {}))
         except (TypeError, ValueError) as e:
             raise ValueError(f"grid merge {label!r}: bad options {m.get('options')}: {e}") from None
-        kinds = [k for k in ARTIFACT_KINDS if k in cls.needs]
+        kinds = [k for k in KINDS if k in cls.needs]
         kind = kinds[0] if kinds else None
         artifact = m.get("artifact")
         if kind is None and artifact is not None:
@@ -182,7 +182,7 @@ def make_view(src: Path, dst: Path) -> Path:
     the checkpoint's file changed)."""
     from fmn_pl.merge_output import link_or_copy
 
-    own = set(FILES.values()) | {CACHE_FILE, VIEW_RECORD}
+    own = {k.file for k in KINDS.values()} | {CACHE_FILE, VIEW_RECORD}
     dst.mkdir(parents=True, exist_ok=True)
     wanted = {f.name for f in src.iterdir() if f.is_file() and f.name not in own and not f.name.startswith(".")}
     for f in dst.iterdir():
@@ -220,7 +220,7 @@ def ensure_artifact(view: Path, kind: str, options: dict[str, Any], data_dir: st
     record.unlink(missing_ok=True)
     run_fisher(
         checkpoint=str(view),
-        kind=ARTIFACT_KINDS[kind],
+        kind=KINDS[kind].cli,
         data_dir=data_dir,
         **{"seed": 0, **options},
         trainer={"accelerator": accelerator, "devices": 1, "enable_progress_bar": False},

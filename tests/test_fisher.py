@@ -372,7 +372,8 @@ def test_cli_from_yaml(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Pat
     "args, match",
     [
         (["--task", "sst2"], "is a 'rte' checkpoint, not 'sst2'"),
-        (["--kind", "grams", "--labels", "sampled"], "Fisher kinds only"),
+        (["--kind", "grams", "--labels", "sampled"], "labels does not apply to kind 'grams'"),
+        (["--kind", "mask", "--include_padding", "true"], "include_padding does not apply to kind 'mask'"),
         (["--split", "nope"], "nope"),
     ],
 )

@@ -8,6 +8,7 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,3 +135,114 @@ def test_a_new_method_is_one_file_and_one_registry_line(
     merged, a, b = (load_file(p / "model.safetensors") for p in (out, *cks))
     key = next(k for k in merged if k.endswith("encoder.layer.0.attention.self.query.weight"))
     assert torch.equal(merged[key], torch.maximum(a[key], b[key]))
+
+
+TOY_KIND = '''
+"""How often each label occurs in the pass's examples (a toy: what an artifact kind of your own looks like)."""
+
+import contextlib
+
+import torch
+
+from fmn_pl.passes import ArtifactPass
+
+
+class LabelCounts:
+    def __init__(self, num_labels):
+        self.examples = torch.zeros((), dtype=torch.long)
+        self.counts = torch.zeros(num_labels)
+
+    def active(self):
+        return contextlib.nullcontext()
+
+    def step(self, batch):
+        labels = batch["labels"]
+        self.counts += torch.bincount(labels, minlength=len(self.counts)).float()
+        self.examples += len(labels)
+
+    def tensors(self):
+        return [self.examples, self.counts]
+
+    def result(self):
+        return {"counts": self.counts}
+
+    def meta(self):
+        return {}
+
+
+class LabelCountsPass(ArtifactPass):
+    kind = "label_counts"
+
+    def make(self, model):
+        return LabelCounts(model.config.num_labels)
+'''
+
+TOY_PRIOR_METHOD = '''
+"""Each model weighted by how many examples its label-count artifact saw (a toy method that needs the toy kind)."""
+
+from fmn_pl.merging.base import MergeMethod
+
+
+class Prior(MergeMethod):
+    needs = frozenset({"label_counts"})
+
+    def merge_tensor(self, key, models, ctx):
+        weights = [float(ctx.artifact(i, "label_counts").get("counts").sum()) for i in range(len(models))]
+        return sum(w * models[i] for i, w in enumerate(weights)) / sum(weights)
+'''
+
+
+def test_a_new_artifact_kind_is_one_file_and_one_registry_line(
+    tmp_path: Path, make_checkpoint, tiny_glue: Path, monkeypatch
+) -> None:
+    """The toy kind is computed by `fmn-pl fisher --kind`, read back checked, needed by a method (the merge finds
+    and checks it) and planned by the pipeline, with no other change."""
+    from safetensors.torch import load_file
+
+    from fmn_pl.artifacts import artifact_path, load_artifact
+    from fmn_pl.data import read_split
+    from fmn_pl.fisher_cli import main as fisher
+    from fmn_pl.kinds import KINDS, ArtifactKind
+    from fmn_pl.merge_cli import main as merge
+    from fmn_pl.merging import METHODS
+    from fmn_pl.pipeline_config import parse_config
+    from fmn_pl.stages import plan
+    from fmn_pl.tasks import get_task
+
+    (tmp_path / "toy_kinds").mkdir()
+    (tmp_path / "toy_kinds" / "__init__.py").write_text("")
+    (tmp_path / "toy_kinds" / "label_counts.py").write_text(TOY_KIND)  # the one file
+    (tmp_path / "toy_kinds" / "prior.py").write_text(TOY_PRIOR_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    toy = ArtifactKind("label_counts", "labels", "toy_kinds.label_counts:LabelCountsPass")
+    monkeypatch.setitem(KINDS, "label_counts", toy)  # the one registry line
+    monkeypatch.setitem(METHODS, "prior", "toy_kinds.prior:Prior")
+
+    cks = [make_checkpoint("rte", seed=0), make_checkpoint("mrpc", seed=1)]
+    for ck in cks:
+        common = ["--checkpoint", str(ck), "--data_dir", str(tiny_glue), "--trainer.accelerator", "cpu"]
+        fisher([*common, "--kind", "labels", "--num_examples", "null", "--split", "validation"])
+        assert artifact_path(ck, "label_counts") == ck / "label_counts.safetensors"
+    art = load_artifact(cks[0], "label_counts")
+    labels = read_split(str(tiny_glue), get_task("rte"), "validation")["label"]
+    assert art.metadata["kind"] == "label_counts" and art.metadata["task"] == "rte"
+    assert art.get("counts").tolist() == [float(sum(v == c for v in labels)) for c in (0, 1)]
+
+    out = tmp_path / "merged"
+    merge(["--method", "prior", "--checkpoints", *map(str, cks), "--output", str(out), "--evaluate", "false"])
+    n = [float(load_artifact(c, "label_counts").get("counts").sum()) for c in cks]
+    merged, a, b = (load_file(p / "model.safetensors") for p in (out, *cks))
+    key = next(k for k in merged if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    torch.testing.assert_close(merged[key], (n[0] * a[key] + n[1] * b[key]) / sum(n))
+    (cks[1] / "label_counts.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"fmn-pl fisher --checkpoint \S+ --kind labels"):
+        merge(["--method", "prior", "--checkpoints", *map(str, cks), "--output", str(tmp_path / "m2")])
+
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(
+        f"model: {cks[0]}\ntasks: [rte, mrpc]\ndata_dir: {tiny_glue}\noutput: {tmp_path / 'run'}\n"
+        "merge:\n  methods: [{name: prior}]\n"
+    )
+    stages = {s.id: s for s in plan(parse_config(["--config", str(cfg)])[0])}
+    assert stages["fisher/rte/label_counts"].options["kind"] == "labels"
+    assert "fisher/mrpc/label_counts" in stages["merge/rte+mrpc/prior"].deps
