@@ -252,23 +252,12 @@ class AdaMerging(MergeMethod):
     def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
         import tempfile
 
-        from fmn_pl.merging.task_arithmetic import owns_tensors
         from fmn_pl.module import load_model
         from fmn_pl.tasks import get_task
 
         adapt = self._adapted(ctx)
         base = {k: ctx.base(k) for k in ctx.keys}
-        if self.plus:
-            taus = ties_processed_vectors(ctx, self.top_k)
-        else:
-            taus = [
-                {
-                    k: (t.sub_(base[k]) if owns_tensors(ctx, i) else t - base[k])
-                    for k in ctx.keys
-                    for t in (ctx.models(k)[i],)
-                }
-                for i in range(ctx.num_models)
-            ]
+        taus = ties_processed_vectors(ctx, self.top_k) if self.plus else _task_vectors(ctx, base)
         models = []
         for c, t, a in zip(ctx.checkpoints, ctx.tasks, adapt):
             model = load_model(str(c), get_task(t)) if a else None
@@ -282,6 +271,20 @@ class AdaMerging(MergeMethod):
             root = ctx.workdir if ctx.workdir is not None else Path(scratch)
             train_coefficients(module, loaders, self.steps, root, ctx.accelerator, ctx.progress)
         coef = module.effective().detach().cpu()
+        self._note_coefficients(ctx, module, coef, adapt)
+        with torch.no_grad():
+            for j, key in enumerate(module.keys):
+                w = coef if self.granularity == "task" else coef[:, j]
+                merged = module._base.pop(key).cpu()
+                for t, tau in enumerate(module._taus):
+                    merged.add_(tau.pop(key).cpu(), alpha=float(w[t]))
+                yield key, merged
+
+    def _note_coefficients(
+        self, ctx: MergeContext, module: AdaMergingModule, coef: torch.Tensor, adapt: list[bool]
+    ) -> None:
+        """Record the learned coefficients and the entropy of the first and last step in the notes, and say them
+        in a remark (per task; the mean over tensors when layer-wise)."""
         named = {
             t: (float(coef[i]) if self.granularity == "task" else dict(zip(module.keys, coef[i].tolist())))
             for i, t in enumerate(ctx.tasks)
@@ -305,10 +308,14 @@ class AdaMerging(MergeMethod):
             + "; entropy first -> last step: "
             + ", ".join(f"{t} {module.history[0][t]:.3f} -> {module.history[-1][t]:.3f}" for t in module.history[0])
         )
-        with torch.no_grad():
-            for j, key in enumerate(module.keys):
-                w = coef if self.granularity == "task" else coef[:, j]
-                merged = module._base.pop(key).cpu()
-                for t, tau in enumerate(module._taus):
-                    merged.add_(tau.pop(key).cpu(), alpha=float(w[t]))
-                yield key, merged
+
+
+def _task_vectors(ctx: MergeContext, base: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Each model's task vector over the body (its fine-tuned weights minus `base`), in place where the
+    merge owns the model's tensors, so only one copy per model is held."""
+    from fmn_pl.merging.task_arithmetic import owns_tensors
+
+    return [
+        {k: (t.sub_(base[k]) if owns_tensors(ctx, i) else t - base[k]) for k in ctx.keys for t in (ctx.models(k)[i],)}
+        for i in range(ctx.num_models)
+    ]
