@@ -20,56 +20,18 @@ def load_model(
     name_or_path: str, task: GlueTask, num_labels: int | None = None, attn_implementation: str | None = None
 ) -> nn.Module:
     """`AutoModelForSequenceClassification` for `task`, with one-line errors for the usual mistakes."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     if num_labels is not None and num_labels != task.num_labels:
         raise ValueError(f"num_labels={num_labels} disagrees with task {task.name!r}, which has {task.num_labels}")
     if is_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"model {name_or_path} does not exist (give a local folder or a hub model name)")
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        if Path(name_or_path).expanduser().is_dir() and not (Path(name_or_path).expanduser() / "config.json").is_file():
-            raise ValueError(f"model folder {name_or_path} has no config.json: not a Hugging Face model folder") from e
-        raise ValueError(f"{name_or_path} is not a Hugging Face model folder or hub name: {_first_line(e)}") from e
+    config = _load_config(name_or_path)
     trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if trained_head and config.num_labels != task.num_labels:
         raise ValueError(
             f"{name_or_path} has a {config.num_labels}-label classifier head but task {task.name!r} needs "
             f"{task.num_labels}"
         )
-    labels = (
-        {}
-        if task.is_regression
-        else {
-            "id2label": dict(enumerate(task.label_names)),
-            "label2id": {n: i for i, n in enumerate(task.label_names)},
-        }
-    )
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path,
-            num_labels=task.num_labels,
-            problem_type="regression" if task.is_regression else "single_label_classification",
-            output_loading_info=True,
-            **labels,
-            **kwargs,
-        )
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e):
-            raise ValueError(
-                f"{name_or_path} ({config.model_type}) has no sequence-classification model in transformers"
-            ) from e
-        raise
-    except OSError as e:  # e.g. a config.json without weight files
-        raise ValueError(f"cannot load model weights from {name_or_path}: {_first_line(e)}") from e
-    except Exception as e:  # a truncated or corrupt weight file
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise ValueError(
-            f"{name_or_path}: model.safetensors cannot be read ({_first_line(e)}); export or download it again"
-        ) from e
+    model, info = _from_pretrained(name_or_path, task, config.model_type, attn_implementation)
     # A task checkpoint must load exactly: a tensor left out or left over means config.json and the weights
     # disagree (e.g. 5 layers declared, 6 stored), and every later stage would compute on the wrong model.
     if trained_head and (
@@ -84,6 +46,59 @@ def load_model(
             f"missing, left over or of another shape, e.g. {sorted(odd)[0]})"
         )
     return model
+
+
+def _load_config(name_or_path: str) -> Any:
+    """The model's `AutoConfig`, or a one-line error saying why `name_or_path` is not a model folder or name."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        if Path(name_or_path).expanduser().is_dir() and not (Path(name_or_path).expanduser() / "config.json").is_file():
+            raise ValueError(f"model folder {name_or_path} has no config.json: not a Hugging Face model folder") from e
+        raise ValueError(f"{name_or_path} is not a Hugging Face model folder or hub name: {_first_line(e)}") from e
+
+
+def _from_pretrained(
+    name_or_path: str, task: GlueTask, model_type: str, attn_implementation: str | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, loading info) with `task`'s labels and problem type, or a one-line error for an architecture
+    without a classifier, missing weights or an unreadable weight file."""
+    from transformers import AutoModelForSequenceClassification
+
+    labels = (
+        {}
+        if task.is_regression
+        else {
+            "id2label": dict(enumerate(task.label_names)),
+            "label2id": {n: i for i, n in enumerate(task.label_names)},
+        }
+    )
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name_or_path,
+            num_labels=task.num_labels,
+            problem_type="regression" if task.is_regression else "single_label_classification",
+            output_loading_info=True,
+            **labels,
+            **kwargs,
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise ValueError(
+                f"{name_or_path} ({model_type}) has no sequence-classification model in transformers"
+            ) from e
+        raise
+    except OSError as e:  # e.g. a config.json without weight files
+        raise ValueError(f"cannot load model weights from {name_or_path}: {_first_line(e)}") from e
+    except Exception as e:  # a truncated or corrupt weight file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(
+            f"{name_or_path}: model.safetensors cannot be read ({_first_line(e)}); export or download it again"
+        ) from e
 
 
 def _first_line(e: BaseException) -> str:
