@@ -167,7 +167,7 @@ def ties_processed_vectors(ctx: MergeContext, top_k: float) -> list[dict[str, to
     for key in ctx.keys:
         base = ctx.base(key)
         positive = ties.elected_positive(key, ctx, base)
-        for i, t in enumerate(ties._trimmed(ctx, key, base)):
+        for i, t in enumerate(ties.trimmed(ctx, key, base)):
             out[i][key] = t.mul_(torch.where(positive, t > 0, t < 0))
     return out
 

@@ -7,14 +7,23 @@
 3. Disjoint mean: the mean of the trimmed entries whose sign agrees with the elected one.
 theta = theta0 + lambda * tau_merged.
 
-Memory: the thresholds need one model's |tau| over the whole body at a time (one flat float32 body copy,
-partitioned in place); then, per tensor, the base, two accumulators and one model's task vector.
-Passes: one per model for the thresholds, one over all models for the majority sign, then two per tensor.
+Reads: the thresholds need every model's whole body before any entry can be trimmed, so each model is read
+once for them (one pass per model, each with the base); then each tensor is read once more from every model
+and once from the base (`ElectedSums`: the trimmed sum, and the sums and counts of the positive and of the
+negative trimmed entries, in one pass over the models), so a merge reads each checkpoint twice and the base
+M + 1 times (it was 4 and M + 2). The elected sign picks the positive or the negative mean. The majority
+sign is only known once every tensor's sums are: the merged body waits in the flat buffer the thresholds
+used, and the few entries whose sum is exactly 0 while some trimmed entry is not (the only ones the majority
+changes) keep both means until it is known.
+
+Memory: one flat float32 body (the thresholds' |tau|, then the merged body), and per tensor the base, five
+accumulators and one model's task vector; it does not grow with the number of models.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -22,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fmn_pl.merging.base import MergeContext
-from fmn_pl.merging.task_arithmetic import GRID, Objective, TaskVectorMethod
+from fmn_pl.merging.task_arithmetic import GRID, Objective, TaskVectorMethod, select_scaling
 
 
 def topk_threshold(magnitudes: np.ndarray, top_k: float) -> float:
@@ -52,6 +61,49 @@ def disjoint_mean(trimmed: Iterable[torch.Tensor], positive: torch.Tensor) -> to
         del t, keep  # before the next task vector is computed
     assert num is not None and count is not None
     return num.div_(count.clamp_min(1))
+
+
+@dataclass
+class ElectedSums:
+    """One tensor's trimmed vectors, summed in one pass over the models: everything the sign election and the
+    disjoint mean need, whichever sign is elected (a handful of accumulators, not the M vectors)."""
+
+    total: torch.Tensor  # the trimmed sum (its sign is the elected one; 0: the majority sign)
+    pos_sum: torch.Tensor  # the sum of the positive trimmed entries
+    pos_count: torch.Tensor  # how many (int16)
+    neg_sum: torch.Tensor
+    neg_count: torch.Tensor
+
+    @classmethod
+    def of(cls, trimmed: Iterable[torch.Tensor]) -> ElectedSums:
+        """The sums of the trimmed vectors (modifies the first in place; the models in order, as the reference's
+        sums). Each vector is dropped before the next is computed."""
+        sums = None
+        for t in trimmed:
+            pos, neg = t > 0, t < 0
+            if sums is None:
+                sums = cls(t, t.clamp_min(0.0), pos.to(torch.int16), t.clamp_max(0.0), neg.to(torch.int16))
+            else:
+                sums.pos_sum.add_(t.clamp_min(0.0))
+                sums.neg_sum.add_(t.clamp_max(0.0))
+                sums.pos_count.add_(pos)
+                sums.neg_count.add_(neg)
+                sums.total.add_(t)
+            del t, pos, neg
+        assert sums is not None, "TIES needs at least one model"
+        return sums
+
+    def positive_mean(self) -> torch.Tensor:
+        """The disjoint mean where the elected sign is positive (consumes pos_sum)."""
+        return self.pos_sum.div_(self.pos_count.clamp_min(1))
+
+    def negative_mean(self) -> torch.Tensor:
+        """The disjoint mean where the elected sign is negative (consumes neg_sum)."""
+        return self.neg_sum.div_(self.neg_count.clamp_min(1))
+
+    def signs(self) -> int:
+        """This tensor's share of the majority vote: #(sum > 0) - #(sum < 0)."""
+        return int((self.total > 0).sum()) - int((self.total < 0).sum())
 
 
 class Ties(TaskVectorMethod):
@@ -84,13 +136,19 @@ class Ties(TaskVectorMethod):
         self.top_k = top_k
         self._thresholds: list[float] = []
         self._majority = 1.0
+        self._vector: dict[str, torch.Tensor] = {}
 
     def setup(self, ctx: MergeContext) -> None:
-        """Each model's global magnitude threshold (one model at a time), then the majority sign."""
+        """The thresholds, the majority sign and the merged task vector of every tensor (before lambda), kept for
+        `merged_vector`: each checkpoint is read twice, the base M + 1 times."""
+        self._vector = self._merge_body(ctx, None)
+
+    def _merge_body(self, ctx: MergeContext, scaling: float | None) -> dict[str, torch.Tensor]:
+        """{key: theta0 + scaling * tau_merged} (or tau_merged when `scaling` is None), views of one flat buffer."""
         numel = sum(math.prod(ctx.readers[0].shape(k)) for k in ctx.keys)
         buf = np.empty(numel, dtype=np.float32)
         self._thresholds = []
-        for i in tqdm(range(ctx.num_models), desc="ties thresholds", leave=False):
+        for i in tqdm(range(ctx.num_models), desc="ties thresholds", leave=False, disable=not ctx.progress):
             pos = 0
             for key in ctx.keys:
                 tau = self.task_vector(ctx, i, key, ctx.base(key))
@@ -98,42 +156,88 @@ class Ties(TaskVectorMethod):
                 pos += tau.numel()
                 del tau
             self._thresholds.append(topk_threshold(buf, self.top_k))
-        del buf
-        total = 0
-        for key in ctx.keys:
-            s = self._trimmed_sum(key, ctx, ctx.base(key))
-            total += int((s > 0).sum()) - int((s < 0).sum())
-        self._majority = float(np.sign(total))
-        ctx.notes["ties"] = {"thresholds": self._thresholds, "majority_sign": self._majority}
 
-    def _trimmed(self, ctx: MergeContext, key: str, base: torch.Tensor) -> Iterator[torch.Tensor]:
+        # The buffer's values are spent: it holds the merged body now. Where a tensor's trimmed sum is exactly 0
+        # but some trimmed entry is not, the result waits for the majority sign: (key, flat indices, positive
+        # mean, negative mean, base values).
+        flat = torch.from_numpy(buf)
+        out: dict[str, torch.Tensor] = {}
+        pending: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        votes, pos = 0, 0
+        for key in tqdm(ctx.keys, desc="ties merge", leave=False, disable=not ctx.progress):
+            base = ctx.base(key)
+            sums = ElectedSums.of(self.trimmed(ctx, key, base))
+            votes += sums.signs()
+            open_ = ((sums.total == 0) & ((sums.pos_count > 0) | (sums.neg_count > 0))).reshape(-1).nonzero()[:, 0]
+            merged = flat[pos : pos + base.numel()].view(base.shape)
+            pos += base.numel()
+            pos_mean, neg_mean = sums.positive_mean(), sums.negative_mean()
+            torch.where(sums.total > 0, pos_mean, neg_mean, out=merged)  # the zero sums: negative until known
+            if len(open_):
+                kept = base.reshape(-1)[open_] if scaling is not None else None
+                pending.append((key, open_, pos_mean.reshape(-1)[open_], neg_mean.reshape(-1)[open_], kept))
+            del sums, pos_mean, neg_mean
+            if scaling is not None:
+                merged.mul_(scaling).add_(base)
+            out[key] = merged
+            del base, merged
+        self._majority = float(np.sign(votes))
+        for key, idx, pos_mean, neg_mean, kept in pending:
+            value = pos_mean if self._majority > 0 else neg_mean
+            if kept is not None:
+                value = value.mul_(scaling).add_(kept)
+            out[key].view(-1)[idx] = value
+        ctx.notes["ties"] = {"thresholds": self._thresholds, "majority_sign": self._majority}
+        return out
+
+    def trimmed(self, ctx: MergeContext, key: str, base: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Each model's trimmed task vector of one tensor, one at a time (needs `setup`'s thresholds)."""
         for i, tau in enumerate(self.task_vectors(ctx, key, base)):
             yield trim(tau, self._thresholds[i])
             del tau
 
-    def _trimmed_sum(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
-        acc = None
-        for t in self._trimmed(ctx, key, base):
-            acc = t if acc is None else acc.add_(t)
-            del t
-        assert acc is not None
-        return acc
-
     def elected_positive(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
         """True where the elected sign is positive: the trimmed sum's sign, the majority sign where it is 0."""
-        s = self._trimmed_sum(key, ctx, base)
+        s = None
+        for t in self.trimmed(ctx, key, base):
+            s = t if s is None else s.add_(t)
+            del t
+        assert s is not None
         positive = s > 0
         if self._majority > 0:
             positive |= s == 0
         return positive
 
     def merged_vector(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
-        positive = self.elected_positive(key, ctx, base)
-        return disjoint_mean(self._trimmed(ctx, key, base), positive)
+        """The merged task vector of one tensor (before lambda): the one `setup` kept (handed out once), else
+        computed again from one more read of every model."""
+        if key in self._vector:
+            return self._vector.pop(key)
+        sums = ElectedSums.of(self.trimmed(ctx, key, base))
+        positive = sums.total > 0
+        if self._majority > 0:
+            positive |= sums.total == 0
+        return torch.where(positive, sums.positive_mean(), sums.negative_mean())
+
+    def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.scaling is not None:  # theta0 + lambda * tau_merged straight into the buffer: no third base read
+            body = self._merge_body(ctx, self.scaling)
+            for key in ctx.keys:
+                yield key, body.pop(key)
+            return
+        self.setup(ctx)
+        vector, self._vector = self._vector, {}
+        lam = select_scaling(
+            ctx, vector, self.scalings, self.name, objective=self.objective, average=self.average_scaling(ctx)
+        )
+        for key in ctx.keys:
+            yield key, vector.pop(key).mul_(lam).add_(ctx.base(key))
 
 
 def ties_task_vector(ctx: MergeContext, top_k: float = 20.0) -> dict[str, torch.Tensor]:
-    """The TIES merged task vector (before lambda) of every body tensor, held in memory (TALL/Consensus use it)."""
+    """The TIES merged task vector (before lambda) of every body tensor, views of one flat buffer in memory
+    (TALL/Consensus use it)."""
     method = Ties(top_k=top_k, scaling=1.0)
     method.setup(ctx)
-    return {k: method.merged_vector(k, ctx, ctx.base(k)) for k in tqdm(ctx.keys, desc="ties vector", leave=False)}
+    vector, method._vector = method._vector, {}
+    return vector
