@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from fmn_pl.pipeline_config import PipelineConfig
 from fmn_pl.stages import Identities, Stage, freshness, plan
@@ -30,50 +30,65 @@ def check_source(what: str, source: str, paths: Callable[[Path], list[Path]]) ->
 
 
 def check_args(stage: Stage) -> Optional[str]:
-    """Parse the stage's command line with the stage's own parser (nothing instantiated): the error, or None."""
+    """Check the stage's options with the stage's own parser (nothing instantiated): the error, or None."""
     import io
 
     if stage.kind == "report":
         return None
-    argv = [*stage.argv, *(stage.launch.argv() if stage.launch else [])]
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            if stage.kind == "fit":
-                from fmn_pl.data import GLUEDataModule
-                from fmn_pl.fit import FmnCLI
-                from fmn_pl.module import GLUETransformer
-
-                class Parse(FmnCLI):  # parse only: no seed set, no model loaded
-                    def _set_seed(self) -> None:
-                        pass
-
-                    def instantiate_classes(self) -> None:
-                        pass
-
-                conf = next(iter(stage.files.values()))  # the generated config, not yet written
-                Parse(
-                    GLUETransformer,
-                    GLUEDataModule,
-                    args=["--config", conf, *argv[2:]],
-                    run=False,
-                    seed_everything_default=False,
-                )
-            elif stage.kind == "merge":
-                from fmn_pl.merge_cli import build_parser, normalize_argv
-
-                build_parser().parse_args(normalize_argv(argv))
-            else:
-                from fmn_pl.fisher_cli import build_parser as fisher_parser
-
-                fisher_parser().parse_args(argv)
+            parse(stage.kind, stage.call)
     except SystemExit as e:
         lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
         return lines[-1] if lines else f"exit status {e.code}"
     except Exception as e:  # noqa: BLE001 - any failure to parse is one line of the dry run
-        text = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {text[0] if text else ''}"
+        from fmn_pl.errors import one_line
+
+        return f"{type(e).__name__}: {one_line(e)}"
     return None
+
+
+def parse(kind: str, call: dict[str, Any]) -> None:
+    """Parse a stage's options as `fmn-pl <kind> --config` would; raises on a bad one."""
+    if kind == "fit":
+        from fmn_pl.data import GLUEDataModule
+        from fmn_pl.fit import FmnCLI
+        from fmn_pl.module import GLUETransformer
+
+        class Parse(FmnCLI):  # parse only: no seed set, no model loaded
+            def _set_seed(self) -> None:
+                pass
+
+            def instantiate_classes(self) -> None:
+                pass
+
+        Parse(GLUETransformer, GLUEDataModule, args=call, run=False, seed_everything_default=False)
+    elif kind == "merge":
+        from fmn_pl.merge_cli import build_parser, class_path
+
+        method = call["method"]
+        build_parser().parse_object({**call, "method": {**method, "class_path": class_path(method["class_path"])}})
+    else:
+        from fmn_pl.fisher_cli import build_parser as fisher_parser
+
+        fisher_parser().parse_object(call)
+
+
+def options_line(stage: Stage) -> str:
+    """The options of a stage that say what it does, on one line (the config file is not written in a dry run):
+    a merge's method, a Fisher pass's kind and caps, a fine-tuning's recipe."""
+    import json
+
+    call = stage.call
+    if stage.kind == "fit":
+        shown = {**call.get("model", {}), **{k: call.get("trainer", {}).get(k) for k in ("max_epochs", "devices")}}
+        shown.pop("model_name_or_path", None)
+    elif stage.kind == "merge":
+        shown = {"method": call["method"]["class_path"], **call["method"]["init_args"]}
+    else:
+        shown = {k: call.get(k) for k in ("kind", "num_examples", "aggregation", "labels") if k in call}
+    return json.dumps(shown, separators=(",", ":"))
 
 
 def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> list[str]:
@@ -107,7 +122,7 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> list[st
         counts[state] = counts.get(state, 0) + 1
         echo(f"[{n:>{width}}/{len(stages)}] {stage.id}: {state}{'' if why is None else f' ({why})'}")
         if why is not None and stage.kind != "report":
-            echo(f"    $ {' '.join(stage.command())}")
+            echo(f"    $ {' '.join(stage.command())}  # {options_line(stage)}")
     for note in notes:
         echo(f"note: {note}")
     for problem in problems:

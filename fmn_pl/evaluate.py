@@ -10,7 +10,6 @@ Results of individual checkpoints can be cached beside them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fmn_pl.checkpoint import CheckpointMeta, task_datamodule
-from fmn_pl.files import write_json
+from fmn_pl.files import sha256_json, write_json
 from fmn_pl.options import is_local_path
 
 if TYPE_CHECKING:
@@ -242,7 +241,7 @@ class EvalCache:
 
     @staticmethod
     def digest(key: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
+        return sha256_json({"v": CACHE_VERSION, **key})
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:

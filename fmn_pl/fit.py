@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -172,8 +173,29 @@ class FmnCLI(LightningCLI):
             ) from e
 
 
-def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> FmnCLI:
-    """The fit/validate/test/predict CLI (also used by tests and the pipeline)."""
+@dataclass
+class FitResult:
+    """What `run_fit` exported: the task checkpoint and its epoch's validation metrics."""
+
+    checkpoint: Path | None
+    """The task checkpoint folder (None when the config sets no `export.dirpath`)."""
+    metrics: dict[str, float]
+    """Validation metrics of the exported epoch (`val/score`, ...)."""
+    epoch: int | None
+
+
+def run_fit(config: dict[str, Any]) -> FitResult:
+    """Fine-tune one task from a config with the layout of `configs/fit/*.yaml` (model, data, trainer, export,
+    seed_everything, ckpt_path), as `fmn-pl fit --config` would, and return what it exported."""
+    cli = lightning_cli({"fit": config})
+    export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportCheckpoint))
+    folder = Path(export.dirpath) if export.dirpath is not None else None
+    return FitResult(folder, dict(export.best_metrics or {}), export.best_epoch)
+
+
+def lightning_cli(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True) -> FmnCLI:
+    """The fit/validate/test/predict CLI (also used by tests and `run_fit`): `args` as a command line, or as a
+    config ({"fit": {...}}); None reads the process's own command line."""
     return FmnCLI(
         GLUETransformer,
         GLUEDataModule,

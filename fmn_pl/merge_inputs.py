@@ -5,8 +5,6 @@ and the base model when the method needs one (`check_inputs` -> `Inputs`, the me
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +13,7 @@ import torch
 
 from fmn_pl.artifacts import Artifact, artifact_path, load_artifact
 from fmn_pl.checkpoint import CheckpointMeta, weights_fingerprint
+from fmn_pl.files import sha256_json
 from fmn_pl.kinds import KINDS, fisher_command
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
 from fmn_pl.options import is_local_path
@@ -99,8 +98,7 @@ def tokenizer_signature(folder: str | Path) -> str:
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder} has no loadable tokenizer: {e}") from e
     probe = tok("Hello WORLD, naïve café 12345 don't!", "Second SEGMENT.")["input_ids"]
-    blob = json.dumps([type(tok).__name__.removesuffix("Fast"), sorted(tok.get_vocab().items()), probe])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return sha256_json([type(tok).__name__.removesuffix("Fast"), sorted(tok.get_vocab().items()), probe])
 
 
 def resolve_model(name_or_path: str) -> Path:

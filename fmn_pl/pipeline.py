@@ -1,11 +1,14 @@
 """`fmn-pl pipeline`: fine-tune, compute artifacts, merge, evaluate and report from one config, resumably.
 
-The pipeline runs the stage CLIs in order, with options it generates from its own config:
+The pipeline calls the stage functions in order, with options it derives from its own config:
 
-    fit/<task>               fmn-pl fit     -> <output>/checkpoints/<task>/           (task checkpoint)
-    fisher/<task>/<kind>     fmn-pl fisher  -> <output>/checkpoints/<task>/<kind>.safetensors
-    merge/<combo>/<label>    fmn-pl merge   -> <output>/merges/<combo>/<label>/report.json, merged body
+    fit/<task>               run_fit     -> <output>/checkpoints/<task>/           (task checkpoint)
+    fisher/<task>/<kind>     run_fisher  -> <output>/checkpoints/<task>/<kind>.safetensors
+    merge/<combo>/<label>    run_merge   -> <output>/merges/<combo>/<label>/report.json, merged body
     report                   combined JSON, Markdown table and plots -> <output>/report.*, <output>/plots/
+
+Each stage's options are also written to <output>/configs/<stage>.yaml, so `fmn-pl <stage> --config` reruns
+it alone, exactly as the pipeline ran it.
 
 Resume: after a stage succeeds its stamp `<output>/stamps/<stage>.json` is written last, atomically. It
 holds a key (a hash of the stage's options and of the identities of everything it read: checkpoint
@@ -14,9 +17,11 @@ wrote. A rerun skips a stage whose stamp has the same key and whose outputs stil
 recomputed loses its stamp first, so an interrupted stage is never mistaken for a finished one.
 Where a stage ran (devices, nodes, strategy) and the code version are not part of the key.
 
-Stages with one process run inside the pipeline's process; a stage with more devices or nodes, or a
-DDP-like strategy, runs as its own `python -m fmn_pl.cli <stage>` process so Lightning's launcher
-starts its ranks exactly as it does for a standalone stage. Under srun or torchrun (one pipeline per
+Stages with one process are function calls in the pipeline's process, their output in the stage's log; a
+stage with more devices or nodes, or a DDP-like strategy, runs as its own `fmn-pl <stage> --config` process,
+so Lightning's launcher starts its ranks exactly as it does for a standalone stage (its DDP launcher starts
+the other ranks by running the process's own command line again: the pipeline's would rerun the pipeline).
+Under srun or torchrun (one pipeline per
 rank), every rank runs the multi-process stages; single-process stages (merges, the report, and any
 stage with one device) run on global rank 0 only. Merging and evaluation are always one process.
 """
@@ -32,7 +37,7 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from fmn_pl.dry_run import dry_run
 from fmn_pl.files import atomic_write, write_json
@@ -49,7 +54,7 @@ from fmn_pl.ranks import (
     tail,
 )
 from fmn_pl.resources import peak_rss_mb, reset_peak
-from fmn_pl.stages import Identities, Stage, freshness, plan, read_stamp, stamp_path
+from fmn_pl.stages import Identities, Stage, freshness, nest, plan, read_stamp, stamp_path
 
 
 class StageFailed(RuntimeError):
@@ -77,80 +82,95 @@ def check_fresh_output(stage: Stage, started: float, log: Path) -> None:
         )
 
 
-def write_files(stage: Stage) -> None:
-    for name, text in stage.files.items():
-        atomic_write(name, text)
-
-
 def resume_folder(stage: Stage, cfg: PipelineConfig, key: str) -> Path:
     """Where a fine-tuning stage stopped by SIGTERM leaves its resumable `last.ckpt`: one folder per stage key,
     so a rerun with the same options goes on from it and one with other options starts afresh."""
     return Path(cfg.output) / "resume" / f"{stage.id.split('/')[1]}-{key[:16]}"
 
 
-def resume_argv(stage: Stage, cfg: PipelineConfig, key: str) -> list[str]:
-    """The fine-tuning stage's `--export.resume_dir`, and `--ckpt_path` when a SIGTERM left a checkpoint there."""
+def stage_call(stage: Stage, cfg: PipelineConfig, key: str) -> dict[str, Any]:
+    """The stage's options as this run calls it: a fine-tuning stage also gets its `export.resume_dir`, and its
+    `ckpt_path` when a SIGTERM left a checkpoint there (it resumes)."""
     if stage.kind != "fit" or not key:
-        return []
+        return stage.call
     folder = resume_folder(stage, cfg, key)
     last = folder / "last.ckpt"
-    if not last.is_file():
-        return [f"--export.resume_dir={folder}"]
-    print(f"resuming from {last} (left by SIGTERM)", file=sys.stderr)
-    return [f"--export.resume_dir={folder}", f"--ckpt_path={last}"]
+    resume: dict[str, Any] = {"export.resume_dir": str(folder)}
+    if last.is_file():
+        print(f"resuming from {last} (left by SIGTERM)", file=sys.stderr)
+        resume["ckpt_path"] = str(last)
+    return nest(stage.call, resume)
 
 
-def stage_main(kind: str) -> Callable[[list[str]], object]:
-    """The function behind `fmn-pl <kind>`, taking its argv: the stage runs in this process as it runs alone."""
+def call_stage(kind: str, call: dict[str, Any]) -> object:
+    """Run a stage in this process: its function with its options (the result: an export, artifact or report)."""
     if kind == "fit":
-        from fmn_pl.fit import lightning_cli
+        from fmn_pl.fit import run_fit
 
-        return lambda argv: lightning_cli(["fit", *argv])
-    from fmn_pl import fisher_cli, merge_cli
+        return run_fit(call)
+    if kind == "fisher":
+        from fmn_pl.fisher_cli import run_fisher
 
-    return {"fisher": fisher_cli.main, "merge": merge_cli.main}[kind]
+        return run_fisher(**call)
+    import yaml
+
+    from fmn_pl.merge import run_merge
+    from fmn_pl.merging import method_class
+
+    spec = call["method"]
+    method = method_class(spec["class_path"])(**spec["init_args"])
+    return run_merge(**{**call, "method": method}, config_yaml=yaml.safe_dump(call, sort_keys=False))
 
 
 def run_stage(
     stage: Stage, cfg: PipelineConfig, log: Path, alone: bool = False, port_offset: int = 0, key: str = ""
 ) -> None:
-    """Run one stage: in this process when it needs no launcher, else as `python -m fmn_pl.cli <stage>`.
+    """Run one stage: in this process when it needs no launcher, else as `fmn-pl <stage> --config <its config>`.
 
     `alone`: a single-process stage under an external launcher; it runs in a child process that does not see
     the launcher's rank variables (so Lightning does not wait for ranks that will never join). `port_offset`:
     the stage's number, which every rank knows, for a port of its own under torchrun."""
-    write_files(stage)
+    import yaml
+
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"$ {' '.join(stage.command())}\n")
     if stage.kind == "report":
         with output_to(log):
             write_report(cfg)
         return
-    argv = [*stage.argv, *(stage.launch.argv() if stage.launch else []), *resume_argv(stage, cfg, key)]
+    call = stage_call(stage, cfg, key)
+    if stage.config is not None:  # its own command runs it alone as here (every rank writes the same file)
+        atomic_write(stage.config, yaml.safe_dump(call, sort_keys=False))
     if not alone and not on_every_rank(stage):
-        from fmn_pl.errors import EXIT_SIGNAL, is_user_error, one_line, run_interruptible
-
-        saved_argv = sys.argv
-        sys.argv = ["fmn-pl", stage.kind, *argv]  # what the stage would see when run alone
         with output_to(log):
-            try:
-                run_interruptible(lambda: stage_main(stage.kind)(argv))
-            except SystemExit as e:
-                if e.code in EXIT_SIGNAL:
-                    raise  # interrupted: the pipeline stops too, with the same status
-                if e.code not in (0, None):
-                    raise StageFailed(f"exit status {e.code}") from e
-            except BaseException as e:  # in the log as the shell would show it
-                if isinstance(e, Exception) and is_user_error(e):
-                    print(f"fmn-pl {stage.kind}: error: {one_line(e)}", file=sys.stderr)
-                else:
-                    traceback.print_exc()
-                raise
-            finally:
-                sys.argv = saved_argv
+            run_in_process(stage.kind, call)
         return
-    # Its own process: Lightning's launcher starts the other ranks from this command line, or, under
-    # srun/torchrun, this process is one rank (it inherits the launcher's environment).
+    run_in_child(stage, log, alone, port_offset)
+
+
+def run_in_process(kind: str, call: dict[str, Any]) -> None:
+    """A stage as a function call in this process, its errors in the log as the shell would show them."""
+    from fmn_pl.errors import EXIT_SIGNAL, is_user_error, one_line, run_interruptible
+
+    try:
+        run_interruptible(lambda: call_stage(kind, call))
+    except SystemExit as e:
+        if e.code in EXIT_SIGNAL:
+            raise  # interrupted: the pipeline stops too, with the same status
+        if e.code not in (0, None):
+            raise StageFailed(f"exit status {e.code}") from e
+    except BaseException as e:
+        if isinstance(e, Exception) and is_user_error(e):
+            print(f"fmn-pl {kind}: error: {one_line(e)}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        raise
+
+
+def run_in_child(stage: Stage, log: Path, alone: bool, port_offset: int) -> None:
+    """A stage that needs a launcher, as its own `python -m fmn_pl.cli <kind> --config <file>` process: Lightning's
+    launcher starts the other ranks from that command line, or, under srun/torchrun, this process is one rank (it
+    inherits the launcher's environment)."""
     env = dict(os.environ)
     if alone:
         for var in LAUNCHER_VARS:
@@ -160,7 +180,7 @@ def run_stage(
         # stage's (dead) addresses: each stage gets its own store, hosted by its rank 0 on a port of its own.
         env["TORCHELASTIC_USE_AGENT_STORE"] = "False"
         env["MASTER_PORT"] = str(int(env.get("MASTER_PORT", "29500")) + 1 + port_offset)
-    cmd = [sys.executable, "-m", "fmn_pl.cli", stage.kind, *argv]
+    cmd = [sys.executable, "-m", "fmn_pl.cli", *stage.command()[1:]]
     with open(log, "a") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc in (143, 130, -15, -2):  # the stage's process was stopped by a signal: so is the pipeline

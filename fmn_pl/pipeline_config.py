@@ -30,9 +30,6 @@ class Launch:
     strategy: str = "auto"
     """Lightning strategy: "auto", "ddp", ... (a DDP-like strategy runs the stage in its own process)."""
 
-    def argv(self) -> list[str]:
-        return [f"--trainer.{f.name}={getattr(self, f.name)}" for f in fields(self)]
-
     def world(self) -> int:
         """Processes this stage needs (-1 when Lightning decides: `devices: auto` or a device list)."""
         try:

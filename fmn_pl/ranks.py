@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -63,25 +62,26 @@ def on_every_rank(stage: Stage) -> bool:
 
 @contextlib.contextmanager
 def output_to(log: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (Python and C level) to `log` while the block runs."""
+    """Send what this process prints (stdout, stderr, and the stream log handlers, e.g. Lightning's and
+    transformers', which hold the stream they were made with) to `log` while the block runs. Python-level: no
+    file descriptors are swapped, so what C code writes to them (rare) stays on the console."""
+    import logging
+
     log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    handlers = [
+        h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers if type(h) is logging.StreamHandler
+    ]
+    streams = [h.stream for h in handlers]  # swapped as they are (setStream would flush them: one may be closed)
     with open(log, "a", buffering=1) as f:
-        saved = os.dup(1), os.dup(2)
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
+        for h in handlers:
+            h.stream = f
         try:
             with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
                 yield
         finally:
-            for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-                if stream is not None:
-                    stream.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+            for h, stream in zip(handlers, streams):
+                h.stream = stream
 
 
 def tail(path: Path, lines: int = 25) -> str:

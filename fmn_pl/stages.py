@@ -3,16 +3,17 @@ the identities of its inputs), so a rerun knows what is up to date from the stam
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from fmn_pl.files import sha256_file, sha256_json
 from fmn_pl.kinds import KINDS
 from fmn_pl.pipeline_config import (
     ArtifactOptions,
     Launch,
+    MethodSpec,
     PipelineConfig,
     artifact_kinds,
     artifact_options,
@@ -26,7 +27,8 @@ from fmn_pl.pipeline_config import (
 
 @dataclass
 class Stage:
-    """One unit of work: a stage CLI call whose inputs and outputs the pipeline tracks."""
+    """One unit of work: a call of a stage function (`run_fit`, `run_fisher`, `run_merge`, the report) whose inputs
+    and outputs the pipeline tracks."""
 
     id: str
     """e.g. "fit/rte", "fisher/rte/mask_fisher", "merge/rte+mrpc/fmn", "report"."""
@@ -36,33 +38,39 @@ class Stage:
     """Stage ids whose outputs it reads."""
     options: dict[str, Any]
     """Everything that decides its result besides `deps` (hashed into the stamp key)."""
-    argv: list[str]
-    """Arguments of `fmn-pl <kind>` (launch options not included)."""
+    call: dict[str, Any]
+    """The stage function's options, launch options included (what `config` holds as YAML)."""
     launch: Optional[Launch]
     """Where it runs (None: in the pipeline's process, rank 0 only)."""
     output: Path
     """Its main output: checkpoint folder, artifact file or report file."""
-    files: dict[str, str] = field(default_factory=dict)
-    """Files to write before running (name -> text), e.g. the generated fit config."""
+    config: Optional[Path] = None
+    """Where `call` is written before it runs: `fmn-pl <kind> --config <config>` runs it alone."""
 
     def command(self) -> list[str]:
         """The standalone command line of this stage (what a cluster job would run)."""
-        launch = self.launch.argv() if self.launch else []
-        return ["fmn-pl", self.kind, *self.argv, *launch]
+        return ["fmn-pl", self.kind, "--config", str(self.config)] if self.config else ["fmn-pl", self.kind]
 
 
 def _launch(cfg: PipelineConfig, own: Optional[Launch]) -> Launch:
     return own if own is not None else cfg.trainer
 
 
-def _value(v: Any) -> str:
-    return v if isinstance(v, str) else json.dumps(v)
+def set_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that are set: None means the stage function's default."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
-def _flags(options: dict[str, Any]) -> list[str]:
-    """`--key=value` for every option that is set. None means: leave the stage's default, except for a merge
-    method's own options, where null is a value (`scaling: null`: choose it on held-out rows)."""
-    return [f"--{k}={_value(v)}" for k, v in options.items() if v is not None or k.startswith("method.")]
+def nest(config: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """`config` (nested dicts) with `dotted` options ({"trainer.devices": 2}) set in it; a copy."""
+    out = json.loads(json.dumps(config))
+    for key, value in dotted.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 def fit_config(cfg: PipelineConfig, task: str) -> dict[str, Any]:
@@ -101,6 +109,11 @@ def fit_config(cfg: PipelineConfig, task: str) -> dict[str, Any]:
     }
 
 
+def config_path(cfg: PipelineConfig, stage_id: str) -> Path:
+    """Where a stage's options are written as YAML, e.g. <output>/configs/fit-rte.yaml."""
+    return Path(cfg.output) / "configs" / f"{stage_id.replace('/', '-')}.yaml"
+
+
 def report_options(cfg: PipelineConfig) -> dict[str, Any]:
     """What the combined report shows besides the merges' results: columns, combinations and the caps."""
     kinds = artifact_kinds(cfg)
@@ -126,120 +139,115 @@ def report_options(cfg: PipelineConfig) -> dict[str, Any]:
 
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """Every stage of the pipeline, in an order where each stage follows the stages it reads."""
-    import yaml
-
-    from fmn_pl.artifacts import artifact_path
-
-    out = Path(cfg.output)
-    stages: list[Stage] = []
-    for task in cfg.tasks:
-        conf = fit_config(cfg, task)
-        path = out / "configs" / f"fit-{task}.yaml"
-        argv = ["--config", str(path), *_flags(cfg.fit.args)]
-        stages.append(
-            Stage(
-                id=f"fit/{task}",
-                kind="fit",
-                deps=[],
-                options={"config": conf, "args": cfg.fit.args},
-                argv=argv,
-                launch=_launch(cfg, cfg.fit.launch),
-                output=out / "checkpoints" / task,
-                files={str(path): yaml.safe_dump(conf, sort_keys=False)},
-            )
-        )
+    stages = [fit_stage(cfg, task) for task in cfg.tasks]
     kinds = artifact_kinds(cfg)
-    for task in cfg.tasks:
-        for kind in kinds:
-            a: ArtifactOptions = artifact_options(cfg, kind)
-            opts = {
-                "checkpoint": str(out / "checkpoints" / task),
-                "task": task,
-                "kind": KINDS[kind].cli,
-                "data_dir": cfg.data_dir,
-                "num_examples": a.num_examples,
-                "seed": a.seed,
-                "batch_size": a.batch_size,
-            }
-            opts.update({name: getattr(a, name) for name in KINDS[kind].options})
-            opts.update(a.args)
-            stages.append(
-                Stage(
-                    id=f"fisher/{task}/{kind}",
-                    kind="fisher",
-                    deps=[f"fit/{task}"],
-                    options=opts,
-                    argv=_flags(opts),
-                    launch=_launch(cfg, cfg.fisher.launch),
-                    output=artifact_path(out / "checkpoints" / task, kind),
-                )
-            )
+    stages += [fisher_stage(cfg, task, kind) for task in cfg.tasks for kind in kinds]
     methods = {spec.column: resolve_method(spec.name, spec.options) for spec in cfg.merge.methods}
     for combo in combinations(cfg):
-        name = "+".join(combo)
         for spec in cfg.merge.methods:
-            needs, resolved = methods[spec.column]
-            folder = out / "merges" / name / spec.column
-            opts: dict[str, Any] = {
-                "method": spec.name,
-                **{f"method.{k}": v for k, v in spec.options.items()},
-                "label": spec.column,
-                "base": cfg.model if "base" in needs else None,
-                "data_dir": cfg.data_dir,
-                "max_eval_samples": cfg.merge.max_eval_samples,
-                "save_model": cfg.merge.save_model,
-                **cfg.merge.args,
-            }
-            run = {"accelerator": cfg.merge.accelerator or cfg.trainer.accelerator, "progress": False}
-            argv = [
-                *_flags({**opts, **run}),
-                "--checkpoints",
-                *(str(out / "checkpoints" / t) for t in combo),
-                "--output",
-                str(folder),
-                "--overwrite=true",
-            ]
-            deps = [f"fit/{t}" for t in combo]
-            deps += [f"fisher/{t}/{k}" for t in combo for k in KINDS if k in needs and k in kinds]
-            stages.append(
-                Stage(
-                    id=f"merge/{name}/{spec.column}",
-                    kind="merge",
-                    deps=deps,
-                    options={**opts, "tasks": combo, "resolved": resolved},
-                    argv=argv,
-                    launch=None,
-                    output=folder / "report.json",
-                )
-            )
+            stages.append(merge_stage(cfg, combo, spec, methods[spec.column], kinds))
     stages.append(
         Stage(  # reads the merges' reports and every stage's stamp (its cost)
             id="report",
             kind="report",
             deps=[s.id for s in stages],
             options={"report": report_options(cfg)},
-            argv=[],
+            call={},
             launch=None,
-            output=out / "report.json",
+            output=Path(cfg.output) / "report.json",
         )
     )
     return stages
 
 
+def fit_stage(cfg: PipelineConfig, task: str) -> Stage:
+    """Fine-tuning of one task: `run_fit` on the LightningCLI config the pipeline generates (`fit_config`)."""
+    conf = fit_config(cfg, task)
+    launch = _launch(cfg, cfg.fit.launch)
+    return Stage(
+        id=f"fit/{task}",
+        kind="fit",
+        deps=[],
+        options={"config": conf, "args": cfg.fit.args},
+        call=nest(conf, {**cfg.fit.args, **{f"trainer.{k}": v for k, v in asdict(launch).items()}}),
+        launch=launch,
+        output=Path(cfg.output) / "checkpoints" / task,
+        config=config_path(cfg, f"fit/{task}"),
+    )
+
+
+def fisher_stage(cfg: PipelineConfig, task: str, kind: str) -> Stage:
+    """One artifact of one task's checkpoint: `run_fisher`."""
+    from fmn_pl.artifacts import artifact_path
+
+    a: ArtifactOptions = artifact_options(cfg, kind)
+    checkpoint = Path(cfg.output) / "checkpoints" / task
+    opts = {
+        "checkpoint": str(checkpoint),
+        "task": task,
+        "kind": KINDS[kind].cli,
+        "data_dir": cfg.data_dir,
+        "num_examples": a.num_examples,
+        "seed": a.seed,
+        "batch_size": a.batch_size,
+        **{name: getattr(a, name) for name in KINDS[kind].options},
+        **a.args,
+    }
+    launch = _launch(cfg, cfg.fisher.launch)
+    return Stage(
+        id=f"fisher/{task}/{kind}",
+        kind="fisher",
+        deps=[f"fit/{task}"],
+        options=opts,
+        call={**set_options(opts), "trainer": asdict(launch)},
+        launch=launch,
+        output=artifact_path(checkpoint, kind),
+        config=config_path(cfg, f"fisher/{task}/{kind}"),
+    )
+
+
+def merge_stage(
+    cfg: PipelineConfig, combo: list[str], spec: MethodSpec, method: tuple[frozenset[str], dict], kinds: list[str]
+) -> Stage:
+    """One method on one task set: `run_merge` (always in the pipeline's process: merging is one process)."""
+    needs, resolved = method
+    name = "+".join(combo)
+    out = Path(cfg.output)
+    folder = out / "merges" / name / spec.column
+    opts: dict[str, Any] = {
+        "method": spec.name,
+        **{f"method.{k}": v for k, v in spec.options.items()},
+        "label": spec.column,
+        "base": cfg.model if "base" in needs else None,
+        "data_dir": cfg.data_dir,
+        "max_eval_samples": cfg.merge.max_eval_samples,
+        "save_model": cfg.merge.save_model,
+        **cfg.merge.args,
+    }
+    call = {
+        **set_options({k: v for k, v in opts.items() if not k.startswith("method")}),
+        "method": {"class_path": spec.name, "init_args": dict(spec.options)},  # null is a value: choose it
+        "accelerator": cfg.merge.accelerator or cfg.trainer.accelerator,
+        "progress": False,
+        "checkpoints": [str(out / "checkpoints" / t) for t in combo],
+        "output": str(folder),
+        "overwrite": True,
+    }
+    deps = [f"fit/{t}" for t in combo]
+    deps += [f"fisher/{t}/{k}" for t in combo for k in KINDS if k in needs and k in kinds]
+    return Stage(
+        id=f"merge/{name}/{spec.column}",
+        kind="merge",
+        deps=deps,
+        options={**opts, "tasks": combo, "resolved": resolved},
+        call=call,
+        launch=None,
+        output=folder / "report.json",
+        config=config_path(cfg, f"merge/{name}/{spec.column}"),
+    )
+
+
 # ---------------------------------------------------------------------------------------------- identities
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 (first 16 hex digits) of one file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def hash_json(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Identities:
@@ -267,7 +275,7 @@ class Identities:
                 return weights_fingerprint(path)
             except FileNotFoundError:
                 files = sorted(p for p in path.iterdir() if p.is_file())
-                return hash_json({p.name: sha256_file(p) for p in files})
+                return sha256_json({p.name: sha256_file(p) for p in files})
 
         return self._memo(f"model:{name_or_path}", compute)
 
@@ -282,7 +290,7 @@ class Identities:
         def compute() -> str:
             spec = get_task(task)
             files = {s: split_file(data_dir, spec, s) for s in ("train", *spec.eval_splits)}
-            return hash_json({s: sha256_file(p) for s, p in files.items()})
+            return sha256_json({s: sha256_file(p) for s, p in files.items()})
 
         return self._memo(f"data:{data_dir}:{task}", compute)
 
@@ -318,7 +326,7 @@ def stage_key(stage: Stage, cfg: PipelineConfig, ids: Identities, done: dict[str
         inputs["data"] = {t: ids.data(cfg.data_dir, t) for t in stage.options["tasks"]}
         if stage.options["base"] is not None:
             inputs["base"] = ids.model(cfg.model)
-    return hash_json({"stage": stage.id, "options": stage.options, "inputs": inputs})
+    return sha256_json({"stage": stage.id, "options": stage.options, "inputs": inputs})
 
 
 def freshness(

@@ -121,7 +121,11 @@ def test_end_to_end_then_resume(
     assert own["options"]["scaling"] == 0.3
     after = mtimes(out)
     assert {k for k in after if after[k] != before.get(k)} <= {
-        k for k in after if k.startswith(("merges/rte+mrpc/task_arithmetic", "report", "plots"))
+        k
+        for k in after
+        if k.startswith(
+            ("merges/rte+mrpc/task_arithmetic", "configs/merge-rte+mrpc-task_arithmetic", "report", "plots")
+        )
     }
 
     # A method whose defaults changed (a new fmn-pl) recomputes its merges: the key holds the resolved options.
@@ -216,7 +220,7 @@ def test_dry_run_of_the_paper_config(capsys) -> None:
     n_methods, n_kinds = len(cfg["merge"]["methods"]), 3
     assert f"dry run: {7 + 7 * n_kinds + 21 * n_methods + 1} stages" in out and "0 problem(s)" in out
     assert "merge/mrpc+rte/fmn_reference: would run" in out
-    assert "--method=fmn --method.broadcast=reference --method.normalize=none --method.power=1.0" in out
+    assert '# {"method":"fmn","broadcast":"reference","normalize":"none","power":1.0,"scaling":1.0}' in out
     assert not Path("runs/paper").exists() or not any(Path("runs/paper").iterdir())
 
 
@@ -290,7 +294,8 @@ def test_ddp_stage_with_two_cpu_processes(tmp_path: Path, tiny_base: Callable[[s
     )
     assert status == {"fit/rte": "ran"}
     log = (out / "logs" / "fit__rte.log").read_text()
-    assert "--trainer.devices=2" in log.splitlines()[0] and "MEMBER: 2/2" in log
+    assert log.splitlines()[0] == f"$ fmn-pl fit --config {out / 'configs' / 'fit-rte.yaml'}" and "MEMBER: 2/2" in log
+    assert yaml.safe_load((out / "configs" / "fit-rte.yaml").read_text())["trainer"]["devices"] == 2
     assert read_metadata(out / "checkpoints" / "rte")["task"] == "rte"
     stamp = json.loads((out / "stamps" / "fit__rte.json").read_text())
     assert stamp["launch"]["devices"] == 2 and stamp["launch"]["strategy"] == "ddp"
@@ -345,10 +350,14 @@ def test_under_torchrun_two_ranks(tmp_path: Path, tiny_base: Callable[[str], Pat
     assert art.metadata["world_size"] == 2 and art.metadata["num_examples"] == 32
 
 
-def test_method_option_null_reaches_the_merge() -> None:
+def test_method_option_null_reaches_the_merge(tmp_path: Path) -> None:
     """`options: {scaling: null}` means "choose it": it must reach the stage as null, not be dropped for the
     method's default (TIES' is 1.0); other None options still leave the stage's default."""
-    assert stages._flags({"method.scaling": None, "base": None, "label": "ties"}) == [
-        "--method.scaling=null",
-        "--label=ties",
-    ]
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["merge"]["methods"] = [{"name": "ties", "options": {"scaling": None}}]
+    cfg["model"], cfg["output"] = "some/base", str(tmp_path / "run")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    plan = stages.plan(pipeline_config.parse_config(["--config", str(tmp_path / "p.yaml")])[0])
+    merge = next(s for s in plan if s.kind == "merge")
+    assert merge.call["method"] == {"class_path": "ties", "init_args": {"scaling": None}}
+    assert merge.call["base"] == "some/base"  # ties needs the pretrained model
