@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
+import functools
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -180,25 +181,19 @@ def tokenize(tokenizer: Any, task: GlueTask, columns: Columns, rows: list[int], 
     return TokenizedDataset({k: enc[k] for k in keep}, [columns["label"][i] for i in rows], rows)
 
 
-class Collator:
-    """Dynamic padding: pads every batch to its own longest example."""
+def collator(tokenizer: Any, regression: bool) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Dynamic padding (every batch to its own longest example, by the tokenizer's rules:
+    `DataCollatorWithPadding`), with float labels for a regression task."""
+    from transformers import DataCollatorWithPadding
 
-    def __init__(self, pad_token_id: int, regression: bool) -> None:
-        self.pad_token_id, self.regression = pad_token_id, regression
+    pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return functools.partial(_float_labels, pad) if regression else pad
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(x["input_ids"]) for x in items)
-        batch = {}
-        for key in items[0]:
-            if key in ("labels", "idx"):
-                continue
-            pad = self.pad_token_id if key == "input_ids" else 0
-            batch[key] = torch.tensor([x[key] + [pad] * (width - len(x[key])) for x in items])
-        batch["labels"] = torch.tensor(
-            [x["labels"] for x in items], dtype=torch.float if self.regression else torch.long
-        )
-        batch["idx"] = torch.tensor([x["idx"] for x in items])
-        return batch
+
+def _float_labels(pad: Callable, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    batch = pad(items)
+    batch["labels"] = batch["labels"].float()
+    return batch
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -353,9 +348,8 @@ class GLUEDataModule(L.LightningDataModule):
     def num_train_examples(self) -> int:
         return len(self.train_dataset) if self.train_dataset is not None else 0
 
-    def collator(self) -> Collator:
-        pad = self.tokenizer.pad_token_id
-        return Collator(pad if pad is not None else 0, self.task.is_regression)
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        return collator(self.tokenizer, self.task.is_regression)
 
     def train_dataloader(self) -> DataLoader:
         ds, bs = self.train_dataset, self.hparams.batch_size

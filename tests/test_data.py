@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fmn_pl.data import (
-    Collator,
     GLUEDataModule,
     LengthGroupedSampler,
+    collator,
     is_local_path,
     read_split,
     split_file,
@@ -355,18 +355,22 @@ def test_truncation_to_max_length(tiny_glue, tokenizer_dir):
     assert max(dm.train_dataset.lengths) == 9 and min(dm.train_dataset.lengths) >= 5
 
 
-def test_collator_pads_each_batch_to_its_longest():
+def test_collator_pads_each_batch_to_its_longest(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.pad_token = tok.convert_ids_to_tokens(7)
     items = [
         {"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1], "token_type_ids": [0, 0, 0], "labels": 1, "idx": 4},
         {"input_ids": [2, 3], "attention_mask": [1, 1], "token_type_ids": [0, 0], "labels": 0, "idx": 9},
     ]
-    batch = Collator(pad_token_id=7, regression=False)(items)
+    batch = collator(tok, regression=False)(items)
     assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["token_type_ids"].tolist() == [[0, 0, 0], [0, 0, 0]]
     assert batch["labels"].dtype == torch.long and batch["idx"].tolist() == [4, 9]
-    reg = Collator(pad_token_id=0, regression=True)([{"input_ids": [1], "labels": 2.5, "idx": 0}])
-    assert reg["labels"].dtype == torch.float32 and reg["labels"].tolist() == [2.5]
+    reg = collator(tok, regression=True)([{"input_ids": [1], "labels": 2, "idx": 0}])
+    assert reg["labels"].dtype == torch.float32 and reg["labels"].tolist() == [2.0]
 
 
 def test_dynamic_padding_in_the_loaders(tiny_glue, tokenizer_dir):
