@@ -126,15 +126,11 @@ def run_merge(
     fingerprints = check_fingerprints(inputs)
     from fmn_pl.evaluate import EvalData  # after the checks: tokenizers, metrics, Lightning
 
+    split = resolve_selection_split(selection_split, inputs.metadata)
     selection = Selection.over(
-        inputs,
-        EvalData(data_dir, resolve_selection_split(selection_split, inputs.metadata), selection_samples, batch_size),
-        accelerator,
-        selection_precision,
+        inputs, EvalData(data_dir, split, selection_samples, batch_size), accelerator, selection_precision
     )
-    screen = (
-        None if selection_samples is not None and selection_samples <= (selection_screen or 0) else selection_screen
-    )
+    screen = selection_screen if selection_samples is None or selection_samples > (selection_screen or 0) else None
     ctx = inputs.context(
         evaluate=selection.scores,
         selection_inputs=selection.inputs,
@@ -148,38 +144,14 @@ def run_merge(
     timings: dict[str, float] = {"check_s": time.perf_counter() - start}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         ctx.workdir = tmp / name
-        t0 = time.perf_counter()
-        write_body(tmp, inputs, method.merge(ctx), progress)
-        timings["merge_s"] = time.perf_counter() - t0
-        report["peak_rss_merge_mb"] = peak_rss_mb()
-        if save_model:
-            write_body_folder(tmp, inputs)
-        info = {
-            "method": name,
-            "options": method.options(),
-            "fingerprints": fingerprints,
-            "checkpoints": [str(p) for p in inputs.checkpoints],
-        }
-        links = [
-            write_task_folder(tmp, i, inputs, info, log_line, method.task_body(i, ctx), progress)
-            for i in range(len(inputs.tasks))
-        ]
-        report["storage"] = {"body_bytes": (tmp / BODY_FILE).stat().st_size, "task_body": sorted(set(links))}
-        timings["write_s"] = time.perf_counter() - t0 - timings["merge_s"]
+        report |= write_merge(tmp, inputs, method, ctx, fingerprints, save_model, progress, timings)
         report |= selection.report() | {"notes": _jsonable(ctx.notes), "remarks": list(ctx.remarks)}
         del ctx
         if evaluate:
             t0 = time.perf_counter()
+            eval_data = EvalData(data_dir, "validation", max_eval_samples, batch_size)
             report |= evaluate_merge(
-                tmp,
-                inputs,
-                fingerprints,
-                method,
-                EvalData(data_dir, "validation", max_eval_samples, batch_size),
-                accelerator,
-                cache,
-                compare_average,
-                progress,
+                tmp, inputs, fingerprints, method, eval_data, accelerator, cache, compare_average, progress
             )
             report["remarks"] += report.pop("eval_remarks")
             timings["eval_s"] = time.perf_counter() - t0
@@ -196,6 +168,39 @@ def run_merge(
         write_report(tmp, report)
     log_line(done_line(name, out, report))
     return report
+
+
+def write_merge(
+    folder: Path,
+    inputs: Inputs,
+    method: MergeMethod,
+    ctx: Any,
+    fingerprints: list[str],
+    save_model: bool,
+    progress: bool,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Merge into `folder`: the body streamed as the method yields it, then one folder per task (its head with the
+    merged body, or the task's own body for methods that give each task one). Times go into `timings`."""
+    t0 = time.perf_counter()
+    write_body(folder, inputs, method.merge(ctx), progress)
+    timings["merge_s"] = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    if save_model:
+        write_body_folder(folder, inputs)
+    info = {
+        "method": method_name(method),
+        "options": method.options(),
+        "fingerprints": fingerprints,
+        "checkpoints": [str(p) for p in inputs.checkpoints],
+    }
+    links = [
+        write_task_folder(folder, i, inputs, info, log_line, method.task_body(i, ctx), progress)
+        for i in range(len(inputs.tasks))
+    ]
+    timings["write_s"] = time.perf_counter() - t0 - timings["merge_s"]
+    storage = {"body_bytes": (folder / BODY_FILE).stat().st_size, "task_body": sorted(set(links))}
+    return {"peak_rss_merge_mb": peak, "storage": storage}
 
 
 def check_output(out: Path, checkpoints: Sequence[str | Path], overwrite: bool, data_dir: str | None) -> None:

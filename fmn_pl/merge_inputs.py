@@ -128,12 +128,33 @@ def check_inputs(
     """Every check a merge needs before it starts, with a one-line error naming the culprit. Body tensors that
     match an `own_tensors` pattern are not merged: each task keeps its own, as part of its head. The checkpoints'
     weight fingerprints are hashed once, when asked for (`fingerprints`) or when the method's artifacts need them."""
-    from transformers import AutoConfig
-
-    name = method_name(method)
     paths = [Path(c) for c in checkpoints]
     if len(paths) < 2:
         raise ValueError(f"merging needs at least two checkpoints, got {len(paths)}")
+    metadata = check_tasks(paths)
+    configs = check_architectures(paths)
+    prefix, _ = body_prefix(configs[0])
+    headers = [read_header(p) for p in paths]
+    body = check_bodies(paths, headers, prefix, configs[0].model_type)
+    keys = [k for k, (dtype, _) in body.items() if dtype in FLOAT_DTYPES]
+    fixed = [k for k in body if k not in keys]
+    own = own_keys(keys, own_tensors, paths[0])
+    keys = [k for k in keys if k not in own]
+    heads = [[k for k in h if not k.startswith(prefix)] + own for h in headers]
+    tasks = [m.task for m in metadata]
+    inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body, headers, own=own)
+    if fingerprints or any(kind in method.needs for kind in KINDS):
+        inputs.fingerprints = [weights_fingerprint(p) for p in paths]
+    inputs.artifacts = check_artifacts(paths, method, inputs.fingerprints)
+    if "base" in method.needs:
+        inputs.base = check_base(base, metadata, inputs, method_name(method))
+    elif base is not None:
+        inputs.base = resolve_model(base)
+    return inputs
+
+
+def check_tasks(paths: list[Path]) -> list[CheckpointMeta]:
+    """Each checkpoint's metadata; each task at most once (its head, output folder and report row are keyed by it)."""
     metadata = [CheckpointMeta.read(p) for p in paths]
     tasks = [m.task for m in metadata]
     for j, t in enumerate(tasks):
@@ -142,6 +163,13 @@ def check_inputs(
                 f"{paths[tasks.index(t)]} and {paths[j]} are both task {t!r}: each task may appear once "
                 "(its head, output folder and report row are keyed by task)"
             )
+    return metadata
+
+
+def check_architectures(paths: list[Path]) -> list[Any]:
+    """The checkpoints' configs, refused unless they share one architecture and one tokenizer."""
+    from transformers import AutoConfig
+
     configs = [AutoConfig.from_pretrained(p) for p in paths]
     for attr in ARCH_ATTRS:
         values = [getattr(c, attr, None) for c in configs]
@@ -158,39 +186,37 @@ def check_inputs(
                 f"the tokenizer of {p} differs from that of {paths[0]} (vocabulary or normalisation): "
                 "merged checkpoints must share one tokenizer"
             )
-    prefix, _ = body_prefix(configs[0])
-    headers = [read_header(p) for p in paths]
+    return configs
+
+
+def check_bodies(
+    paths: list[Path], headers: list[dict[str, tuple[str, tuple[int, ...]]]], prefix: str, model_type: str
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The body tensors (name -> dtype, shape) every checkpoint has, refused where they differ."""
     body = [{k: v for k, v in h.items() if k.startswith(prefix)} for h in headers]
     if not body[0]:
-        raise ValueError(f"{paths[0]} has no tensors under {prefix!r}: not a {configs[0].model_type} task model")
+        raise ValueError(f"{paths[0]} has no tensors under {prefix!r}: not a {model_type} task model")
     for p, b in zip(paths[1:], body[1:]):
         for key in sorted(set(body[0]) ^ set(b)):
             raise ValueError(f"{p if key not in b else paths[0]} lacks body tensor {key!r} that the other has")
         for key, (dtype, shape) in body[0].items():
             if b[key][1] != shape:
                 raise ValueError(f"{p}: {key} has shape {b[key][1]}, but {paths[0]} has {shape}")
-    keys = [k for k, (dtype, _) in body[0].items() if dtype in FLOAT_DTYPES]
-    fixed = [k for k in body[0] if k not in keys]
+    return body[0]
+
+
+def own_keys(keys: list[str], own_tensors: Sequence[str], first: Path) -> list[str]:
+    """The body tensors matched by an `own_tensors` pattern (each pattern must match one; not all may match)."""
     for p in own_tensors:
         if not any(fnmatch.fnmatchcase(k, p) for k in keys):
             raise ValueError(
-                f"own_tensors pattern {p!r} matches no body tensor of {paths[0]} (names look like "
+                f"own_tensors pattern {p!r} matches no body tensor of {first} (names look like "
                 f"{keys[0]!r}, {keys[-1]!r})"
             )
     own = [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in own_tensors)]
     if len(own) == len(keys):
         raise ValueError(f"own_tensors {list(own_tensors)} match every body tensor: nothing would be merged")
-    keys = [k for k in keys if k not in own]
-    heads = [[k for k in h if not k.startswith(prefix)] + own for h in headers]
-    inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body[0], headers, own=own)
-    if fingerprints or any(kind in method.needs for kind in KINDS):
-        inputs.fingerprints = [weights_fingerprint(p) for p in paths]
-    inputs.artifacts = check_artifacts(paths, method, inputs.fingerprints)
-    if "base" in method.needs:
-        inputs.base = check_base(base, metadata, inputs, name)
-    elif base is not None:
-        inputs.base = resolve_model(base)
-    return inputs
+    return own
 
 
 def check_artifacts(

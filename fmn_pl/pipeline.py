@@ -219,42 +219,20 @@ def execute(
     Under an external launcher (srun, torchrun: one pipeline per rank) every rank runs the stages that need
     a launcher; the others run on rank 0 alone, and another rank that needs one's output waits for its stamp.
     """
-    started = time.time()
-    stages = plan(cfg)
-    out = Path(cfg.output)
-    zero, multi = is_global_zero(), external_world() > 1
-    ids = Identities()
-    done: dict[str, str] = {}  # stage id -> identity of its output, for stages known finished in this run
-    status: dict[str, str] = {}
-    selected = {s.id for s in stages if _matches(s.id, only)}
-    if only is not None and not selected:
-        raise ValueError(f"--only {list(only)} matches no stage; stages are: {', '.join(s.id for s in stages)}")
-    needed = set(selected)
-    for s in reversed(stages):  # what the selected stages read must be known finished
-        if s.id in needed:
-            needed.update(s.deps)
-    awaited: set[str] = set()  # another rank: rank-0 stages whose outputs a stage of this rank reads
-    if multi and not zero:
-        for s in reversed(stages):
-            if s.id in needed and (on_every_rank(s) or s.id in awaited):
-                awaited.update(s.deps)
-    width = len(str(len(stages)))
-    for n, stage in enumerate(stages, 1):
+    run = Run(cfg, plan(cfg), echo)
+    selected, needed, awaited = run.select(only)
+    for n, stage in enumerate(run.stages, 1):
         if stage.id not in needed:
             continue
-        missing = [d for d in stage.deps if d not in done]
-        if missing and multi and not zero and all(status.get(d) == "rank 0" for d in missing):
-            status[stage.id] = "rank 0"  # reads rank-0 outputs this rank never waited for: rank 0's too
+        missing = [d for d in stage.deps if d not in run.done]
+        if missing and run.multi and not run.zero and all(run.status.get(d) == "rank 0" for d in missing):
+            run.status[stage.id] = "rank 0"  # reads rank-0 outputs this rank never waited for: rank 0's too
             continue
         forced = bool(rerun) and _matches(stage.id, rerun)
-        key, current, why = freshness(stage, cfg, ids, done, forced)
-        prefix = f"[{n:>{width}}/{len(stages)}] {stage.id}"
+        key, current, why = freshness(stage, cfg, run.ids, run.done, forced)
+        prefix = f"[{n:>{len(str(len(run.stages)))}}/{len(run.stages)}] {stage.id}"
         if why is None:
-            done[stage.id] = current  # type: ignore[assignment]
-            status[stage.id] = "skipped"
-            if zero and stage.id in selected:
-                wall = (read_stamp(stamp_path(cfg, stage)) or {}).get("wall_s", 0)
-                echo(f"{prefix}: up to date ({wall:.1f} s when run)")
+            run.skip(stage, current, prefix if stage.id in selected else None)
             continue
         if stage.id not in selected:
             why = f"its inputs {missing} are not finished" if missing else "it is not finished or is out of date"
@@ -262,65 +240,114 @@ def execute(
         if missing:
             raise StageFailed(f"{stage.id} cannot run: {missing} did not finish")
         assert key is not None
-        stamp_file = stamp_path(cfg, stage)
-        if multi and not zero and not on_every_rank(stage):
-            status[stage.id] = "rank 0"
+        if run.multi and not run.zero and not on_every_rank(stage):
+            run.status[stage.id] = "rank 0"
             if stage.id in awaited:
-                done[stage.id] = wait_for_rank_zero(stage, cfg, key, started if forced else 0.0)
+                run.done[stage.id] = wait_for_rank_zero(stage, cfg, key, run.started if forced else 0.0)
             continue
-        if zero:
+        run.run(stage, n, key, why, prefix)
+    return run.status
+
+
+class Run:
+    """One `execute`: the plan, what is known finished, each stage's status, and this process's rank."""
+
+    def __init__(self, cfg: PipelineConfig, stages: list[Stage], echo: Callable[[str], None]) -> None:
+        self.cfg, self.stages, self.echo = cfg, stages, echo
+        self.started = time.time()
+        self.zero, self.multi = is_global_zero(), external_world() > 1
+        self.ids = Identities()
+        self.done: dict[str, str] = {}  # stage id -> identity of its output, for stages known finished in this run
+        self.status: dict[str, str] = {}
+
+    def select(self, only: Optional[Sequence[str]]) -> tuple[set[str], set[str], set[str]]:
+        """(the stages asked for, those and every stage they read, and on another rank than 0: the rank-0 stages
+        whose outputs a stage of this rank reads)."""
+        selected = {s.id for s in self.stages if _matches(s.id, only)}
+        if only is not None and not selected:
+            names = ", ".join(s.id for s in self.stages)
+            raise ValueError(f"--only {list(only)} matches no stage; stages are: {names}")
+        needed = set(selected)
+        for s in reversed(self.stages):  # what the selected stages read must be known finished
+            if s.id in needed:
+                needed.update(s.deps)
+        awaited: set[str] = set()
+        if self.multi and not self.zero:
+            for s in reversed(self.stages):
+                if s.id in needed and (on_every_rank(s) or s.id in awaited):
+                    awaited.update(s.deps)
+        return selected, needed, awaited
+
+    def skip(self, stage: Stage, current: Optional[str], prefix: Optional[str]) -> None:
+        """An up-to-date stage: known finished; said on rank 0 when it was asked for (`prefix`)."""
+        self.done[stage.id] = current  # type: ignore[assignment]
+        self.status[stage.id] = "skipped"
+        if self.zero and prefix is not None:
+            wall = (read_stamp(stamp_path(self.cfg, stage)) or {}).get("wall_s", 0)
+            self.echo(f"{prefix}: up to date ({wall:.1f} s when run)")
+
+    def run(self, stage: Stage, n: int, key: str, why: str, prefix: str) -> None:
+        """Run one stage (its stamp removed first), then on rank 0 check and stamp what it wrote."""
+        stamp_file = stamp_path(self.cfg, stage)
+        if self.zero:
             stamp_file.unlink(missing_ok=True)  # from now on nothing says this stage is finished
             stamp_file.with_suffix(".failed").unlink(missing_ok=True)
-        log = out / "logs" / (stage.id.replace("/", "__") + ("" if zero else f".rank{global_rank()}") + ".log")
-        if zero:
-            echo(f"{prefix}: running, {why} (log: {log})")
+        rank = "" if self.zero else f".rank{global_rank()}"
+        log = Path(self.cfg.output) / "logs" / (stage.id.replace("/", "__") + rank + ".log")
+        if self.zero:
+            self.echo(f"{prefix}: running, {why} (log: {log})")
         start, cpu, started_wall = time.perf_counter(), cpu_seconds(), time.time()
-        own_peak = reset_peak() and not on_every_rank(stage) and not multi  # in this process: its peak is the stage's
+        own_peak = reset_peak() and not on_every_rank(stage) and not self.multi  # in this process: the stage's
         try:
-            run_stage(stage, cfg, log, alone=multi and not on_every_rank(stage), port_offset=n, key=key)
+            run_stage(stage, self.cfg, log, alone=self.multi and not on_every_rank(stage), port_offset=n, key=key)
         except BaseException as e:
-            if zero:
-                echo(f"{prefix}: FAILED ({e}); last lines of {log}:\n{tail(log)}")
-                stamp_file.parent.mkdir(parents=True, exist_ok=True)
-                stamp_file.with_suffix(".failed").write_text(f"{type(e).__name__}: {e}; see {log}\n")
+            if self.zero:
+                self.echo(f"{prefix}: FAILED ({e}); last lines of {log}:\n{tail(log)}")
+                atomic_write(stamp_file.with_suffix(".failed"), f"{type(e).__name__}: {e}; see {log}\n")
             if isinstance(e, Exception):
                 raise StageFailed(f"stage {stage.id} failed; see {log}") from e
             raise
         wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-        status[stage.id] = "ran"
-        if not zero:  # rank 0 checks and stamps the output (it may write it after this rank is done)
-            done[stage.id] = wait_for_rank_zero(stage, cfg, key, started)
-            continue
-        ids.forget(stage)
-        current = ids.output(stage)
+        self.status[stage.id] = "ran"
+        if not self.zero:  # rank 0 checks and stamps the output (it may write it after this rank is done)
+            self.done[stage.id] = wait_for_rank_zero(stage, self.cfg, key, self.started)
+            return
+        self.ids.forget(stage)
+        current = self.ids.output(stage)
         if current is None:
             raise StageFailed(f"stage {stage.id} finished but its output {stage.output} is missing; see {log}")
         check_fresh_output(stage, started_wall, log)
-        done[stage.id] = current
-        stamp_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(
-            stamp_file,
-            {
-                "stage": stage.id,
-                "key": key,
-                "output": current,
-                "wall_s": round(wall, 3),
-                "cpu_s": round(cpu, 3),
-                "peak_rss_mb": round(peak_rss_mb(), 1) if own_peak else None,
-                "load": round(os.getloadavg()[0], 2),
-                "cpus": os.cpu_count(),  # how shared the machine was
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "finished_unix": time.time(),
-                "command": stage.command(),
-                "launch": asdict(stage.launch) if stage.launch else None,
-                "options": stage.options,
-            },
-        )
-        if stage.kind == "fit":  # finished: no checkpoint of an interrupted attempt is needed any more
-            for folder in resume_folder(stage, cfg, key).parent.glob(f"{stage.id.split('/')[1]}-*"):
-                shutil.rmtree(folder, ignore_errors=True)
-        echo(f"{prefix}: done in {wall:.1f} s")
-    return status
+        self.done[stage.id] = current
+        write_stamp(stage, self.cfg, key, current, wall, cpu, own_peak)
+        self.echo(f"{prefix}: done in {wall:.1f} s")
+
+
+def write_stamp(
+    stage: Stage, cfg: PipelineConfig, key: str, current: str, wall: float, cpu: float, own_peak: bool
+) -> None:
+    """The stamp that says `stage` finished with `key` and wrote `current` (last, atomically), with its cost; a
+    fine-tuning stage's checkpoints of interrupted attempts go."""
+    write_json(
+        stamp_path(cfg, stage),
+        {
+            "stage": stage.id,
+            "key": key,
+            "output": current,
+            "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1) if own_peak else None,
+            "load": round(os.getloadavg()[0], 2),
+            "cpus": os.cpu_count(),  # how shared the machine was
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "finished_unix": time.time(),
+            "command": stage.command(),
+            "launch": asdict(stage.launch) if stage.launch else None,
+            "options": stage.options,
+        },
+    )
+    if stage.kind == "fit":  # finished: no checkpoint of an interrupted attempt is needed any more
+        for folder in resume_folder(stage, cfg, key).parent.glob(f"{stage.id.split('/')[1]}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str] | list[str]:

@@ -60,8 +60,6 @@ def choose_body(
     the plain average), then the mean: the candidate that leaves no task further behind plain averaging.
     Candidates are built one at a time.
     """
-    from fmn_pl.merging.average import Average
-
     check_objective(objective, name)
     if ctx.evaluate is None:
         raise ValueError(
@@ -70,13 +68,7 @@ def choose_body(
     if average is not None and average not in candidates:
         raise ValueError(f"{name}: average={average!r} is not one of the candidates {list(candidates)}")
     scores: dict[Any, dict[str, float]] = {}
-    reference = None
-    if objective == "worst_gain":
-        if average is None:
-            reference = ctx.evaluate(dict(Average().merge(ctx)))
-        else:  # score the candidate that is the average first: its scores are the reference
-            scores[average] = reference = ctx.evaluate(candidates[average]())
-
+    reference = average_scores(ctx, candidates, scores, average) if objective == "worst_gain" else None
     finalists, screened = screen_candidates(
         ctx, candidates, name, describe, keep=[average] if reference is not None and average is not None else []
     )
@@ -106,6 +98,22 @@ def choose_body(
         **({"screened": screened} if screened else {}),
     }
     return best, {**measured, "average_scores": reference} if reference else measured
+
+
+def average_scores(
+    ctx: MergeContext,
+    candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]],
+    scores: dict[Any, dict[str, float]],
+    average: Any,
+) -> dict[str, float]:
+    """The plain average's selection scores (the worst_gain reference): the candidate `average` when one is (its
+    scores go into `scores`, not measured twice), else the average merged here."""
+    from fmn_pl.merging.average import Average
+
+    if average is None:
+        return ctx.evaluate(dict(Average().merge(ctx)))  # type: ignore[misc]
+    scores[average] = ctx.evaluate(candidates[average]())  # type: ignore[misc]
+    return scores[average]
 
 
 def screen_candidates(
