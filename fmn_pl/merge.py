@@ -145,7 +145,7 @@ def run_merge(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         ctx.workdir = tmp / name
         report |= write_merge(tmp, inputs, method, ctx, fingerprints, save_model, progress, timings)
-        report |= selection.report() | {"notes": _jsonable(ctx.notes), "remarks": list(ctx.remarks)}
+        report |= selection.report() | {"notes": _jsonable(ctx.notes), "choices": ctx.choices, "remarks": ctx.remarks}
         del ctx
         if evaluate:
             t0 = time.perf_counter()

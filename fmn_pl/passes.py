@@ -83,6 +83,7 @@ class ArtifactPass(L.Callback):
                 "fingerprint": weights_fingerprint(self.checkpoint_dir),
                 "num_examples": int(self.acc.examples.item()),
                 "seconds": round(seconds, 3),
+                "finished_unix": time.time(),  # a recomputed artifact is a new file, whatever its numbers
                 "world_size": trainer.world_size,
                 **self.acc.meta(),
                 **self.metadata,

@@ -175,11 +175,13 @@ def _selection_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     sel = report.get("selection")
     if sel and sel.get("evaluations"):
+        notes = report.get("notes") or {}
+        keys = report.get("choices")  # the methods' `ctx.choose`; reports from before it: notes shaped as choices
+        keys = keys if keys is not None else [k for k, v in notes.items() if isinstance(v, dict) and "grid" in v]
         chosen = [
-            f"{k.rsplit('_', 1)[0]} {k.rsplit('_', 1)[1]} {v['chosen']} (of {v['grid']})"  # e.g. fmn_power
-            + (f", by {v['objective']}" if v.get("objective") else "")
-            for k, v in (report.get("notes") or {}).items()
-            if k.endswith(("_scaling", "_power", "_normalize")) and isinstance(v, dict) and "chosen" in v
+            f"{k.rsplit('_', 1)[0]} {k.rsplit('_', 1)[1]} {notes[k]['chosen']} (of {notes[k]['grid']})"  # fmn_power
+            + (f", by {notes[k]['objective']}" if notes[k].get("objective") else "")
+            for k in keys
         ]
         lines.append(
             f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations)"

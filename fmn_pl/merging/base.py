@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -61,6 +61,8 @@ class MergeContext:
     """Anything a method wants in the report (chosen lambda, ridge fallbacks, ...)."""
     remarks: list[str] = field(default_factory=list)
     """Lines for the report's text (warnings, storage figures): add them with `remark`."""
+    choices: list[str] = field(default_factory=list)
+    """The `notes` keys that are options chosen on selection data (the report's text lists them): add with `choose`."""
     _artifacts: dict[tuple[int, str], Artifact] = field(default_factory=dict, repr=False)
     _base: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -88,6 +90,13 @@ class MergeContext:
         base = self.base(key)
         return [t - base for t in self.models(key)]
 
+    def choose(self, method: str, option: str, chosen: Any, grid: Sequence[Any], **measured: Any) -> None:
+        """Record an option a method chose on selection data, with the grid it chose from and what it measured:
+        in the report's notes as `<method>_<option>`, and in its text."""
+        key = f"{method}_{option}"
+        self.notes[key] = {"chosen": chosen, "grid": list(grid), **measured}
+        self.choices.append(key)
+
     def remark(self, line: str) -> None:
         """Log `line` and repeat it in report.md (e.g. a task a method had to leave out)."""
         self.log(line)
@@ -103,8 +112,10 @@ class MergeContext:
 class MergeMethod:
     """Base of all methods. Subclasses set `needs` and implement `merge_tensor` (or override `merge`)."""
 
-    needs: ClassVar[frozenset[str]] = frozenset()
-    """Inputs beyond the checkpoints: "base", "mask_fisher", "full_fisher", "grams", "evaluate"."""
+    needs: frozenset[str] = frozenset()
+    """Inputs beyond the checkpoints: "base", an artifact kind ("mask_fisher", "full_fisher", "grams", ... see
+    `fmn_pl.kinds`). The class declares what every instance needs; an instance whose options need more sets its
+    own in `__init__` (FMN with a scaling needs "base"), so read it from an instance."""
 
     def setup(self, ctx: MergeContext) -> None:
         """Optional global pass before the tensor loop (e.g. TIES' top-k thresholds)."""

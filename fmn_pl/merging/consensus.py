@@ -13,11 +13,11 @@ from typing import Iterator, Literal
 import torch
 
 from fmn_pl.merging.base import MergeContext
-from fmn_pl.merging.tall import _TaskMasks, consensus_mask, unpack_mask
+from fmn_pl.merging.tall import TaskMasks, consensus_mask, unpack_mask
 from fmn_pl.merging.task_arithmetic import GRID, select_scaling
 
 
-class Consensus(_TaskMasks):
+class Consensus(TaskMasks):
     """Consensus merging: theta0 + lambda * (m_cons * tau_MTL), m_cons = entries kept by >= k task masks."""
 
     name = "consensus"

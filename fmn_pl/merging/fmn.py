@@ -312,7 +312,7 @@ class FMN(MergeMethod):
         n, p, s = grid[best]
         vec = vector((n, p))  # the last weighting built, so the notes describe the chosen weights
         held.clear()
-        ctx.notes["fmn_scaling"] = {"chosen": s, "grid": scalings, **measured}
+        ctx.choose("fmn", "scaling", s, scalings, **measured)
         self._note_choice(ctx, (n, norms), (p, powers), s)
         for key in ctx.keys:
             yield key, vec.pop(key).mul_(s).add_(origin(key))
@@ -324,9 +324,9 @@ class FMN(MergeMethod):
         p = 0 was chosen: no Fisher weighting is left in the merged body."""
         (n, norms), (p, powers) = normalize, power
         if self.power is None:
-            ctx.notes["fmn_power"] = {"chosen": p, "grid": powers}
+            ctx.choose("fmn", "power", p, powers)
         if self.normalize is None:
-            ctx.notes["fmn_normalize"] = {"chosen": n, "grid": norms}
+            ctx.choose("fmn", "normalize", n, norms)
         if p == 0:  # say what the chosen body is: no Fisher weighting is left in it
             ctx.remark(
                 "fmn: the selection split chose power 0, the unweighted merge: "

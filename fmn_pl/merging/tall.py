@@ -66,7 +66,7 @@ def compression(numel: int, itemsize: int, num_tasks: int) -> dict[str, float]:
     }
 
 
-class _TaskMasks(MergeMethod):
+class TaskMasks(MergeMethod):
     """Shared by TALL and Consensus: tau_MTL from the underlying method, and per-task masks with lambda_t
     chosen on each task's selection data."""
 
@@ -139,7 +139,7 @@ class _TaskMasks(MergeMethod):
         return masks
 
 
-class Tall(_TaskMasks):
+class Tall(TaskMasks):
     """TALL masks: task t is served by theta0 + m_t * tau_MTL, its own body (one merged vector plus bit masks)."""
 
     name = "tall"

@@ -151,13 +151,13 @@ def select_scaling(
 ) -> float:
     """The lambda of `grid` whose body theta0 + lambda * vector scores best by `objective` (`choose_body`).
     `symbol` names it in the log (FMN's is s); `average`, the lambda (if any) whose body is the plain average.
-    Records the chosen value, the grid and every candidate's scores in `ctx.notes[name + "_scaling"]`."""
+    Records the chosen value, the grid and every candidate's scores (`ctx.choose(name, "scaling", ...)`)."""
     candidates = {lam: lambda lam=lam: {k: ctx.base(k, keep=True) + lam * v for k, v in vector.items()} for lam in grid}
     average = next((lam for lam in grid if average is not None and math.isclose(lam, average)), None)
     best, measured = choose_body(
         ctx, candidates, name, objective, average=average, describe=lambda lam: f"{symbol}={lam}"
     )
-    ctx.notes[f"{name}_scaling"] = {"chosen": best, "grid": list(grid), **measured}
+    ctx.choose(name, "scaling", best, grid, **measured)
     return best
 
 
