@@ -293,7 +293,7 @@ class GLUEDataModule(L.LightningDataModule):
         self.eval_splits = list(eval_splits or self.task.eval_splits)
         self.train_dataset: TokenizedDataset | None = None
         self.eval_datasets: dict[str, TokenizedDataset] = {}
-        self._tokenizer = None
+        self._tokenizer: Any = None
 
     @property
     def tokenizer(self) -> Any:
@@ -353,6 +353,8 @@ class GLUEDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds, bs = self.train_dataset, self.hparams.batch_size
+        if ds is None:
+            raise RuntimeError("train_dataloader before setup('fit')")
         sampler = (
             LengthGroupedSampler(ds.lengths, bs, self.hparams.sample_seed) if self.hparams.group_by_length else None
         )
@@ -371,15 +373,15 @@ class GLUEDataModule(L.LightningDataModule):
         ds = self.eval_datasets[split]
         keep = range(len(ds)) if limit is None or limit >= len(ds) else [k * len(ds) // limit for k in range(limit)]
         order = sorted(keep, key=lambda i: -ds.lengths[i])
-        ds = torch.utils.data.Subset(ds, order)
+        subset = torch.utils.data.Subset(ds, order)
         sampler = None
         if self.hparams.unpadded_shards and torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = ShardSampler(len(ds), torch.distributed.get_rank(), torch.distributed.get_world_size())
+            sampler = ShardSampler(len(subset), torch.distributed.get_rank(), torch.distributed.get_world_size())
         batch_size = self.hparams.eval_batch_size or 2 * self.hparams.batch_size
         if limit is not None:  # a sample spread over the split mixes every length: smaller batches pad less
             batch_size = min(batch_size, 32)
         return DataLoader(
-            ds,
+            subset,
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=self.collator(),

@@ -100,12 +100,12 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> list[st
     problems, notes = check_source("model", cfg.model, lambda root: [root / "config.json"])
     for t in cfg.tasks:
         spec = get_task(t)
-        p, n = check_source(
+        found, noted = check_source(
             f"data of {t}", cfg.data_dir, lambda root: [split_file(root, spec, s) for s in ("train", *spec.eval_splits)]
         )
-        problems += p
-        notes += n if t == cfg.tasks[0] else []
-    ids, done = Identities(), {}
+        problems += found
+        notes += noted if t == cfg.tasks[0] else []
+    ids, done = Identities(), dict[str, str]()
     width = len(str(len(stages)))
     counts: dict[str, int] = {}
     for n, stage in enumerate(stages, 1):
@@ -116,8 +116,8 @@ def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> list[st
             _, current, why = freshness(stage, cfg, ids, done)
         except (FileNotFoundError, ValueError) as e:  # an absent input, reported above
             current, why = None, f"inputs not readable: {e}"
-        if why is None:
-            done[stage.id] = current  # type: ignore[assignment]
+        if why is None and current is not None:
+            done[stage.id] = current
         state = "up to date" if why is None else "would run"
         counts[state] = counts.get(state, 0) + 1
         echo(f"[{n:>{width}}/{len(stages)}] {stage.id}: {state}{'' if why is None else f' ({why})'}")

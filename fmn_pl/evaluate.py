@@ -91,7 +91,7 @@ class Evaluator:
 
     def __init__(
         self,
-        checkpoints: list[str | Path],
+        checkpoints: Sequence[str | Path],
         data: EvalData,
         accelerator: str = "auto",
         progress: bool = True,

@@ -274,10 +274,12 @@ def done_line(name: str, out: Path, report: dict[str, Any]) -> str:
     )
 
 
-def resolve_selection_split(split: str, metadata: list[CheckpointMeta]) -> str:
+def resolve_selection_split(split: str, metadata: list[CheckpointMeta]) -> Literal["holdout", "validation", "train"]:
     """`auto` -> holdout when every checkpoint held training rows out, else validation; other splits unchanged."""
+    if split in ("holdout", "validation", "train"):
+        return split  # type: ignore[return-value]  # narrowed by the test above
     if split != "auto":
-        return split
+        raise ValueError(f"selection_split must be auto, holdout, validation or train, got {split!r}")
     held = all(m.holdout_samples > 0 for m in metadata)
     return "holdout" if held else "validation"
 

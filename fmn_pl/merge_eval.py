@@ -31,7 +31,7 @@ class Selection:
         self.calls, self.adapted = 0, False
 
     @classmethod
-    def over(cls, inputs: Inputs, data: Any, accelerator: str, precision: str = "32") -> Selection:
+    def over(cls, inputs: Inputs, data: Any, accelerator: str, precision: Any = "32") -> Selection:
         """A selection over the merge's own checkpoints and `data` (an `EvalData`)."""
         from fmn_pl.evaluate import Evaluator
 

@@ -247,8 +247,8 @@ def check_artifacts(
 def check_base(base: str | None, metadata: list[CheckpointMeta], inputs: Inputs, name: str) -> Path:
     """The pretrained model (given, or the checkpoints' common `base_model`), checked against the body."""
     if base is None:
-        recorded: set[str | None] = {m.base_model for m in metadata}
-        if len(recorded) != 1 or None in recorded:
+        recorded = {m.base_model for m in metadata}
+        if len(recorded) != 1:
             raise ValueError(
                 f"method {name} needs the pretrained model: pass --base (the checkpoints record "
                 f"different base models: {sorted(map(str, recorded))})"

@@ -38,8 +38,11 @@ def task_result(
 ) -> dict[str, Any]:
     """One task's entry of `results`, with the constant-prediction `baseline` on the same `examples` and the
     competence flags they raise (`flags`)."""
-    score = lambda m: None if m is None else m.get("score")  # noqa: E731
-    entry = {
+
+    def score(m: dict[str, float] | None) -> float | None:
+        return None if m is None else m.get("score")
+
+    entry: dict[str, Any] = {
         "merged": merged,
         "individual": individual,
         "average": average,
@@ -47,13 +50,13 @@ def task_result(
         "normalized_average": normalized(score(average), score(individual)),
     }
     if baseline is not None:
-        b = score(baseline)
+        b: float = baseline["score"]
         entry |= {
             "baseline": baseline,
             "examples": examples,
             "above_baseline": normalized(
-                None if score(merged) is None else score(merged) - b,
-                None if score(individual) is None else score(individual) - b,
+                None if (m := score(merged)) is None else m - b,
+                None if (i := score(individual)) is None else i - b,
             ),
             "flags": competence_flags(entry, baseline, examples),
         }
@@ -295,10 +298,10 @@ def plot(report: dict[str, Any], path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    label = report.get("label") or report.get("method")
+    label = str(report.get("label") or report.get("method"))
     s = report.get("summary", {})
     names = [r["task"] for r in table] + ["mean"]
-    series = {
+    series: dict[str, list[float | None]] = {
         "individual": [r["individual"] for r in table] + [s.get("individual_score")],
         "average": [r["average"] for r in table] + [s.get("average_score")],
         label: [r["merged"] for r in table] + [s.get("merged_score")],

@@ -11,6 +11,7 @@ if [ ! -d ../shared ]; then
     echo "note: ../shared is absent: the tests marked real (MiniLM, real GLUE files) will be skipped"
 fi
 ruff check . && ruff format --check --quiet .  # lint and format first: seconds, and they fail fast
+mypy  # the type checker over fmn_pl ([tool.mypy] in pyproject.toml)
 # -rs prints every skip with its reason. pytest's exit status 5 (nothing collected) stays a failure:
 # the suite always has tests, so it can only mean a broken collection or a filter that matched nothing.
 exec python -m pytest -q -rs --durations=15 "$@"

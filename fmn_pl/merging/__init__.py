@@ -45,6 +45,8 @@ def summary(name: str) -> str:
 
     module, cls = target(name)
     spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"merge method {name!r}: module {module} is not importable")
     tree = ast.parse(Path(spec.origin).read_text())
     node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
     return ((ast.get_docstring(node) if node else None) or "").strip().partition("\n")[0]

@@ -95,7 +95,7 @@ class AdaMergingModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         body = self.merged_body()
-        total = 0.0
+        total: Any = 0.0  # a tensor after the first task
         step: dict[str, float] = {}
         for name, b in batch.items():
             if b is None:
@@ -264,7 +264,9 @@ class AdaMerging(MergeMethod):
             if model is not None:  # drop its own body now, before the next model loads (the heads are what it adds)
                 model.load_state_dict(base, strict=False, assign=True)
             models.append(model)
-        loaders = {t: self._loader(ctx.selection_inputs(i), i) for i, t in enumerate(ctx.tasks) if adapt[i]}
+        selection = ctx.selection_inputs
+        assert selection is not None, "the merge stage gives AdaMerging its selection data"
+        loaders = {t: self._loader(selection(i), i) for i, t in enumerate(ctx.tasks) if adapt[i]}
         module = AdaMergingModule(base, taus, models, ctx.tasks, adapt, self.granularity, self.init, self.lr)
         del base, taus, models
         with tempfile.TemporaryDirectory() as scratch:
@@ -276,8 +278,8 @@ class AdaMerging(MergeMethod):
             for j, key in enumerate(module.keys):
                 w = coef if self.granularity == "task" else coef[:, j]
                 merged = module._base.pop(key).cpu()
-                for t, tau in enumerate(module._taus):
-                    merged.add_(tau.pop(key).cpu(), alpha=float(w[t]))
+                for i, tau in enumerate(module._taus):
+                    merged.add_(tau.pop(key).cpu(), alpha=float(w[i]))
                 yield key, merged
 
     def _note_coefficients(

@@ -8,7 +8,7 @@ arithmetic's is. Memory: not streamed, as TALL (tau_MTL, one task vector, one ca
 
 from __future__ import annotations
 
-from typing import Iterator, Literal
+from typing import Iterator, Literal, cast
 
 import torch
 
@@ -59,7 +59,7 @@ class Consensus(TaskMasks):
             masks = self.select_masks(ctx, kept)
             n_kept = 0
             for key, v in kept.items():
-                count = sum(unpack_mask(m[key], tuple(v.shape)).to(torch.uint8) for m in masks)
+                count = cast(torch.Tensor, sum(unpack_mask(m[key], tuple(v.shape)).to(torch.uint8) for m in masks))
                 keep = consensus_mask(count, self.k)
                 n_kept += int(keep.sum())
                 v.mul_(keep)

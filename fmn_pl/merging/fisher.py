@@ -80,18 +80,17 @@ class Fisher(MergeMethod):
         return (f / self._norms[i]).clamp_min(self.epsilon)
 
     def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
-        num = den = plain = None
+        num = den = plain = torch.empty(0)
         for j in range(len(models)):
             theta = models[j]
             w = self.fisher(ctx, j, key, tuple(theta.shape)) * self._c[j]
-            if num is None:
+            if j == 0:
                 num, den, plain = w * theta, w, theta * self._c[j]
             else:
                 num.addcmul_(w, theta)
                 den.add_(w)
                 plain.add_(theta, alpha=self._c[j])
             del theta, w  # before the next model's tensors are read
-        assert num is not None and den is not None and plain is not None
         zero = den == 0
         plain.div_(sum(self._c))
         return torch.where(zero, plain, num / torch.where(zero, torch.ones_like(den), den))

@@ -212,7 +212,7 @@ class FMN(MergeMethod):
         self.use_weights(self.normalize_grid()[0], self.powers[0] if self.power is None else self.power, ctx)
 
     def normalize_grid(self) -> list[str]:
-        return self.normalizes if self.normalize is None else [self.normalize]
+        return list(self.normalizes) if self.normalize is None else [self.normalize]
 
     def use_weights(self, normalize: str, p: float, ctx: MergeContext) -> None:
         """Weights from the `normalize`d node Fisher raised to p (0 ** 0 = 1: power 0 is the plain average); the

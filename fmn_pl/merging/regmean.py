@@ -10,6 +10,8 @@ and LayerNorms are plain averages. Streams one layer at a time: it holds the M G
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from fmn_pl.grams import body_gram_keys
@@ -29,7 +31,7 @@ def regmean_solve(
     is added to every model's Gram: directions no model's inputs span fall back to the plain average.
     """
     gs = [scale_off_diagonal(g.double(), alpha) for g in grams]
-    total = sum(gs)
+    total = cast(torch.Tensor, sum(gs))
     rhs = sum(g @ w.double().T for g, w in zip(gs, weights))
     eig = eigvalsh_one_thread(total)
     singular = bool(eig[0] <= rcond * eig[-1].clamp_min(torch.finfo(torch.float64).tiny))
@@ -113,7 +115,7 @@ class RegMean(MergeMethod):
 
     def merge_tensor(self, key: str, models: LazyTensors, ctx: MergeContext) -> torch.Tensor:
         if key not in self._weight_gram:
-            return sum(models[i] for i in range(len(models))) / len(models)
+            return cast(torch.Tensor, sum(models[i] for i in range(len(models)))) / len(models)
         weights = [models[i] for i in range(len(models))]
         gram_key = self._weight_gram[key]
         merged, singular = regmean_solve(

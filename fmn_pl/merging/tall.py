@@ -17,7 +17,7 @@ and the masks bit-packed (T/32 of a body); the base is read lazily from its file
 from __future__ import annotations
 
 import json
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -112,7 +112,10 @@ class TaskMasks(MergeMethod):
 
     def select_masks(self, ctx: MergeContext, tau_mtl: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Per task: lambda_t maximising its own score with theta0 + m_t * tau_MTL; its mask, bit-packed."""
-        chosen, scores, density, masks = {}, {}, {}, []
+        chosen: dict[str, float] = {}
+        scores: dict[str, Any] = {}
+        density: dict[str, float] = {}
+        masks: list[dict[str, torch.Tensor]] = []
         for i, task in enumerate(tqdm(ctx.tasks, desc=f"{self.name} masks", leave=False, disable=not ctx.progress)):
             tau = self.task_vector(ctx, i)
             if len(self.lambdas) == 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -30,11 +30,11 @@ def owns_tensors(ctx: MergeContext, i: int) -> bool:
     return bool(getattr(ctx.readers[i], "fresh", False))
 
 
-def check_objective(objective: str, name: str) -> str:
+def check_objective(objective: str, name: str) -> Objective:
     """`objective` if it is one of OBJECTIVES, else a one-line error naming the method."""
     if objective not in OBJECTIVES:
         raise ValueError(f"{name}: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    return objective
+    return cast(Objective, objective)
 
 
 def rank(scores: dict[str, float], reference: dict[str, float] | None) -> tuple[float, float]:
@@ -46,7 +46,7 @@ def rank(scores: dict[str, float], reference: dict[str, float] | None) -> tuple[
 
 def choose_body(
     ctx: MergeContext,
-    candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]],
+    candidates: dict[Any, Callable[..., dict[str, torch.Tensor]]],
     name: str,
     objective: Objective = "mean",
     describe: Callable[[Any], str] = str,
@@ -102,7 +102,7 @@ def choose_body(
 
 def average_scores(
     ctx: MergeContext,
-    candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]],
+    candidates: dict[Any, Callable[..., dict[str, torch.Tensor]]],
     scores: dict[Any, dict[str, float]],
     average: Any,
 ) -> dict[str, float]:
@@ -118,7 +118,7 @@ def average_scores(
 
 def screen_candidates(
     ctx: MergeContext,
-    candidates: dict[Any, Callable[[], dict[str, torch.Tensor]]],
+    candidates: dict[Any, Callable[..., dict[str, torch.Tensor]]],
     name: str,
     describe: Callable[[Any], str],
     keep: list[Any],
@@ -131,9 +131,11 @@ def screen_candidates(
     if ctx.screen is None or len(keys) <= ctx.finalists:
         return keys, {}
     means = {}
+    evaluate = ctx.evaluate
+    assert evaluate is not None, "choose_body checks it"
     bar = tqdm(keys, desc=f"{name}: screening", unit="candidate", leave=False, disable=not ctx.progress)
     for i, key in enumerate(bar, start=1):
-        means[key] = rank(ctx.evaluate(candidates[key](), limit=ctx.screen), None)[1]
+        means[key] = rank(evaluate(candidates[key](), limit=ctx.screen), None)[1]
         ctx.log(f"{name}: screening {i}/{len(keys)} {describe(key)}: mean score on {ctx.screen} rows={means[key]:.4f}")
     top = sorted(keys, key=lambda k: -means[k])[: ctx.finalists]
     finalists = [k for k in keys if k in top or k in keep]

@@ -184,7 +184,7 @@ class Ties(TaskVectorMethod):
         self._majority = float(np.sign(votes))
         for key, idx, pos_mean, neg_mean, kept in pending:
             value = pos_mean if self._majority > 0 else neg_mean
-            if kept is not None:
+            if kept is not None and scaling is not None:
                 value = value.mul_(scaling).add_(kept)
             out[key].view(-1)[idx] = value
         ctx.notes["ties"] = {"thresholds": self._thresholds, "majority_sign": self._majority}
