@@ -5,9 +5,10 @@ and the base model when the method needs one (`check_inputs` -> `Inputs`, the me
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -80,10 +81,19 @@ class Inputs:
         )
 
 
-def body_prefix(config: Any) -> tuple[str, str]:
-    """("bert.", "BertModel"): the parameter prefix of the base model inside the task model, and its class."""
-    from transformers import AutoModelForSequenceClassification
+def body_prefix(config: Any, keys: Iterable[str] = ()) -> tuple[str, str]:
+    """("bert.", "BertModel"): the parameter prefix of the base model inside the task model, and its class.
 
+    With the task model's tensor `keys` and a model type transformers names: the keys' most common first part
+    (the body has more tensors than the head) and the name table, without importing the model's code (2 s);
+    otherwise from the task model built on the meta device."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    base_class = MODEL_MAPPING_NAMES.get(config.model_type)
+    firsts = Counter(k.split(".", 1)[0] for k in keys if "." in k)
+    if firsts and isinstance(base_class, str):
+        return f"{firsts.most_common(1)[0][0]}.", base_class
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
     return f"{model.base_model_prefix}.", type(model.base_model).__name__
@@ -133,8 +143,8 @@ def check_inputs(
         raise ValueError(f"merging needs at least two checkpoints, got {len(paths)}")
     metadata = check_tasks(paths)
     configs = check_architectures(paths)
-    prefix, _ = body_prefix(configs[0])
     headers = [read_header(p) for p in paths]
+    prefix, _ = body_prefix(configs[0], headers[0])
     body = check_bodies(paths, headers, prefix, configs[0].model_type)
     keys = [k for k, (dtype, _) in body.items() if dtype in FLOAT_DTYPES]
     fixed = [k for k in body if k not in keys]

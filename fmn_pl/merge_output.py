@@ -120,7 +120,7 @@ def write_body_folder(folder: Path, inputs: Inputs) -> None:
     """Config and tokenizer beside model.safetensors, so AutoModel.from_pretrained(folder) loads the body."""
     from transformers import AutoTokenizer
 
-    _, base_class = body_prefix(inputs.config)
+    _, base_class = body_prefix(inputs.config, inputs.headers[0])
     config = copy.deepcopy(inputs.config)
     config.architectures = [base_class]
     config.save_pretrained(str(folder))

@@ -9,14 +9,10 @@ from typing import Any, Optional
 
 from fmn_pl.files import atomic_write, save_figure, write_json
 from fmn_pl.pipeline_config import PipelineConfig, artifact_kinds
+from fmn_pl.report import mean
 from fmn_pl.stages import Stage, plan, read_stamp, report_options, stamp_path
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def _mean(values: list[Optional[float]]) -> Optional[float]:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
 
 
 def gather(cfg: PipelineConfig, partial: bool = False) -> dict[str, Any]:
@@ -87,7 +83,7 @@ def _summaries(
     summary = {
         combo: {
             col: {
-                k: _mean([r[k] for r in table if r["combination"] == combo and r["column"] == col])
+                k: mean([r[k] for r in table if r["combination"] == combo and r["column"] == col])
                 for k in ("score", "normalized")
             }
             for col in columns
@@ -95,7 +91,7 @@ def _summaries(
         for combo in combinations
     }
     overall = {
-        col: {k: _mean([summary[c][col][k] for c in summary]) for k in ("score", "normalized")} for col in columns
+        col: {k: mean([summary[c][col][k] for c in summary]) for k in ("score", "normalized")} for col in columns
     }
     return summary, overall
 

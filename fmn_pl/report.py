@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from fmn_pl.files import atomic_write, save_figure, write_json
 from fmn_pl.tasks import SCALE_METRICS
@@ -86,7 +86,8 @@ def competence_flags(entry: dict[str, Any], baseline: dict[str, float], examples
     return flags
 
 
-def _mean(values: list[float | None]) -> float | None:
+def mean(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None (None when there are none)."""
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
 
@@ -95,13 +96,13 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """Means over tasks of the scores and normalized scores."""
     pick = lambda r, k: None if r.get(k) is None else r[k].get("score")  # noqa: E731
     return {
-        "merged_score": _mean([pick(r, "merged") for r in results.values()]),
-        "individual_score": _mean([pick(r, "individual") for r in results.values()]),
-        "average_score": _mean([pick(r, "average") for r in results.values()]),
-        "normalized": _mean([r.get("normalized") for r in results.values()]),
-        "normalized_average": _mean([r.get("normalized_average") for r in results.values()]),
-        "baseline_score": _mean([pick(r, "baseline") for r in results.values()]),
-        "above_baseline": _mean([r.get("above_baseline") for r in results.values()]),
+        "merged_score": mean([pick(r, "merged") for r in results.values()]),
+        "individual_score": mean([pick(r, "individual") for r in results.values()]),
+        "average_score": mean([pick(r, "average") for r in results.values()]),
+        "normalized": mean([r.get("normalized") for r in results.values()]),
+        "normalized_average": mean([r.get("normalized_average") for r in results.values()]),
+        "baseline_score": mean([pick(r, "baseline") for r in results.values()]),
+        "above_baseline": mean([r.get("above_baseline") for r in results.values()]),
     }
 
 

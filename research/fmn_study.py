@@ -47,6 +47,7 @@ from fmn_pl.files import atomic_write, save_figure, write_json  # noqa: E402
 from fmn_pl.kinds import KINDS  # noqa: E402
 from fmn_pl.merging import METHODS, MergeMethod, method_class  # noqa: E402
 from fmn_pl.merging.fmn import REFERENCE  # noqa: E402
+from fmn_pl.report import mean  # noqa: E402
 
 VIEW_RECORD = "study_artifact.json"  # in a view: the options its artifact was computed with
 BASELINES = ("individual", "average")
@@ -532,7 +533,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "costs": {
             "artifacts": study.costs(merges),
             "merge_s": {
-                lb: _mean([c["merge_s"] for c in cells if c["label"] == lb and c["merge_s"] is not None])
+                lb: mean([c["merge_s"] for c in cells if c["label"] == lb and c["merge_s"] is not None])
                 for lb in labels
                 if lb != "individual"
             },
@@ -553,10 +554,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 def _describe(m: dict[str, Any] | None) -> str:

@@ -17,6 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from fmn_pl.report import mean
+
 TIE = 0.0005  # 0.05 points: closer than this to the average is neither a win nor a loss
 
 
@@ -66,21 +68,16 @@ def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "gain": statistics.mean(gains) if gains else None,
             "wins": sum(g > 100 * TIE for g in gains),
             "losses": sum(g < -100 * TIE for g in gains),
-            "normalized": _mean([data["summary"][c][label]["normalized"] for c in pair_names]),
+            "normalized": mean([data["summary"][c][label]["normalized"] for c in pair_names]),
             "stsb_mse": statistics.mean(stsb) if stsb else None,
             "merge_s": statistics.median(r["timings"]["merge_s"] for r in reports) if reports else None,
         }
         for combo in full:
             cols = [v for (c, _), v in table.items() if c == combo and label in v]
-            row["all_gain"] = _mean([100 * (v[label]["score"] - v["average"]["score"]) for v in cols])
+            row["all_gain"] = mean([100 * (v[label]["score"] - v["average"]["score"]) for v in cols])
             row["all_normalized"] = data["summary"][combo][label]["normalized"]
         out.append(row)
     return out
-
-
-def _mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
 
 
 def fisher_cost(data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -536,3 +536,16 @@ def test_own_tensors_stay_with_each_task(make_checkpoint: Callable, tiny_glue: P
         with pytest.raises(ValueError, match=error):
             run_merge(list(map(str, cks)), Average(), str(tmp_path / "x"), own_tensors=patterns, evaluate=False)
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra", "albert"])
+def test_body_prefix_from_the_tensor_names_equals_the_models_own(family: str) -> None:
+    """The merge reads the body's prefix off the checkpoint's tensor names (no model code imported); it must be
+    what the model itself says, for every BERT-family head (DistilBERT's pre_classifier, RoBERTa's dense head)."""
+    from fmn_pl.merge_inputs import body_prefix
+    from tests.conftest import tiny_model
+
+    model = tiny_model(family)
+    keys = list(model.state_dict())
+    assert body_prefix(model.config, keys) == (f"{model.base_model_prefix}.", type(model.base_model).__name__)
+    assert body_prefix(model.config) == body_prefix(model.config, keys)  # the meta-model fallback agrees
