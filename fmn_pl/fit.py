@@ -182,6 +182,7 @@ class FitResult:
     metrics: dict[str, float]
     """Validation metrics of the exported epoch (`val/score`, ...)."""
     epoch: int | None
+    """The exported epoch (0-based; None when nothing was exported)."""
 
 
 def run_fit(config: dict[str, Any]) -> FitResult:

@@ -21,9 +21,9 @@ Stages with one process are function calls in the pipeline's process, their outp
 stage with more devices or nodes, or a DDP-like strategy, runs as its own `fmn-pl <stage> --config` process,
 so Lightning's launcher starts its ranks exactly as it does for a standalone stage (its DDP launcher starts
 the other ranks by running the process's own command line again: the pipeline's would rerun the pipeline).
-Under srun or torchrun (one pipeline per
-rank), every rank runs the multi-process stages; single-process stages (merges, the report, and any
-stage with one device) run on global rank 0 only. Merging and evaluation are always one process.
+Under srun or torchrun (one pipeline per rank), every rank runs the multi-process stages; single-process
+stages (merges, the report, and any stage with one device) run on global rank 0 only, and a rank that reads
+one's output waits for its stamp. Merging and evaluation are always one process.
 """
 
 from __future__ import annotations

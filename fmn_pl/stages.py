@@ -178,8 +178,6 @@ def fit_stage(cfg: PipelineConfig, task: str) -> Stage:
 
 def fisher_stage(cfg: PipelineConfig, task: str, kind: str) -> Stage:
     """One artifact of one task's checkpoint: `run_fisher`."""
-    from fmn_pl.artifacts import artifact_path
-
     a: ArtifactOptions = artifact_options(cfg, kind)
     checkpoint = Path(cfg.output) / "checkpoints" / task
     opts = {
@@ -201,7 +199,7 @@ def fisher_stage(cfg: PipelineConfig, task: str, kind: str) -> Stage:
         options=opts,
         call={**set_options(opts), "trainer": asdict(launch)},
         launch=launch,
-        output=artifact_path(checkpoint, kind),
+        output=checkpoint / KINDS[kind].file,
         config=config_path(cfg, f"fisher/{task}/{kind}"),
     )
 
