@@ -40,7 +40,7 @@ def batches(model_dir: str, data_dir: str, task: str, n: int, batch_size: int) -
     return list(dm.val_dataloader())
 
 
-def timed(fn) -> float:  # noqa: ANN001
+def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -74,7 +74,7 @@ def main() -> None:
             for b in data:
                 model(**model_inputs(b))
 
-    def fisher(cls: type, agg: str, labels: str, rows: list[dict]):  # noqa: ANN202
+    def fisher(cls: type, agg: str, labels: str, rows: list[dict]):
         def run() -> None:
             acc = cls(model, agg, labels)
             with acc.active():

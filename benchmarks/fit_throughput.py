@@ -53,7 +53,7 @@ class StepTimer(L.Callback):
     def __init__(self) -> None:
         self.steps: list[Step] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps.append(mark(len(batch["labels"])))
 
 

@@ -106,7 +106,7 @@ def child(argv: list[str]) -> None:
     import psutil
     import transformers  # noqa: F401
 
-    import fmn_pl.merge_cli as merge  # noqa: F401 - imports counted in the baseline
+    import fmn_pl.merge_cli as merge
 
     baseline = psutil.Process().memory_info().rss
     start = time.perf_counter()

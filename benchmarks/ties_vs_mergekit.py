@@ -124,7 +124,7 @@ def classifier_folder(src: Path, config: Path, target: Path, prefix: str = "") -
     return target
 
 
-def torch_zeros(*shape: int):  # noqa: ANN201 - torch imported late
+def torch_zeros(*shape: int):
     import torch
 
     return torch.zeros(shape)

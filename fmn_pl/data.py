@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fmn_pl.options import check_count, is_local_path  # noqa: F401 - re-exported
+from fmn_pl.options import check_count, is_local_path
 from fmn_pl.tasks import GlueTask, get_task
 
 # Original GLUE TSV release: (has header row, {field: column name or index}); split file names below.

@@ -4,6 +4,7 @@ stage's own parser, and say which stages would run and why, computing and writin
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -91,18 +92,22 @@ def options_line(stage: Stage) -> str:
     return json.dumps(shown, separators=(",", ":"))
 
 
+def task_files(root: Path, spec: Any) -> list[Path]:
+    """A task's split files in a local GLUE folder: train and its validation split(s)."""
+    from fmn_pl.data import split_file
+
+    return [split_file(root, spec, s) for s in ("train", *spec.eval_splits)]
+
+
 def dry_run(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> list[str]:
     """Check every stage's inputs and arguments without computing; print the plan; return the problems."""
-    from fmn_pl.data import split_file
     from fmn_pl.tasks import get_task
 
     stages = plan(cfg)
     problems, notes = check_source("model", cfg.model, lambda root: [root / "config.json"])
     for t in cfg.tasks:
         spec = get_task(t)
-        found, noted = check_source(
-            f"data of {t}", cfg.data_dir, lambda root: [split_file(root, spec, s) for s in ("train", *spec.eval_splits)]
-        )
+        found, noted = check_source(f"data of {t}", cfg.data_dir, functools.partial(task_files, spec=spec))
         problems += found
         notes += noted if t == cfg.tasks[0] else []
     ids, done = Identities(), dict[str, str]()

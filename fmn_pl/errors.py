@@ -30,7 +30,7 @@ def one_line(e: BaseException) -> str:
     while cause is not None and getattr(cause, "problem_mark", None) is None:
         cause = cause.__cause__ or cause.__context__
     if cause is not None:
-        mark, problem = getattr(cause, "problem_mark"), getattr(cause, "problem", None)  # a yaml.MarkedYAMLError
+        mark, problem = vars(cause)["problem_mark"], vars(cause).get("problem")  # a yaml.MarkedYAMLError
         where = "a YAML config" if mark.name.startswith("<") else mark.name
         return f"YAML syntax error in {where} at line {mark.line + 1}, column {mark.column + 1}: {problem}"
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]

@@ -69,7 +69,7 @@ class MaskNodes:
         )
         return (xg * m).reshape(x.shape)
 
-    def _hook(self, layer: int, kind: str):  # noqa: ANN202 - a torch hook
+    def _hook(self, layer: int, kind: str):
         def pre(module: nn.Module, args: tuple) -> tuple | None:
             mask = self.head if kind == "head" else self.neuron
             if mask is None:

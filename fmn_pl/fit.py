@@ -142,12 +142,12 @@ def _public(hparams: Any) -> dict[str, Any]:
 class FmnCLI(LightningCLI):
     """LightningCLI with the task and tokenizer linked from data/model, and the task-checkpoint export."""
 
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
+    def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.add_lightning_class_args(ExportCheckpoint, "export")
 
-    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI's signature
+    def instantiate_trainer(self, **kwargs):
         """A Trainer option of the wrong kind (`--trainer.devices abc`) is the user's error: one line, not a
         TypeError traceback from deep inside Lightning."""
         try:

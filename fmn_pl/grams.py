@@ -72,7 +72,7 @@ class GramAccumulator:
         }
         self.rows = {n: torch.zeros((), dtype=torch.float64, device=m.weight.device) for n, m in self.modules.items()}
 
-    def _hook(self, name: str):  # noqa: ANN202 - a torch hook
+    def _hook(self, name: str):
         def pre(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             mask = self.attention_mask

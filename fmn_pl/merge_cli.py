@@ -83,7 +83,7 @@ def _method_lines() -> str:
     for name in METHODS:
         try:
             doc = summary(name)
-        except Exception as e:  # a broken method module must not break the others' CLI
+        except Exception as e:  # noqa: BLE001 - a broken method module must not break the others' CLI
             doc = f"(cannot read: {e})"
         lines.append(f"  {name:<17} {doc}")
     return "\n".join(lines)

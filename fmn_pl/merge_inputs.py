@@ -209,7 +209,7 @@ def check_bodies(
     for p, b in zip(paths[1:], body[1:]):
         for key in sorted(set(body[0]) ^ set(b)):
             raise ValueError(f"{p if key not in b else paths[0]} lacks body tensor {key!r} that the other has")
-        for key, (dtype, shape) in body[0].items():
+        for key, (_, shape) in body[0].items():
             if b[key][1] != shape:
                 raise ValueError(f"{p}: {key} has shape {b[key][1]}, but {paths[0]} has {shape}")
     return body[0]

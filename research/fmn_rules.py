@@ -149,13 +149,17 @@ def score_cells(
     for pair in pairs:
         cks = [root / t for t in pair]
         own = args.own_tensors
-        cell(pair, "average", lambda: merge_body(cks, Average(), selection=ev["holdout"], own_tensors=own))
+        cell(
+            pair,
+            "average",
+            lambda cks=cks, own=own: merge_body(cks, Average(), selection=ev["holdout"], own_tensors=own),
+        )
         for n, p in weightings(args.normalizes, args.powers):
             for s in args.scalings:
                 cell(
                     pair,
                     candidate(p, s, n),
-                    lambda n=n, p=p, s=s: merge_body(
+                    lambda n=n, p=p, s=s, cks=cks, own=own: merge_body(
                         cks,
                         FMN(normalize=n, power=p, scaling=s),
                         selection=ev["holdout"],

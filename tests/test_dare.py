@@ -47,7 +47,7 @@ def test_bad_rate_refused() -> None:
         dare(torch.ones(3), 1.0)
 
 
-def test_methods_with_p_zero_equal_the_underlying_method(tmp_path) -> None:  # noqa: ANN001
+def test_methods_with_p_zero_equal_the_underlying_method(tmp_path) -> None:
     from fmn_pl.merging.task_arithmetic import TaskArithmetic
     from fmn_pl.merging.ties import Ties
     from tests.test_merging import BASE, TAUS, vector_ctx
@@ -64,7 +64,7 @@ def test_methods_with_p_zero_equal_the_underlying_method(tmp_path) -> None:  # n
         assert any(not torch.equal(dropped[k], plain[k]) for k in BASE)
 
 
-def test_task_arithmetic_with_dare_is_unbiased_over_seeds(tmp_path) -> None:  # noqa: ANN001
+def test_task_arithmetic_with_dare_is_unbiased_over_seeds(tmp_path) -> None:
     """Task arithmetic is linear in the task vectors, so its DARE merge averages to the plain merge."""
     from fmn_pl.merging.task_arithmetic import TaskArithmetic
     from tests.test_merging import vector_ctx

@@ -12,7 +12,7 @@ import torch
 from fmn_pl.evaluate import EvalData, Evaluator
 
 
-def lightning_scores(checkpoint: Path, task: str, dm, body: dict[str, torch.Tensor] | None) -> dict[str, float]:  # noqa: ANN001
+def lightning_scores(checkpoint: Path, task: str, dm, body: dict[str, torch.Tensor] | None) -> dict[str, float]:
     """The reference: a fresh GLUETransformer, the body loaded into it, scored by trainer.validate."""
     import lightning as L
 

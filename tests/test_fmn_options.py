@@ -12,7 +12,7 @@ from fmn_pl.merging.fmn import FMN
 from tests.test_merging import model_ctx, plain_average, random_fisher, ref_fmn, slow_fmn
 
 
-def _ctx(make_checkpoint: Callable, tiny_base: Callable, evaluate: Callable | None = None):  # noqa: ANN202
+def _ctx(make_checkpoint: Callable, tiny_base: Callable, evaluate: Callable | None = None):
     ckpts = [make_checkpoint("rte", seed=s, name=f"m{s}") for s in (0, 1)]
     return model_ctx(ckpts, [random_fisher(0), random_fisher(1, scale=30.0)], base=tiny_base("bert"), evaluate=evaluate)
 
@@ -154,7 +154,7 @@ def test_null_power_is_chosen_with_s_as_a_brute_force_search(make_checkpoint: Ca
     for objective in ("mean", "worst_gain"):
         avg = evaluate(plain_average(ref_ctx))
 
-        def rank(c: tuple[float, float]) -> tuple[float, float]:  # noqa: E306
+        def rank(c: tuple[float, float]) -> tuple[float, float]:
             sc = evaluate(bodies[c])
             return (min(sc[t] - avg[t] for t in sc) if objective == "worst_gain" else 0.0, sum(sc.values()))
 

@@ -111,7 +111,7 @@ def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: 
     assert on_disk["tasks"] == ["rte", "stsb", "mrpc"] and on_disk["evaluation"]["max_samples"] == 16
     assert [c["fingerprint"] for c in on_disk["checkpoints"]] == [weights_fingerprint(c) for c in cks]
     assert on_disk["checkpoints"][0]["artifacts"]["mask_fisher"]["kind"] == "mask_fisher"
-    for task, r in on_disk["results"].items():
+    for r in on_disk["results"].values():
         assert {"merged", "individual", "average"} <= set(r)
         if r["individual"]["score"] > 0:
             assert r["normalized"] == pytest.approx(r["merged"]["score"] / r["individual"]["score"])
@@ -150,7 +150,7 @@ def test_individual_and_average_scores_are_cached(
     calls: list[object] = []
     original = Evaluator.evaluate
 
-    def counting(self, i, model_dir=None, body=None):  # noqa: ANN001, ANN202
+    def counting(self, i, model_dir=None, body=None):
         calls.append(model_dir)
         return original(self, i, model_dir, body)
 
@@ -472,7 +472,7 @@ def test_nothing_half_written_when_a_merge_fails(
 
     seen = []
 
-    def failing(self, key, models, ctx):  # noqa: ANN001, ANN202
+    def failing(self, key, models, ctx):
         seen.append(key)
         if len(seen) > 5:
             raise RuntimeError("disk on fire")

@@ -462,7 +462,7 @@ def test_task_arithmetic_worst_gain_by_brute_force(
     reference = evaluate(avg)
     if dare_p == 0:
 
-        def rank(x: float) -> tuple[float, float]:  # noqa: E306
+        def rank(x: float) -> tuple[float, float]:
             sc = evaluate({k: BASE[k] + x * (TAUS[0][k] + TAUS[1][k]) for k in BASE})
             return min(sc[t] - reference[t] for t in sc), sum(sc.values())
 

@@ -162,7 +162,7 @@ def test_interrupted_stage_is_redone(
     base, out = tiny_base("bert"), tmp_path / "run"
     real = pipeline.run_stage
 
-    def killed(stage, cfg, log, **kw):  # noqa: ANN001
+    def killed(stage, cfg, log, **kw):
         real(stage, cfg, log, **kw)
         if stage.id == "merge/rte+mrpc/fmn":
             raise KeyboardInterrupt

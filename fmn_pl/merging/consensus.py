@@ -27,7 +27,7 @@ class Consensus(TaskMasks):
         over: Literal["task_arithmetic", "ties"] = "task_arithmetic",
         k: int = 2,
         scaling: float | None = None,
-        scalings: list[float] = GRID,  # noqa: B006 - read-only default, shown by --help
+        scalings: list[float] = GRID,
         lambdas: list[float] = [0.2, 0.3, 0.4, 0.5, 0.6],  # noqa: B006
         top_k: float = 20.0,
     ) -> None:

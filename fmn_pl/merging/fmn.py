@@ -135,14 +135,14 @@ class FMN(MergeMethod):
         self,
         broadcast: Broadcast = "per_node",
         normalize: Normalize | None = None,
-        normalizes: list[Normalize] = NORMALIZES,  # noqa: B006 - read-only default, shown by --help
+        normalizes: list[Normalize] = NORMALIZES,
         universal: bool = True,
         epsilon: float = 0.0,
         coefficients: list[float] | None = None,
         scaling: float | None = None,
-        scalings: list[float] = SCALINGS,  # noqa: B006 - read-only default, shown by --help
+        scalings: list[float] = SCALINGS,
         power: float | None = None,
-        powers: list[float] = POWERS,  # noqa: B006 - read-only default, shown by --help
+        powers: list[float] = POWERS,
         objective: Objective = "mean",
     ) -> None:
         """Defaults: normalization, p and s chosen on the selection split by the mean score (`REFERENCE`: the paper).

@@ -241,7 +241,7 @@ class TaskArithmetic(TaskVectorMethod):
     def __init__(
         self,
         scaling: float | None = None,
-        scalings: list[float] = GRID,  # noqa: B006 - read-only default, shown by --help
+        scalings: list[float] = GRID,
         dare_p: float = 0.0,
         dare_seed: int = 0,
         objective: Objective = "mean",

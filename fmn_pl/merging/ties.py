@@ -115,7 +115,7 @@ class Ties(TaskVectorMethod):
         self,
         top_k: float = 20.0,
         scaling: float | None = 1.0,
-        scalings: list[float] = GRID,  # noqa: B006 - read-only default, shown by --help
+        scalings: list[float] = GRID,
         dare_p: float = 0.0,
         dare_seed: int = 0,
         objective: Objective = "mean",
