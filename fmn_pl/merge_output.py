@@ -37,8 +37,7 @@ def write_body(
     """Stream the method's (key, tensor) pairs into folder/`name` (in each tensor's original dtype), plus the
     body's non-merged tensors from the first checkpoint."""
     path = folder / name
-    writer = SafetensorsWriter(path, {k: inputs.specs[k] for k in inputs.keys + inputs.fixed})
-    try:
+    with SafetensorsWriter(path, {k: inputs.specs[k] for k in inputs.keys + inputs.fixed}) as writer:
         for key, tensor in tqdm(
             merged,
             total=len(inputs.keys),
@@ -52,10 +51,6 @@ def write_body(
         first = CheckpointReader(inputs.checkpoints[0])
         for key in inputs.fixed:
             writer.write(key, first.get(key))
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
     return path
 
 

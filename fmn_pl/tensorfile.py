@@ -168,14 +168,14 @@ class SafetensorsWriter:
         self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self.written.add(key)
 
-    def abort(self) -> None:
-        """Close without the completeness check (the caller is failing anyway; its temp folder goes)."""
-        self._file.close()
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
 
-    def close(self) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        """Close; checked complete unless the block failed (the caller is failing anyway; its temporary goes)."""
         self._file.close()
         missing = [k for k in self.specs if k not in self.written]
-        if missing:
+        if kind is None and missing:
             raise ValueError(
                 f"{self.path.name}: no tensor was produced for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
             )
@@ -185,12 +185,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     """Write `tensors` (any device; contiguous copies on CPU) with string `metadata`, whole or not at all."""
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        writer = SafetensorsWriter(tmp, {k: (NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()}, metadata)
-        try:
+        specs = {k: (NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()}
+        with SafetensorsWriter(tmp, specs, metadata) as writer:
             for k, v in tensors.items():
                 writer.write(k, v)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
     return Path(path)
