@@ -63,19 +63,20 @@ def run_fisher(
         trainer: Lightning Trainer options (devices, strategy, accelerator, precision, ...).
     """
     from fmn_pl.checkpoint import CheckpointMeta, task_datamodule
-    from fmn_pl.data import check_count
     from fmn_pl.files import check_writable
     from fmn_pl.kinds import get_kind
+    from fmn_pl.options import check_count
 
     spec = get_kind(kind)
     for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
         check_count(name, value)
     meta = CheckpointMeta.read(checkpoint)
-    check_writable(artifact_path(checkpoint, spec.name))
+    path = artifact_path(checkpoint, spec.name)
+    check_writable(path)
     if task is not None and task != meta.task:
         raise ValueError(f"{checkpoint} is a {meta.task!r} checkpoint, not {task!r}")
     cls = spec.pass_class()
-    own = pass_options(spec.cli, cls, aggregation=aggregation, labels=labels, include_padding=include_padding)
+    own = pass_options(spec.cli, cls, seed, aggregation=aggregation, labels=labels, include_padding=include_padding)
     dm = task_datamodule(
         checkpoint,
         meta,
@@ -96,8 +97,6 @@ def run_fisher(
         "sample_seed": seed,
         "holdout_samples": dm.hparams.holdout_samples,
     }
-    if "seed" in inspect.signature(cls).parameters:
-        own["seed"] = seed
     callback = cls(checkpoint, metadata=info, **own)
     options = {
         "logger": False,
@@ -110,20 +109,20 @@ def run_fisher(
     model = load_model(str(checkpoint), dm.task)  # a bad checkpoint fails before the Trainer is built
     pl_trainer = L.Trainer(**options)
     pl_trainer.validate(_NodePass(model, forward=spec.forward), datamodule=dm, verbose=False)
-    path = artifact_path(checkpoint, spec.name)
     if pl_trainer.is_global_zero:
         print(f"wrote {path}")
     return path
 
 
-def pass_options(kind: str, cls: type, **options: Any) -> dict[str, Any]:
-    """The options the user set (not None), each checked to be one the kind's pass takes."""
+def pass_options(kind: str, cls: type, seed: int, **options: Any) -> dict[str, Any]:
+    """The options the user set (not None), each checked to be one the kind's pass takes, and `seed` when the pass
+    takes one (sampled labels)."""
     accepted = inspect.signature(cls).parameters
     given = {k: v for k, v in options.items() if v is not None}
     wrong = [k for k in given if k not in accepted]
     if wrong:
         raise ValueError(f"{' and '.join(wrong)} does not apply to kind {kind!r} (its pass takes no such option)")
-    return given
+    return given | ({"seed": seed} if "seed" in accepted else {})
 
 
 def build_parser() -> Any:

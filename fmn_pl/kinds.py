@@ -33,8 +33,6 @@ class ArtifactKind:
     forward: bool = False
     """True: the loop runs the model's plain forward on every batch (passes that only read hooks); False: the
     pass runs its own forward and backward."""
-    doc: str = ""
-    """One line for `--help`."""
 
     @property
     def file(self) -> str:
@@ -50,9 +48,9 @@ FISHER = ("aggregation", "labels")
 KINDS: dict[str, ArtifactKind] = {
     k.name: k
     for k in (
-        ArtifactKind("mask_fisher", "mask", "fmn_pl.fisher:MaskFisherCallback", options=FISHER, doc="mask-node Fisher"),
-        ArtifactKind("full_fisher", "full", "fmn_pl.fisher:FullFisherCallback", 16, FISHER, doc="diagonal Fisher"),
-        ArtifactKind("grams", "grams", "fmn_pl.grams:GramCallback", forward=True, doc="Gram matrices (RegMean)"),
+        ArtifactKind("mask_fisher", "mask", "fmn_pl.fisher:MaskFisherCallback", options=FISHER),  # FMN's input
+        ArtifactKind("full_fisher", "full", "fmn_pl.fisher:FullFisherCallback", 16, FISHER),  # Fisher merging's
+        ArtifactKind("grams", "grams", "fmn_pl.grams:GramCallback", forward=True),  # RegMean's
     )
 }
 
