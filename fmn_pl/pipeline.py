@@ -61,9 +61,10 @@ class StageFailed(RuntimeError):
     """A stage failed or cannot run; the message names it (and its log)."""
 
 
-def check_fresh_output(stage: Stage, started: float, log: Path) -> None:
+def check_fresh_output(stage: Stage, started: float, log: Path, weights: Optional[str] = None) -> None:
     """Before a stage is stamped: its output was written by this run (not left from an earlier one) and, for an
-    artifact, its own header names the kind, task and weights asked for and no more examples than asked."""
+    artifact, its own header names the kind, task and weights asked for and no more examples than asked.
+    `weights`: the checkpoint's fingerprint when the run knows it (its fit stage's output identity)."""
     from fmn_pl.artifacts import Artifact
     from fmn_pl.checkpoint import METADATA_FILE
 
@@ -73,7 +74,7 @@ def check_fresh_output(stage: Stage, started: float, log: Path) -> None:
     if stage.kind != "fisher":
         return
     kind = stage.output.name.removesuffix(".safetensors")
-    meta = Artifact(stage.output, kind, stage.options["checkpoint"]).metadata  # checks kind and weights
+    meta = Artifact(stage.output, kind, stage.options["checkpoint"], weights).metadata  # checks kind and weights
     asked = stage.options.get("num_examples")
     if meta.get("task") != stage.options["task"] or (asked is not None and int(meta.get("num_examples", 0)) > asked):
         raise StageFailed(
@@ -316,7 +317,7 @@ class Run:
         current = self.ids.output(stage)
         if current is None:
             raise StageFailed(f"stage {stage.id} finished but its output {stage.output} is missing; see {log}")
-        check_fresh_output(stage, started_wall, log)
+        check_fresh_output(stage, started_wall, log, self.done.get(stage.deps[0]) if stage.deps else None)
         self.done[stage.id] = current
         write_stamp(stage, self.cfg, key, current, wall, cpu, own_peak)
         self.echo(f"{prefix}: done in {wall:.1f} s")
