@@ -197,8 +197,7 @@ def _normalized_lines(data: dict[str, Any]) -> list[str]:
     lines = [
         "## Normalized score (merged / individual, %, mean over the merged tasks)",
         "",
-        "| tasks | " + " | ".join(labels) + " |",
-        "|---|" + "---:|" * len(labels),
+        *_head(["tasks"], labels),
     ]
     for combo, cols in data["summary"].items():
         lines.append(f"| {combo} | " + " | ".join(_pct(cols[c]["normalized"]) for c in labels) + " |")
@@ -207,6 +206,11 @@ def _normalized_lines(data: dict[str, Any]) -> list[str]:
             "| **mean** | " + " | ".join(f"**{_pct(data['overall'][c]['normalized'])}**" for c in labels) + " |"
         )
     return lines
+
+
+def _head(keys: list[str], cols: list[str]) -> list[str]:
+    """A Markdown table's two header rows: the `keys` columns, then the numeric `cols` (right-aligned)."""
+    return ["| " + " | ".join([*keys, *cols]) + " |", "|" + "---|" * len(keys) + "---:|" * len(cols)]
 
 
 def _index(data: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -225,8 +229,7 @@ def _score_lines(data: dict[str, Any]) -> list[str]:
         "Constant: the best constant prediction on the same examples (majority class, or the label mean), "
         "what a model that learned nothing scores.",
         "",
-        "| tasks | task | metrics | " + " | ".join(cols) + " |",
-        "|---|---|---|" + "---:|" * len(cols),
+        *_head(["tasks", "task", "metrics"], cols),
     ]
     for combo in data["summary"]:
         for t in dict.fromkeys(r["task"] for r in data["results"] if r["combination"] == combo):
@@ -250,8 +253,7 @@ def _mse_lines(data: dict[str, Any]) -> list[str]:
         "",
         "## Mean squared error of the regression tasks (correlations ignore scale)",
         "",
-        "| tasks | task | " + " | ".join(cols) + " |",
-        "|---|---|" + "---:|" * len(cols),
+        *_head(["tasks", "task"], cols),
     ]
     for combo, t in dict.fromkeys((r["combination"], r["task"]) for r in mse):
         lines.append(
