@@ -35,11 +35,10 @@ from fmn_pl.checkpoint import METADATA_FILE, CheckpointMeta, weights_fingerprint
 from fmn_pl.files import atomic_dir
 from fmn_pl.merge_eval import Selection, evaluate_merge, log_line
 from fmn_pl.merge_inputs import Inputs, check_inputs, method_name
-from fmn_pl.merge_output import BODY_FILE, write_body, write_body_folder, write_task_folder
+from fmn_pl.merge_output import BODY_FILE, body_tensors, write_body, write_body_folder, write_task_folder
 from fmn_pl.merging import MergeMethod
 from fmn_pl.options import check_count, is_local_path
 from fmn_pl.resources import peak_rss_mb, reset_peak, set_mmap_threshold
-from fmn_pl.tensorfile import DTYPES
 
 # ---------------------------------------------------------------------------------------------- the stage
 
@@ -323,13 +322,7 @@ def merge_body(
         progress=False,
         log=log or log_line,
     )
-    body = {}
-    for key, tensor in method.merge(ctx):
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"the merged tensor {key!r} has NaN or Inf entries")
-        body[key] = tensor.to(DTYPES[inputs.specs[key][0]])
-    for key in inputs.fixed:
-        body[key] = ctx.readers[0].get(key)
+    body = dict(body_tensors(inputs, method.merge(ctx)))
     if notes is not None:
         notes.update(_jsonable(ctx.notes))
     return body

@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +27,22 @@ INDEX_FILE = "model.safetensors.index.json"
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def body_tensors(inputs: Inputs, merged: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The whole body: the method's (key, tensor) pairs, refused if not finite and cast to each tensor's original
+    dtype, then the non-merged tensors from the first checkpoint. Holds no tensor once the caller asks for the next
+    (the method computes it)."""
+    for key, tensor in merged:
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"the merged tensor {key!r} has NaN or Inf entries")
+        out = tensor.to(DTYPES[inputs.specs[key][0]])
+        del tensor
+        yield key, out
+        del out
+    first = CheckpointReader(inputs.checkpoints[0])
+    for key in inputs.fixed:
+        yield key, first.get(key)
+
+
 def write_body(
     folder: Path,
     inputs: Inputs,
@@ -39,18 +55,13 @@ def write_body(
     path = folder / name
     with SafetensorsWriter(path, {k: inputs.specs[k] for k in inputs.keys + inputs.fixed}) as writer:
         for key, tensor in tqdm(
-            merged,
-            total=len(inputs.keys),
+            body_tensors(inputs, merged),
+            total=len(inputs.keys) + len(inputs.fixed),
             desc=f"{'merge' if name == BODY_FILE else folder.name} tensors",
             disable=not progress,
         ):
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"the merged tensor {key!r} has NaN or Inf entries")
-            writer.write(key, tensor.to(DTYPES[inputs.specs[key][0]]))
+            writer.write(key, tensor)
             del tensor  # not held while the method computes the next one
-        first = CheckpointReader(inputs.checkpoints[0])
-        for key in inputs.fixed:
-            writer.write(key, first.get(key))
     return path
 
 
