@@ -155,9 +155,9 @@ def check_inputs(
     inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body, headers, own=own)
     if fingerprints or any(kind in method.needs for kind in KINDS):
         inputs.fingerprints = [weights_fingerprint(p) for p in paths]
-    inputs.artifacts = check_artifacts(paths, method, inputs.fingerprints)
+    inputs.artifacts = check_artifacts(paths, tasks, method, inputs.fingerprints)
     if "base" in method.needs:
-        inputs.base = check_base(base, metadata, inputs, method_name(method))
+        inputs.base = check_base(base, inputs, method_name(method))
     elif base is not None:
         inputs.base = resolve_model(base)
     return inputs
@@ -230,10 +230,10 @@ def own_keys(keys: list[str], own_tensors: Sequence[str], first: Path) -> list[s
 
 
 def check_artifacts(
-    paths: list[Path], method: MergeMethod, fingerprints: list[str] | None = None
+    paths: list[Path], tasks: list[str], method: MergeMethod, fingerprints: list[str] | None = None
 ) -> dict[tuple[int, str], Artifact]:
-    """Open (and check against its checkpoint's `fingerprints`, hashed here if not given) every artifact the
-    method needs, one line per failure."""
+    """Open (and check against its checkpoint's `fingerprints`, hashed here if not given, and its `tasks`) every
+    artifact the method needs, one line per failure."""
     name = method_name(method)
     out = {}
     for kind in (k for k in KINDS if k in method.needs):
@@ -247,17 +247,15 @@ def check_artifacts(
                 )
             out[(i, kind)] = load_artifact(p, kind, fingerprint=fingerprints[i] if fingerprints else None)
             task = out[(i, kind)].metadata.get("task")
-            if task is not None and task != CheckpointMeta.read(p).task:
-                raise ValueError(
-                    f"{artifact_path(p, kind)} was computed for task {task!r}, not {CheckpointMeta.read(p).task!r}"
-                )
+            if task is not None and task != tasks[i]:
+                raise ValueError(f"{artifact_path(p, kind)} was computed for task {task!r}, not {tasks[i]!r}")
     return out
 
 
-def check_base(base: str | None, metadata: list[CheckpointMeta], inputs: Inputs, name: str) -> Path:
+def check_base(base: str | None, inputs: Inputs, name: str) -> Path:
     """The pretrained model (given, or the checkpoints' common `base_model`), checked against the body."""
     if base is None:
-        recorded = {m.base_model for m in metadata}
+        recorded = {m.base_model for m in inputs.metadata}
         if len(recorded) != 1:
             raise ValueError(
                 f"method {name} needs the pretrained model: pass --base (the checkpoints record "
