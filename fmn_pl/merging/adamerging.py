@@ -162,12 +162,15 @@ def ties_processed_vectors(ctx: MergeContext, top_k: float) -> list[dict[str, to
     from fmn_pl.merging.ties import Ties
 
     ties = Ties(top_k=top_k, scaling=1.0)
-    ties.setup(ctx)
+    ties.setup(ctx)  # the thresholds and the majority sign
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(ctx.num_models)]
     for key in ctx.keys:
-        base = ctx.base(key)
-        positive = ties.elected_positive(key, ctx, base)
-        for i, t in enumerate(ties.trimmed(ctx, key, base)):
+        trimmed = list(ties.trimmed(ctx, key, ctx.base(key)))  # each model read once: all are kept anyway
+        total = trimmed[0].clone()
+        for t in trimmed[1:]:
+            total.add_(t)
+        positive = ties.elect(total)
+        for i, t in enumerate(trimmed):
             out[i][key] = t.mul_(torch.where(positive, t > 0, t < 0))
     return out
 

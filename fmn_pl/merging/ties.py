@@ -196,16 +196,12 @@ class Ties(TaskVectorMethod):
             yield trim(tau, self._thresholds[i])
             del tau
 
-    def elected_positive(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
-        """True where the elected sign is positive: the trimmed sum's sign, the majority sign where it is 0."""
-        s = None
-        for t in self.trimmed(ctx, key, base):
-            s = t if s is None else s.add_(t)
-            del t
-        assert s is not None
-        positive = s > 0
+    def elect(self, total: torch.Tensor) -> torch.Tensor:
+        """True where the elected sign is positive, from a tensor's trimmed sum: its sign, the majority sign (known
+        after `setup`) where it is 0."""
+        positive = total > 0
         if self._majority > 0:
-            positive |= s == 0
+            positive |= total == 0
         return positive
 
     def merged_vector(self, key: str, ctx: MergeContext, base: torch.Tensor) -> torch.Tensor:
@@ -214,10 +210,7 @@ class Ties(TaskVectorMethod):
         if key in self._vector:
             return self._vector.pop(key)
         sums = ElectedSums.of(self.trimmed(ctx, key, base))
-        positive = sums.total > 0
-        if self._majority > 0:
-            positive |= sums.total == 0
-        return torch.where(positive, sums.positive_mean(), sums.negative_mean())
+        return torch.where(self.elect(sums.total), sums.positive_mean(), sums.negative_mean())
 
     def merge(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
         if self.scaling is not None:  # theta0 + lambda * tau_merged straight into the buffer: no third base read
