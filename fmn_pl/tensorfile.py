@@ -88,9 +88,7 @@ class SafetensorsFile:
 class CheckpointReader:
     """The tensors of one Hugging Face model folder (single or sharded model*.safetensors), read on demand.
 
-    Every `get` returns a new tensor the caller owns (`fresh`), so a method may modify it in place."""
-
-    fresh = True
+    Every `get` returns a new tensor the caller owns, so a method may modify it in place."""
 
     def __init__(self, path: str | Path, prefix: str = "") -> None:
         """`prefix` (e.g. `bert.`) is tried when a requested key is absent: a bare `BertModel` checkpoint stores

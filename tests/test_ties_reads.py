@@ -26,8 +26,6 @@ M = 3
 class CountingReader:
     """A reader that counts `get` per key (shape/dtype are header look-ups, not reads)."""
 
-    fresh = True
-
     def __init__(self, reader: CheckpointReader) -> None:
         self.reader, self.reads = reader, Counter()
 

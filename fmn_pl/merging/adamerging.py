@@ -316,11 +316,6 @@ class AdaMerging(MergeMethod):
 
 
 def _task_vectors(ctx: MergeContext, base: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Each model's task vector over the body (its fine-tuned weights minus `base`), in place where the
-    merge owns the model's tensors, so only one copy per model is held."""
-    from fmn_pl.merging.task_arithmetic import owns_tensors
-
-    return [
-        {k: (t.sub_(base[k]) if owns_tensors(ctx, i) else t - base[k]) for k in ctx.keys for t in (ctx.models(k)[i],)}
-        for i in range(ctx.num_models)
-    ]
+    """Each model's task vector over the body (its fine-tuned weights minus `base`), in place (the reader's tensors
+    are the merge's own), so only one copy per model is held."""
+    return [{k: ctx.models(k)[i].sub_(base[k]) for k in ctx.keys} for i in range(ctx.num_models)]

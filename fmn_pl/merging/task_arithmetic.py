@@ -24,12 +24,6 @@ Objective = Literal["mean", "worst_gain"]
 OBJECTIVES = ("mean", "worst_gain")
 
 
-def owns_tensors(ctx: MergeContext, i: int) -> bool:
-    """True when model i's reader returns tensors the caller may modify (`fmn_pl.tensorfile.CheckpointReader`);
-    tensors of a memory-mapped reader must not be written to."""
-    return bool(getattr(ctx.readers[i], "fresh", False))
-
-
 def check_objective(objective: str, name: str) -> Objective:
     """`objective` if it is one of OBJECTIVES, else a one-line error naming the method."""
     if objective not in OBJECTIVES:
@@ -187,9 +181,8 @@ class TaskVectorMethod(MergeMethod, abc.ABC):
 
     def task_vector(self, ctx: MergeContext, i: int, key: str, base: torch.Tensor) -> torch.Tensor:
         """tau_i of one tensor, a tensor the caller owns (DARE drop-and-rescale applied when dare_p > 0; same
-        pattern on every call). Computed in place when the reader hands out fresh tensors (saves one copy)."""
-        theta = ctx.models(key)[i]
-        tau = theta.sub_(base) if owns_tensors(ctx, i) else theta - base
+        pattern on every call). Computed in place: the reader hands out tensors the caller owns (saves one copy)."""
+        tau = ctx.models(key)[i].sub_(base)
         if self.dare_p > 0:
             tau = dare(tau, self.dare_p, dare_generator(self.dare_seed, i, key))
         return tau
