@@ -66,10 +66,9 @@ def parse(kind: str, call: dict[str, Any]) -> None:
 
         Parse(GLUETransformer, GLUEDataModule, args=call, run=False, seed_everything_default=False)
     elif kind == "merge":
-        from fmn_pl.merge_cli import build_parser, class_path
+        from fmn_pl.merge_cli import build_parser, with_class_paths
 
-        method = call["method"]
-        build_parser().parse_object({**call, "method": {**method, "class_path": class_path(method["class_path"])}})
+        build_parser().parse_object(with_class_paths(call))
     else:
         from fmn_pl.fisher_cli import build_parser as fisher_parser
 

@@ -27,18 +27,24 @@ def class_path(name: str) -> str:
     return name
 
 
+def with_class_paths(data: Any) -> Any:
+    """Merge options (a config's data) with `method: fmn` or `method: {class_path: fmn, ...}` given class paths,
+    which the parser needs; a copy."""
+    if not isinstance(data, dict):
+        return data
+    m = data.get("method")
+    if isinstance(m, str):
+        return {**data, "method": {"class_path": class_path(m)}}
+    if isinstance(m, dict) and isinstance(m.get("class_path"), str):
+        return {**data, "method": {**m, "class_path": class_path(m["class_path"])}}
+    return data
+
+
 def _rewrite_config(text: str) -> str:
-    """A YAML config with `method: fmn` or `method: {class_path: fmn, ...}` rewritten to class paths."""
+    """A YAML config of merge options with its method's registry name rewritten to a class path."""
     import yaml
 
-    data = yaml.safe_load(text)
-    if isinstance(data, dict):
-        m = data.get("method")
-        if isinstance(m, str):
-            data["method"] = {"class_path": class_path(m)}
-        elif isinstance(m, dict) and isinstance(m.get("class_path"), str):
-            m["class_path"] = class_path(m["class_path"])
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(with_class_paths(yaml.safe_load(text)), sort_keys=False)
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
