@@ -6,6 +6,7 @@ A task checkpoint is the contract between fine-tuning, the Fisher pass and mergi
     <dir>/tokenizer.json, ...                AutoTokenizer.from_pretrained(<dir>)
     <dir>/fmn_pl.json                        task, label names, base model, metrics, seed, examples, fingerprint
     <dir>/config.yaml                        the resolved LightningCLI config that produced it (when run by the CLI)
+    <dir>/README.md                          model card: the Hub's metadata (base model, scores, fmn-pl's record)
     <dir>/mask_fisher.safetensors, ...       artifacts of later stages, each tied to the fingerprint
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fmn_pl.files import atomic_dir, sha256_file, write_json
+from fmn_pl.model_card import checkpoint_card, write_card
 
 METADATA_FILE = "fmn_pl.json"
 FORMAT_VERSION = 1
@@ -189,7 +191,11 @@ def export_checkpoint(
     with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        command = None
         if config_file is not None and Path(config_file).is_file():
             shutil.copy(config_file, tmp / "config.yaml")
-        CheckpointMeta.from_dict({**metadata, "fingerprint": weights_fingerprint(tmp)}).write(tmp)
+            command = f"fmn-pl fit --config {target / 'config.yaml'}"
+        meta = CheckpointMeta.from_dict({**metadata, "fingerprint": weights_fingerprint(tmp)})
+        meta.write(tmp)
+        write_card(tmp, checkpoint_card(meta, target.name, command))
     return target

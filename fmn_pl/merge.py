@@ -12,6 +12,7 @@ Output folder (written in a temporary folder beside it, renamed when complete):
         model-head.safetensors                   the task's own classifier head
         model.safetensors.index.json             maps every tensor to one of the two files
         config.json, tokenizer*, fmn_pl.json     an fmn-pl task checkpoint of the merged model
+        README.md                                its model card (also one for the body, beside config.json)
     report.json, report.md, report.png           merged vs individual vs plain average, per task
     config.yaml                                  the resolved configuration of this run
     <method>/                                    files a method keeps, if any (AdaMerging's logs, TALL's masks)
@@ -49,6 +50,7 @@ def run_merge(
     output: str,
     base: str | None = None,
     overwrite: bool = False,
+    wait: bool = False,
     evaluate: bool = True,
     save_model: bool = True,
     data_dir: str = "../shared/data/glue",
@@ -66,6 +68,7 @@ def run_merge(
     label: str | None = None,
     config_yaml: str | None = None,
     own_tensors: list[str] | None = None,
+    push_to_hub: str | None = None,
 ) -> dict[str, Any]:
     """Merge task checkpoints' bodies with `method`, save the merged model, evaluate every task with its own head
     on its GLUE validation split, and report against the individual models and the plain average.
@@ -79,6 +82,8 @@ def run_merge(
         base: the pretrained model (folder or hub name) for methods on task vectors; default: the checkpoints'
             recorded base_model.
         overwrite: replace an existing output folder (only once the new one is complete).
+        wait: wait for another run writing `output` (it holds `.NAME.lock` beside it) to finish, instead of
+            refusing at once; its finished output is then refused unless `overwrite`.
         evaluate: score the merged model, the individual models and the plain average on every task.
         save_model: keep the merged model in the output folder (false: reports only).
         data_dir: GLUE data: a local folder (parquet or TSV layout) or a hub dataset name.
@@ -106,6 +111,8 @@ def run_merge(
         own_tensors: glob patterns of body tensors that are not merged: each task keeps its own, with its head
             (e.g. ["*.pooler.*"]: BERT's pooler, which RoBERTa and DistilBERT already keep in their heads). The
             plain average the report compares with keeps them too; the bare merged body lacks them.
+        push_to_hub: a Hub repo id ("user/name") to upload the output folder to once it is complete (created if
+            absent; needs a token: `hf auth login` or HF_TOKEN).
     """
 
     for option, value in (
@@ -117,6 +124,8 @@ def run_merge(
     ):
         check_count(option, value)
     start = time.perf_counter()
+    if push_to_hub:
+        check_hub_token()
     set_mmap_threshold()
     reset_peak()  # the merge's own peak, also when it runs inside a pipeline process
     name, out = method_name(method), Path(output)
@@ -141,7 +150,7 @@ def run_merge(
     )
     report = input_report(name, label or name, method, inputs, fingerprints, own_tensors)
     timings: dict[str, float] = {"check_s": time.perf_counter() - start}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, wait=wait) as tmp:
         ctx.workdir = tmp / name
         report |= write_merge(tmp, inputs, method, ctx, fingerprints, save_model, progress, timings)
         report |= selection.report() | {"notes": _jsonable(ctx.notes), "choices": ctx.choices, "remarks": ctx.remarks}
@@ -154,7 +163,9 @@ def run_merge(
             )
             report["remarks"] += report.pop("eval_remarks")
             timings["eval_s"] = time.perf_counter() - t0
-        if not save_model:
+        if save_model:
+            write_cards(tmp, report, inputs.metadata[0].base_model, out if config_yaml is not None else None)
+        else:
             (tmp / BODY_FILE).unlink()
             for task in inputs.tasks:
                 shutil.rmtree(tmp / task)
@@ -166,7 +177,37 @@ def run_merge(
 
         write_report(tmp, report)
     log_line(done_line(name, out, report))
+    if push_to_hub:
+        push(out, push_to_hub)
     return report
+
+
+def write_cards(folder: Path, report: dict[str, Any], base_model: str, out: Path | None) -> None:
+    """A model card (README.md) in the merged body's folder and in each task's, from the report (`out`: the final
+    output folder, whose config.yaml reproduces the merge; None: no config was saved)."""
+    from fmn_pl.model_card import merged_card, write_card
+
+    command = None if out is None else f"fmn-pl merge --config {out / 'config.yaml'}"
+    write_card(folder, merged_card(report, base_model, report["tasks"], command))
+    for task in report["tasks"]:
+        write_card(folder / task, merged_card(report, base_model, [task], command))
+
+
+def check_hub_token() -> None:
+    """Refuse `push_to_hub` before any work when no Hugging Face token is set."""
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise ValueError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+
+
+def push(folder: Path, repo_id: str) -> None:
+    """Upload the merge's output folder to the Hub model repo `repo_id` (created if absent)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    create_repo(repo_id, exist_ok=True)
+    upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"fmn-pl merge: {folder.name}")
+    log_line(f"pushed {folder} to https://huggingface.co/{repo_id}")
 
 
 def write_merge(
