@@ -75,19 +75,16 @@ TOY_METHOD = '''
 
 import torch
 
-from fmn_pl.merging.base import MergeMethod
+from fmn_pl.merging.base import MergeMethod, Option
 
 
 class Maximum(MergeMethod):
     """Elementwise maximum of the models' tensors."""
 
     name = "maximum"
+    schema = (Option("floor", "float", -1e9, "no merged value below this."),)
 
     def __init__(self, floor: float = -1e9) -> None:
-        """
-        Args:
-            floor: no merged value below this.
-        """
         self.floor = floor
 
     def merge_tensor(self, key, models, ctx):
@@ -246,3 +243,30 @@ def test_a_new_artifact_kind_is_one_file_and_one_registry_line(
     stages = {s.id: s for s in plan(parse_config(["--config", str(cfg)])[0])}
     assert stages["fisher/rte/label_counts"].options["kind"] == "labels"
     assert "fisher/mrpc/label_counts" in stages["merge/rte+mrpc/prior"].deps
+
+
+def code_lines(node: ast.AST, src: list[str]) -> int:
+    """Lines of code in a function's body: its docstring, blank lines and comment-only lines not counted (nor its
+    signature, which is not part of the body)."""
+    body = list(node.body)  # type: ignore[attr-defined]
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:]
+    if not body:
+        return 0
+    lines = src[body[0].lineno - 1 : node.end_lineno]  # type: ignore[attr-defined]
+    return sum(1 for line in lines if line.strip() and not line.strip().startswith("#"))
+
+
+def test_size_limits() -> None:
+    """No module of fmn_pl over 400 lines, no function over 60 lines of code (docstrings, blank and comment lines
+    and the signature are not counted as code): the limits are checked, not remembered."""
+    over = []
+    for path in sorted((ROOT / "fmn_pl").rglob("*.py")):
+        src = path.read_text().splitlines()
+        name = path.relative_to(ROOT)
+        if len(src) > 400:
+            over.append(f"{name}: {len(src)} lines")
+        for node in ast.walk(ast.parse("\n".join(src))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (n := code_lines(node, src)) > 60:
+                over.append(f"{name}:{node.lineno} {node.name}: {n} lines of code")
+    assert not over, "over the limits (400 lines a module, 60 lines of code a function):\n" + "\n".join(over)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from fmn_pl.merging.base import MergeContext, MergeMethod
+from fmn_pl.merging.base import MergeContext, MergeMethod, Option
 
 METHODS: dict[str, str] = {
     # name: "module:Class" (imported lazily, so one method's dependencies never slow the others)
@@ -53,20 +53,9 @@ def summary(name: str) -> str:
 
 
 def option_lines(name: str) -> list[str]:
-    """The options of method `name`, one line each: `--method.OPTION  TYPE = DEFAULT  first line of its doc`
-    (from the `__init__` signature and its docstring's Args section)."""
-    import inspect
-    import re
-
-    cls = method_class(name)
-    doc = inspect.getdoc(cls.__init__) or ""
-    helps = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s{0,4}(\w+): (.+)$", doc, re.MULTILINE)}
-    lines = [f"{name}: {summary(name)}"]
-    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        kind = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
-        default = "" if p.default is inspect.Parameter.empty else f" = {p.default!r}"
-        lines.append(f"  --method.{p.name:<14} {kind}{default}  {helps.get(p.name, '')}")
-    return lines
+    """Method `name`'s summary, then its options as its `schema` declares them, one line each:
+    `--method.OPTION  TYPE = DEFAULT  help`."""
+    return [f"{name}: {summary(name)}", *(option.line() for option in method_class(name).schema)]
 
 
-__all__ = ["METHODS", "MergeContext", "MergeMethod", "method_class", "option_lines", "summary", "target"]
+__all__ = ["METHODS", "MergeContext", "MergeMethod", "Option", "method_class", "option_lines", "summary", "target"]

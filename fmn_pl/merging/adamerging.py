@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fmn_pl.merging.base import MergeContext, MergeMethod
+from fmn_pl.merging.base import MergeContext, MergeMethod, Option
 from fmn_pl.module import model_inputs
 
 
@@ -179,6 +179,28 @@ class AdaMerging(MergeMethod):
     """AdaMerging: task-vector coefficients learned by minimising each task's prediction entropy (++: TIES vectors)."""
 
     needs = frozenset({"base"})
+
+    schema = (
+        Option(
+            "granularity",
+            "Literal['task', 'layer']",
+            "task",
+            "task: one coefficient per task; layer: one per task per body tensor.",
+        ),
+        Option("plus", "bool", False, "AdaMerging++: learn coefficients of TIES-processed task vectors."),
+        Option("init", "float", 0.3, "initial coefficient (fixed for tasks not adapted)."),
+        Option("lr", "float", 1e-3, "Adam learning rate."),
+        Option("steps", "int", 500, "optimisation steps; each step sees one batch of every adapted task."),
+        Option("batch_size", "int", 16, "unlabeled examples per task per step (selection split)."),
+        Option("top_k", "float", 20.0, "with `plus`: % of each task vector's largest entries TIES keeps."),
+        Option(
+            "regression",
+            "Literal['exclude', 'refuse']",
+            "exclude",
+            "a regression task (no entropy): exclude it or refuse.",
+        ),
+        Option("seed", "int", 0, "seed of the order in which the unlabeled inputs are drawn."),
+    )
 
     def __init__(
         self,

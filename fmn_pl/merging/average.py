@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option
 
 
 def check_coefficients(coefficients: Sequence[float] | None, num_models: int, method: str) -> list[float]:
@@ -47,6 +47,10 @@ def weighted_mean(models: LazyTensors, weights: Sequence[torch.Tensor | float]) 
 
 class Average(MergeMethod):
     """The plain average of the checkpoints' bodies (optionally weighted by per-model coefficients)."""
+
+    schema = (
+        Option("coefficients", "list[float] | None", None, "one weight per checkpoint (None: the plain average)."),
+    )
 
     def __init__(self, coefficients: list[float] | None = None) -> None:
         """

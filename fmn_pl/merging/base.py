@@ -1,22 +1,25 @@
 """The one protocol every merge method implements, and the context that streams tensors to it.
 
-A method is a class whose `__init__` arguments are its options (jsonargparse reads their types
-and docstrings for `--help`). Most methods are tensor-wise: they implement `merge_tensor`, which
-sees one body tensor at a time through a lazy sequence over the models, so memory does not grow
-with the number of models when the method accumulates. Methods that need the whole model at once
+A method is a class whose `__init__` arguments are its options (jsonargparse parses them by their types), each
+declared once more as data in its `schema` (name, type, default, help: what `--method NAME --help` lists; the
+conformance harness, tests/test_conformance.py, checks the two agree). Most methods are tensor-wise: they
+implement `merge_tensor`, which sees one body tensor at a time through a lazy sequence over the models, so memory
+does not grow with the number of models when the method accumulates. Methods that need the whole model at once
 (AdaMerging, TIES thresholds, hyper-parameter searches) override `setup` or `merge`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
 from fmn_pl.artifacts import Artifact, load_artifact
-from fmn_pl.tensorfile import CheckpointReader
+from fmn_pl.checkpoint import METADATA_FILE, read_metadata
+from fmn_pl.tensorfile import FLOAT_DTYPES, CheckpointReader
 
 
 class LazyTensors(Sequence[torch.Tensor]):
@@ -66,6 +69,50 @@ class MergeContext:
     _artifacts: dict[tuple[int, str], Artifact] = field(default_factory=dict, repr=False)
     _base: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def over(
+        cls,
+        checkpoints: Sequence[str | Path],
+        base: str | Path | None = None,
+        *,
+        tasks: Sequence[str] | None = None,
+        body_prefix: str | None = None,
+        artifacts: dict[tuple[int, str], Any] | None = None,
+        **kw: Any,
+    ) -> MergeContext:
+        """A quiet context over model folders as they are, without `run_merge`'s checks: the one in-memory merge
+        of tests and research (`dict(method.merge(MergeContext.over(folders)))`).
+
+        Tasks default to each folder's recorded task (else its name); the body is the floating-point tensors under
+        `body_prefix` (default: the tensors' most common first part where the folder has a config.json, else every
+        tensor), and `base` is read with that prefix. `artifacts` ({(model, kind): artifact}) are used as given,
+        others loaded when asked; `kw` sets any other field (evaluate, selection_inputs, workdir, log, ...)."""
+        paths = [Path(c) for c in checkpoints]
+        readers = [CheckpointReader(p) for p in paths]
+        config = None
+        if (paths[0] / "config.json").is_file():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(paths[0])
+        if body_prefix is None:
+            firsts = Counter(k.split(".", 1)[0] for k in readers[0].keys() if "." in k)
+            body_prefix = f"{firsts.most_common(1)[0][0]}." if config is not None and firsts else ""
+        if tasks is None:
+            tasks = [read_metadata(p)["task"] if (p / METADATA_FILE).is_file() else p.name for p in paths]
+        keys = [k for k in readers[0].keys() if k.startswith(body_prefix) and readers[0].dtype(k) in FLOAT_DTYPES]
+        quiet: dict[str, Any] = {"log": lambda line: None, "progress": False}
+        return cls(
+            checkpoints=paths,
+            tasks=list(tasks),
+            config=config,
+            body_prefix=body_prefix,
+            keys=keys,
+            readers=readers,
+            base_reader=CheckpointReader(base, prefix=body_prefix) if base is not None else None,
+            _artifacts=dict(artifacts or {}),
+            **{**quiet, **kw},
+        )
+
     @property
     def num_models(self) -> int:
         return len(self.readers)
@@ -109,8 +156,27 @@ class MergeContext:
         return self._artifacts[(i, kind)]
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option of a merge method, as data (in the spirit of mergekit's `ConfigParameterDef`): its `__init__`
+    argument's name, annotation as written, default (`MISSING`: required) and help, for `--method NAME --help`."""
+
+    name: str
+    type: str
+    default: Any = MISSING
+    help: str = ""
+
+    def line(self) -> str:
+        """`  --method.NAME  TYPE = DEFAULT  help`: the option's line in `--method NAME --help`."""
+        default = "" if self.default is MISSING else f" = {self.default!r}"
+        return f"  --method.{self.name:<14} {self.type}{default}  {self.help}"
+
+
 class MergeMethod:
-    """Base of all methods. Subclasses set `needs` and implement `merge_tensor` (or override `merge`)."""
+    """Base of all methods. Subclasses set `needs` and `schema` and implement `merge_tensor` (or override `merge`)."""
+
+    schema: ClassVar[tuple[Option, ...]] = ()
+    """The options (the `__init__` arguments, in order) as data: what `--method NAME --help` lists."""
 
     needs: frozenset[str] = frozenset()
     """Inputs beyond the checkpoints: "base", an artifact kind ("mask_fisher", "full_fisher", "grams", ... see

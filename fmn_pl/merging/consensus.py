@@ -12,9 +12,9 @@ from typing import Iterator, Literal, cast
 
 import torch
 
-from fmn_pl.merging.base import MergeContext
-from fmn_pl.merging.tall import TaskMasks, consensus_mask, unpack_mask
-from fmn_pl.merging.task_arithmetic import GRID, select_scaling
+from fmn_pl.merging.base import MergeContext, Option
+from fmn_pl.merging.tall import LAMBDAS, TOP_K, TaskMasks, consensus_mask, unpack_mask
+from fmn_pl.merging.task_arithmetic import GRID, SCALINGS, select_scaling
 
 
 class Consensus(TaskMasks):
@@ -22,13 +22,27 @@ class Consensus(TaskMasks):
 
     name = "consensus"
 
+    schema = (
+        Option(
+            "over",
+            "Literal['task_arithmetic', 'ties']",
+            "task_arithmetic",
+            "the underlying merge whose task vector is masked.",
+        ),
+        Option("k", "int", 2, "keep an entry kept by >= k tasks' TALL masks (0: no mask)."),
+        Option("scaling", "float | None", None, "lambda on the masked vector; null: chosen from `scalings`."),
+        SCALINGS,
+        Option("lambdas", "list[float]", LAMBDAS, "grid of each task's TALL mask threshold (chosen per task)."),
+        TOP_K,
+    )
+
     def __init__(
         self,
         over: Literal["task_arithmetic", "ties"] = "task_arithmetic",
         k: int = 2,
         scaling: float | None = None,
         scalings: list[float] = GRID,
-        lambdas: list[float] = [0.2, 0.3, 0.4, 0.5, 0.6],  # noqa: B006
+        lambdas: list[float] = LAMBDAS,
         top_k: float = 20.0,
     ) -> None:
         """

@@ -16,7 +16,7 @@ import math
 import torch
 
 from fmn_pl.merging.average import check_coefficients
-from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option
 from fmn_pl.tensorfile import SafetensorsFile
 
 
@@ -24,6 +24,12 @@ class Fisher(MergeMethod):
     """Diagonal Fisher merging over every body parameter (`full_fisher` artifacts)."""
 
     needs = frozenset({"full_fisher"})
+
+    schema = (
+        Option("normalize", "bool", False, "divide each model's Fisher by its global L2 norm over the body first."),
+        Option("epsilon", "float", 1e-6, "floor on every (normalised) Fisher entry (0: none)."),
+        Option("coefficients", "list[float] | None", None, "per-model multipliers, one per checkpoint (None: all 1)."),
+    )
 
     def __init__(self, normalize: bool = False, epsilon: float = 1e-6, coefficients: list[float] | None = None) -> None:
         """

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Literal, get_args
 import torch
 
 from fmn_pl.merging.average import check_coefficients
-from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option
 from fmn_pl.merging.task_arithmetic import Objective, check_objective, choose_body
 from fmn_pl.nodes import adapter_for, node_shape
 
@@ -130,6 +130,20 @@ class FMN(MergeMethod):
     """Fisher merging with mask nodes: a weighted mean by each model's head/neuron Fisher (`mask_fisher`)."""
 
     needs = frozenset({"mask_fisher"})
+
+    schema = (
+        Option("broadcast", "Broadcast", "per_node", "node Fisher by layer mean (reference) or by own node."),
+        Option("normalize", "Normalize | None", None, "per-model Fisher scaling (`Normalize`); null: chosen."),
+        Option("normalizes", "list[Normalize]", NORMALIZES, "the grid `normalize` is chosen from when null."),
+        Option("universal", "bool", True, "weight non-layer body tensors by the universal Fisher (false: average)."),
+        Option("epsilon", "float", 0.0, "floor on every (normalised) node Fisher (0: reference)."),
+        Option("coefficients", "list[float] | None", None, "per-model multipliers of the weights (None: all 1)."),
+        Option("scaling", "float | None", None, "s in theta0 + s (theta* - theta0); 1: reference; null: chosen."),
+        Option("scalings", "list[float]", SCALINGS, "the grid s is chosen from when `scaling` is null."),
+        Option("power", "float | None", None, "p in W = F^p: 1 reference, 0 equal weights; null: chosen."),
+        Option("powers", "list[float]", POWERS, "the grid p is chosen from when `power` is null."),
+        Option("objective", "Objective", "mean", "what a chosen s (and p) maximises: mean or worst_gain."),
+    )
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ from typing import cast
 import torch
 
 from fmn_pl.grams import body_gram_keys
-from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option
 
 
 def regmean_solve(
@@ -65,6 +65,11 @@ class RegMean(MergeMethod):
     """RegMean over the Gram artifacts of every checkpoint (`fmn-pl fisher --kind grams`)."""
 
     needs = frozenset({"grams"})
+
+    schema = (
+        Option("alpha", "float", 1.0, "scale of the Grams' off-diagonal entries (1: exact least squares)."),
+        Option("ridge", "float", 1e-5, "ridge added (times the mean diagonal) where a summed Gram is singular."),
+    )
 
     def __init__(self, alpha: float = 1.0, ridge: float = 1e-5) -> None:
         """

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fmn_pl.merging.base import MergeContext, MergeMethod
+from fmn_pl.merging.base import MergeContext, MergeMethod, Option
 
 
 def tall_mask(tau: torch.Tensor, tau_mtl: torch.Tensor, lam: float) -> torch.Tensor:
@@ -66,6 +66,10 @@ def compression(numel: int, itemsize: int, num_tasks: int) -> dict[str, float]:
     }
 
 
+LAMBDAS = [0.2, 0.3, 0.4, 0.5, 0.6]
+TOP_K = Option("top_k", "float", 20.0, "with `over: ties`: % of each task vector's largest entries kept.")
+
+
 class TaskMasks(MergeMethod):
     """Shared by TALL and Consensus: tau_MTL from the underlying method, and per-task masks with lambda_t
     chosen on each task's selection data."""
@@ -76,7 +80,7 @@ class TaskMasks(MergeMethod):
     def __init__(
         self,
         over: Literal["task_arithmetic", "ties"] = "task_arithmetic",
-        lambdas: list[float] = [0.2, 0.3, 0.4, 0.5, 0.6],  # noqa: B006 - read-only default, shown by --help
+        lambdas: list[float] = LAMBDAS,
         top_k: float = 20.0,
     ) -> None:
         if over not in ("task_arithmetic", "ties"):
@@ -147,10 +151,21 @@ class Tall(TaskMasks):
 
     name = "tall"
 
+    schema = (
+        Option(
+            "over",
+            "Literal['task_arithmetic', 'ties']",
+            "task_arithmetic",
+            "the underlying merge whose task vector tau_MTL is masked.",
+        ),
+        Option("lambdas", "list[float]", LAMBDAS, "grid of each task's mask threshold (one value: no selection)."),
+        TOP_K,
+    )
+
     def __init__(
         self,
         over: Literal["task_arithmetic", "ties"] = "task_arithmetic",
-        lambdas: list[float] = [0.2, 0.3, 0.4, 0.5, 0.6],  # noqa: B006 - read-only default, shown by --help
+        lambdas: list[float] = LAMBDAS,
         top_k: float = 20.0,
     ) -> None:
         """

@@ -16,11 +16,15 @@ from typing import Any, Callable, Iterator, Literal, cast
 import torch
 from tqdm.auto import tqdm
 
-from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option
 from fmn_pl.merging.dare import dare, dare_generator
 
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 Objective = Literal["mean", "worst_gain"]
+# options several methods share
+SCALINGS = Option("scalings", "list[float]", GRID, "the grid lambda is chosen from when `scaling` is null.")
+DARE_SEED = Option("dare_seed", "int", 0, "seed of DARE's drop pattern (one generator per seed, model and tensor).")
+OBJECTIVE = Option("objective", "Objective", "mean", "what a chosen lambda maximises: mean or worst_gain.")
 OBJECTIVES = ("mean", "worst_gain")
 
 
@@ -230,6 +234,14 @@ class TaskArithmetic(TaskVectorMethod):
     """Task arithmetic: theta0 + lambda * sum_t tau_t."""
 
     name = "task_arithmetic"
+
+    schema = (
+        Option("scaling", "float | None", None, "lambda; null: chosen from `scalings` on the selection split."),
+        SCALINGS,
+        Option("dare_p", "float", 0.0, "DARE drop rate applied to every task vector first (0: off)."),
+        DARE_SEED,
+        OBJECTIVE,
+    )
 
     def __init__(
         self,

@@ -30,8 +30,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fmn_pl.merging.base import MergeContext
-from fmn_pl.merging.task_arithmetic import GRID, Objective, TaskVectorMethod, select_scaling
+from fmn_pl.merging.base import MergeContext, Option
+from fmn_pl.merging.task_arithmetic import (
+    DARE_SEED,
+    GRID,
+    OBJECTIVE,
+    SCALINGS,
+    Objective,
+    TaskVectorMethod,
+    select_scaling,
+)
 
 
 def topk_threshold(magnitudes: np.ndarray, top_k: float) -> float:
@@ -110,6 +118,15 @@ class Ties(TaskVectorMethod):
     """TIES-merging of task vectors: trim to the top k%, elect signs, disjoint mean, scale by lambda."""
 
     name = "ties"
+
+    schema = (
+        Option("top_k", "float", 20.0, "% of each task vector's largest-magnitude entries kept."),
+        Option("scaling", "float | None", 1.0, "lambda on the merged task vector; null: chosen from `scalings`."),
+        SCALINGS,
+        Option("dare_p", "float", 0.0, "DARE drop rate applied to every task vector before trimming (0: off)."),
+        DARE_SEED,
+        OBJECTIVE,
+    )
 
     def __init__(
         self,
