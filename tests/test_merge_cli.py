@@ -47,19 +47,7 @@ def common(out: Path, glue: Path) -> list[str]:
 
 
 def memory_merge(checkpoints: list[Path], method: object) -> dict[str, torch.Tensor]:
-    from transformers import AutoConfig
-
-    readers = [CheckpointReader(c) for c in checkpoints]
-    keys = [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]
-    ctx = MergeContext(
-        checkpoints=checkpoints,
-        tasks=[read_metadata(c)["task"] for c in checkpoints],
-        config=AutoConfig.from_pretrained(checkpoints[0]),
-        body_prefix="bert.",
-        keys=keys,
-        readers=readers,
-    )
-    return dict(method.merge(ctx))  # type: ignore[attr-defined]
+    return dict(method.merge(MergeContext.over(checkpoints)))  # type: ignore[attr-defined]
 
 
 def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Path) -> None:
@@ -150,9 +138,9 @@ def test_individual_and_average_scores_are_cached(
     calls: list[object] = []
     original = Evaluator.evaluate
 
-    def counting(self, i, model_dir=None, body=None):
+    def counting(self, i, model_dir=None, body=None, limit=None, rows=None):
         calls.append(model_dir)
-        return original(self, i, model_dir, body)
+        return original(self, i, model_dir, body, limit, rows)
 
     monkeypatch.setattr(Evaluator, "evaluate", counting)
     second = main(

@@ -18,23 +18,10 @@ from tests.test_merge_cli import common, run_main
 
 
 def memory_merge(checkpoints: list[Path], method: object) -> dict[str, torch.Tensor]:
-    """The method's merge in memory over a context built here, with the checkpoints' recorded base model."""
-    from transformers import AutoConfig
+    """The method's merge in memory, with the checkpoints' recorded base model."""
+    from fmn_pl.merging.base import MergeContext
 
-    from fmn_pl.merging.base import CheckpointReader, MergeContext
-
-    readers = [CheckpointReader(c) for c in checkpoints]
-    keys = [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]
-    ctx = MergeContext(
-        checkpoints=checkpoints,
-        tasks=[read_metadata(c)["task"] for c in checkpoints],
-        config=AutoConfig.from_pretrained(checkpoints[0]),
-        body_prefix="bert.",
-        keys=keys,
-        readers=readers,
-        base_reader=CheckpointReader(read_metadata(checkpoints[0])["base_model"], prefix="bert."),
-        log=lambda s: None,
-    )
+    ctx = MergeContext.over(checkpoints, read_metadata(checkpoints[0])["base_model"])
     return dict(method.merge(ctx))  # type: ignore[attr-defined]
 
 
@@ -246,18 +233,7 @@ def test_adamerging_plus_layer_wise(make_checkpoint: Callable, tiny_glue: Path, 
     values = [v for c in coef.values() for v in c.values()]
     assert all(0.0 <= v <= 1.0 for v in values) and len(set(values)) > 2  # learned per tensor
     # the TIES-processed vectors, from an independent context, combined with the reported coefficients
-    from transformers import AutoConfig
-
-    base = CheckpointReader(read_metadata(cks[0])["base_model"], prefix="bert.")
-    ctx = MergeContext(
-        checkpoints=cks,
-        tasks=["rte", "mnli"],
-        config=AutoConfig.from_pretrained(cks[0]),
-        body_prefix="bert.",
-        keys=keys,
-        readers=[CheckpointReader(c) for c in cks],
-        base_reader=base,
-    )
+    ctx = MergeContext.over(cks, read_metadata(cks[0])["base_model"])
     vectors = ties_processed_vectors(ctx, 50.0)
     expected = task_vector_body(cks, [coef["rte"], coef["mnli"]], vectors)
     saved = body_of(out / "rte")

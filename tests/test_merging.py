@@ -53,24 +53,10 @@ def model_ctx(
     evaluate: Callable | None = None,
 ) -> MergeContext:
     """A context over real tiny checkpoints; `fishers` become (fake) mask-Fisher artifacts."""
-    from transformers import AutoConfig
-
-    readers = [CheckpointReader(c) for c in checkpoints]
-    keys = [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]
-    ctx = MergeContext(
-        checkpoints=list(checkpoints),
-        tasks=["rte"] * len(checkpoints),
-        config=AutoConfig.from_pretrained(checkpoints[0]),
-        body_prefix="bert.",
-        keys=keys,
-        readers=readers,
-        base_reader=CheckpointReader(base, prefix="bert.") if base else None,
-        evaluate=evaluate,
-        log=lambda s: None,
+    artifacts = {(i, "mask_fisher"): FakeArtifact(f) for i, f in enumerate(fishers or [])}
+    return MergeContext.over(
+        checkpoints, base, tasks=["rte"] * len(checkpoints), evaluate=evaluate, artifacts=artifacts
     )
-    for i, f in enumerate(fishers or []):
-        ctx._artifacts[(i, "mask_fisher")] = FakeArtifact(f)
-    return ctx
 
 
 def random_fisher(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
