@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from fmn_pl.data import GLUEDataModule
 
 CACHE_FILE = "fmn_pl_eval.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries keep each scored row's prediction (the results bundle reads them)
 Split = Literal["validation", "holdout", "train"]
 
 
@@ -166,19 +166,21 @@ class Evaluator:
         model_dir: str | Path | None = None,
         body: dict[str, torch.Tensor] | None = None,
         limit: int | None = None,
+        rows: Rows | None = None,
     ) -> dict[str, float]:
         """Metrics (and `score`) of checkpoint i's task for the model in `model_dir` (default: the checkpoint),
         with its body replaced by `body` when given, on `limit` examples per split (spread evenly; None: all).
-        The checkpoint's model is loaded once: a body is swapped in for the call and its own tensors put back."""
+        The checkpoint's model is loaded once: a body is swapped in for the call and its own tensors put back.
+        `rows`: filled with every scored row's split, row id, label and prediction (the results bundle)."""
         if model_dir is not None:
             from fmn_pl.module import load_model
 
             with quiet_lightning():
                 model = load_model(str(model_dir), self.datamodule(i).task).to(self.device()).eval()
-            return self._score(i, model, limit)
+            return self._score(i, model, limit, rows)
         model = self.model(i)
         if body is None:
-            return self._score(i, model, limit)
+            return self._score(i, model, limit, rows)
         params = dict(model.named_parameters()) | dict(model.named_buffers())
         if unexpected := [k for k in body if k not in params]:
             raise ValueError(f"merged body has tensors the {self.tasks[i]} model lacks: {unexpected[:3]}")
@@ -187,16 +189,18 @@ class Evaluator:
             with torch.no_grad():
                 for k, v in body.items():
                     params[k].copy_(v)
-            return self._score(i, model, limit)
+            return self._score(i, model, limit, rows)
         finally:
             with torch.no_grad():
                 for k, v in own.items():
                     params[k].copy_(v)
 
     @torch.no_grad()
-    def _score(self, i: int, model: torch.nn.Module, limit: int | None = None) -> dict[str, float]:
+    def _score(
+        self, i: int, model: torch.nn.Module, limit: int | None = None, rows: Rows | None = None
+    ) -> dict[str, float]:
         """The task's GLUE metrics over every eval split of its data module (keys as the fine-tuning module logs
-        them: one split `accuracy`, several `matched/accuracy`, with `score` their mean)."""
+        them: one split `accuracy`, several `matched/accuracy`, with `score` their mean); `rows` as `evaluate`."""
         from fmn_pl.metrics import glue_metrics, predictions, with_score
         from fmn_pl.module import model_inputs
 
@@ -211,7 +215,10 @@ class Evaluator:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast:
                     logits = model(**model_inputs(batch)).logits
-                metrics.update(predictions(dm.task, logits.float()), batch["labels"])
+                predicted = predictions(dm.task, logits.float())
+                metrics.update(predicted, batch["labels"])
+                if rows is not None:
+                    add_rows(rows, split, batch, predicted)
             per_split[split] = with_score(metrics.compute())
         return combine_splits(per_split)
 
@@ -232,6 +239,19 @@ class Evaluator:
         return {t: self.evaluate(self.tasks.index(t), body=body, limit=limit)["score"] for t in tasks or self.tasks}
 
 
+Rows = dict[str, list]
+"""Scored rows as columns: split, row (the row id in the split), label, prediction (class id, or the score)."""
+
+
+def add_rows(rows: Rows, split: str, batch: dict[str, torch.Tensor], predicted: torch.Tensor) -> None:
+    """Append one batch's rows to `rows` (the order is the loader's: by length; `row` says which is which)."""
+    n = len(batch["labels"])
+    rows.setdefault("split", []).extend([split] * n)
+    rows.setdefault("row", []).extend(int(r) for r in batch["idx"].tolist())
+    rows.setdefault("label", []).extend(batch["labels"].tolist())
+    rows.setdefault("prediction", []).extend(predicted.tolist())
+
+
 class EvalCache:
     """Scores remembered in `<checkpoint>/fmn_pl_eval.json` by key (options, data and weight fingerprints),
     so a study of many merges evaluates each individual model (and each plain average) once."""
@@ -250,20 +270,21 @@ class EvalCache:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def get(self, checkpoint: str | Path, key: dict[str, Any]) -> dict[str, float] | None:
+    def get(self, checkpoint: str | Path, key: dict[str, Any]) -> tuple[dict[str, float], Rows] | None:
+        """(metrics, scored rows) remembered under `key`, or None."""
         if not self.enabled:
             return None
         entry = self._read(Path(checkpoint) / CACHE_FILE).get(self.digest(key))
-        return entry["metrics"] if entry else None
+        return (entry["metrics"], entry.get("rows") or {}) if entry else None
 
-    def put(self, checkpoint: str | Path, key: dict[str, Any], metrics: dict[str, float]) -> None:
+    def put(self, checkpoint: str | Path, key: dict[str, Any], metrics: dict[str, float], rows: Rows) -> None:
         """Add one entry (re-reading the file first, so concurrent merges lose little); a read-only folder
         only loses the cache."""
         if not self.enabled:
             return
         path = Path(checkpoint) / CACHE_FILE
         entries = self._read(path)
-        entries[self.digest(key)] = {"key": key, "metrics": metrics}
+        entries[self.digest(key)] = {"key": key, "metrics": metrics, "rows": rows}
         try:
             write_json(path, entries)
         except OSError as e:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fmn_pl.evaluate import Rows
 from fmn_pl.merge_inputs import Inputs
 from fmn_pl.merging import MergeMethod
 from fmn_pl.resources import scoring_memory
@@ -126,13 +127,11 @@ def evaluate_all(
     from fmn_pl.report import task_result
 
     merged, individual, average = {}, {}, {}
+    rows: dict[str, dict[str, Rows]] = {t: {} for t in inputs.tasks}  # task -> model -> scored rows
     for i, task in enumerate(tqdm(inputs.tasks, desc="evaluate tasks", disable=not progress)):
-        merged[task] = evaluator.evaluate(i, model_dir=folder / task)
+        merged[task] = evaluator.evaluate(i, model_dir=folder / task, rows=rows[task].setdefault("merged", {}))
         key = {"what": "individual", "fingerprint": fingerprints[i], **evaluator.identity(i)}
-        individual[task] = cache.get(inputs.checkpoints[i], key)
-        if individual[task] is None:
-            individual[task] = evaluator.evaluate(i)
-            cache.put(inputs.checkpoints[i], key, individual[task])
+        individual[task], rows[task]["individual"] = _cached(cache, inputs.checkpoints[i], key, evaluator, i)
     if compare_average:
         own = {"own_tensors": inputs.own} if inputs.own else {}  # the average keeps them too: another baseline
         keys = [
@@ -141,24 +140,43 @@ def evaluate_all(
         ]
         if reuse_average:
             average = dict(merged)
+            for t in inputs.tasks:
+                rows[t]["average"] = rows[t]["merged"]
         else:
-            average = {t: cache.get(inputs.checkpoints[i], keys[i]) for i, t in enumerate(inputs.tasks)}
-            todo = [i for i, t in enumerate(inputs.tasks) if average[t] is None]
+            hits = {t: cache.get(inputs.checkpoints[i], keys[i]) for i, t in enumerate(inputs.tasks)}
+            for t, hit in hits.items():
+                if hit is not None:
+                    average[t], rows[t]["average"] = hit
+            todo = [i for i, t in enumerate(inputs.tasks) if hits[t] is None]
             if todo:
                 body = dict(Average().merge(inputs.context(log=log)))
                 for i in tqdm(todo, desc="evaluate average", disable=not progress):
-                    average[inputs.tasks[i]] = evaluator.evaluate(i, body=body)
+                    t = inputs.tasks[i]
+                    average[t] = evaluator.evaluate(i, body=body, rows=rows[t].setdefault("average", {}))
                 del body
         for i, t in enumerate(inputs.tasks):
-            cache.put(inputs.checkpoints[i], keys[i], average[t])
+            cache.put(inputs.checkpoints[i], keys[i], average[t], rows[t]["average"])
     baselines = [evaluator.baseline(i) for i in range(len(inputs.tasks))]
     results = {
-        t: task_result(merged[t], individual[t], average.get(t), *baselines[i]) for i, t in enumerate(inputs.tasks)
+        t: task_result(merged[t], individual[t], average.get(t), *baselines[i]) | {"rows": rows[t]}
+        for i, t in enumerate(inputs.tasks)
     }
     for t, r in results.items():
         for flag in r["flags"]:
             log(f"warning: {t}: {flag}")
     return results
+
+
+def _cached(cache: Any, checkpoint: Path, key: dict[str, Any], evaluator: Any, i: int) -> tuple[dict[str, float], Rows]:
+    """(metrics, scored rows) of checkpoint i's own model: from the cache, else scored and cached. An entry
+    written before rows were kept counts as a miss."""
+    hit = cache.get(checkpoint, key)
+    if hit is not None and hit[1]:
+        return hit
+    rows: Rows = {}
+    metrics = evaluator.evaluate(i, rows=rows)
+    cache.put(checkpoint, key, metrics, rows)
+    return metrics, rows
 
 
 def _is_plain_average(method: MergeMethod) -> bool:

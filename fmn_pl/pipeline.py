@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from fmn_pl.dry_run import dry_run
+from fmn_pl.evidence_report import write_results
 from fmn_pl.files import atomic_write, write_json
-from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config
+from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config, seed_runs
 from fmn_pl.pipeline_report import write_report
 from fmn_pl.ranks import (
     LAUNCHER_VARS,
@@ -138,6 +139,7 @@ def run_stage(
     if stage.kind == "report":
         with output_to(log):
             write_report(cfg)
+            write_results(Path(cfg.output), cfg.fit.seed)
         return
     call = stage_call(stage, cfg, key)
     if stage.config is not None:  # its own command runs it alone as here (every rank writes the same file)
@@ -352,21 +354,36 @@ def write_stamp(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str] | list[str]:
-    """`fmn-pl pipeline --config configs/pipeline/demo.yaml [--dry_run true] [--only ...] [--rerun ...]`."""
+    """`fmn-pl pipeline --config configs/pipeline/demo.yaml [--dry_run true] [--only ...] [--rerun ...]`.
+    With `seeds`, each seed's run in turn (its stage ids prefixed with `seed-<seed>/` in the returned status)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, flags = parse_config(argv)
-    out = Path(cfg.output)
+    runs = seed_runs(cfg)
     if flags["dry_run"]:
-        problems = dry_run(cfg)
+        problems = [p for run in runs for p in dry_run(run)]
         if problems:
             raise SystemExit(1)
         return problems
+    status: dict[str, str] = {}
+    for run in runs:
+        one = run_one(run, flags, echo_seed=run.fit.seed if cfg.seeds else None)
+        status.update({(f"seed-{run.fit.seed}/{k}" if cfg.seeds else k): v for k, v in one.items()})
+    if cfg.seeds and is_global_zero() and any(k.endswith("/report") for k in status):
+        write_results(Path(cfg.output))  # across seeds, from their bundles
+    return status
+
+
+def run_one(cfg: PipelineConfig, flags: dict[str, Any], echo_seed: Optional[int] = None) -> dict[str, str]:
+    """One run of the pipeline (one seed) into `cfg.output`: its resolved config written first."""
+    out = Path(cfg.output)
     if is_global_zero():
         from fmn_pl.files import check_writable
 
         check_writable(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "pipeline.yaml", config_yaml(cfg))  # the resolved config that produced this folder
+        if echo_seed is not None:
+            print(f"pipeline: seed {echo_seed} in {out}")
     start = time.perf_counter()
     try:
         status = execute(cfg, flags["only"], flags["rerun"])

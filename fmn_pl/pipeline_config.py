@@ -53,7 +53,8 @@ class FitOptions:
     warmup_ratio: float = 0.1
     """Fraction of the training steps spent warming the learning rate up."""
     max_epochs: int = 3
-    """Training epochs; the epoch with the best validation score is exported."""
+    """Training epochs; the epoch with the best score on the held-out rows is exported (the last one when
+    `holdout_samples` is 0): validation rows never pick it."""
     batch_size: int = 32
     """Training batch size (per device)."""
     max_length: Optional[int] = None
@@ -61,11 +62,12 @@ class FitOptions:
     max_train_samples: Optional[int] = None
     """Cap on training examples (a seeded sample without replacement); None: the whole split."""
     max_eval_samples: Optional[int] = None
-    """Cap on the validation examples scored after each epoch (to pick the exported epoch)."""
+    """Cap on the held-out rows scored after each epoch (to pick the exported epoch); None: all of them."""
     holdout_samples: int = 0
-    """Training rows held out (never trained on) for merge methods that choose options on data."""
+    """Training rows held out (never trained on): they pick the exported epoch, and merge methods that choose
+    options choose them on these rows. The same rows for every seed."""
     seed: int = 42
-    """`seed_everything` seed of the fine-tuning run (also the data sampling seed)."""
+    """`seed_everything` seed of the fine-tuning run (also the data sampling seed); `seeds` overrides it."""
     precision: str = "32-true"
     """Lightning precision ("32-true", "bf16-mixed", "16-mixed", ...)."""
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -158,6 +160,10 @@ class PipelineConfig:
     """GLUE data: a local folder (nyu-mll/glue parquet or GLUE TSV layout) or a hub name (nyu-mll/glue)."""
     tasks: list[str] = field(default_factory=lambda: ["rte", "mrpc"])
     """GLUE tasks, one fine-tuned model each."""
+    seeds: Optional[list[int]] = None
+    """Fine-tuning seeds, an axis of the study: each seed is a whole run (fit with `fit.seed` = it, artifacts,
+    merges, report) in <output>/seed-<seed>/, and the reports across seeds give intervals. None: one run in
+    <output> with `fit.seed`."""
     fit: FitOptions = field(default_factory=FitOptions)
     """Fine-tuning options."""
     fisher: FisherOptions = field(default_factory=FisherOptions)
@@ -192,6 +198,13 @@ def build_parser() -> Any:
         "compute and write nothing",
     )
     parser.add_argument(
+        "--wait",
+        type=bool,
+        default=False,
+        help="wait for another pipeline writing the same output (it holds <output>/.fmn-pl.lock) to finish, "
+        "instead of refusing at once",
+    )
+    parser.add_argument(
         "--only",
         type=Optional[Union[list[str], str]],
         default=None,
@@ -208,10 +221,10 @@ def build_parser() -> Any:
 
 
 def parse_config(argv: Sequence[str]) -> tuple[PipelineConfig, dict[str, Any]]:
-    """(config, {dry_run, only, rerun}) from command-line arguments."""
+    """(config, {dry_run, wait, only, rerun}) from command-line arguments."""
     parser = build_parser()
     ns = parser.parse_args(list(argv))
-    flags = {k: ns.pop(k) for k in ("dry_run", "only", "rerun")}
+    flags = {k: ns.pop(k) for k in ("dry_run", "wait", "only", "rerun")}
     for k in ("only", "rerun"):  # a list, or one string of comma-separated patterns
         if isinstance(flags[k], str):
             flags[k] = [p.strip() for p in flags[k].split(",") if p.strip()]
@@ -270,6 +283,20 @@ def normalize(cfg: PipelineConfig) -> PipelineConfig:
     for m in cfg.merge.methods:
         resolve_method(m.name, m.options)  # an unknown method fails here, with the known names
     return replace(cfg, tasks=tasks, fit=replace(cfg.fit, per_task=per_task))
+
+
+def seed_runs(cfg: PipelineConfig) -> list[PipelineConfig]:
+    """The runs of the config: one per seed of `seeds` (in <output>/seed-<seed>/), or itself alone."""
+    if cfg.seeds is None:
+        return [cfg]
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"seeds must list distinct seeds (or be null for one run), got {cfg.seeds}")
+    if any("seed" in over for over in cfg.fit.per_task.values()):
+        raise ValueError("fit.per_task sets a seed, which `seeds` decides: remove one of them")
+    return [
+        replace(cfg, seeds=None, output=f"{cfg.output.rstrip('/')}/seed-{s}", fit=replace(cfg.fit, seed=s))
+        for s in cfg.seeds
+    ]
 
 
 def combinations(cfg: PipelineConfig) -> list[list[str]]:

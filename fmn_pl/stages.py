@@ -74,9 +74,14 @@ def nest(config: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
 
 
 def fit_config(cfg: PipelineConfig, task: str) -> dict[str, Any]:
-    """The LightningCLI config of one task's fine-tuning (written to <output>/configs/fit-<task>.yaml)."""
+    """The LightningCLI config of one task's fine-tuning (written to <output>/configs/fit-<task>.yaml).
+
+    The exported epoch is picked on the held-out training rows (`holdout_samples`), never on validation: the
+    validation rows are read only for the final scores. Without held-out rows the last epoch is exported and
+    no evaluation runs during fine-tuning."""
     o = fit_options(cfg, task)
     out = Path(cfg.output)
+    held = bool(o["holdout_samples"])
     return {
         "seed_everything": o["seed"],
         "model": {
@@ -94,9 +99,11 @@ def fit_config(cfg: PipelineConfig, task: str) -> dict[str, Any]:
             "max_eval_samples": o["max_eval_samples"],
             "holdout_samples": o["holdout_samples"],
             "sample_seed": o["seed"],
+            "eval_splits": ["holdout"] if held else None,
         },
         "trainer": {
             "max_epochs": o["max_epochs"],
+            "limit_val_batches": None if held else 0,  # no held-out rows: nothing is read to pick an epoch
             "precision": o["precision"],
             "enable_checkpointing": False,  # the export keeps the best epoch's weights in memory
             "enable_progress_bar": False,  # the stage's output goes to a log file
@@ -105,7 +112,7 @@ def fit_config(cfg: PipelineConfig, task: str) -> dict[str, Any]:
                 "init_args": {"save_dir": str(out / "logs"), "name": f"fit-{task}", "version": "latest"},
             },
         },
-        "export": {"dirpath": str(out / "checkpoints" / task), "select": "best"},
+        "export": {"dirpath": str(out / "checkpoints" / task), "select": "best" if held else "last"},
     }
 
 
@@ -338,9 +345,9 @@ def freshness(
     if missing:
         why = f"after {', '.join(missing)}" if len(missing) <= 4 else f"after {len(missing)} unfinished stages"
     elif stamp is None:
-        why = "not run yet" if current is None else "not stamped (interrupted or run outside the pipeline)"
+        why = "first run" if current is None else "output not stamped: interrupted, or written outside the pipeline"
     elif stamp.get("key") != key:
-        why = "options or inputs changed"
+        why = "options changed" if sha256_json(stamp.get("options")) != sha256_json(stage.options) else "inputs changed"
     elif current is None or stamp.get("output") != current:
         why = "its output is missing or changed"
     elif forced:

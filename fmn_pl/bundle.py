@@ -1,0 +1,131 @@
+"""The results bundle of a pipeline run: every scored row of every model (individual, plain average, each
+merge) with its label and prediction, plus what each merge chose and on how many candidates, the configs and
+the weight fingerprints. Small enough to commit (zstd parquet + JSON); `fmn_pl.evidence` reads nothing else.
+
+    <run>/bundle/rows.parquet   seed, combination, model, task, split, row, label, prediction
+    <run>/bundle/bundle.json    config, checkpoints (epoch, held-out metrics, fingerprint), merges (choices)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fmn_pl.files import atomic_path, write_json
+
+BUNDLE = "bundle"
+ROWS = "rows.parquet"
+META = "bundle.json"
+VERSION = 1
+INDIVIDUAL = "individual"
+AVERAGE = "average"
+COLUMNS = ("seed", "combination", "model", "task", "split", "row", "label", "prediction")
+
+
+@dataclass
+class Bundle:
+    """One run's bundle in memory: `rows` as columns (lists), `meta` as written."""
+
+    rows: dict[str, list]
+    meta: dict[str, Any]
+
+    @property
+    def seed(self) -> int:
+        return int(self.meta["seed"])
+
+
+def collect(run: Path, seed: int) -> Bundle:
+    """The bundle of the pipeline run in `run`: read from its merges' reports and its checkpoints' metadata.
+    The individual model's rows are kept once per task (every merge scores the same rows), the plain
+    average's once per combination."""
+    rows: dict[str, list] = {c: [] for c in COLUMNS}
+    merges: dict[str, dict[str, Any]] = {}
+    seen: set[tuple[str, str, str]] = set()
+    for report_file in sorted((run / "merges").glob("*/*/report.json")):
+        report = json.loads(report_file.read_text())
+        combo, label = report_file.parent.parent.name, report_file.parent.name
+        merges[f"{combo}/{label}"] = _merge_meta(report)
+        for task, result in report["results"].items():
+            for model, scored in (result.get("rows") or {}).items():
+                name = label if model == "merged" else model
+                where = "" if model == INDIVIDUAL else combo
+                if (where, name, task) in seen:
+                    continue
+                seen.add((where, name, task))
+                n = len(scored.get("row", []))
+                for column, value in (("seed", seed), ("combination", where), ("model", name), ("task", task)):
+                    rows[column] += [value] * n
+                for column in ("split", "row", "label", "prediction"):
+                    rows[column] += scored[column]
+    if not merges:
+        raise FileNotFoundError(f"{run}/merges holds no merge report: nothing to bundle")
+    return Bundle(rows, {"version": VERSION, "seed": seed, **_run_meta(run), "merges": merges})
+
+
+def _merge_meta(report: dict[str, Any]) -> dict[str, Any]:
+    """What the bundle keeps of one merge report: method, options, choices with their grids, budget, time."""
+    notes = report.get("notes") or {}
+    return {
+        "method": report.get("method"),
+        "options": report.get("options"),
+        "choices": {
+            k: {"chosen": notes[k].get("chosen"), "grid": notes[k].get("grid")} for k in report.get("choices", [])
+        },
+        "candidates": (report.get("selection") or {}).get("evaluations", 0),
+        "selection": {k: v for k, v in (report.get("selection") or {}).items() if k != "evaluations"},
+        "fingerprints": {c["task"]: c["fingerprint"] for c in report.get("checkpoints", [])},
+        "storage": report.get("storage"),
+        "timings": report.get("timings"),
+    }
+
+
+def _run_meta(run: Path) -> dict[str, Any]:
+    """The run's resolved config and each checkpoint's exported epoch, held-out metrics and fingerprint."""
+    import yaml
+
+    from fmn_pl.checkpoint import METADATA_FILE
+
+    checkpoints = {}
+    for meta_file in sorted((run / "checkpoints").glob(f"*/{METADATA_FILE}")):
+        meta = json.loads(meta_file.read_text())
+        checkpoints[meta_file.parent.name] = {
+            k: meta.get(k) for k in ("epoch", "epochs_trained", "metrics", "num_train_examples", "fingerprint")
+        }
+    config = run / "pipeline.yaml"
+    return {"config": yaml.safe_load(config.read_text()) if config.is_file() else None, "checkpoints": checkpoints}
+
+
+def write(bundle: Bundle, folder: Path) -> None:
+    """`rows.parquet` (zstd) and `bundle.json` in `folder`, each written whole or not at all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table({c: bundle.rows[c] for c in COLUMNS})
+    with atomic_path(folder / ROWS) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=19)
+    write_json(folder / META, bundle.meta)
+
+
+def read(folder: Path) -> Bundle:
+    """A bundle written by `write`; one line naming the folder when it is not one."""
+    import pyarrow.parquet as pq
+
+    if not (folder / ROWS).is_file() or not (folder / META).is_file():
+        raise FileNotFoundError(f"{folder} is not a results bundle (it needs {ROWS} and {META})")
+    meta = json.loads((folder / META).read_text())
+    if meta.get("version", 0) > VERSION:
+        raise ValueError(f"{folder / META} is bundle version {meta['version']}: upgrade fmn-pl to read it")
+    return Bundle(pq.read_table(folder / ROWS).to_pydict(), meta)
+
+
+def read_all(folder: Path) -> list[Bundle]:
+    """Every seed's bundle under `folder` (`seed-*/`, or `folder` itself for one run), by seed."""
+
+    def at(run: Path) -> Path:  # a pipeline run keeps its bundle in bundle/, a committed one is the folder
+        return run / BUNDLE if (run / BUNDLE).is_dir() else run
+
+    found = [read(at(p)) for p in sorted(folder.glob("seed-*")) if p.is_dir()] or [read(at(folder))]
+    return sorted(found, key=lambda b: b.seed)

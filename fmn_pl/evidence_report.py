@@ -1,0 +1,246 @@
+"""The Markdown of a study's evidence (`fmn_pl.evidence`), from its bundles alone: the individual models against
+their constants, every method by search budget with intervals and collapse counts, every cell, what the searches
+chose, and the published claims judged like for like. The same bundles always give the same bytes.
+
+    python -m fmn_pl.evidence_report BUNDLE_FOLDER [--output FILE] [--title TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from fmn_pl.bundle import AVERAGE, INDIVIDUAL, read_all
+from fmn_pl.evidence import CONSTANT, Estimate, Evidence
+from fmn_pl.tasks import get_task
+
+SEARCHED_TA = "task_arithmetic"
+# (claim, its source, model a, model b, what "holds" means): a - b with its interval over the pairs
+CLAIMS = [
+    ("FMN's rule beats the plain average", "FMN paper", "fmn_reference", AVERAGE),
+    ("FMN's rule is at least as good as full Fisher merging, neither searched", "FMN paper", "fmn_reference", "fisher"),
+    ("RegMean beats Fisher merging", "RegMean paper", "regmean", "fisher"),
+    ("Task arithmetic (lambda searched) beats the plain average", "task arithmetic paper", SEARCHED_TA, AVERAGE),
+    ("TIES beats task arithmetic, both at their papers' settings", "TIES paper", "ties_fixed", "ta_fixed"),
+    ("TIES beats task arithmetic, both searched over the same 10 lambdas", "TIES paper", "ties", SEARCHED_TA),
+    ("FMN searched (10 candidates) beats task arithmetic searched (10)", "fmn-pl", "fmn_k10", SEARCHED_TA),
+    ("fmn-pl's default FMN (20 candidates) beats task arithmetic (10): unequal budget", "fmn-pl", "fmn", SEARCHED_TA),
+]
+NOT_RUN = [
+    ("TALL masks keep every task (one body per task: no storage saving on pairs)", "TALL paper", "tall"),
+    ("AdaMerging beats task arithmetic (500 steps of 16 rows)", "AdaMerging paper", "adamerging"),
+    ("Consensus merging beats TALL and task arithmetic (3 tasks or more)", "TALL/Consensus paper", "consensus"),
+]
+
+
+def _est(e: Estimate | None, sign: bool = True) -> str:
+    return "–" if e is None else e.text(sign)
+
+
+def _marked(e: Estimate | None) -> str:
+    """An estimate with its verdict in bold when the interval excludes 0."""
+    if e is None:
+        return "–"
+    return f"**{e.text()}**" if e.verdict != "tie" else e.text()
+
+
+def markdown(ev: Evidence, title: str, command: str) -> str:
+    """The whole document."""
+    lines = [f"# {title}", "", *_intro(ev, command), *_individual(ev), *_methods(ev), *_cells(ev), *_choices(ev)]
+    lines += _claims(ev)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _intro(ev: Evidence, command: str) -> list[str]:
+    cfg = ev.bundles[0].meta["config"]
+    fit, merge = cfg["fit"], cfg["merge"]
+    n = {t: len(ev.labels[ev.seeds[0]][t]) for t in ev.tasks}
+    return [
+        f"Regenerated from the committed bundles by `{command}`; produced by `fmn-pl pipeline` with the config "
+        "each bundle records. Model `" + Path(cfg["model"]).name + f"`; tasks {', '.join(ev.tasks)}; fine-tuning "
+        f"seed{'s' if len(ev.seeds) > 1 else ''} {', '.join(map(str, ev.seeds))}.",
+        "",
+        f"- Scored rows: a seeded sample of each validation split ({', '.join(f'{t} {n[t]}' for t in ev.tasks)}), "
+        "read for these scores only. The exported epoch and every searched option were chosen on "
+        f"{fit['holdout_samples']} training rows held out from fine-tuning (options on "
+        f"{(merge.get('args') or {}).get('selection_samples', 300)} of them).",
+        "- Scores x100 (GLUE's metric; the mean of two for MRPC and STS-B), mean over seeds. [a, b]: 95% interval "
+        f"of a paired bootstrap over the scored rows ({ev.draws[next(iter(ev.draws))].shape[0]} resamples, the "
+        "same rows for every model of a seed and task; the mean over seeds). **Bold**: the interval excludes 0.",
+        "- Share above constant = (merged - constant) / (individual - constant), x100: what a merge keeps of "
+        "what the model learned; a majority-class answer scores 0 on it. Normalized = merged / individual, the "
+        "FMN paper's figure, beside it.",
+        "- Collapsed (†): a merged model that answers one class on at least 95% of the rows, or (STS-B) whose "
+        "predictions keep under 10% of the labels' spread. ≈c: within noise of the constant (the interval of "
+        "merged - constant includes 0). Counted per method, never hidden in a mean.",
+        "",
+    ]
+
+
+def _individual(ev: Evidence) -> list[str]:
+    lines = [
+        "## The individual models",
+        "",
+        "| task | metric | constant | individual | individual - constant | counts in claims | epoch per seed "
+        "(chosen on held-out rows) |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for t in ev.tasks:
+        gain = ev.competent(t)
+        epochs = ", ".join(str((b.meta["checkpoints"].get(t) or {}).get("epoch")) for b in ev.bundles)
+        lines.append(
+            f"| {t} | {', '.join(get_task(t).metrics)} | {ev.mean_score(CONSTANT, '', t).mean:.1f} | "
+            f"{_est(ev.mean_score(INDIVIDUAL, '', t), False)} | {_marked(gain)} | "
+            f"{'yes' if gain.low > 0 else 'no: within noise of its constant'} | {epochs} |"
+        )
+    out = [t for t in ev.tasks if t not in ev.competent_tasks()]
+    note = f"Left out of every method claim: {', '.join(out)}." if out else "Every task counts in the claims."
+    return [*lines, "", note, ""]
+
+
+def _method_order(ev: Evidence) -> list[tuple[int, str]]:
+    """(budget, method), the unsearched first, in config order within a budget."""
+    return sorted(((ev.budget(m), m) for m in ev.methods), key=lambda bm: (bm[0], ev.methods.index(bm[1])))
+
+
+def _methods(ev: Evidence) -> list[str]:
+    tasks = ev.competent_tasks()
+    pairs, larger = ev.cells(ev.pairs(), tasks), ev.cells(ev.larger(), tasks)
+    everything = ev.cells(ev.combinations, ev.tasks)
+    ta = SEARCHED_TA if SEARCHED_TA in ev.methods else None
+    lines = [
+        "## Every method",
+        "",
+        f"Over the pairs' cells of the tasks that count ({len(pairs)} cells x {len(ev.seeds)} seeds)"
+        + (f" and the merge of {', '.join(ev.larger())} ({len(larger)} cells)" if larger else "")
+        + ". Budget: candidates scored on the held-out rows per merge (0: nothing chosen on data). Collapsed: "
+        f"merged results that answer one thing, of {len(ev.cells(ev.pairs(), ev.tasks)) * len(ev.seeds)} on the "
+        "pairs (every task).",
+        "",
+        "| method | budget | share above constant, pairs | normalized, pairs | - average, pairs | "
+        f"- {ta or 'task arithmetic'}, pairs | collapsed, pairs | share above constant, larger | - average, "
+        "larger | collapsed, larger |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| constant | – | 0 | {ev.ratio(CONSTANT, pairs) or 0:.1f} | "
+        f"{_marked(ev.difference(CONSTANT, AVERAGE, pairs))} | – | – | 0 | – | – |",
+        f"| average | 0 | {_est(ev.share(AVERAGE, pairs))} | {ev.ratio(AVERAGE, pairs) or 0:.1f} | 0 | "
+        f"{_marked(ev.difference(AVERAGE, ta, pairs)) if ta else '–'} | "
+        f"{ev.collapses(AVERAGE, ev.cells(ev.pairs(), ev.tasks))} | {_est(ev.share(AVERAGE, larger))} | 0 | "
+        f"{ev.collapses(AVERAGE, ev.cells(ev.larger(), ev.tasks))} |",
+    ]
+    for budget, m in _method_order(ev):
+        lines.append(
+            f"| {m} | {budget} | {_est(ev.share(m, pairs))} | {ev.ratio(m, pairs) or 0:.1f} | "
+            f"{_marked(ev.difference(m, AVERAGE, pairs))} | "
+            f"{_marked(ev.difference(m, ta, pairs)) if ta and m != ta else '–'} | "
+            f"{ev.collapses(m, ev.cells(ev.pairs(), ev.tasks))} | {_est(ev.share(m, larger))} | "
+            f"{_marked(ev.difference(m, AVERAGE, larger))} | {ev.collapses(m, ev.cells(ev.larger(), ev.tasks))} |"
+        )
+    unequal = sorted({b for b, _ in _method_order(ev) if b}, reverse=True)
+    if len(unequal) > 1:
+        lines += [
+            "",
+            f"Budgets differ ({', '.join(map(str, unequal))} candidates): compare searched methods only "
+            "at equal budget.",
+        ]
+    return [*lines, "", f"All {len(everything)} cells of every task, seed by seed: the table below.", ""]
+
+
+def _cells(ev: Evidence) -> list[str]:
+    models = [AVERAGE, *(m for _, m in _method_order(ev))]
+    lines = [
+        "## Every cell",
+        "",
+        "Mean over seeds; † k/n: collapsed in k of n seeds; ≈c: within noise of the constant.",
+        "",
+        "| cell | constant | individual | " + " | ".join(models) + " |",
+        "|---|---:|---:|" + "---:|" * len(models),
+    ]
+    for combo in ev.combinations:
+        for task in combo.split("+"):
+            row = [f"{combo}: {task}", f"{ev.mean_score(CONSTANT, combo, task).mean:.1f}"]
+            row.append(f"{ev.mean_score(INDIVIDUAL, combo, task).mean:.1f}")
+            for m in models:
+                row.append(_cell(ev, m, combo, task) if all(ev.has(s, combo, m, task) for s in ev.seeds) else "–")
+            lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
+def _cell(ev: Evidence, model: str, combo: str, task: str) -> str:
+    text = f"{ev.mean_score(model, combo, task).mean:.1f}"
+    k = sum(ev.collapsed(s, combo, model, task) for s in ev.seeds)
+    if k:
+        text += f" †{k}/{len(ev.seeds)}"
+    elif ev.near_constant(model, combo, task):
+        text += " ≈c"
+    return text
+
+
+def _choices(ev: Evidence) -> list[str]:
+    lines = ["## What the searches chose", "", "Over every merge and seed: value (times chosen).", ""]
+    for _, m in _method_order(ev):
+        for option, counts in ev.chosen(m).items():
+            shown = ", ".join(f"{v} ({n})" for v, n in sorted(counts.items(), key=lambda vn: -vn[1]))
+            lines.append(f"- {m}, {option}: {shown}")
+    return [*lines, ""] if len(lines) > 4 else []
+
+
+def _claims(ev: Evidence) -> list[str]:
+    tasks = ev.competent_tasks()
+    pairs, larger = ev.cells(ev.pairs(), tasks), ev.cells(ev.larger(), tasks)
+    lines = [
+        "## Published claims, judged like for like",
+        "",
+        "a - b in points over the pairs' cells of the tasks that count (and the larger merge): holds where the "
+        "interval is above 0, does not hold where it is below, not established where it includes 0.",
+        "",
+        "| claim | source | a - b, pairs | verdict | a - b, larger | verdict |",
+        "|---|---|---:|---|---:|---|",
+    ]
+    verdicts = {"win": "holds", "loss": "does not hold", "tie": "not established"}
+    for claim, source, a, b in CLAIMS:
+        if a not in ev.methods + [AVERAGE] or b not in ev.methods + [AVERAGE]:
+            continue
+        p, q = ev.difference(a, b, pairs), ev.difference(a, b, larger)
+        lines.append(
+            f"| {claim} | {source} | {_est(p)} | {verdicts[p.verdict] if p else '–'} | {_est(q)} | "
+            f"{verdicts[q.verdict] if q else '–'} |"
+        )
+    for claim, source, m in NOT_RUN:
+        if m not in ev.methods:
+            lines.append(f"| {claim} | {source} | – | not tested in this study | – | – |")
+    return [*lines, ""]
+
+
+def write_results(out: Path, seed: int | None = None) -> None:
+    """A pipeline run's results bundle (`<out>/bundle/`, when `seed` is given: one run) and `<out>/results.md`,
+    regenerated from the bundles alone (every seed's under `out` when `seed` is None)."""
+    from fmn_pl import bundle
+    from fmn_pl.files import atomic_write
+
+    if seed is not None:
+        bundle.write(bundle.collect(out, seed), out / bundle.BUNDLE)
+    text = markdown(Evidence(bundle.read_all(out)), f"Results of {out.name}", "fmn-pl pipeline (its report stage)")
+    atomic_write(out / "results.md", text)
+    print(f"evidence: {out / 'results.md'}")
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description="The evidence Markdown of a results bundle (one run or seed-*/).")
+    parser.add_argument("bundle", type=Path, help="a bundle folder, or a folder of seed-*/ bundles")
+    parser.add_argument("--output", type=Path, default=None, help="write the Markdown here (default: print it)")
+    parser.add_argument("--title", default="Results", help="the document's title")
+    args = parser.parse_args(argv)
+    text = markdown(Evidence(read_all(args.bundle)), args.title, f"python -m fmn_pl.evidence_report {args.bundle}")
+    if args.output is None:
+        print(text, end="")
+    else:
+        from fmn_pl.files import atomic_write
+
+        atomic_write(args.output, text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
