@@ -188,7 +188,7 @@ def export_checkpoint(
     """
     target = Path(target)
     check_export_target(target, metadata["task"], overwrite)
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, wait=True) as tmp:  # another export of it: seconds
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         command = None

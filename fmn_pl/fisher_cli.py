@@ -43,6 +43,7 @@ def run_fisher(
     include_padding: Optional[bool] = None,
     max_length: Optional[int] = None,
     trainer: Optional[dict[str, Any]] = None,
+    wait: bool = False,
 ) -> Path:
     """Compute one artifact of a task checkpoint and write it beside the weights.
 
@@ -61,11 +62,14 @@ def run_fisher(
         include_padding: grams only: count padding positions too (the RegMean reference does).
         max_length: truncation length (default: the checkpoint's fine-tuning setting).
         trainer: Lightning Trainer options (devices, strategy, accelerator, precision, ...).
+        wait: wait for another run computing this artifact (it holds `.<kind>.safetensors.lock` beside it) to
+            finish, instead of refusing at once.
     """
     from fmn_pl.checkpoint import CheckpointMeta, task_datamodule
-    from fmn_pl.files import check_writable
+    from fmn_pl.files import check_writable, output_lock
     from fmn_pl.kinds import get_kind
     from fmn_pl.options import check_count
+    from fmn_pl.ranks import is_global_zero
 
     spec = get_kind(kind)
     for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
@@ -75,43 +79,44 @@ def run_fisher(
     check_writable(path)
     if task is not None and task != meta.task:
         raise ValueError(f"{checkpoint} is a {meta.task!r} checkpoint, not {task!r}")
-    cls = spec.pass_class()
-    own = pass_options(spec.cli, cls, seed, aggregation=aggregation, labels=labels, include_padding=include_padding)
-    dm = task_datamodule(
-        checkpoint,
-        meta,
-        split,
-        data_dir,
-        batch_size or spec.batch_size,
-        num_examples,
-        seed,
-        max_length,
-        unpadded_shards=True,
-    )
-    info = {
-        "task": meta.task,
-        "split": split,
-        "data_dir": str(dm.hparams.data_dir),
-        "batch_size": dm.hparams.eval_batch_size,
-        "max_length": dm.max_length,
-        "sample_seed": seed,
-        "holdout_samples": dm.hparams.holdout_samples,
-    }
-    callback = cls(checkpoint, metadata=info, **own)
-    options = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        **(trainer or {}),
-        "use_distributed_sampler": False,
-    }
-    options["callbacks"] = [*(options.get("callbacks") or []), callback]
-    model = load_model(str(checkpoint), dm.task)  # a bad checkpoint fails before the Trainer is built
-    pl_trainer = L.Trainer(**options)
-    pl_trainer.validate(_NodePass(model, forward=spec.forward), datamodule=dm, verbose=False)
-    if pl_trainer.is_global_zero:
-        print(f"wrote {path}")
-    return path
+    with output_lock(path, wait, hold=is_global_zero()):  # one writer; other ranks run under rank 0's
+        cls = spec.pass_class()
+        own = pass_options(spec.cli, cls, seed, aggregation=aggregation, labels=labels, include_padding=include_padding)
+        dm = task_datamodule(
+            checkpoint,
+            meta,
+            split,
+            data_dir,
+            batch_size or spec.batch_size,
+            num_examples,
+            seed,
+            max_length,
+            unpadded_shards=True,
+        )
+        info = {
+            "task": meta.task,
+            "split": split,
+            "data_dir": str(dm.hparams.data_dir),
+            "batch_size": dm.hparams.eval_batch_size,
+            "max_length": dm.max_length,
+            "sample_seed": seed,
+            "holdout_samples": dm.hparams.holdout_samples,
+        }
+        callback = cls(checkpoint, metadata=info, **own)
+        options = {
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            **(trainer or {}),
+            "use_distributed_sampler": False,
+        }
+        options["callbacks"] = [*(options.get("callbacks") or []), callback]
+        model = load_model(str(checkpoint), dm.task)  # a bad checkpoint fails before the Trainer is built
+        pl_trainer = L.Trainer(**options)
+        pl_trainer.validate(_NodePass(model, forward=spec.forward), datamodule=dm, verbose=False)
+        if pl_trainer.is_global_zero:
+            print(f"wrote {path}")
+        return path
 
 
 def pass_options(kind: str, cls: type, seed: int, **options: Any) -> dict[str, Any]:

@@ -98,9 +98,7 @@ def write_task_folder(
     if body is None:
         how = link_or_copy(folder / BODY_FILE, d / TASK_BODY_FILE, log)
     else:
-        os.chmod(
-            write_body(d, inputs, body, progress, name=TASK_BODY_FILE), (folder / BODY_FILE).stat().st_mode & 0o777
-        )
+        write_body(d, inputs, body, progress, name=TASK_BODY_FILE)
         how = "own"
     sizes = sum(t.numel() * t.element_size() for t in head.values())
     sizes += sum(SIZES[dt] * math.prod(s) for dt, s in (inputs.specs[k] for k in inputs.keys + inputs.fixed))

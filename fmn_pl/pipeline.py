@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from fmn_pl.dry_run import dry_run
 from fmn_pl.evidence_report import write_results
-from fmn_pl.files import atomic_write, write_json
+from fmn_pl.files import atomic_write, output_lock, write_json
 from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config, seed_runs
 from fmn_pl.pipeline_report import write_report
 from fmn_pl.ranks import (
@@ -374,6 +374,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str] | list[str]:
 
 
 def run_one(cfg: PipelineConfig, flags: dict[str, Any], echo_seed: Optional[int] = None) -> dict[str, str]:
+    """One run of the pipeline (one seed) into `cfg.output` as its one writer (a lock in it, held by rank 0;
+    flags["wait"]: wait for another run holding it instead of refusing at once)."""
+    with output_lock(cfg.output, flags.get("wait", False), inside=True, hold=is_global_zero()):
+        return _run_one(cfg, flags, echo_seed)
+
+
+def _run_one(cfg: PipelineConfig, flags: dict[str, Any], echo_seed: Optional[int] = None) -> dict[str, str]:
     """One run of the pipeline (one seed) into `cfg.output`: its resolved config written first."""
     out = Path(cfg.output)
     if is_global_zero():

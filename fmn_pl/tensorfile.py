@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fmn_pl.files import atomic_path
+from fmn_pl.files import atomic_path, check_space, naming_disk_full
 
 DTYPES = {
     "F64": torch.float64,
@@ -149,9 +149,11 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.start, self.size = 8 + len(raw), pos
+        check_space(self.path, self.start + pos)  # a full disk refused now, not after the merge
         self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._file.truncate(self.start + pos)
+        with self._space():
+            self._file.write(struct.pack("<Q", len(raw)) + raw)
+            self._file.truncate(self.start + pos)
         self.written: set[str] = set()
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -163,15 +165,21 @@ class SafetensorsWriter:
         if NAMES.get(tensor.dtype) != dtype:
             raise ValueError(f"{self.path.name}: tensor {key!r} has dtype {tensor.dtype}, expected {dtype}")
         self._file.seek(self.start + self.offsets[key][0])
-        self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        with self._space():
+            self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self.written.add(key)
+
+    def _space(self) -> Any:
+        """A full disk while writing: one line naming the file and its size."""
+        return naming_disk_full(self.path, self.start + self.size)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
         """Close; checked complete unless the block failed (the caller is failing anyway; its temporary goes)."""
-        self._file.close()
+        with self._space():
+            self._file.close()
         missing = [k for k in self.specs if k not in self.written]
         if kind is None and missing:
             raise ValueError(

@@ -18,6 +18,7 @@ from fmn_pl.artifacts import artifact_path, load_artifact, save_artifact
 from fmn_pl.checkpoint import weights_fingerprint
 from fmn_pl.files import atomic_dir, check_writable
 from fmn_pl.module import load_model
+from fmn_pl.owners import owner
 from fmn_pl.tasks import get_task
 
 
@@ -59,12 +60,14 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path: Path, capsys: pytest.Ca
     stale = tmp_path / f".out.tmp-{dead}-123"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "model.safetensors").write_bytes(b"0" * 1000)
-    live = tmp_path / f".out.tmp-{os.getpid()}-456"  # a run still going: kept
+    Path(f"{stale}.owner").write_text(json.dumps({**owner(), "pid": int(dead), "start": "1"}))
+    live = tmp_path / f".out.tmp-{os.getpid()}-456"  # a run still going (this one): kept
     live.mkdir()
+    Path(f"{live}.owner").write_text(json.dumps(owner()))
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "f").write_text("done")
     assert not stale.exists() and live.exists() and (tmp_path / "out" / "f").read_text() == "done"
-    assert f"removed {stale}: left by an interrupted run (process {dead} is gone)" in capsys.readouterr().err
+    assert f"removed {stale}: left by an interrupted run (process {dead} on " in capsys.readouterr().err
 
 
 def test_null_text_cell_is_named(tiny_glue: Path, tmp_path: Path) -> None:
