@@ -270,3 +270,35 @@ def test_bad_input_is_one_line(inputs: dict[str, str], tmp_path: Path, case: str
     assert expect in lines[0], lines[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")], list(tmp_path.iterdir())
     assert {p: sorted(os.listdir(p)) for p in before} == before  # nothing written beside the inputs
+
+
+# (command, target the other writer holds, lock inside it): a second writer of one output, refused in one line
+BUSY = [
+    ("merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue}", "{out}", False),
+    ("fisher --checkpoint={ck1} --data_dir={glue} --num_examples=8", "{ck1}/mask_fisher.safetensors", False),
+    ("pipeline --config={pipeline} --output={out}", "{out}", True),
+]
+
+
+@pytest.mark.parametrize("command,target,inside", BUSY, ids=[c[0].split()[0] for c in BUSY])
+def test_second_writer_is_one_line(inputs: dict[str, str], tmp_path: Path, command: str, target: str, inside: bool):
+    held = target.format(out=tmp_path / "out", **inputs)
+    before = sorted(os.listdir(inputs["ck1"]))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom fmn_pl.files import output_lock\n"
+         "with output_lock(sys.argv[1], inside=sys.argv[2] == 'True'):\n    print('held', flush=True)\n"
+         "    sys.stdin.readline()", held, str(inside)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    argv = [a.format(out=tmp_path / "out", **inputs) for a in command.split(" ")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("FMN_PL_TRACEBACK", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmn_pl.cli", *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    holder.communicate("\n", timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"fmn-pl {argv[0]}: error: {held} is being written by process {holder.pid} on "), lines
+    assert sorted(os.listdir(inputs["ck1"])) == before and not (tmp_path / "out" / "stamps").exists()
