@@ -149,6 +149,7 @@ def markdown(report: dict[str, Any]) -> str:
     else:
         lines.append("Not evaluated.")
     lines += _timing_lines(report)
+    lines += _diagnostic_lines(report)
     return "\n".join(lines) + "\n"
 
 
@@ -248,6 +249,13 @@ def _note_lines(table: list[dict[str, Any]], label: str | None) -> list[str]:
             )
         lines += [f"- **{r['task']}: {flag}**" for flag in r["flags"]]
     return lines
+
+
+def _diagnostic_lines(report: dict[str, Any]) -> list[str]:
+    """The diagnostics section (task vectors, Fisher scale, prediction shares), when the report has one."""
+    from fmn_pl.diagnostics import markdown_lines
+
+    return markdown_lines(report["diagnostics"]) if report.get("diagnostics") else []
 
 
 def _timing_lines(report: dict[str, Any]) -> list[str]:
