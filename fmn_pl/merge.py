@@ -33,6 +33,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from fmn_pl.checkpoint import METADATA_FILE, CheckpointMeta, weights_fingerprint
+from fmn_pl.diagnostics import diagnostics
 from fmn_pl.files import atomic_dir
 from fmn_pl.merge_eval import Selection, evaluate_merge, log_line
 from fmn_pl.merge_inputs import Inputs, check_inputs, method_name
@@ -163,6 +164,7 @@ def run_merge(
             )
             report["remarks"] += report.pop("eval_remarks")
             timings["eval_s"] = time.perf_counter() - t0
+        report["diagnostics"] = diagnostics(inputs, report)  # task vectors, Fisher scale, prediction shares
         if save_model:
             write_cards(tmp, report, inputs.metadata[0].base_model, out if config_yaml is not None else None)
         else:
