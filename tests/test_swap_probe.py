@@ -42,3 +42,18 @@ def test_groups_split_the_layers(tiny_base: Callable[[str], Path]) -> None:
         "norms",
         "all",
     ]
+
+
+def test_collapse_probe(make_checkpoint: Callable, tiny_glue: Path, capsys: pytest.CaptureFixture) -> None:
+    cp = load_benchmark("collapse_probe", "research")
+    cks = [str(make_checkpoint(t, seed=s, noise=0.3)) for s, t in enumerate(["sst2", "stsb"])]
+    argv = ["--checkpoints", *cks, "--data_dir", str(tiny_glue), "--max_samples", "16", "--fit_split", "train"]
+    result = cp.main([*argv, "--method", "average", "--options", "{}"])
+    assert json.loads(capsys.readouterr().out) == result
+    ev = Evaluator(cks, EvalData(str(tiny_glue), "validation", 16), accelerator="cpu", progress=False)
+    body = merge_body(cks, Average(), selection=ev)
+    fixes = result["sst2"]["fixes"]
+    assert fixes["own"]["accuracy"] == pytest.approx(100 * ev.evaluate(0)["accuracy"])
+    assert fixes["merged"]["accuracy"] == pytest.approx(100 * ev.evaluate(0, body=body)["accuracy"])
+    assert result["stsb"]["fixes"]["merged"]["score"] == pytest.approx(100 * ev.evaluate(1, body=body)["score"])
+    assert set(result["sst2"]["break_holdout"]) == {"embeddings", "layer0", "layer1", "pooler", "norms"}
