@@ -39,7 +39,8 @@ def group_order(keys: Iterable[str]) -> list[str]:
 
 
 def pair_name(a: str, b: str) -> str:
-    return f"{a}|{b}"
+    """The key of a pair of tasks in `cosine` (no `|`: it would split a Markdown table cell)."""
+    return f"{a} vs {b}"
 
 
 def task_vectors(inputs: Inputs, base: Path) -> dict[str, Any]:
@@ -147,6 +148,8 @@ def markdown_lines(diag: dict[str, Any]) -> list[str]:
             lines.append(f"| {g} | {' | '.join(cells)} |")
         lines += ["", "Norm: ||theta_task - theta_pretrained|| over the group's tensors; cos: between task vectors."]
     for task, models in (diag.get("predictions") or {}).items():
+        if not models:
+            continue
         parts = [f"{m} " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()) for m, s in models.items()]
         lines.append(f"- {task} predictions: " + "; ".join(parts))
     return lines

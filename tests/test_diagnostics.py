@@ -51,7 +51,7 @@ def test_task_vectors_match_a_plain_loop(make_checkpoint: Callable, tiny_base: C
     assert set(tv["groups"]) == set(cos)
     for i, task in enumerate(["sst2", "stsb"]):
         assert tv["norm"][task] == pytest.approx(norms[i], rel=1e-9)
-    assert tv["cosine"]["sst2|stsb"] == pytest.approx(cos, rel=1e-6, abs=1e-9)
+    assert tv["cosine"]["sst2 vs stsb"] == pytest.approx(cos, rel=1e-6, abs=1e-9)
     total = math.sqrt(sum(tv["norm"]["stsb"][g] ** 2 for g in tv["groups"][:-1]))
     assert tv["norm"]["stsb"]["all"] == pytest.approx(total)  # the groups partition the body
 
