@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Sequence
 
+from fmn_pl.cores import share_cores
 from fmn_pl.errors import EXIT_SIGNAL, is_user_error, on_signal, one_line, run_interruptible
 
 # Stages that are not Trainer methods: name -> (module:function taking argv, one-line help).
@@ -26,10 +27,12 @@ def run_stage_command(argv: list[str], from_shell: bool = False) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: `fmn-pl` from the shell (`shell`, with SIGTERM/SIGINT handled); called with `argv`, the
-    command runs in this process and its errors propagate to the caller."""
+    """Entry point: `fmn-pl` from the shell (`shell`, with SIGTERM/SIGINT handled, and threads that do not spin on
+    shared cores, `share_cores`, set before torch loads); called with `argv`, the command runs in this process
+    and its errors propagate to the caller."""
     if argv is not None:
         return _main(list(argv), from_shell=False)
+    share_cores()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     shell(sys.argv[1:])
