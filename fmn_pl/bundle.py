@@ -65,20 +65,28 @@ def collect(run: Path, seed: int) -> Bundle:
 
 
 def _merge_meta(report: dict[str, Any]) -> dict[str, Any]:
-    """What the bundle keeps of one merge report: method, options, choices with their grids, budget, time."""
-    notes = report.get("notes") or {}
+    """What the bundle keeps of one merge report: method, options, each chosen option with its grid, the
+    distinct candidates scored on held-out rows (its budget) and the scorings that took, storage and time."""
+    notes, method = report.get("notes") or {}, str(report.get("method"))
+    chosen = {k.removeprefix(f"{method}_"): notes[k] for k in report.get("choices", [])}
+    selection = report.get("selection") or {}
     return {
-        "method": report.get("method"),
+        "method": method,
         "options": report.get("options"),
-        "choices": {
-            k: {"chosen": notes[k].get("chosen"), "grid": notes[k].get("grid")} for k in report.get("choices", [])
-        },
-        "candidates": (report.get("selection") or {}).get("evaluations", 0),
-        "selection": {k: v for k, v in (report.get("selection") or {}).items() if k != "evaluations"},
+        "choices": {option: {"chosen": n.get("chosen"), "grid": n.get("grid")} for option, n in chosen.items()},
+        "candidates": max((_candidates(n) for n in chosen.values()), default=0),
+        "evaluations": selection.get("evaluations", 0),
+        "selection": {k: selection[k] for k in ("split", "max_samples", "sample_seed", "bf16") if k in selection},
         "fingerprints": {c["task"]: c["fingerprint"] for c in report.get("checkpoints", [])},
         "storage": report.get("storage"),
         "timings": report.get("timings"),
     }
+
+
+def _candidates(note: dict[str, Any]) -> int:
+    """Distinct candidates a search scored: every one screened, or every one scored when nothing was screened."""
+    screened = note.get("screened") or {}
+    return len(screened.get("mean_scores") or note.get("scores") or {})
 
 
 def _run_meta(run: Path) -> dict[str, Any]:

@@ -200,12 +200,13 @@ class Evidence:
                 if key.split("/")[1] != method:
                     continue
                 for option, choice in (merge.get("choices") or {}).items():
-                    counts = out.setdefault(option.split("_", 1)[1], {})
+                    counts = out.setdefault(option, {})
                     counts[str(choice["chosen"])] = counts.get(str(choice["chosen"]), 0) + 1
         return out
 
     def budget(self, method: str) -> int:
-        """Candidates `method` scored on held-out rows per merge (the largest over its merges; 0: no search)."""
+        """Distinct candidates `method` scored on held-out rows per merge (the most over its merges; 0: it chose
+        nothing on data)."""
         return max(
             (
                 int(m.get("candidates") or 0)

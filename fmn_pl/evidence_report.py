@@ -24,8 +24,8 @@ CLAIMS = [
     ("Task arithmetic (lambda searched) beats the plain average", "task arithmetic paper", SEARCHED_TA, AVERAGE),
     ("TIES beats task arithmetic, both at their papers' settings", "TIES paper", "ties_fixed", "ta_fixed"),
     ("TIES beats task arithmetic, both searched over the same 10 lambdas", "TIES paper", "ties", SEARCHED_TA),
-    ("FMN searched (10 candidates) beats task arithmetic searched (10)", "fmn-pl", "fmn_k10", SEARCHED_TA),
-    ("fmn-pl's default FMN (20 candidates) beats task arithmetic (10): unequal budget", "fmn-pl", "fmn", SEARCHED_TA),
+    ("FMN with its options searched beats task arithmetic searched", "fmn-pl", "fmn_k10", SEARCHED_TA),
+    ("FMN with its options searched beats task arithmetic searched", "fmn-pl", "fmn", SEARCHED_TA),
 ]
 NOT_RUN = [
     ("TALL masks keep every task (one body per task: no storage saving on pairs)", "TALL paper", "tall"),
@@ -57,9 +57,9 @@ def _intro(ev: Evidence, command: str) -> list[str]:
     fit, merge = cfg["fit"], cfg["merge"]
     n = {t: len(ev.labels[ev.seeds[0]][t]) for t in ev.tasks}
     return [
-        f"Regenerated from the committed bundles by `{command}`; produced by `fmn-pl pipeline` with the config "
-        "each bundle records. Model `" + Path(cfg["model"]).name + f"`; tasks {', '.join(ev.tasks)}; fine-tuning "
-        f"seed{'s' if len(ev.seeds) > 1 else ''} {', '.join(map(str, ev.seeds))}.",
+        f"Regenerated from the results bundles alone by `{command}`; they were produced by `fmn-pl pipeline` "
+        f"with the config each records. Model `{Path(cfg['model']).name}`; tasks {', '.join(ev.tasks)}; "
+        f"fine-tuning seed{'s' if len(ev.seeds) > 1 else ''} {', '.join(map(str, ev.seeds))}.",
         "",
         f"- Scored rows: a seeded sample of each validation split ({', '.join(f'{t} {n[t]}' for t in ev.tasks)}), "
         "read for these scores only. The exported epoch and every searched option were chosen on "
@@ -107,44 +107,78 @@ def _method_order(ev: Evidence) -> list[tuple[int, str]]:
 def _methods(ev: Evidence) -> list[str]:
     tasks = ev.competent_tasks()
     pairs, larger = ev.cells(ev.pairs(), tasks), ev.cells(ev.larger(), tasks)
-    everything = ev.cells(ev.combinations, ev.tasks)
+    every_pair, every_larger = ev.cells(ev.pairs(), ev.tasks), ev.cells(ev.larger(), ev.tasks)
     ta = SEARCHED_TA if SEARCHED_TA in ev.methods else None
+    head = ["method", "budget", "share above constant, pairs", "normalized, pairs", "- average, pairs"]
+    head += [f"- {ta or 'task arithmetic'}, pairs", "collapsed, pairs"]
+    rows = [["constant", "–", "0", f"{ev.ratio(CONSTANT, pairs) or 0:.1f}"]]
+    rows[0] += [_marked(ev.difference(CONSTANT, AVERAGE, pairs)), "–", "–", "0", "–", "–"]
+    for budget, m in [(0, AVERAGE), *_method_order(ev)]:
+        rows.append(
+            [m, str(budget), _est(ev.share(m, pairs)), f"{ev.ratio(m, pairs) or 0:.1f}"]
+            + [_marked(ev.difference(m, AVERAGE, pairs)) if m != AVERAGE else "0"]
+            + [_marked(ev.difference(m, ta, pairs)) if ta and m != ta else "–", str(ev.collapses(m, every_pair))]
+            + [_est(ev.share(m, larger)), _marked(ev.difference(m, AVERAGE, larger)) if m != AVERAGE else "0"]
+            + [str(ev.collapses(m, every_larger))]
+        )
+    if larger:
+        head += ["share above constant, larger", "- average, larger", "collapsed, larger"]
+    width = len(head)
     lines = [
         "## Every method",
         "",
         f"Over the pairs' cells of the tasks that count ({len(pairs)} cells x {len(ev.seeds)} seeds)"
-        + (f" and the merge of {', '.join(ev.larger())} ({len(larger)} cells)" if larger else "")
-        + ". Budget: candidates scored on the held-out rows per merge (0: nothing chosen on data). Collapsed: "
-        f"merged results that answer one thing, of {len(ev.cells(ev.pairs(), ev.tasks)) * len(ev.seeds)} on the "
-        "pairs (every task).",
+        + (f" and the larger merge {', '.join(ev.larger())} ({len(larger)} cells)" if larger else "")
+        + ". Budget: distinct candidates scored on the held-out rows per merge (0: nothing chosen on data). "
+        f"Collapsed: merged results that answer one thing, of {len(every_pair) * len(ev.seeds)} on the pairs "
+        "(every task).",
         "",
-        "| method | budget | share above constant, pairs | normalized, pairs | - average, pairs | "
-        f"- {ta or 'task arithmetic'}, pairs | collapsed, pairs | share above constant, larger | - average, "
-        "larger | collapsed, larger |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| constant | – | 0 | {ev.ratio(CONSTANT, pairs) or 0:.1f} | "
-        f"{_marked(ev.difference(CONSTANT, AVERAGE, pairs))} | – | – | 0 | – | – |",
-        f"| average | 0 | {_est(ev.share(AVERAGE, pairs))} | {ev.ratio(AVERAGE, pairs) or 0:.1f} | 0 | "
-        f"{_marked(ev.difference(AVERAGE, ta, pairs)) if ta else '–'} | "
-        f"{ev.collapses(AVERAGE, ev.cells(ev.pairs(), ev.tasks))} | {_est(ev.share(AVERAGE, larger))} | 0 | "
-        f"{ev.collapses(AVERAGE, ev.cells(ev.larger(), ev.tasks))} |",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (width - 1),
+        *("| " + " | ".join(r[:width]) + " |" for r in rows),
+        "",
+        _keepers(ev),
     ]
-    for budget, m in _method_order(ev):
-        lines.append(
-            f"| {m} | {budget} | {_est(ev.share(m, pairs))} | {ev.ratio(m, pairs) or 0:.1f} | "
-            f"{_marked(ev.difference(m, AVERAGE, pairs))} | "
-            f"{_marked(ev.difference(m, ta, pairs)) if ta and m != ta else '–'} | "
-            f"{ev.collapses(m, ev.cells(ev.pairs(), ev.tasks))} | {_est(ev.share(m, larger))} | "
-            f"{_marked(ev.difference(m, AVERAGE, larger))} | {ev.collapses(m, ev.cells(ev.larger(), ev.tasks))} |"
-        )
     unequal = sorted({b for b, _ in _method_order(ev) if b}, reverse=True)
     if len(unequal) > 1:
         lines += [
             "",
-            f"Budgets differ ({', '.join(map(str, unequal))} candidates): compare searched methods only "
-            "at equal budget.",
+            f"Budgets differ ({', '.join(map(str, unequal))} candidates): compare searched methods only at "
+            "equal budget.",
         ]
-    return [*lines, "", f"All {len(everything)} cells of every task, seed by seed: the table below.", ""]
+    return [*lines, ""]
+
+
+def _keepers(ev: Evidence) -> str:
+    """The one line a reader wants first: which methods keep every task of every merge above its constant."""
+    cells = ev.cells(ev.combinations, ev.tasks)
+    keep = [
+        m
+        for m in [AVERAGE, *ev.methods]
+        if not ev.collapses(m, cells) and not any(ev.near_constant(m, c, t) for c, t in cells)
+    ]
+    lost = [
+        f"{c}: {t}"
+        for c, t in cells
+        if all(ev.collapses(m, [(c, t)]) or ev.near_constant(m, c, t) for m in [AVERAGE, *ev.methods])
+    ]
+    margins = {t: ev.competent(t).text() for t in dict.fromkeys(cell.split(": ")[1] for cell in lost)}
+    where = (
+        f" No method keeps {', '.join(lost)} (the individual model's margin over its constant: "
+        + ", ".join(f"{t} {m}" for t, m in margins.items())
+        + ")."
+        if lost
+        else ""
+    )
+    if keep:
+        return (
+            f"Every task of every merge clearly above its constant, never collapsed: {', '.join(keep)} "
+            f"(of {len(ev.methods) + 1} methods).{where}"
+        )
+    return (
+        "No method keeps every task of every merge clearly above its constant: each one collapses or sits within "
+        f"noise of the constant on at least one cell (marked in the table below).{where}"
+    )
 
 
 def _cells(ev: Evidence) -> list[str]:
@@ -195,21 +229,23 @@ def _claims(ev: Evidence) -> list[str]:
         "a - b in points over the pairs' cells of the tasks that count (and the larger merge): holds where the "
         "interval is above 0, does not hold where it is below, not established where it includes 0.",
         "",
-        "| claim | source | a - b, pairs | verdict | a - b, larger | verdict |",
-        "|---|---|---:|---|---:|---|",
+        "| claim | source | a, b (budgets) | a - b, pairs | verdict | a - b, larger | verdict |",
+        "|---|---|---|---:|---|---:|---|",
     ]
     verdicts = {"win": "holds", "loss": "does not hold", "tie": "not established"}
     for claim, source, a, b in CLAIMS:
         if a not in ev.methods + [AVERAGE] or b not in ev.methods + [AVERAGE]:
             continue
         p, q = ev.difference(a, b, pairs), ev.difference(a, b, larger)
+        ka, kb = (0 if m == AVERAGE else ev.budget(m) for m in (a, b))
+        unequal = " **unequal budgets**" if ka and kb and ka != kb else ""
         lines.append(
-            f"| {claim} | {source} | {_est(p)} | {verdicts[p.verdict] if p else '–'} | {_est(q)} | "
-            f"{verdicts[q.verdict] if q else '–'} |"
+            f"| {claim} | {source} | {a}, {b} ({ka}, {kb}){unequal} | {_est(p)} | "
+            f"{verdicts[p.verdict] if p else '–'} | {_est(q)} | {verdicts[q.verdict] if q else '–'} |"
         )
     for claim, source, m in NOT_RUN:
         if m not in ev.methods:
-            lines.append(f"| {claim} | {source} | – | not tested in this study | – | – |")
+            lines.append(f"| {claim} | {source} | – | – | not tested in this study | – | – |")
     return [*lines, ""]
 
 

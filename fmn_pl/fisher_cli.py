@@ -14,6 +14,7 @@ from torch import nn
 from fmn_pl.artifacts import artifact_path
 from fmn_pl.fisher import Aggregation, LabelMode
 from fmn_pl.module import load_model, model_inputs
+from fmn_pl.progress import lightning_callback
 
 
 class _NodePass(L.LightningModule):
@@ -110,7 +111,7 @@ def run_fisher(
             **(trainer or {}),
             "use_distributed_sampler": False,
         }
-        options["callbacks"] = [*(options.get("callbacks") or []), callback]
+        options["callbacks"] = [*(options.get("callbacks") or []), callback, lightning_callback()]
         model = load_model(str(checkpoint), dm.task)  # a bad checkpoint fails before the Trainer is built
         pl_trainer = L.Trainer(**options)
         pl_trainer.validate(_NodePass(model, forward=spec.forward), datamodule=dm, verbose=False)

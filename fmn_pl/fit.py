@@ -16,6 +16,7 @@ from fmn_pl.checkpoint import check_export_target, export_checkpoint
 from fmn_pl.data import GLUEDataModule
 from fmn_pl.files import check_writable
 from fmn_pl.module import GLUETransformer
+from fmn_pl.progress import lightning_callback
 
 
 class ExportCheckpoint(L.Callback):
@@ -204,6 +205,7 @@ def lightning_cli(args: Sequence[str] | dict[str, Any] | None = None, run: bool 
         run=run,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=42,  # reproducible unless asked otherwise (the fit configs say 42 too)
+        trainer_defaults={"callbacks": [lightning_callback()]},  # a pipeline stage's progress line (else idle)
         # argument errors raise (one line at the error boundary) instead of printing the whole usage
         parser_kwargs={
             "description": "fmn-pl: fine-tune a BERT-family model on one GLUE task.",

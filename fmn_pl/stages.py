@@ -230,7 +230,8 @@ def merge_stage(
         **cfg.merge.args,
     }
     call = {
-        **set_options({k: v for k, v in opts.items() if not k.startswith("method")}),
+        **set_options({k: v for k, v in opts.items() if not k.startswith("method") and k not in cfg.merge.args}),
+        **cfg.merge.args,  # as given: null is a value here (e.g. selection_screen: null turns screening off)
         "method": {"class_path": spec.name, "init_args": dict(spec.options)},  # null is a value: choose it
         "accelerator": cfg.merge.accelerator or cfg.trainer.accelerator,
         "progress": False,
