@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from fmn_pl.checkpoint import CheckpointMeta, weights_fingerprint
 from fmn_pl.files import write_json
 from fmn_pl.merge_inputs import Inputs, body_prefix
+from fmn_pl.progress import clear, show
 from fmn_pl.tensorfile import DTYPES, SIZES, CheckpointReader, SafetensorsWriter, save_tensors
 
 BODY_FILE = "model.safetensors"
@@ -53,15 +54,17 @@ def write_body(
     """Stream the method's (key, tensor) pairs into folder/`name` (in each tensor's original dtype), plus the
     body's non-merged tensors from the first checkpoint."""
     path = folder / name
+    total, desc = len(inputs.keys) + len(inputs.fixed), f"{'merge' if name == BODY_FILE else folder.name} tensors"
     with SafetensorsWriter(path, {k: inputs.specs[k] for k in inputs.keys + inputs.fixed}) as writer:
-        for key, tensor in tqdm(
-            body_tensors(inputs, merged),
-            total=len(inputs.keys) + len(inputs.fixed),
-            desc=f"{'merge' if name == BODY_FILE else folder.name} tensors",
-            disable=not progress,
-        ):
-            writer.write(key, tensor)
-            del tensor  # not held while the method computes the next one
+        try:
+            for n, (key, tensor) in enumerate(
+                tqdm(body_tensors(inputs, merged), total=total, desc=desc, disable=not progress), 1
+            ):
+                writer.write(key, tensor)
+                del tensor  # not held while the method computes the next one
+                show(f"{desc} {n}/{total}")
+        finally:
+            clear()
     return path
 
 

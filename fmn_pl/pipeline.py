@@ -44,6 +44,7 @@ from fmn_pl.evidence_report import write_results
 from fmn_pl.files import atomic_write, output_lock, write_json
 from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config, seed_runs
 from fmn_pl.pipeline_report import write_report
+from fmn_pl.progress import stage_line
 from fmn_pl.ranks import (
     LAUNCHER_VARS,
     cpu_seconds,
@@ -298,7 +299,7 @@ class Run:
         rank = "" if self.zero else f".rank{global_rank()}"
         log = Path(self.cfg.output) / "logs" / (stage.id.replace("/", "__") + rank + ".log")
         if self.zero:
-            self.echo(f"{prefix}: running, {why} (log: {log})")
+            self.echo(stage_line(prefix, f"running ({why}); log: {log}"))  # its progress follows on the console
         start, cpu, started_wall = time.perf_counter(), cpu_seconds(), time.time()
         own_peak = reset_peak() and not on_every_rank(stage) and not self.multi  # in this process: the stage's
         try:
