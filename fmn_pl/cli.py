@@ -11,7 +11,8 @@ import sys
 from typing import Sequence
 
 from fmn_pl.cores import share_cores
-from fmn_pl.errors import EXIT_SIGNAL, is_user_error, on_signal, one_line, run_interruptible
+from fmn_pl.errors import EXIT_SIGNAL, interrupted_line, is_user_error, on_signal, one_line, run_interruptible
+from fmn_pl.options import check_config_files
 
 # Stages that are not Trainer methods: name -> (module:function taking argv, one-line help).
 STAGES = {
@@ -53,11 +54,7 @@ def shell(argv: list[str]) -> None:
         raise SystemExit(2) from None
     except SystemExit as e:
         if e.code in EXIT_SIGNAL:
-            print(
-                f"fmn-pl: interrupted by {EXIT_SIGNAL[e.code]}: `{command}` stopped before writing its output "
-                "(nothing it writes is left half-done); run it again to redo it",
-                file=sys.stderr,
-            )
+            print(interrupted_line(command, e.code), file=sys.stderr)
         raise
     finally:
         close_process_group()
@@ -98,6 +95,7 @@ def close_process_group() -> None:
 
 
 def _main(argv: list[str], from_shell: bool) -> None:
+    check_config_files(argv)
     if argv and argv[0] in STAGES:
         module, fn = STAGES[argv[0]][0].split(":")
         getattr(importlib.import_module(module), fn)(argv[1:])

@@ -3,9 +3,11 @@ exit status 143 or 130 whatever way it surfaced (`run_interruptible`), for the C
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 # What bad input raises (unknown task, missing file or column, wrong labels, occupied output folder, an output
 # that cannot be written, a full disk), besides YAML syntax errors and Lightning's configuration errors.
@@ -21,6 +23,16 @@ def is_user_error(e: BaseException) -> bool:
     lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")  # not imported: not raised
     config_errors = (lightning_errors.MisconfigurationException,) if lightning_errors else ()
     return isinstance(e, (*USER_ERRORS, yaml.YAMLError, *config_errors, argparse.ArgumentError))
+
+
+@contextlib.contextmanager
+def trainer_options() -> Iterator[None]:
+    """Building a Trainer: an option of the wrong kind (`--trainer.devices abc`) is the user's error, one line,
+    not a TypeError traceback from deep inside Lightning."""
+    try:
+        yield
+    except TypeError as e:
+        raise ValueError(f"trainer options: {e}") from e
 
 
 def one_line(e: BaseException) -> str:
@@ -48,6 +60,21 @@ def one_line(e: BaseException) -> str:
 # Exit status of a stage stopped by a signal (the shell's 128 + signal number).
 EXIT_SIGNAL = {143: "SIGTERM", 130: "SIGINT"}
 _received: list[int] = []  # signals received by this process (the handlers below record them)
+_saved: list[Path] = []  # resumable checkpoints saved on SIGTERM (`saved_for_resume`)
+
+
+def saved_for_resume(path: Path) -> None:
+    """Record that a fit stopped by SIGTERM saved `path`, which `--ckpt_path last` resumes (`interrupted_line`)."""
+    _saved.append(path)
+
+
+def interrupted_line(command: str, status: int) -> str:
+    """The one line a command stopped by a signal ends with: a standalone fit that saved a checkpoint says how to
+    resume it; any other command is redone (or, the pipeline, resumed) by running it again."""
+    head = f"fmn-pl: interrupted by {EXIT_SIGNAL[status]}: `{command}` stopped before writing its output"
+    if _saved and command == "fmn-pl fit":
+        return f"{head}; saved {_saved[-1]}: resume it with the same command and --ckpt_path last"
+    return f"{head} (nothing it writes is left half-done); run it again to redo it"
 
 
 def on_signal(signum: int, frame: object) -> None:

@@ -12,9 +12,10 @@ import lightning as L
 from torch import nn
 
 from fmn_pl.artifacts import artifact_path
+from fmn_pl.errors import trainer_options
 from fmn_pl.fisher import Aggregation, LabelMode
 from fmn_pl.module import load_model, model_inputs
-from fmn_pl.progress import lightning_callback
+from fmn_pl.options import check_finite
 
 
 class _NodePass(L.LightningModule):
@@ -69,13 +70,13 @@ def run_fisher(
     from fmn_pl.checkpoint import CheckpointMeta, task_datamodule
     from fmn_pl.files import check_writable, output_lock
     from fmn_pl.kinds import get_kind
-    from fmn_pl.options import check_count
+    from fmn_pl.options import check_checkpoint_folder, check_count
     from fmn_pl.ranks import is_global_zero
 
     spec = get_kind(kind)
     for name, value in (("num_examples", num_examples), ("batch_size", batch_size), ("max_length", max_length)):
         check_count(name, value)
-    meta = CheckpointMeta.read(checkpoint)
+    meta = CheckpointMeta.read(check_checkpoint_folder(checkpoint))
     path = artifact_path(checkpoint, spec.name)
     check_writable(path)
     if task is not None and task != meta.task:
@@ -111,9 +112,10 @@ def run_fisher(
             **(trainer or {}),
             "use_distributed_sampler": False,
         }
-        options["callbacks"] = [*(options.get("callbacks") or []), callback, lightning_callback()]
-        model = load_model(str(checkpoint), dm.task)  # a bad checkpoint fails before the Trainer is built
-        pl_trainer = L.Trainer(**options)
+        options["callbacks"] = [*(options.get("callbacks") or []), callback]
+        model = load_model(str(checkpoint), dm.task, max_length=dm.max_length)  # fails before the Trainer
+        with trainer_options():
+            pl_trainer = L.Trainer(**options)
         pl_trainer.validate(_NodePass(model, forward=spec.forward), datamodule=dm, verbose=False)
         if pl_trainer.is_global_zero:
             print(f"wrote {path}")
@@ -153,5 +155,6 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     """`fmn-pl fisher ...`: the artifact's path; bad input raises (one line at `fmn_pl.cli.shell`)."""
     parser = build_parser()
     cfg = parser.instantiate_classes(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    check_finite(cfg)
     kwargs = {k: v for k, v in vars(cfg).items() if k not in ("config", "trainer", "__path__")}
     return run_fisher(**kwargs, trainer=dict(vars(cfg.trainer)))

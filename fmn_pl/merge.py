@@ -39,8 +39,7 @@ from fmn_pl.merge_eval import Selection, evaluate_merge, log_line
 from fmn_pl.merge_inputs import Inputs, check_inputs, method_name
 from fmn_pl.merge_output import BODY_FILE, body_tensors, write_body, write_body_folder, write_task_folder
 from fmn_pl.merging import MergeMethod
-from fmn_pl.options import check_count, is_local_path
-from fmn_pl.progress import tee
+from fmn_pl.options import check_count, check_finite, check_outside, is_local_path
 from fmn_pl.resources import peak_rss_mb, reset_peak, set_mmap_threshold
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -125,6 +124,7 @@ def run_merge(
         ("selection_finalists", selection_finalists),
     ):
         check_count(option, value)
+    check_finite(method.options(), "method")
     start = time.perf_counter()
     if push_to_hub:
         check_hub_token()
@@ -146,7 +146,7 @@ def run_merge(
         selection_inputs=selection.inputs,
         accelerator=accelerator,
         progress=progress,
-        log=tee(log_line),  # also the stage's progress line in a pipeline: candidates screened and scored
+        log=log_line,
         finalists=selection_finalists,
         screen=screen,
     )
@@ -247,11 +247,9 @@ def write_merge(
 
 
 def check_output(out: Path, checkpoints: Sequence[str | Path], overwrite: bool, data_dir: str | None) -> None:
-    """Refuse, before any work, an output that would replace an input or that holds something (unless
-    `overwrite`), and a local data folder (when the merge evaluates) that does not exist."""
-    for c in checkpoints:
-        if out.resolve() == Path(c).resolve() or Path(c).resolve().is_relative_to(out.resolve()):
-            raise ValueError(f"output {out} would replace the input checkpoint {c}")
+    """Refuse, before any work, an output that would replace an input or lie inside one, or that holds something
+    (unless `overwrite`), and a local data folder (when the merge evaluates) that does not exist."""
+    check_outside(out, checkpoints)
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output {out} already exists and is not empty; pass --overwrite true to replace it")
     if out.exists() and not out.is_dir():

@@ -17,7 +17,7 @@ from fmn_pl.checkpoint import CheckpointMeta, weights_fingerprint
 from fmn_pl.files import sha256_json
 from fmn_pl.kinds import KINDS, fisher_command
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod
-from fmn_pl.options import is_local_path
+from fmn_pl.options import check_checkpoint_folder, is_local_path
 from fmn_pl.tensorfile import FLOAT_DTYPES, CheckpointReader
 
 # Config attributes that must agree (read through each config's attribute map, e.g. DistilBERT's `dim`).
@@ -165,7 +165,7 @@ def check_inputs(
 
 def check_tasks(paths: list[Path]) -> list[CheckpointMeta]:
     """Each checkpoint's metadata; each task at most once (its head, output folder and report row are keyed by it)."""
-    metadata = [CheckpointMeta.read(p) for p in paths]
+    metadata = [CheckpointMeta.read(check_checkpoint_folder(p)) for p in paths]
     tasks = [m.task for m in metadata]
     for j, t in enumerate(tasks):
         if t in tasks[:j]:

@@ -17,14 +17,20 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def load_model(
-    name_or_path: str, task: GlueTask, num_labels: int | None = None, attn_implementation: str | None = None
+    name_or_path: str,
+    task: GlueTask,
+    num_labels: int | None = None,
+    attn_implementation: str | None = None,
+    max_length: int | None = None,
 ) -> nn.Module:
-    """`AutoModelForSequenceClassification` for `task`, with one-line errors for the usual mistakes."""
+    """`AutoModelForSequenceClassification` for `task`, with one-line errors for the usual mistakes (also a
+    `max_length` the model has no positions for, `check_max_length`)."""
     if num_labels is not None and num_labels != task.num_labels:
         raise ValueError(f"num_labels={num_labels} disagrees with task {task.name!r}, which has {task.num_labels}")
     if is_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"model {name_or_path} does not exist (give a local folder or a hub model name)")
     config = _load_config(name_or_path)
+    check_max_length(max_length, config, name_or_path)
     trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if trained_head and config.num_labels != task.num_labels:
         raise ValueError(
@@ -46,6 +52,27 @@ def load_model(
             f"missing, left over or of another shape, e.g. {sorted(odd)[0]})"
         )
     return model
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest input (in tokens) `config`'s position embeddings cover: RoBERTa-style models start their
+    positions after the padding index, so 514 embeddings hold 512 tokens."""
+    n = getattr(config, "max_position_embeddings", None)
+    if n is None:
+        return None
+    if "roberta" in config.model_type or config.model_type == "camembert":
+        n -= (config.pad_token_id or 0) + 1
+    return n
+
+
+def check_max_length(max_length: int | None, config: Any, source: str) -> None:
+    """A one-line error, before any work, for a `max_length` above the model's positions: a row that long would
+    crash mid-epoch (an index out of the position table), after hours of training."""
+    limit = max_positions(config)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise ValueError(
+            f"max_length {max_length} is above the {limit} positions of {source} (max_position_embeddings)"
+        )
 
 
 def _load_config(name_or_path: str) -> Any:

@@ -1,9 +1,13 @@
-"""Checks on options the stages share: counts and sizes, and whether a model or data source is a local folder."""
+"""Checks on options the stages share: counts and sizes, finite numbers, config files, checkpoint folders, and
+whether a model or data source is a local folder."""
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 from pathlib import Path
+from typing import Any, Sequence
 
 
 def check_count(name: str, value: int | None, minimum: int = 1) -> int | None:
@@ -19,3 +23,68 @@ def is_local_path(source: str) -> bool:
     if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
         return True
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is None
+
+
+def check_finite(options: Any, key: str = "") -> None:
+    """A one-line error naming the option when any number in `options` (a parsed config: mappings, namespaces,
+    lists) is NaN or infinite: YAML's `.nan` and `.inf` parse as floats, and would reach the computation."""
+    if isinstance(options, float) and not math.isfinite(options):
+        raise ValueError(f"{key or 'a value'} is {options}: give a finite number")
+    items = vars(options).items() if isinstance(options, argparse.Namespace) else None
+    if isinstance(options, dict):
+        items = options.items()
+    for name, value in items or ():
+        name = "" if name == "init_args" else str(name)  # a class's options: `method.scaling`
+        check_finite(value, ".".join(k for k in (key, name) if k))
+    if isinstance(options, (list, tuple)):
+        for i, value in enumerate(options):
+            check_finite(value, f"{key}[{i}]")
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """A one-line error for a `--config` that names a folder or an empty file (no options at all), before the
+    parser says "does not exist" or "Unexpected config: null"."""
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag != "--config" or not (eq or i + 1 < len(argv)):
+            continue
+        path = Path(value if eq else argv[i + 1]).expanduser()
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a folder, not a YAML file")
+        if path.is_file():
+            import yaml
+
+            try:
+                empty = yaml.safe_load(path.read_text()) is None
+            except yaml.YAMLError:
+                continue  # the parser reports it, with its line and column
+            if empty:
+                raise ValueError(f"config file {path} is empty: it sets no options")
+
+
+def check_checkpoint_folder(path: str | Path) -> Path:
+    """`path` as a task checkpoint folder with safetensors weights, else one line: a file given for the folder,
+    or a folder with only `pytorch_model.bin` (fmn-pl reads and fingerprints safetensors only)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"task checkpoint {path} is a file, not a folder (give the folder that holds it)")
+    if path.is_dir() and not any(f.name.startswith("model") for f in path.glob("*.safetensors")):
+        hint = (
+            ": it has pytorch_model.bin only; re-save it with save_pretrained(safe_serialization=True)"
+            if (path / "pytorch_model.bin").is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"{path} holds no model*.safetensors weights{hint}")
+    return path
+
+
+def check_outside(output: str | Path, inputs: Sequence[str | Path], what: str = "input checkpoint") -> None:
+    """A one-line error when the output folder `output` is one of the input folders `inputs`, holds one, or lies
+    inside one: writing it would replace an input, or change the folder an input's fingerprint covers."""
+    out = Path(output).expanduser().resolve()
+    for source in inputs:
+        folder = Path(source).expanduser().resolve()
+        if out == folder or folder.is_relative_to(out):
+            raise ValueError(f"output {output} would replace the {what} {source}")
+        if out.is_relative_to(folder):
+            raise ValueError(f"output {output} is inside the {what} {source}: write it elsewhere")

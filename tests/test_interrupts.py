@@ -3,6 +3,7 @@ that a rerun could take for finished: real subprocesses, signalled mid-run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import lightning as L
 import pytest
+import torch
 
 ENV = {
     **os.environ,
@@ -257,3 +260,60 @@ def test_fisher_interrupted_writes_no_artifact(
     assert signal_when(proc, passing, signum, log) == status
     assert f"interrupted by {name}" in last_line(log) and "Traceback" not in log.read_text()
     assert not list(ck.glob("*fisher*")), list(ck.iterdir())
+
+
+class SigtermAt(L.Callback):
+    """Test helper (`--trainer.callbacks+=tests.test_interrupts.SigtermAt`): the process sends itself SIGTERM after
+    step `batch` of epoch `epoch`, once (a marker file beside `marker` remembers), as a cluster's time limit would."""
+
+    def __init__(self, marker: str, epoch: int = 2, batch: int = 3) -> None:
+        self.marker, self.epoch, self.batch = Path(marker), epoch, batch
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch) and not self.marker.exists():
+            self.marker.write_text("sent")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_fit_sigterm_in_epoch_2_then_ckpt_path_last_exports_the_uninterrupted_weights(
+    tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path
+) -> None:
+    """The documented resume: SIGTERM in epoch 2 (0-based) ends with one line naming the saved checkpoint; the same
+    command with `--ckpt_path last` finds it beside the export and exports exactly the weights of a run never
+    stopped (same seed); with no checkpoint to resume, `--ckpt_path last` is one line."""
+    from safetensors.torch import load_file
+
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), ENV.get("PYTHONPATH", "")])}
+
+    def fit(export: Path, *extra: str) -> subprocess.CompletedProcess:
+        args = fit_args(tiny_base("bert"), tiny_glue, tmp_path / f"root-{export.name}", export)
+        args = [a for a in args if not a.startswith("--trainer.max_epochs")]
+        callback = f'{{"class_path": "tests.test_interrupts.SigtermAt", "init_args": {{"marker": "{export}.sent"}}}}'
+        return subprocess.run(
+            [sys.executable, "-m", "fmn_pl.cli", *args, "--trainer.max_epochs=4", "--model.learning_rate=1e-3",
+             "--export.select=last", f"--trainer.callbacks=[{callback}]", *extra],
+            capture_output=True, text=True, env=env, cwd=tmp_path,
+        )  # fmt: skip
+
+    whole = tmp_path / "whole"
+    (tmp_path / "whole.sent").write_text("never")  # this run is not stopped
+    assert fit(whole).returncode == 0
+    nothing = fit(tmp_path / "none", "--ckpt_path=last")  # no marker, but nothing saved yet: refused first
+    lines = [line for line in nothing.stderr.splitlines() if line.strip()]
+    assert nothing.returncode == 2 and len(lines) == 1 and "--ckpt_path last: no interrupted fit" in lines[0], lines
+    stopped = tmp_path / "stopped"
+    first = fit(stopped)
+    assert first.returncode == 143, first.stderr[-2000:]
+    resume = tmp_path / ".stopped.resume" / "last.ckpt"
+    last = [line for line in first.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("fmn-pl: interrupted by SIGTERM") and f"saved {resume}" in last, last
+    assert "--ckpt_path last" in last and "run it again" not in first.stderr and not stopped.exists()
+    second = fit(stopped, "--ckpt_path=last")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"resuming from {resume}" in second.stderr and not resume.parent.exists()
+    a, b = load_file(whole / "model.safetensors"), load_file(stopped / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        json.loads((whole / "fmn_pl.json").read_text())["metrics"]
+        == json.loads((stopped / "fmn_pl.json").read_text())["metrics"]
+    )

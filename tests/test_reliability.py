@@ -170,6 +170,69 @@ CASES: list[tuple[str, str, str]] = [
     ("pipeline-unknown-method", 'pipeline --config={pipeline} --merge.methods=[{{"name":"bogus"}}]', "bogus"),
     ("pipeline-unknown-option", "pipeline --config={pipeline} --bogus=1", "bogus"),
     ("pipeline-output-unwritable", "pipeline --config={pipeline} --output={file}/out", "not a folder"),
+    # issue 29: file-vs-folder, empty configs, YAML NaN, pytorch_model.bin only, devices, positions, nesting
+    (
+        "merge-checkpoint-is-a-file",
+        "merge --method=average --checkpoints {file} {ck2} --output={out} --data_dir={glue}",
+        "task checkpoint {file} is a file, not a folder",
+    ),
+    ("fisher-checkpoint-is-a-file", "fisher --checkpoint={file} --data_dir={glue}", "is a file, not a folder"),
+    *(
+        (f"{command}-config-{kind}", f"{command} --config={{{kind}}}{rest}", expect)
+        for command, rest in (
+            ("fit", ""),
+            ("fisher", " --checkpoint={ck1}"),
+            ("merge", " --checkpoints {ck1} {ck2} --output={out}"),
+            ("pipeline", ""),
+        )
+        for kind, expect in (("folder", "is a folder, not a YAML file"), ("empty_yaml", "is empty: it sets no options"))
+    ),
+    (
+        "merge-yaml-nan",
+        "merge --method=task_arithmetic --method.scaling=.nan --checkpoints {ck1} {ck2} --output={out} "
+        "--data_dir={glue}",
+        "method.scaling is nan",
+    ),
+    (
+        "fit-yaml-nan",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} --model.learning_rate=.nan "
+        "--export.dirpath={out}",
+        "model.learning_rate is nan",
+    ),
+    ("fisher-pytorch-bin-only", "fisher --checkpoint={binonly} --data_dir={glue}", "pytorch_model.bin only"),
+    (
+        "merge-pytorch-bin-only",
+        "merge --method=average --checkpoints {ck1} {binonly} --output={out} --data_dir={glue}",
+        "pytorch_model.bin only",
+    ),
+    ("fisher-devices-abc", "fisher --checkpoint={ck1} --data_dir={glue} --trainer.devices=abc", "devices"),
+    (
+        "fit-max-length-above-positions",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} --data.max_length=100000 "
+        "--export.dirpath={out}",
+        "max_length 100000 is above the 130 positions",
+    ),
+    (
+        "fisher-max-length-above-positions",
+        "fisher --checkpoint={ck1} --data_dir={glue} --max_length=100000",
+        "max_length 100000 is above the 130 positions",
+    ),
+    (
+        "merge-output-inside-input",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={ck2}/merged --data_dir={glue}",
+        "is inside the input checkpoint",
+    ),
+    (
+        "fit-export-inside-model",
+        "fit --model.model_name_or_path={ck1} --data.task=rte --data.data_dir={glue} --export.dirpath={ck1}/again",
+        "is inside the model",
+    ),
+    (
+        "fit-ckpt-last-without-checkpoint",
+        "fit --model.model_name_or_path={base} --data.task=rte --data.data_dir={glue} --export.dirpath={out} "
+        "--ckpt_path=last",
+        "--ckpt_path last: no interrupted fit",
+    ),
 ]
 
 
@@ -243,6 +306,13 @@ def inputs(
     p["file"].write_text("not a folder")
     p["pickle"] = root / "not-lightning.ckpt"  # a pickle of a class: no weights-only load
     p["pickle"].write_bytes(__import__("pickle").dumps({"state": object}))
+    p["binonly"] = checkpoint("binonly", "rte", 8, with_fisher=False)  # weights as pytorch_model.bin only
+    torch.save(load_file(p["binonly"] / "model.safetensors"), p["binonly"] / "pytorch_model.bin")
+    (p["binonly"] / "model.safetensors").unlink()
+    p["folder"] = root / "a-folder"
+    p["folder"].mkdir()
+    p["empty_yaml"] = root / "empty.yaml"
+    p["empty_yaml"].write_text("# nothing set\n")
     p["bad_yaml"] = root / "bad.yaml"
     p["bad_yaml"].write_text("method: [fmn\n  x: : y\n")
     p["pipeline"] = root / "pipeline.yaml"
@@ -257,7 +327,8 @@ def inputs(
 def test_bad_input_is_one_line(inputs: dict[str, str], tmp_path: Path, case: str, command: str, expect: str) -> None:
     out = tmp_path / "out"
     argv = [a.format(out=out, **inputs) for a in command.split(" ")]
-    before = {p: sorted(os.listdir(p)) for p in (inputs["ck1"], inputs["ck2"], inputs["occupied"])}
+    expect = expect.format(**inputs)
+    before = {p: sorted(os.listdir(p)) for p in (inputs["ck1"], inputs["ck2"], inputs["occupied"], inputs["base"])}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("FMN_PL_TRACEBACK", None)
     proc = subprocess.run(
@@ -302,3 +373,23 @@ def test_second_writer_is_one_line(inputs: dict[str, str], tmp_path: Path, comma
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith(f"fmn-pl {argv[0]}: error: {held} is being written by process {holder.pid} on "), lines
     assert sorted(os.listdir(inputs["ck1"])) == before and not (tmp_path / "out" / "stamps").exists()
+
+
+def test_failed_fit_leaves_no_log_folder(inputs: dict[str, str], tmp_path: Path) -> None:
+    """A fit that fails once its Trainer (and logger) exist, here on data without the task, ends with its one
+    error line and leaves no Lightning log folder behind (it logged nothing)."""
+    root = tmp_path / "logs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmn_pl.cli", "fit", f"--model.model_name_or_path={inputs['base']}", "--data.task=rte"]
+        + [f"--data.data_dir={inputs['folder']}", f"--trainer.default_root_dir={root}"]
+        + [f"--export.dirpath={tmp_path / 'out'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert proc.returncode == 2 and last.startswith("fmn-pl fit: error: data directory"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not root.exists() and not (tmp_path / "out").exists()
