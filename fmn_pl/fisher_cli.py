@@ -16,6 +16,7 @@ from fmn_pl.errors import trainer_options
 from fmn_pl.fisher import Aggregation, LabelMode
 from fmn_pl.module import load_model, model_inputs
 from fmn_pl.options import check_finite
+from fmn_pl.progress import lightning_callback
 
 
 class _NodePass(L.LightningModule):
@@ -112,7 +113,7 @@ def run_fisher(
             **(trainer or {}),
             "use_distributed_sampler": False,
         }
-        options["callbacks"] = [*(options.get("callbacks") or []), callback]
+        options["callbacks"] = [*(options.get("callbacks") or []), callback, lightning_callback()]
         model = load_model(str(checkpoint), dm.task, max_length=dm.max_length)  # fails before the Trainer
         with trainer_options():
             pl_trainer = L.Trainer(**options)

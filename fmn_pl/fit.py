@@ -19,6 +19,7 @@ from fmn_pl.errors import saved_for_resume, trainer_options
 from fmn_pl.files import check_writable
 from fmn_pl.module import GLUETransformer, check_max_length
 from fmn_pl.options import check_finite, check_outside, is_local_path
+from fmn_pl.progress import lightning_callback
 
 
 class ExportCheckpoint(L.Callback):
@@ -320,6 +321,7 @@ def lightning_cli(args: Sequence[str] | dict[str, Any] | None = None, run: bool 
         run=run,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=42,  # reproducible unless asked otherwise (the fit configs say 42 too)
+        trainer_defaults={"callbacks": [lightning_callback()]},  # a pipeline stage's progress line (else idle)
         # argument errors raise (one line at the error boundary) instead of printing the whole usage
         parser_kwargs={
             "description": "fmn-pl: fine-tune a BERT-family model on one GLUE task.",

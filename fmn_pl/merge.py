@@ -40,6 +40,7 @@ from fmn_pl.merge_inputs import Inputs, check_inputs, method_name
 from fmn_pl.merge_output import BODY_FILE, body_tensors, write_body, write_body_folder, write_task_folder
 from fmn_pl.merging import MergeMethod
 from fmn_pl.options import check_count, check_finite, check_outside, is_local_path
+from fmn_pl.progress import tee
 from fmn_pl.resources import peak_rss_mb, reset_peak, set_mmap_threshold
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -146,7 +147,7 @@ def run_merge(
         selection_inputs=selection.inputs,
         accelerator=accelerator,
         progress=progress,
-        log=log_line,
+        log=tee(log_line),  # also the stage's progress line in a pipeline: candidates screened and scored
         finalists=selection_finalists,
         screen=screen,
     )
