@@ -2,7 +2,7 @@
 their constants, every method by search budget with intervals and collapse counts, every cell, what the searches
 chose, and the published claims judged like for like. The same bundles always give the same bytes.
 
-    python -m fmn_pl.evidence_report BUNDLE_FOLDER [--output FILE] [--title TEXT]
+    python -m fmn_pl.evidence_report BUNDLE_FOLDER [--output FILE]
 """
 
 from __future__ import annotations
@@ -45,19 +45,24 @@ def _marked(e: Estimate | None) -> str:
     return f"**{e.text()}**" if e.verdict != "tie" else e.text()
 
 
-def markdown(ev: Evidence, title: str, command: str) -> str:
-    """The whole document."""
-    lines = [f"# {title}", "", *_intro(ev, command), *_individual(ev), *_methods(ev), *_cells(ev), *_choices(ev)]
+def markdown(ev: Evidence) -> str:
+    """The whole document: the same bundles give the same bytes wherever they lie (a run's results.md is its
+    committed page)."""
+    cfg = ev.bundles[0].meta["config"]
+    n = len(ev.seeds)
+    title = f"Results: {', '.join(ev.tasks)} on {Path(cfg['model']).name}, {n} seed{'s' if n > 1 else ''}"
+    lines = [f"# {title}", "", *_intro(ev), *_individual(ev), *_methods(ev), *_cells(ev), *_choices(ev)]
     lines += _claims(ev)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _intro(ev: Evidence, command: str) -> list[str]:
+def _intro(ev: Evidence) -> list[str]:
     cfg = ev.bundles[0].meta["config"]
     fit, merge = cfg["fit"], cfg["merge"]
     n = {t: len(ev.labels[ev.seeds[0]][t]) for t in ev.tasks}
     return [
-        f"Regenerated from the results bundles alone by `{command}`; they were produced by `fmn-pl pipeline` "
+        "Regenerated from the results bundles alone (`python -m fmn_pl.evidence_report <bundle folder>`; the "
+        "committed pages: `python research/results.py`); the bundles were produced by `fmn-pl pipeline` "
         f"with the config each records. Model `{Path(cfg['model']).name}`; tasks {', '.join(ev.tasks)}; "
         f"fine-tuning seed{'s' if len(ev.seeds) > 1 else ''} {', '.join(map(str, ev.seeds))}.",
         "",
@@ -127,7 +132,8 @@ def _methods(ev: Evidence) -> list[str]:
     lines = [
         "## Every method",
         "",
-        f"Over the pairs' cells of the tasks that count ({len(pairs)} cells x {len(ev.seeds)} seeds)"
+        f"Over the pairs' cells of the tasks that count ({len(pairs)} cells x {len(ev.seeds)} "
+        f"seed{'s' if len(ev.seeds) > 1 else ''})"
         + (f" and the larger merge {', '.join(ev.larger())} ({len(larger)} cells)" if larger else "")
         + ". Budget: distinct candidates scored on the held-out rows per merge (0: nothing chosen on data). "
         f"Collapsed: merged results that answer one thing, of {len(every_pair) * len(ev.seeds)} on the pairs "
@@ -257,7 +263,7 @@ def write_results(out: Path, seed: int | None = None) -> None:
 
     if seed is not None:
         bundle.write(bundle.collect(out, seed), out / bundle.BUNDLE)
-    text = markdown(Evidence(bundle.read_all(out)), f"Results of {out.name}", "fmn-pl pipeline (its report stage)")
+    text = markdown(Evidence(bundle.read_all(out)))
     atomic_write(out / "results.md", text)
     print(f"evidence: {out / 'results.md'}")
 
@@ -266,9 +272,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description="The evidence Markdown of a results bundle (one run or seed-*/).")
     parser.add_argument("bundle", type=Path, help="a bundle folder, or a folder of seed-*/ bundles")
     parser.add_argument("--output", type=Path, default=None, help="write the Markdown here (default: print it)")
-    parser.add_argument("--title", default="Results", help="the document's title")
     args = parser.parse_args(argv)
-    text = markdown(Evidence(read_all(args.bundle)), args.title, f"python -m fmn_pl.evidence_report {args.bundle}")
+    text = markdown(Evidence(read_all(args.bundle)))
     if args.output is None:
         print(text, end="")
     else:

@@ -47,12 +47,11 @@ class Document:
 
     path: Path
     bundle: Path
-    title: str
     run: Path  # where a finished pipeline run leaves the bundles (--collect)
     history: bool = False
 
     def render(self) -> str:
-        text = markdown(Evidence(read_all(self.bundle)), self.title, COMMAND)
+        text = markdown(Evidence(read_all(self.bundle)))
         return text + "\n" + HISTORY if self.history else text
 
 
@@ -60,14 +59,12 @@ DOCUMENTS = [
     Document(
         ROOT / "docs" / "results.md",
         ROOT / "docs" / "evidence" / "reference",
-        "Results: four GLUE tasks, three seeds, every method at a declared budget",
         ROOT / "runs" / "reference",
         history=True,
     ),
     Document(
         ROOT / "docs" / "demo" / "report.md",
         ROOT / "docs" / "evidence" / "demo",
-        "The demo's results (`bash scripts/demo.sh`)",
         ROOT / "runs" / "demo",
     ),
 ]

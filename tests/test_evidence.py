@@ -52,15 +52,13 @@ def test_seeds_write_bundles_that_rescore_to_the_reports(
                     assert ev.score(b.seed, combo, name, task) == pytest.approx(100 * r[model]["score"], abs=1e-4)
                 assert ev.score(b.seed, combo, CONSTANT, task) == pytest.approx(100 * r["baseline"]["score"], abs=1e-4)
     text = (out / "results.md").read_text()
-    assert "seeds 3, 4" in text and "## Published claims" in text
+    assert "seeds 3, 4" in text and "## Published claims" in text and "2 seeds" in text
     # the document is a function of the bundles alone: a copy elsewhere renders the same bytes
     for b in bundles:
         bundle.write(b, tmp_path / "copy" / f"seed-{b.seed}")
     from fmn_pl.evidence_report import markdown
 
-    again = markdown(
-        Evidence(bundle.read_all(tmp_path / "copy")), "Results of run", "fmn-pl pipeline (its report stage)"
-    )
+    again = markdown(Evidence(bundle.read_all(tmp_path / "copy")))
     assert again == text
 
 
