@@ -9,6 +9,7 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
@@ -78,7 +79,7 @@ def clear() -> None:
 
 def _columns(stream: TextIO) -> int:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        return os.get_terminal_size(stream.fileno()).columns or 120  # 0: a terminal that never set its size
     except (OSError, ValueError):
         return 120
 
@@ -147,7 +148,7 @@ def _callback_class() -> type:
         ) -> None:
             if trainer.state.fn == "fit":
                 return
-            self.examples += len(batch["labels"]) if isinstance(batch, dict) and "labels" in batch else 1
+            self.examples += len(batch["labels"]) if isinstance(batch, Mapping) and "labels" in batch else 1
             loaders = trainer.val_dataloaders
             loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
             total = sum(len(dl.dataset) for dl in loaders if hasattr(dl, "dataset")) or self.examples
