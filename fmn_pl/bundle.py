@@ -100,9 +100,21 @@ def _run_meta(run: Path) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text())
         checkpoints[meta_file.parent.name] = {
             k: meta.get(k) for k in ("epoch", "epochs_trained", "metrics", "num_train_examples", "fingerprint")
-        }
+        } | {"artifacts": _artifacts(meta_file.parent)}
     config = run / "pipeline.yaml"
     return {"config": yaml.safe_load(config.read_text()) if config.is_file() else None, "checkpoints": checkpoints}
+
+
+def _artifacts(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """Each artifact beside a checkpoint: the examples it read and the seconds it took (its header says)."""
+    from fmn_pl.tensorfile import read_header
+
+    out = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        meta = read_header(path)[0].get("__metadata__") or {}
+        if "kind" in meta:
+            out[meta["kind"]] = {k: json.loads(meta[k]) for k in ("num_examples", "seconds") if k in meta}
+    return out
 
 
 def write(bundle: Bundle, folder: Path) -> None:

@@ -52,7 +52,7 @@ def markdown(ev: Evidence) -> str:
     n = len(ev.seeds)
     title = f"Results: {', '.join(ev.tasks)} on {Path(cfg['model']).name}, {n} seed{'s' if n > 1 else ''}"
     lines = [f"# {title}", "", *_intro(ev), *_individual(ev), *_methods(ev), *_cells(ev), *_choices(ev)]
-    lines += _claims(ev)
+    lines += _costs(ev) + _claims(ev)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -224,6 +224,32 @@ def _choices(ev: Evidence) -> list[str]:
             shown = ", ".join(f"{v} ({n})" for v, n in sorted(counts.items(), key=lambda vn: -vn[1]))
             lines.append(f"- {m}, {option}: {shown}")
     return [*lines, ""] if len(lines) > 4 else []
+
+
+def _costs(ev: Evidence) -> list[str]:
+    """What each artifact and each merge cost, as the bundles recorded it (wall seconds on the machine that ran
+    them; median over tasks, or over merges, and seeds)."""
+    import statistics
+
+    kinds: dict[str, list[tuple[int, float]]] = {}
+    for b in ev.bundles:
+        for c in b.meta["checkpoints"].values():
+            for kind, a in (c.get("artifacts") or {}).items():
+                kinds.setdefault(kind, []).append((int(a.get("num_examples", 0)), float(a.get("seconds", 0))))
+    merges: dict[str, list[float]] = {}
+    for b in ev.bundles:
+        for key, m in b.meta["merges"].items():
+            merges.setdefault(key.split("/")[1], []).append(float((m.get("timings") or {}).get("merge_s", 0)))
+    if not kinds and not merges:
+        return []
+    lines = ["## Costs", "", "Wall seconds on the machine that ran them (2 CPU cores), medians.", ""]
+    lines += [
+        f"- {kind}: {statistics.median(n for n, _ in v):.0f} training rows per task, "
+        f"{statistics.median(t for _, t in v):.1f} s"
+        for kind, v in kinds.items()
+    ]
+    lines += [f"- merge with {m} (its search included): {statistics.median(v):.1f} s" for m, v in merges.items()]
+    return [*lines, ""]
 
 
 def _claims(ev: Evidence) -> list[str]:

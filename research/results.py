@@ -11,12 +11,11 @@ The bundles come from `fmn-pl pipeline --config configs/pipeline/reference.yaml`
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fmn_pl.bundle import BUNDLE, META, ROWS, read_all
+from fmn_pl.bundle import read_all
 from fmn_pl.evidence import Evidence
 from fmn_pl.evidence_report import markdown
 
@@ -71,16 +70,20 @@ DOCUMENTS = [
 
 
 def collect(doc: Document) -> None:
-    """Copy the bundles of the finished run `doc.run` (one run, or seed-*/) into `doc.bundle`."""
-    seeds = sorted(p for p in doc.run.glob("seed-*") if (p / BUNDLE).is_dir())
-    sources = [(p / BUNDLE, doc.bundle / p.name) for p in seeds] or [(doc.run / BUNDLE, doc.bundle)]
-    for source, target in sources:
-        if not (source / ROWS).is_file():
-            raise FileNotFoundError(f"{source} holds no bundle: run the pipeline's report stage first")
-        target.mkdir(parents=True, exist_ok=True)
-        for name in (ROWS, META):
-            shutil.copyfile(source / name, target / name)
-        print(f"collected {source} -> {target}")
+    """Bundle the finished run `doc.run` (one run, or seed-*/) afresh into `doc.bundle`, one folder per seed."""
+    import yaml
+
+    from fmn_pl.bundle import collect as bundle_run
+    from fmn_pl.bundle import write
+
+    finished = [p for p in [*sorted(doc.run.glob("seed-*")), doc.run] if (p / "stamps" / "report.json").is_file()]
+    if not finished:
+        print(f"{doc.run}: no finished run (its report stage has not run): nothing collected")
+    for run in finished:
+        target = doc.bundle / run.name if run != doc.run else doc.bundle
+        seed = yaml.safe_load((run / "pipeline.yaml").read_text())["fit"]["seed"]
+        write(bundle_run(run, seed), target)
+        print(f"bundled {run} -> {target}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     for doc in DOCUMENTS:
         if args.collect:
             collect(doc)
+        if not doc.bundle.is_dir() and not args.check:
+            print(f"{doc.bundle} holds no bundle yet: {doc.path.relative_to(ROOT)} left as it is")
+            continue
         text = doc.render()
         if args.check:
             if not doc.path.is_file() or doc.path.read_text() != text:
