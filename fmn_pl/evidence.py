@@ -19,6 +19,7 @@ from fmn_pl.tasks import get_task
 
 CONSTANT = "constant"
 RESAMPLES = 2000
+SHARE_FLOOR = -100.0  # a cell's share above constant counts at least this (x100)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,9 @@ class Evidence:
 
     def share(self, model: str, cells: Sequence[tuple[str, str]], over: str = CONSTANT) -> Estimate | None:
         """Mean over cells and seeds of (model - over) / (individual - over), x100: the share of what the
-        individual model learned beyond `over` (the constant) that `model` keeps."""
+        individual model learned beyond `over` (the constant) that `model` keeps. A cell counts at least
+        SHARE_FLOOR: a collapse to the minority class on a task learned by a small margin (MRPC: 7 points) would
+        otherwise weigh -800% and drown every other cell."""
         point, boot = [], []
         for s in self.seeds:
             for combo, task in cells:
@@ -136,8 +139,8 @@ class Evidence:
                     boot.append(100 * (self.score(s, combo, model, task, True) - refs) / (inds - refs))
         if not point or np.isnan(point).all():
             return None
-        samples = np.nanmean(np.clip(boot, -1000, 1000), axis=0)
-        return Estimate(float(np.nanmean(point)), *interval(samples))
+        samples = np.nanmean(np.clip(boot, SHARE_FLOOR, 10 * -SHARE_FLOOR), axis=0)  # a replicate may divide by ~0
+        return Estimate(float(np.nanmean(np.maximum(point, SHARE_FLOOR))), *interval(samples))
 
     def ratio(self, model: str, cells: Sequence[tuple[str, str]]) -> float | None:
         """The FMN paper's normalized score: mean over cells and seeds of model / individual, x100."""

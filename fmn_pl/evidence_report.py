@@ -74,8 +74,9 @@ def _intro(ev: Evidence) -> list[str]:
         f"of a paired bootstrap over the scored rows ({ev.draws[next(iter(ev.draws))].shape[0]} resamples, the "
         "same rows for every model of a seed and task; the mean over seeds). **Bold**: the interval excludes 0.",
         "- Share above constant = (merged - constant) / (individual - constant), x100: what a merge keeps of "
-        "what the model learned; a majority-class answer scores 0 on it. Normalized = merged / individual, the "
-        "FMN paper's figure, beside it.",
+        "what the model learned; a majority-class answer scores 0 on it, and a cell counts at least -100 (a "
+        "merge worse than the constant by more than the model's own margin). Normalized = merged / individual, "
+        "the FMN paper's figure, beside it.",
         "- Collapsed (†): a merged model that answers one class on at least 95% of the rows, or (STS-B) whose "
         "predictions keep under 10% of the labels' spread. ≈c: within noise of the constant (the interval of "
         "merged - constant includes 0). Counted per method, never hidden in a mean.",
