@@ -197,5 +197,14 @@ def export_checkpoint(
             command = f"fmn-pl fit --config {target / 'config.yaml'}"
         meta = CheckpointMeta.from_dict({**metadata, "fingerprint": weights_fingerprint(tmp)})
         meta.write(tmp)
-        write_card(tmp, checkpoint_card(meta, target.name, command))
+        write_card(tmp, checkpoint_card(meta, target.name, command, _base_fingerprint(meta.base_model)))
     return target
+
+
+def _base_fingerprint(model: str) -> str | None:
+    """The weight fingerprint of a local pretrained model folder (None for a hub name or a folder without
+    safetensors weights)."""
+    try:
+        return weights_fingerprint(model) if Path(model).expanduser().is_dir() else None
+    except FileNotFoundError:
+        return None

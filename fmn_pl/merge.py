@@ -128,6 +128,8 @@ def run_merge(
     check_finite(method.options(), "method")
     start = time.perf_counter()
     if push_to_hub:
+        from fmn_pl.model_card import check_hub_token
+
         check_hub_token()
     set_mmap_threshold()
     reset_peak()  # the merge's own peak, also when it runs inside a pipeline process
@@ -166,24 +168,34 @@ def run_merge(
             )
             report["remarks"] += report.pop("eval_remarks")
             timings["eval_s"] = time.perf_counter() - t0
-        report["diagnostics"] = diagnostics(inputs, report)  # task vectors, Fisher scale, prediction shares
-        if save_model:
-            write_cards(tmp, report, inputs.metadata[0].base_model, out if config_yaml is not None else None)
-        else:
-            (tmp / BODY_FILE).unlink()
-            for task in inputs.tasks:
-                shutil.rmtree(tmp / task)
-        timings["total_s"] = time.perf_counter() - start
-        report |= {"timings": timings, "peak_rss_mb": peak_rss_mb(), "versions": _versions()}
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        from fmn_pl.report import write_report
-
-        write_report(tmp, report)
+        report["timings"] = timings | {"total_s": time.perf_counter() - start}
+        finish_output(tmp, out, report, inputs, save_model, config_yaml)
     log_line(done_line(name, out, report))
     if push_to_hub:
-        push(out, push_to_hub)
+        from fmn_pl.model_card import push
+
+        log_line(f"pushed {out} to {push(out, push_to_hub)}")
     return report
+
+
+def finish_output(
+    tmp: Path, out: Path, report: dict[str, Any], inputs: Inputs, save_model: bool, config_yaml: str | None
+) -> None:
+    """The merge's output once merged and scored (`tmp`, renamed to `out` afterwards): the diagnostics, model
+    cards (or the body removed when not kept), the config that reproduces it and the report files."""
+    from fmn_pl.report import write_report
+
+    report["diagnostics"] = diagnostics(inputs, report)  # task vectors, Fisher scale, prediction shares
+    if save_model:
+        write_cards(tmp, report, inputs.metadata[0].base_model, out if config_yaml is not None else None)
+    else:
+        (tmp / BODY_FILE).unlink()
+        for task in inputs.tasks:
+            shutil.rmtree(tmp / task)
+    report |= {"peak_rss_mb": peak_rss_mb(), "versions": _versions()}
+    if config_yaml is not None:
+        (tmp / "config.yaml").write_text(config_yaml)
+    write_report(tmp, report)
 
 
 def write_cards(folder: Path, report: dict[str, Any], base_model: str, out: Path | None) -> None:
@@ -195,23 +207,6 @@ def write_cards(folder: Path, report: dict[str, Any], base_model: str, out: Path
     write_card(folder, merged_card(report, base_model, report["tasks"], command))
     for task in report["tasks"]:
         write_card(folder / task, merged_card(report, base_model, [task], command))
-
-
-def check_hub_token() -> None:
-    """Refuse `push_to_hub` before any work when no Hugging Face token is set."""
-    from huggingface_hub import get_token
-
-    if get_token() is None:
-        raise ValueError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
-
-
-def push(folder: Path, repo_id: str) -> None:
-    """Upload the merge's output folder to the Hub model repo `repo_id` (created if absent)."""
-    from huggingface_hub import create_repo, upload_folder
-
-    create_repo(repo_id, exist_ok=True)
-    upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"fmn-pl merge: {folder.name}")
-    log_line(f"pushed {folder} to https://huggingface.co/{repo_id}")
 
 
 def write_merge(

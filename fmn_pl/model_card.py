@@ -76,22 +76,13 @@ def _card(name: str, base_model: str | list[str], tags: list[str], results: list
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def _fingerprint(model: str) -> str | None:
-    """The weight fingerprint of a local model folder (None for a hub name or a folder without safetensors)."""
-    from fmn_pl.checkpoint import weights_fingerprint
-
-    try:
-        return weights_fingerprint(model) if Path(model).expanduser().is_dir() else None
-    except FileNotFoundError:
-        return None
-
-
-def checkpoint_card(meta: Any, name: str, command: str | None) -> Any:
-    """The card of a fine-tuned task checkpoint (`meta`: its `CheckpointMeta`), with the command that made it."""
+def checkpoint_card(meta: Any, name: str, command: str | None, base_fingerprint: str | None) -> Any:
+    """The card of a fine-tuned task checkpoint (`meta`: its `CheckpointMeta`), with the command that made it and
+    the pretrained model's weight fingerprint (None: a hub name)."""
     info = {
         "task": meta.task,
         "fingerprint": meta.fingerprint,
-        "inputs": {"base_model": meta.base_model, "base_fingerprint": _fingerprint(meta.base_model)},
+        "inputs": {"base_model": meta.base_model, "base_fingerprint": base_fingerprint},
         "epoch": meta.epoch,
         "seed": meta.seed,
         "num_train_examples": meta.num_train_examples,
@@ -160,3 +151,20 @@ def _pct(results: dict[str, Any], task: str, which: str) -> str:
 def write_card(folder: str | Path, card: Any) -> Path:
     """Write `card` as folder/README.md, whole or not at all (no weight file changes: fingerprints stay)."""
     return atomic_write(Path(folder) / CARD_FILE, str(card))
+
+
+def check_hub_token() -> None:
+    """Refuse `push_to_hub` before any work when no Hugging Face token is set."""
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise ValueError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+
+
+def push(folder: Path, repo_id: str) -> str:
+    """Upload the merge's output folder to the Hub model repo `repo_id` (created if absent); its address."""
+    from huggingface_hub import create_repo, upload_folder
+
+    create_repo(repo_id, exist_ok=True)
+    upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"fmn-pl merge: {folder.name}")
+    return f"https://huggingface.co/{repo_id}"
