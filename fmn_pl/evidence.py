@@ -29,6 +29,8 @@ class Estimate:
     mean: float
     low: float
     high: float
+    seeds: int = 1
+    """How many seeds it is the mean over (a model run on fewer seeds than the study has says so)."""
 
     @property
     def verdict(self) -> str:
@@ -59,8 +61,9 @@ class Evidence:
         self._cache: dict[tuple[int, str, str, str, bool], np.ndarray] = {}
         meta = bundles[0].meta
         self.tasks = [t for t in meta["config"]["tasks"] if t in self.labels[self.seeds[0]]]
-        self.combinations = list(dict.fromkeys(k.split("/")[0] for k in meta["merges"]))
-        self.methods = list(dict.fromkeys(k.split("/")[1] for k in meta["merges"]))
+        merges = [k for b in bundles for k in b.meta["merges"]]
+        self.combinations = list(dict.fromkeys(k.split("/")[0] for k in merges))
+        self.methods = list(dict.fromkeys(k.split("/")[1] for k in merges))
 
     def _index(self, b: Bundle) -> None:
         r = b.rows
@@ -108,19 +111,22 @@ class Evidence:
 
     # ------------------------------------------------------------------------------------------ estimates
 
+    def seeds_with(self, models: Sequence[str], cells: Sequence[tuple[str, str]]) -> list[int]:
+        """The seeds in which every one of `models` was scored on every cell."""
+        return [s for s in self.seeds if all(self.has(s, c, m, t) for m in models for c, t in cells)]
+
     def difference(self, a: str, b: str, cells: Sequence[tuple[str, str]]) -> Estimate | None:
-        """Mean over `cells` ((combination, task)) and seeds of score(a) - score(b), with its interval; None when
-        a model is missing from a cell."""
+        """Mean over `cells` ((combination, task)) and the seeds that have both models of score(a) - score(b),
+        with its interval; None when no seed has both on every cell."""
         point, boot = [], []
-        for s in self.seeds:
+        seeds = self.seeds_with([a, b], cells)
+        for s in seeds:
             for combo, task in cells:
-                if not (self.has(s, combo, a, task) and self.has(s, combo, b, task)):
-                    return None
                 point.append(self.score(s, combo, a, task) - self.score(s, combo, b, task))
                 boot.append(self.score(s, combo, a, task, True) - self.score(s, combo, b, task, True))
         if not point:
             return None
-        return Estimate(float(np.mean(point)), *interval(np.mean(boot, axis=0)))
+        return Estimate(float(np.mean(point)), *interval(np.mean(boot, axis=0)), len(seeds))
 
     def share(self, model: str, cells: Sequence[tuple[str, str]], over: str = CONSTANT) -> Estimate | None:
         """Mean over cells and seeds of (model - over) / (individual - over), x100: the share of what the
@@ -128,10 +134,9 @@ class Evidence:
         SHARE_FLOOR: a collapse to the minority class on a task learned by a small margin (MRPC: 7 points) would
         otherwise weigh -800% and drown every other cell."""
         point, boot = [], []
-        for s in self.seeds:
+        seeds = self.seeds_with([model], cells)
+        for s in seeds:
             for combo, task in cells:
-                if not self.has(s, combo, model, task):
-                    return None
                 ref, ind = (self.score(s, combo, m, task) for m in (over, INDIVIDUAL))
                 point.append(100 * (self.score(s, combo, model, task) - ref) / (ind - ref) if ind != ref else np.nan)
                 refs, inds = (self.score(s, combo, m, task, True) for m in (over, INDIVIDUAL))
@@ -140,7 +145,7 @@ class Evidence:
         if not point or np.isnan(point).all():
             return None
         samples = np.nanmean(np.clip(boot, SHARE_FLOOR, 10 * -SHARE_FLOOR), axis=0)  # a replicate may divide by ~0
-        return Estimate(float(np.nanmean(np.maximum(point, SHARE_FLOOR))), *interval(samples))
+        return Estimate(float(np.nanmean(np.maximum(point, SHARE_FLOOR))), *interval(samples), len(seeds))
 
     def ratio(self, model: str, cells: Sequence[tuple[str, str]]) -> float | None:
         """The FMN paper's normalized score: mean over cells and seeds of model / individual, x100."""
@@ -153,10 +158,11 @@ class Evidence:
         return float(np.mean(values)) if values else None
 
     def mean_score(self, model: str, combo: str, task: str) -> Estimate:
-        """A model's score on one cell, mean over seeds, with its interval over rows."""
-        point = [float(self.score(s, combo, model, task)) for s in self.seeds]
-        boot = np.mean([self.score(s, combo, model, task, True) for s in self.seeds], axis=0)
-        return Estimate(float(np.mean(point)), *interval(boot))
+        """A model's score on one cell, mean over the seeds that have it, with its interval over rows."""
+        seeds = self.seeds_with([model], [(combo, task)])
+        point = [float(self.score(s, combo, model, task)) for s in seeds]
+        boot = np.mean([self.score(s, combo, model, task, True) for s in seeds], axis=0)
+        return Estimate(float(np.mean(point)), *interval(boot), len(seeds))
 
     def collapses(self, model: str, cells: Sequence[tuple[str, str]]) -> int:
         """How many (seed, cell) results of `model` answered one thing."""

@@ -121,7 +121,8 @@ def _methods(ev: Evidence) -> list[str]:
     rows[0] += [_marked(ev.difference(CONSTANT, AVERAGE, pairs)), "–", "–", "0", "–", "–"]
     for budget, m in [(0, AVERAGE), *_method_order(ev)]:
         rows.append(
-            [m, str(budget), _est(ev.share(m, pairs)), f"{ev.ratio(m, pairs) or 0:.1f}"]
+            [_named(ev, m, every_pair + every_larger), str(budget), _est(ev.share(m, pairs))]
+            + [f"{ev.ratio(m, pairs) or 0:.1f}"]
             + [_marked(ev.difference(m, AVERAGE, pairs)) if m != AVERAGE else "0"]
             + [_marked(ev.difference(m, ta, pairs)) if ta and m != ta else "–", str(ev.collapses(m, every_pair))]
             + [_est(ev.share(m, larger)), _marked(ev.difference(m, AVERAGE, larger)) if m != AVERAGE else "0"]
@@ -154,6 +155,12 @@ def _methods(ev: Evidence) -> list[str]:
             "equal budget.",
         ]
     return [*lines, ""]
+
+
+def _named(ev: Evidence, model: str, cells: list[tuple[str, str]]) -> str:
+    """A model's name, with the seeds it ran on when that is fewer than the study's."""
+    seeds = [s for s in ev.seeds if any(ev.has(s, c, model, t) for c, t in cells)]
+    return model if len(seeds) == len(ev.seeds) else f"{model} (seed {', '.join(map(str, seeds))} only)"
 
 
 def _keepers(ev: Evidence) -> str:
@@ -203,16 +210,17 @@ def _cells(ev: Evidence) -> list[str]:
             row = [f"{combo}: {task}", f"{ev.mean_score(CONSTANT, combo, task).mean:.1f}"]
             row.append(f"{ev.mean_score(INDIVIDUAL, combo, task).mean:.1f}")
             for m in models:
-                row.append(_cell(ev, m, combo, task) if all(ev.has(s, combo, m, task) for s in ev.seeds) else "–")
+                row.append(_cell(ev, m, combo, task) if ev.seeds_with([m], [(combo, task)]) else "–")
             lines.append("| " + " | ".join(row) + " |")
     return [*lines, ""]
 
 
 def _cell(ev: Evidence, model: str, combo: str, task: str) -> str:
     text = f"{ev.mean_score(model, combo, task).mean:.1f}"
-    k = sum(ev.collapsed(s, combo, model, task) for s in ev.seeds)
+    seeds = ev.seeds_with([model], [(combo, task)])
+    k = sum(ev.collapsed(s, combo, model, task) for s in seeds)
     if k:
-        text += f" †{k}/{len(ev.seeds)}"
+        text += f" †{k}/{len(seeds)}"
     elif ev.near_constant(model, combo, task):
         text += " ≈c"
     return text
@@ -272,8 +280,9 @@ def _claims(ev: Evidence) -> list[str]:
         p, q = ev.difference(a, b, pairs), ev.difference(a, b, larger)
         ka, kb = (0 if m == AVERAGE else ev.budget(m) for m in (a, b))
         unequal = " **unequal budgets**" if ka and kb and ka != kb else ""
+        fewer = f", {p.seeds} of {len(ev.seeds)} seeds" if p and p.seeds < len(ev.seeds) else ""
         lines.append(
-            f"| {claim} | {source} | {a}, {b} ({ka}, {kb}){unequal} | {_est(p)} | "
+            f"| {claim} | {source} | {a}, {b} ({ka}, {kb}{fewer}){unequal} | {_est(p)} | "
             f"{verdicts[p.verdict] if p else '–'} | {_est(q)} | {verdicts[q.verdict] if q else '–'} |"
         )
     for claim, source, m in NOT_RUN:
