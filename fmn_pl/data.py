@@ -1,9 +1,12 @@
-"""GLUE data: readers for the parquet, TSV and hub layouts, and the LightningDataModule."""
+"""GLUE data: hub, parquet and TSV layouts read by `datasets`, tokenized by a cached `map`, and the
+LightningDataModule."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -57,37 +60,71 @@ def read_split(source: str | Path, task: GlueTask | str, split: str) -> Columns:
     `source` is a local folder in the `nyu-mll/glue` parquet layout (`<dir>/<task>/<split>.parquet`),
     a folder in the original GLUE TSV layout (`<dir>/RTE/dev.tsv`), or a hub dataset name.
     """
+    return load_split(source, task, split)[1]
+
+
+def load_split(source: str | Path, task: GlueTask | str, split: str) -> tuple[Any, Columns]:
+    """One split by `datasets.load_dataset` (hub name, local parquet or GLUE TSV; Arrow, cached by fingerprint)
+    with the task's text columns and `label`, and the same as validated columns (labels as ids or scores)."""
     task = get_task(task) if isinstance(task, str) else task
     source = str(source)
-    if is_local_path(source):
-        path = split_file(source, task, split)
-        columns = _read_parquet(path, task) if path.suffix == ".parquet" else _read_tsv(path, task)
-        where = str(path)
-    else:
-        columns, where = _read_hub(source, task, split), f"{source}:{task.name}/{split}"
+    with _quiet_datasets():
+        if is_local_path(source):
+            path = split_file(source, task, split)
+            ds = _load_parquet(path, task) if path.suffix == ".parquet" else _load_tsv(path, task)
+            where = str(path)
+        else:
+            ds, where = _load_hub(source, task, split), f"{source}:{task.name}/{split}"
+    columns = {k: _column(ds, k) for k in (*task.text_keys, "label")}
     columns["label"] = _check_labels(columns["label"], task, where)
     for key in task.text_keys:
         if (bad := next((n for n, x in enumerate(columns[key]) if not isinstance(x, str)), None)) is not None:
             raise ValueError(f"{where}: row {bad}: column {key!r} holds {columns[key][bad]!r}, not text")
-    return columns
+    return ds, columns
 
 
-def _read_parquet(path: Path, task: GlueTask) -> Columns:
-    import pyarrow.parquet as pq
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars in a stage's output while we load or map (the caller's setting is restored)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    table = pq.read_table(path)
-    missing = [k for k in (*task.text_keys, "label") if k not in table.column_names]
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _column(ds: Any, key: str) -> list:
+    """A column as a list: from a `datasets.Dataset`'s Arrow data, or any mapping of sequences."""
+    if hasattr(ds, "with_format"):
+        return ds.with_format("arrow")[key].to_pylist()
+    return list(ds[key])
+
+
+def _load_parquet(path: Path, task: GlueTask) -> Any:
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    missing = [k for k in (*task.text_keys, "label") if k not in ds.column_names]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {missing} needed by task {task.name!r} (has {table.column_names})")
-    return {k: table.column(k).to_pylist() for k in (*task.text_keys, "label")}
+        raise ValueError(f"{path} lacks column(s) {missing} needed by task {task.name!r} (has {ds.column_names})")
+    return ds.select_columns([*task.text_keys, "label"])
 
 
-def _read_tsv(path: Path, task: GlueTask) -> Columns:
+def _load_tsv(path: Path, task: GlueTask) -> Any:
+    """The GLUE TSV release as strings, quotes verbatim (QUOTE_NONE), columns by header name or (CoLA) by index;
+    STS-B's score is the header's last column. A row short of the needed columns fails naming its line."""
+    import datasets
+
     has_header, fields = _TSV_COLUMNS[task.name]
-    csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header = rows.pop(0) if has_header else []
+    header: list[str] = []
+    if has_header:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            first = f.readline().rstrip("\r\n")
+        header = first.split("\t") if first else []
     index = {}
     for field, col in fields.items():
         if isinstance(col, str) and col == "score":  # STS-B: the score is the last column
@@ -99,22 +136,47 @@ def _read_tsv(path: Path, task: GlueTask) -> Columns:
         else:
             index[field] = col
     width = max(index.values()) + 1
-    out: Columns = {k: [] for k in fields}
-    for n, row in enumerate(rows, start=2 if has_header else 1):
-        if len(row) < width:
-            raise ValueError(f"{path}:{n}: expected at least {width} tab-separated columns, found {len(row)}")
-        for field, i in index.items():
-            out[field].append(row[i])
-    return {k: out[k] for k in (*task.text_keys, "label")}
+    names = [f"column{i}" for i in range(width)]  # the first `width` columns of every row; more are ignored
+    ds = datasets.load_dataset(
+        "csv",
+        data_files=str(path),
+        split="train",
+        delimiter="\t",
+        quoting=csv.QUOTE_NONE,
+        header=None,
+        skiprows=1 if has_header else None,
+        column_names=names,
+        usecols=list(range(width)),
+        features=datasets.Features({n: datasets.Value("string") for n in names}),
+        na_filter=False,  # text as written: "NA", "null", "" stay strings
+        skip_blank_lines=False,
+        encoding="utf-8-sig",
+    )
+    _check_row_widths(path, ds.with_format("arrow")[names[-1]].to_pylist(), width, 2 if has_header else 1)
+    ds = ds.rename_columns({names[i]: field for field, i in index.items()})
+    return ds.select_columns([*task.text_keys, "label"])
 
 
-def _read_hub(name: str, task: GlueTask, split: str) -> Columns:
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"reading hub dataset {name!r} needs `pip install fmn-pl[hub]` (the datasets package)") from e
-    ds = datasets.load_dataset(name, task.name, split=split)
-    return {k: list(ds[k]) for k in (*task.text_keys, "label")}
+def _check_row_widths(path: Path, last: list[str | None], width: int, first_line: int) -> None:
+    """A row whose last needed column came back empty may be short: count its fields in the file itself."""
+    suspects = {n + first_line for n, x in enumerate(last) if not x}
+    if not suspects:
+        return
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for line_number, line in enumerate(f, start=1):
+            if line_number in suspects:
+                text = line.rstrip("\r\n")
+                found = len(text.split("\t")) if text else 0
+                if found < width:
+                    raise ValueError(
+                        f"{path}:{line_number}: expected at least {width} tab-separated columns, found {found}"
+                    )
+
+
+def _load_hub(name: str, task: GlueTask, split: str) -> Any:
+    import datasets
+
+    return datasets.load_dataset(name, task.name, split=split)
 
 
 def _check_labels(labels: list, task: GlueTask, where: str) -> list:
@@ -173,12 +235,51 @@ class TokenizedDataset(Dataset):
         return [len(x) for x in self.features["input_ids"]]
 
 
-def tokenize(tokenizer: Any, task: GlueTask, columns: Columns, rows: list[int], max_length: int) -> TokenizedDataset:
-    """Tokenize the selected rows (single sentence or pair), truncated to `max_length`, unpadded."""
-    texts = [[columns[k][i] for i in rows] for k in task.text_keys]
-    enc = tokenizer(*texts, truncation=True, max_length=max_length, padding=False)
-    keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    return TokenizedDataset({k: enc[k] for k in keep}, [columns["label"][i] for i in rows], rows)
+_TOKENIZED = ("input_ids", "attention_mask", "token_type_ids")
+_TOKENIZE_VERSION = 1  # part of the cache fingerprint: bump when the same inputs tokenize differently
+
+
+def tokenize(
+    tokenizer: Any, task: GlueTask, dataset: Any, labels: list, rows: list[int], max_length: int
+) -> TokenizedDataset:
+    """Tokenize the selected rows (single sentence or pair), truncated to `max_length`, unpadded, by
+    `Dataset.map(batched=True)` cached by fingerprint: the same rows are tokenized once across stages."""
+    from datasets.fingerprint import Hasher
+
+    keys = list(task.text_keys)
+    subset = dataset.select_columns(keys).select(rows)
+    # the fingerprint is the rows' (datasets' own, private attribute) and the tokenizer's content, not its folder
+    fingerprint = Hasher.hash([subset._fingerprint, tokenizer_fingerprint(tokenizer), max_length, _TOKENIZE_VERSION])
+    with _quiet_datasets():
+        enc = subset.map(
+            _tokenize_batch,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer, "keys": keys, "max_length": max_length},
+            remove_columns=keys,
+            new_fingerprint=fingerprint,
+        )
+    table = enc.with_format("arrow")[:]
+    features = {k: table.column(k).to_pylist() for k in _TOKENIZED if k in table.column_names}
+    return TokenizedDataset(features, [labels[i] for i in rows], rows)
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, keys: list[str], max_length: int) -> dict[str, list]:
+    enc = tokenizer(*(batch[k] for k in keys), truncation=True, max_length=max_length, padding=False)
+    return {k: enc[k] for k in _TOKENIZED if k in enc}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what the tokenizer's output depends on, from its content, not its folder: a checkpoint's copy
+    of the base model's tokenizer hashes the same, so later stages read the fit stage's cached tokens."""
+    from datasets.fingerprint import Hasher
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: the whole object (its folder included)
+        return Hasher.hash(tokenizer)
+    state = json.loads(backend.to_str())
+    for per_call in ("truncation", "padding"):  # every call sets its own (truncation at max_length, no padding)
+        state.pop(per_call, None)
+    return Hasher.hash([type(tokenizer).__name__, json.dumps(state, sort_keys=True)])
 
 
 def collator(tokenizer: Any, regression: bool) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
@@ -307,7 +408,7 @@ class GLUEDataModule(L.LightningDataModule):
 
     def load(self, split: str, cap: int | None) -> TokenizedDataset:
         """Read, sample and tokenize one split ("holdout": the held-out rows of train)."""
-        columns = read_split(self.hparams.data_dir, self.task, "train" if split == "holdout" else split)
+        dataset, columns = load_split(self.hparams.data_dir, self.task, "train" if split == "holdout" else split)
         rows = list(range(len(columns["label"])))
         if split in ("train", "holdout") and self.hparams.holdout_samples:
             held = set(subsample(len(rows), self.hparams.holdout_samples, HOLDOUT_SEED))
@@ -335,7 +436,7 @@ class GLUEDataModule(L.LightningDataModule):
                 f"split {split!r} of task {self.task.name!r} has no rows ({where}): nothing to "
                 f"{'train' if split == 'train' else 'score'} on"
             )
-        return tokenize(self.tokenizer, self.task, columns, rows, self.max_length)
+        return tokenize(self.tokenizer, self.task, dataset, columns["label"], rows, self.max_length)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
