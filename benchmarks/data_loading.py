@@ -14,6 +14,7 @@ reads it, `tokenized` how often it tokenized it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -116,9 +117,10 @@ def count_pipeline(cfg: dict[str, Any], work: Path, fit_batches: int | None) -> 
     path = work / "demo.yaml"
     path.write_text(yaml.safe_dump(pipe))
     start = time.perf_counter()
-    pipeline.main(
-        ["--config", str(path), f"--model={base}", f"--data_dir={cfg['data_dir']}", f"--output={work / 'run'}"]
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # the stages' console lines: stdout keeps the JSON alone
+        pipeline.main(
+            ["--config", str(path), f"--model={base}", f"--data_dir={cfg['data_dir']}", f"--output={work / 'run'}"]
+        )
     return {
         "pipeline_seconds": round(time.perf_counter() - start, 1),
         "row_sets": len(loads),
