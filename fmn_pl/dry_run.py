@@ -93,7 +93,7 @@ def options_line(stage: Stage) -> str:
 
 def task_files(root: Path, spec: Any) -> list[Path]:
     """A task's split files in a local GLUE folder: train and its validation split(s)."""
-    from fmn_pl.data import split_file
+    from fmn_pl.sources import split_file
 
     return [split_file(root, spec, s) for s in ("train", *spec.eval_splits)]
 

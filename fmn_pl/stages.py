@@ -287,7 +287,8 @@ class Identities:
 
     def data(self, data_dir: str, task: str) -> str:
         """Local data: hashes of the task's split files; hub dataset: its name."""
-        from fmn_pl.data import is_local_path, split_file
+        from fmn_pl.options import is_local_path
+        from fmn_pl.sources import split_file
         from fmn_pl.tasks import get_task
 
         if not is_local_path(data_dir):

@@ -13,15 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fmn_pl.data import (
-    GLUEDataModule,
-    LengthGroupedSampler,
-    collator,
-    is_local_path,
-    read_split,
-    split_file,
-    subsample,
-)
+from fmn_pl.data import GLUEDataModule, LengthGroupedSampler, collator, subsample
+from fmn_pl.options import is_local_path
+from fmn_pl.sources import read_split, split_file
 from fmn_pl.tasks import TASKS, get_task
 from tests.conftest import GLUE, GLUE_TSV, make_sentence, requires_shared
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fmn_pl import data
-from fmn_pl.data import GLUEDataModule, read_split, split_file
+from fmn_pl import data, sources
+from fmn_pl.data import GLUEDataModule
+from fmn_pl.sources import read_split, split_file
 from fmn_pl.tasks import TASKS, GlueTask, get_task
 from tests.conftest import GLUE, GLUE_TSV, requires_shared
 
@@ -22,7 +23,7 @@ def reference_columns(path: Path, task: GlueTask) -> dict[str, list]:
     if path.suffix == ".parquet":
         table = pq.read_table(path)
         return {k: table.column(k).to_pylist() for k in (*task.text_keys, "label")}
-    has_header, fields = data._TSV_COLUMNS[task.name]
+    has_header, fields = sources._TSV_COLUMNS[task.name]
     csv.field_size_limit(sys.maxsize)
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -45,11 +46,11 @@ def test_real_files_read_as_the_former_reader(root):
                 path = split_file(root, task, split)
             except FileNotFoundError:
                 continue
-            ds, cols = data.load_split(root, task, split)
+            ds, cols = sources.load_split(root, task, split)
             raw = reference_columns(path, task)
             for key in task.text_keys:
                 assert cols[key] == raw[key], (path, key)
-            assert cols["label"] == data._check_labels(raw["label"], task, str(path)), path
+            assert cols["label"] == sources._check_labels(raw["label"], task, str(path)), path
             assert all(type(x) is (float if task.is_regression else int) for x in cols["label"])
             assert ds.column_names == [*task.text_keys, "label"] and len(ds) == len(raw["label"])
             seen += 1

@@ -73,7 +73,7 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path: Path, capsys: pytest.Ca
 def test_null_text_cell_is_named(tiny_glue: Path, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from fmn_pl.data import read_split
+    from fmn_pl.sources import read_split
 
     (tmp_path / "rte").mkdir()
     table = pq.read_table(tiny_glue / "rte" / "train.parquet").to_pydict()

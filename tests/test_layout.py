@@ -197,12 +197,12 @@ def test_a_new_artifact_kind_is_one_file_and_one_registry_line(
     from safetensors.torch import load_file
 
     from fmn_pl.artifacts import artifact_path, load_artifact
-    from fmn_pl.data import read_split
     from fmn_pl.fisher_cli import main as fisher
     from fmn_pl.kinds import KINDS, ArtifactKind
     from fmn_pl.merge_cli import main as merge
     from fmn_pl.merging import METHODS
     from fmn_pl.pipeline_config import parse_config
+    from fmn_pl.sources import read_split
     from fmn_pl.stages import plan
     from fmn_pl.tasks import get_task
 
