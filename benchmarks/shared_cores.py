@@ -44,15 +44,20 @@ def neighbour(threads: int = 2) -> None:
         time.sleep(3600)
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute (the fit runs in a temp folder); a hub name unchanged."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
 def fit_command(args: argparse.Namespace, out: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
         "fmn_pl.cli",
         "fit",
-        f"--model.model_name_or_path={args.model}",
+        f"--model.model_name_or_path={_absolute(args.model)}",  # the fit runs in a temp folder
         "--data.task=sst2",
-        f"--data.data_dir={args.data}",
+        f"--data.data_dir={_absolute(args.data)}",
         f"--data.max_train_samples={args.rows}",
         "--data.max_eval_samples=200",
         "--data.holdout_samples=0",
@@ -76,7 +81,9 @@ def timed_fit(args: argparse.Namespace, env: dict[str, str], busy: bool) -> dict
         try:
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
-            proc = subprocess.run(fit_command(args, Path(tmp) / "export"), env=env, capture_output=True, text=True)
+            proc = subprocess.run(  # in the temp folder: Lightning saves its config.yaml where it runs
+                fit_command(args, Path(tmp) / "export"), env=env, capture_output=True, text=True, cwd=tmp
+            )
             wall = time.perf_counter() - start
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
         finally:
