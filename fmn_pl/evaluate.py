@@ -275,7 +275,7 @@ class EvalCache:
         if not self.enabled:
             return None
         entry = self._read(Path(checkpoint) / CACHE_FILE).get(self.digest(key))
-        return (entry["metrics"], entry.get("rows") or {}) if entry else None
+        return (entry["metrics"], entry["rows"]) if entry else None  # CACHE_VERSION keys: every entry has rows
 
     def put(self, checkpoint: str | Path, key: dict[str, Any], metrics: dict[str, float], rows: Rows) -> None:
         """Add one entry (re-reading the file first, so concurrent merges lose little); a read-only folder

@@ -88,7 +88,8 @@ class Evidence:
 
     @staticmethod
     def _key(seed: int, combo: str, model: str, task: str) -> tuple[int, str, str, str]:
-        return (seed, "" if model == INDIVIDUAL else combo, model, task)
+        """The individual model and the constant answer are the same in every combination of a seed and task."""
+        return (seed, "" if model in (INDIVIDUAL, CONSTANT) else combo, model, task)
 
     def predictions(self, seed: int, combo: str, model: str, task: str) -> np.ndarray:
         if model == CONSTANT:
@@ -97,7 +98,7 @@ class Evidence:
 
     def score(self, seed: int, combo: str, model: str, task: str, resampled: bool = False) -> np.ndarray:
         """The GLUE score x100 of one model on one cell of one seed (B resampled scores when `resampled`)."""
-        key = (seed, combo, model, task, resampled)
+        key = (*self._key(seed, combo, model, task), resampled)  # scored once per seed and task, not per cell
         if key not in self._cache:
             y, p = self.labels[seed][task], self.predictions(seed, combo, model, task)
             if resampled:

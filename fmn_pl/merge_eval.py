@@ -168,10 +168,9 @@ def evaluate_all(
 
 
 def _cached(cache: Any, checkpoint: Path, key: dict[str, Any], evaluator: Any, i: int) -> tuple[dict[str, float], Rows]:
-    """(metrics, scored rows) of checkpoint i's own model: from the cache, else scored and cached. An entry
-    written before rows were kept counts as a miss."""
+    """(metrics, scored rows) of checkpoint i's own model: from the cache, else scored and cached."""
     hit = cache.get(checkpoint, key)
-    if hit is not None and hit[1]:
+    if hit is not None:
         return hit
     rows: Rows = {}
     metrics = evaluator.evaluate(i, rows=rows)

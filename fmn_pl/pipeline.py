@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from fmn_pl.dry_run import dry_run
-from fmn_pl.evidence_report import write_results
 from fmn_pl.files import atomic_write, output_lock, write_json
 from fmn_pl.launch import StageFailed, run_in_child, run_in_process
 from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config, seed_runs
@@ -113,6 +112,8 @@ def run_stage(
     log.write_text(f"$ {' '.join(stage.command())}\n")
     if stage.kind == "report":
         with output_to(log):
+            from fmn_pl.evidence_report import write_results  # numpy: only when a report is written
+
             write_report(cfg)
             write_results(Path(cfg.output), cfg.fit.seed)
         return
@@ -303,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str] | list[str]:
         one = run_one(run, flags, echo_seed=run.fit.seed if cfg.seeds else None)
         status.update({(f"seed-{run.fit.seed}/{k}" if cfg.seeds else k): v for k, v in one.items()})
     if cfg.seeds and is_global_zero() and any(k.endswith("/report") for k in status):
+        from fmn_pl.evidence_report import write_results
+
         write_results(Path(cfg.output))  # across seeds, from their bundles
     return status
 
