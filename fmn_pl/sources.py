@@ -98,8 +98,12 @@ def _column(ds: Any, key: str) -> list:
 
 def _load_parquet(path: Path, task: GlueTask) -> Any:
     import datasets
+    import pyarrow.parquet as pq
 
-    ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    if pq.ParquetFile(path).metadata.num_rows == 0:  # the parquet builder fails on a file without rows
+        ds = datasets.Dataset(datasets.table.InMemoryTable(pq.read_table(path)))
+    else:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     missing = [k for k in (*task.text_keys, "label") if k not in ds.column_names]
     if missing:
         raise ValueError(f"{path} lacks column(s) {missing} needed by task {task.name!r} (has {ds.column_names})")
