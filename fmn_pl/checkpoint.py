@@ -12,11 +12,14 @@ A task checkpoint is the contract between fine-tuning, the Fisher pass and mergi
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fmn_pl.files import atomic_dir, sha256_file, write_json
 from fmn_pl.model_card import checkpoint_card, write_card
@@ -34,10 +37,132 @@ def weights_fingerprint(path: str | Path) -> str:
     return sha256_file(*files)
 
 
-@dataclass
-class CheckpointMeta:
+_RECORD_FIELDS = ("extra", "source_keys")
+R = TypeVar("R", bound="Record")
+
+
+@dataclass(kw_only=True)
+class Record:
+    """A JSON object of typed known keys: unknown keys kept in `extra`, and the keys' order as read kept, so that
+    a file read and written back is byte-identical."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys this version does not know (written by a newer fmn-pl, or by hand): kept on a rewrite."""
+    source_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    """The keys as read, in order (None: built here, every field written in field order)."""
+
+    @classmethod
+    def hints(cls) -> dict[str, Any]:
+        """{known key: its type}, in field order."""
+        resolved = typing.get_type_hints(cls)
+        return {f.name: resolved[f.name] for f in fields(cls) if f.name not in _RECORD_FIELDS}
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any], source: str | Path = METADATA_FILE, prefix: str = "") -> R:
+        """Checked: the required keys present and every known key of its field's type (a nested record read in
+        turn); a wrong one fails with one line naming `source` and the key (`prefix`: the nested record's path)."""
+        hints = cls.hints()
+        for f in fields(cls):
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in data:
+                raise ValueError(f"{source} lacks key {prefix + f.name!r} ({_type_name(hints[f.name])})")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            hint = hints.get(key)
+            if isinstance(hint, type) and issubclass(hint, Record) and isinstance(value, dict):
+                kwargs[key] = hint.from_dict(value, source, f"{prefix}{key}.")
+            elif key in hints and not _fits(value, hint):
+                got = f"{type(value).__name__} {json.dumps(value)[:60]}"
+                raise ValueError(f"{source}: key {prefix + key!r} must be {_type_name(hint)}, got {got}")
+            elif key in hints:
+                kwargs[key] = value
+        return cls(**kwargs, extra={k: v for k, v in data.items() if k not in hints}, source_keys=tuple(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (a copy): the keys as read, in their order, then fields set since and new `extra` keys;
+        built here: every field in field order, then `extra`."""
+        values = {k: getattr(self, k) for k in self.hints()}
+        values = {k: v.to_dict() if isinstance(v, Record) else v for k, v in values.items()}
+        if self.source_keys is None:
+            return copy.deepcopy({**values, **self.extra})
+        read = set(self.source_keys)
+        changed = [f.name for f in fields(self) if f.name in values and f.name not in read and not _is_default(self, f)]
+        order = [*self.source_keys, *changed, *(k for k in self.extra if k not in read)]
+        both = {**values, **self.extra}
+        return copy.deepcopy({k: both[k] for k in order})
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of a record field's type (str, int, float, bool, None, list[X], dict[str, X] and
+    unions of them; an int is a float, a bool is neither)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1]) for k, v in value.items())
+    if hint is Any:
+        return True
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _type_name(hint: Any) -> str:
+    """`int`, `str | None`, `list[str]`, ... as a type is written; a nested record: a mapping."""
+    if isinstance(hint, type) and issubclass(hint, Record):
+        return "a mapping"
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
+
+
+def _is_default(record: Record, f: Field) -> bool:
+    """Whether a record's field holds its default value."""
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    return getattr(record, f.name) == default
+
+
+@dataclass(kw_only=True)
+class DataSettings(Record):
+    """The `GLUEDataModule` options fine-tuning ran with (its `__init__` arguments): later stages read the same
+    rows (tokenizer, `max_length`, held-out rows). None: not recorded."""
+
+    task: str | None = None
+    data_dir: str | None = None
+    tokenizer: str | None = None
+    max_length: int | None = None
+    """None: the task's default (64 single-sentence, 128 pairs)."""
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    sample_seed: int = 0
+    group_by_length: bool = False
+    eval_splits: list[str] | None = None
+    unpadded_shards: bool = False
+    holdout_samples: int = 0
+    """Training rows held out of fine-tuning (selection data for merges; never read by the Fisher)."""
+    num_workers: int = 0
+
+
+@dataclass(kw_only=True)
+class ModelSettings(Record):
+    """The `GLUETransformer` options fine-tuning ran with (its `__init__` arguments). None: not recorded."""
+
+    model_name_or_path: str | None = None
+    task: str | None = None
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    adam_epsilon: float = 1e-8
+    num_labels: int | None = None
+    attn_implementation: str | None = None
+
+
+@dataclass(kw_only=True)
+class CheckpointMeta(Record):
     """`fmn_pl.json`: what fine-tuning records about a task checkpoint, read, written and checked here only."""
 
+    format_version: int = FORMAT_VERSION
     task: str
     base_model: str
     label_names: list[str] = field(default_factory=list)
@@ -48,49 +173,21 @@ class CheckpointMeta:
     epochs_trained: int | None = None
     seed: int | None = None
     num_train_examples: int | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-    """The data module's options (data_dir, max_length, holdout_samples, ...): later stages read the same rows."""
-    model_hparams: dict[str, Any] = field(default_factory=dict)
+    data: DataSettings = field(default_factory=lambda: DataSettings(source_keys=()))
+    """The data module's options: later stages read the same rows. Default: none recorded (written `{}`)."""
+    model_hparams: ModelSettings = field(default_factory=lambda: ModelSettings(source_keys=()))
     fingerprint: str | None = None
     """`weights_fingerprint` of the exported weights: artifacts and merges check they read these weights."""
-    format_version: int = FORMAT_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Keys this version does not know (written by a newer fmn-pl, or by hand): kept on a rewrite."""
-
-    @property
-    def data_dir(self) -> str | None:
-        return self.data.get("data_dir")
-
-    @property
-    def max_length(self) -> int | None:
-        return self.data.get("max_length")
-
-    @property
-    def holdout_samples(self) -> int:
-        """Training rows held out of fine-tuning (selection data for merges; never read by the Fisher)."""
-        return int(self.data.get("holdout_samples") or 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "extra"}
-        return {"format_version": out.pop("format_version"), **out, **self.extra}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str | Path = METADATA_FILE) -> "CheckpointMeta":
-        """Checked: the required keys, a known format version, and the types of the keys later stages read."""
-        for key in ("task", "base_model"):
-            if not isinstance(data.get(key), str):
-                raise ValueError(f"{source} lacks key {key!r} (a string)")
+    def from_dict(cls: type[R], data: dict[str, Any], source: str | Path = METADATA_FILE, prefix: str = "") -> R:
+        """Checked: a format version this fmn-pl reads, then the keys and their types (`Record.from_dict`)."""
         version = data.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
             raise ValueError(
                 f"{source} has format_version {version!r}; this fmn-pl reads up to {FORMAT_VERSION}: upgrade fmn-pl"
             )
-        for key in ("metrics", "data", "model_hparams"):
-            if not isinstance(data.get(key) or {}, dict):
-                raise ValueError(f"{source}: {key!r} must be a mapping, got {type(data[key]).__name__}")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in data.items() if k in known and v is not None}
-        return cls(**kwargs, extra={k: v for k, v in data.items() if k not in known})
+        return super().from_dict(data, source, prefix)
 
     @classmethod
     def read(cls, path: str | Path) -> "CheckpointMeta":
@@ -110,45 +207,8 @@ class CheckpointMeta:
         return cls.from_dict(data, meta_file)
 
     def write(self, folder: str | Path) -> Path:
+        """`fmn_pl.json` in `folder`, written atomically."""
         return write_json(Path(folder) / METADATA_FILE, self.to_dict())
-
-
-def task_datamodule(
-    checkpoint: str | Path,
-    meta: CheckpointMeta,
-    split: str = "validation",
-    data_dir: str | None = None,
-    batch_size: int = 64,
-    max_samples: int | None = None,
-    sample_seed: int = 0,
-    max_length: int | None = None,
-    **options: Any,
-) -> Any:
-    """The `GLUEDataModule` of a task checkpoint's own data, as fine-tuning read it (its tokenizer, `max_length` and
-    held-out rows), for one evaluation split: validation (MNLI: both), holdout (the rows fine-tuning held out) or
-    train (the rest). `data_dir`: default the one it was trained on. `options`: more `GLUEDataModule` options."""
-    from fmn_pl.data import GLUEDataModule  # Lightning: imported when data is read, not before
-
-    data_dir = data_dir or meta.data_dir
-    if not data_dir:
-        raise ValueError(f"{checkpoint} does not record its data folder: pass --data_dir")
-    if split == "holdout" and meta.holdout_samples <= 0:
-        raise ValueError(
-            f"{checkpoint} held out no training rows (data.holdout_samples is 0): "
-            "choose split validation or train instead, or fine-tune with holdout_samples"
-        )
-    return GLUEDataModule(
-        task=meta.task,
-        data_dir=data_dir,
-        tokenizer=str(checkpoint),
-        max_length=max_length or meta.max_length,
-        eval_batch_size=batch_size,
-        max_eval_samples=max_samples,
-        sample_seed=sample_seed,
-        eval_splits=None if split == "validation" else [split],
-        holdout_samples=meta.holdout_samples,
-        **options,
-    )
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -178,16 +238,16 @@ def export_checkpoint(
     model: Any,
     tokenizer: Any,
     target: str | Path,
-    metadata: dict[str, Any],
+    meta: CheckpointMeta,
     config_file: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save `model` and `tokenizer` as a task checkpoint at `target` (atomically) and return its path.
-
-    An existing export of the same task is replaced; one of another task is refused unless `overwrite`.
-    """
+    """Save `model` and `tokenizer` as a task checkpoint at `target` (atomically), with `meta` (its fingerprint
+    filled in here), and return its path. An existing export of the same task is replaced; one of another task is
+    refused unless `overwrite`."""
     target = Path(target)
-    check_export_target(target, metadata["task"], overwrite)
+    meta = CheckpointMeta.from_dict(meta.to_dict(), target / METADATA_FILE)  # checked as a later read checks it
+    check_export_target(target, meta.task, overwrite)
     with atomic_dir(target, overwrite=True, wait=True) as tmp:  # another export of it: seconds
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -195,7 +255,7 @@ def export_checkpoint(
         if config_file is not None and Path(config_file).is_file():
             shutil.copy(config_file, tmp / "config.yaml")
             command = f"fmn-pl fit --config {target / 'config.yaml'}"
-        meta = CheckpointMeta.from_dict({**metadata, "fingerprint": weights_fingerprint(tmp)})
+        meta = replace(meta, fingerprint=weights_fingerprint(tmp))
         meta.write(tmp)
         write_card(tmp, checkpoint_card(meta, target.name, command, _base_fingerprint(meta.base_model)))
     return target

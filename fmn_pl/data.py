@@ -7,7 +7,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -16,6 +16,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fmn_pl.options import check_count, is_local_path
 from fmn_pl.sources import load_split, quiet_datasets, split_file
 from fmn_pl.tasks import GlueTask, get_task
+
+if TYPE_CHECKING:
+    from fmn_pl.checkpoint import CheckpointMeta
 
 HOLDOUT_SEED = 20_241_124  # fixed: the held-out rows must not move when other seeds change
 
@@ -306,3 +309,39 @@ class GLUEDataModule(L.LightningDataModule):
         return loaders[0] if len(loaders) == 1 else loaders
 
     test_dataloader = val_dataloader
+
+
+def task_datamodule(
+    checkpoint: str | Path,
+    meta: CheckpointMeta,
+    split: str = "validation",
+    data_dir: str | None = None,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    sample_seed: int = 0,
+    max_length: int | None = None,
+    **options: Any,
+) -> GLUEDataModule:
+    """The `GLUEDataModule` of a task checkpoint's own data, as fine-tuning read it (its tokenizer, `max_length` and
+    held-out rows), for one evaluation split: validation (MNLI: both), holdout (the rows fine-tuning held out) or
+    train (the rest). `data_dir`: default the one it was trained on. `options`: more `GLUEDataModule` options."""
+    data_dir = data_dir or meta.data.data_dir
+    if not data_dir:
+        raise ValueError(f"{checkpoint} does not record its data folder: pass --data_dir")
+    if split == "holdout" and meta.data.holdout_samples <= 0:
+        raise ValueError(
+            f"{checkpoint} held out no training rows (data.holdout_samples is 0): "
+            "choose split validation or train instead, or fine-tune with holdout_samples"
+        )
+    return GLUEDataModule(
+        task=meta.task,
+        data_dir=data_dir,
+        tokenizer=str(checkpoint),
+        max_length=max_length or meta.data.max_length,
+        eval_batch_size=batch_size,
+        max_eval_samples=max_samples,
+        sample_seed=sample_seed,
+        eval_splits=None if split == "validation" else [split],
+        holdout_samples=meta.data.holdout_samples,
+        **options,
+    )

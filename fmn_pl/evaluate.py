@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fmn_pl.checkpoint import CheckpointMeta, task_datamodule
+from fmn_pl.checkpoint import CheckpointMeta
 from fmn_pl.files import sha256_json, write_json
 from fmn_pl.options import is_local_path
 
@@ -109,6 +109,8 @@ class Evaluator:
 
     def datamodule(self, i: int) -> GLUEDataModule:
         """Checkpoint i's task data (tokenized once, kept): its tokenizer and fine-tuning `max_length`."""
+        from fmn_pl.data import task_datamodule  # Lightning: imported when data is read, not before
+
         if i not in self._modules:
             dm = task_datamodule(
                 self.checkpoints[i],
@@ -130,8 +132,8 @@ class Evaluator:
         return {
             **self.data.identity(),
             "task": self.tasks[i],
-            "max_length": meta.max_length,
-            "holdout_samples": meta.data.get("holdout_samples") if self.data.split != "validation" else None,
+            "max_length": meta.data.max_length,
+            "holdout_samples": meta.data.holdout_samples if self.data.split != "validation" else None,
         }
 
     def device(self) -> torch.device:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Sequence
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from fmn_pl.checkpoint import check_export_target, export_checkpoint
+from fmn_pl.checkpoint import CheckpointMeta, DataSettings, ModelSettings, check_export_target, export_checkpoint
 from fmn_pl.data import GLUEDataModule
 from fmn_pl.errors import saved_for_resume, trainer_options
 from fmn_pl.files import check_writable
@@ -126,22 +126,22 @@ class ExportCheckpoint(L.Callback):
         if trainer.is_global_zero:
             dm = trainer.datamodule
             hp = pl_module.hparams
-            metadata = {
-                "task": pl_module.task.name,
-                "label_names": list(pl_module.task.label_names),
-                "num_labels": pl_module.task.num_labels,
-                "base_model": hp.model_name_or_path,
-                "metrics": self.best_metrics,
-                "epoch": self.best_epoch,
-                "epochs_trained": trainer.current_epoch,
-                "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
-                "num_train_examples": getattr(dm, "num_train_examples", None),
-                "data": _public(getattr(dm, "hparams", {})),
-                "model_hparams": _public(hp),
-            }
+            meta = CheckpointMeta(
+                task=pl_module.task.name,
+                label_names=list(pl_module.task.label_names),
+                num_labels=pl_module.task.num_labels,
+                base_model=hp.model_name_or_path,
+                metrics=self.best_metrics,
+                epoch=self.best_epoch,
+                epochs_trained=trainer.current_epoch,
+                seed=int(os.environ.get("PL_GLOBAL_SEED", -1)),
+                num_train_examples=getattr(dm, "num_train_examples", None),
+                data=DataSettings.from_dict(_public(getattr(dm, "hparams", {})), "the data module's options"),
+                model_hparams=ModelSettings.from_dict(_public(hp), "the model's options"),
+            )
             config = Path(log_dir or ".") / "config.yaml"
             tokenizer = getattr(dm, "tokenizer", None)
-            export_checkpoint(pl_module.model, tokenizer, self.dirpath, metadata, config, self.overwrite)
+            export_checkpoint(pl_module.model, tokenizer, self.dirpath, meta, config, self.overwrite)
             print(f"exported {pl_module.task.name} task checkpoint to {self.dirpath}")
             if self.owns_resume_dir and self.resume_dir is not None:  # finished: nothing left to resume
                 shutil.rmtree(self.resume_dir, ignore_errors=True)

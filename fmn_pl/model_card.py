@@ -86,8 +86,8 @@ def checkpoint_card(meta: Any, name: str, command: str | None, base_fingerprint:
         "epoch": meta.epoch,
         "seed": meta.seed,
         "num_train_examples": meta.num_train_examples,
-        "data": meta.data,
-        "model": meta.model_hparams,
+        "data": meta.data.to_dict(),
+        "model": meta.model_hparams.to_dict(),
         "command": command,
     }
     scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(meta.metrics.items()) if isinstance(v, (int, float)))

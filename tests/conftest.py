@@ -137,7 +137,7 @@ def tiny_checkpoint(base: Path, task: str, target: Path, seed: int = 0, noise: f
     and whose head is random."""
     from transformers import AutoTokenizer
 
-    from fmn_pl.checkpoint import export_checkpoint
+    from fmn_pl.checkpoint import CheckpointMeta, export_checkpoint
     from fmn_pl.module import load_model
     from fmn_pl.tasks import get_task
 
@@ -147,15 +147,14 @@ def tiny_checkpoint(base: Path, task: str, target: Path, seed: int = 0, noise: f
     with torch.no_grad():
         for p in model.parameters():
             p.add_(noise * torch.randn_like(p))
-    meta = {
-        "task": spec.name,
-        "label_names": list(spec.label_names),
-        "num_labels": spec.num_labels,
-        "base_model": str(base),
-        "metrics": {},
-        "seed": seed,
-        "num_train_examples": 0,
-    }
+    meta = CheckpointMeta(
+        task=spec.name,
+        label_names=list(spec.label_names),
+        num_labels=spec.num_labels,
+        base_model=str(base),
+        seed=seed,
+        num_train_examples=0,
+    )
     return export_checkpoint(model.eval(), AutoTokenizer.from_pretrained(base), target, meta)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fmn_pl.checkpoint import export_checkpoint, read_metadata, weights_fingerprint
+from fmn_pl.checkpoint import CheckpointMeta, export_checkpoint, read_metadata, weights_fingerprint
 from fmn_pl.cli import main
 from fmn_pl.fit import lightning_cli
 from fmn_pl.module import GLUETransformer, load_model, model_inputs
@@ -486,7 +486,7 @@ def test_failed_export_leaves_nothing(tmp_path):
 
     spec = get_task("rte")
     model = AutoModelForSequenceClassification.from_config(tiny_config("bert"))
-    meta = {"task": "rte", "label_names": list(spec.label_names), "base_model": "x"}
+    meta = CheckpointMeta(task="rte", label_names=list(spec.label_names), base_model="x")
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(model, BrokenTokenizer(), tmp_path / "export", meta)
     assert list(tmp_path.iterdir()) == []
