@@ -116,7 +116,8 @@ def find_base(inputs: Inputs) -> Path | None:
     if inputs.base is not None:
         return inputs.base
     try:
-        return check_base(None, inputs, "diagnostics")
+        shapes = {k: inputs.specs[k][1] for k in inputs.keys}
+        return check_base(None, inputs.metadata, inputs.body_prefix, shapes, "diagnostics")
     except (FileNotFoundError, ValueError):
         return None
 

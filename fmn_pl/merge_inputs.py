@@ -37,7 +37,7 @@ ARCH_ATTRS = (
 # ---------------------------------------------------------------------------------------------- safetensors I/O
 
 
-def read_header(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+def tensor_specs(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} of a model folder's model*.safetensors, read from the headers only."""
     reader = CheckpointReader(folder)
     return {k: (reader.dtype(k), reader.shape(k)) for k in reader.keys()}
@@ -143,7 +143,7 @@ def check_inputs(
         raise ValueError(f"merging needs at least two checkpoints, got {len(paths)}")
     metadata = check_tasks(paths)
     configs = check_architectures(paths)
-    headers = [read_header(p) for p in paths]
+    headers = [tensor_specs(p) for p in paths]
     prefix, _ = body_prefix(configs[0], headers[0])
     body = check_bodies(paths, headers, prefix, configs[0].model_type)
     keys = [k for k, (dtype, _) in body.items() if dtype in FLOAT_DTYPES]
@@ -152,15 +152,18 @@ def check_inputs(
     keys = [k for k in keys if k not in own]
     heads = [[k for k in h if not k.startswith(prefix)] + own for h in headers]
     tasks = [m.task for m in metadata]
-    inputs = Inputs(paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body, headers, own=own)
+    hashed = None
     if fingerprints or any(kind in method.needs for kind in KINDS):
-        inputs.fingerprints = [weights_fingerprint(p) for p in paths]
-    inputs.artifacts = check_artifacts(paths, tasks, method, inputs.fingerprints)
+        hashed = [weights_fingerprint(p) for p in paths]
+    artifacts = check_artifacts(paths, tasks, method, hashed)
+    base_path: Path | None = None
     if "base" in method.needs:
-        inputs.base = check_base(base, inputs, method_name(method))
+        base_path = check_base(base, metadata, prefix, {k: body[k][1] for k in keys}, method_name(method))
     elif base is not None:
-        inputs.base = resolve_model(base)
-    return inputs
+        base_path = resolve_model(base)
+    return Inputs(
+        paths, metadata, tasks, configs[0], prefix, keys, fixed, heads, body, headers, base_path, artifacts, own, hashed
+    )
 
 
 def check_tasks(paths: list[Path]) -> list[CheckpointMeta]:
@@ -252,10 +255,13 @@ def check_artifacts(
     return out
 
 
-def check_base(base: str | None, inputs: Inputs, name: str) -> Path:
-    """The pretrained model (given, or the checkpoints' common `base_model`), checked against the body."""
+def check_base(
+    base: str | None, metadata: list[CheckpointMeta], prefix: str, shapes: dict[str, tuple[int, ...]], name: str
+) -> Path:
+    """The pretrained model (given, or the checkpoints' common `base_model`), checked against the merged body's
+    tensor `shapes` (under `prefix`)."""
     if base is None:
-        recorded = {m.base_model for m in inputs.metadata}
+        recorded = {m.base_model for m in metadata}
         if len(recorded) != 1:
             raise ValueError(
                 f"method {name} needs the pretrained model: pass --base (the checkpoints record "
@@ -268,16 +274,15 @@ def check_base(base: str | None, inputs: Inputs, name: str) -> Path:
                 "which does not exist here: pass --base"
             )
     path = resolve_model(base)
-    reader = CheckpointReader(path, prefix=inputs.body_prefix)
-    for key in inputs.keys:
+    reader = CheckpointReader(path, prefix=prefix)
+    for key, shape in shapes.items():
         if key not in reader:
             raise ValueError(
                 f"base model {base} lacks tensor {key!r}: is it the pretrained model of these checkpoints?"
             )
-        if tuple(reader.shape(key)) != inputs.specs[key][1]:
+        if tuple(reader.shape(key)) != shape:
             raise ValueError(
-                f"base model {base}: {key} has shape {tuple(reader.shape(key))}, "
-                f"but the checkpoints have {inputs.specs[key][1]}"
+                f"base model {base}: {key} has shape {tuple(reader.shape(key))}, but the checkpoints have {shape}"
             )
     return path
 

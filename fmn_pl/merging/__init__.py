@@ -36,7 +36,7 @@ def method_class(name: str) -> type[MergeMethod]:
     return getattr(importlib.import_module(module), cls)
 
 
-def summary(name: str) -> str:
+def method_summary(name: str) -> str:
     """The first line of method `name`'s docstring, read from its source without importing it, so that one
     method's heavy dependencies (AdaMerging's Lightning) stay out of `fmn-pl merge --help`."""
     import ast
@@ -55,7 +55,16 @@ def summary(name: str) -> str:
 def option_lines(name: str) -> list[str]:
     """Method `name`'s summary, then its options as its `schema` declares them, one line each:
     `--method.OPTION  TYPE = DEFAULT  help`."""
-    return [f"{name}: {summary(name)}", *(option.line() for option in method_class(name).schema)]
+    return [f"{name}: {method_summary(name)}", *(option.line() for option in method_class(name).schema)]
 
 
-__all__ = ["METHODS", "MergeContext", "MergeMethod", "Option", "method_class", "option_lines", "summary", "target"]
+__all__ = [
+    "METHODS",
+    "MergeContext",
+    "MergeMethod",
+    "Option",
+    "method_class",
+    "method_summary",
+    "option_lines",
+    "target",
+]

@@ -10,19 +10,7 @@ from typing import Sequence
 
 import torch
 
-from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option
-
-
-def check_coefficients(coefficients: Sequence[float] | None, num_models: int, method: str) -> list[float]:
-    """Per-model coefficients (default all 1), checked: one per model, >= 0, not all zero."""
-    if coefficients is None:
-        return [1.0] * num_models
-    c = [float(x) for x in coefficients]
-    if len(c) != num_models:
-        raise ValueError(f"{method}: {len(c)} coefficients given for {num_models} checkpoints; give one per checkpoint")
-    if any(x < 0 for x in c) or sum(c) <= 0:
-        raise ValueError(f"{method}: coefficients must be >= 0 with a positive sum, got {c}")
-    return c
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option, check_coefficients
 
 
 def weighted_mean(models: LazyTensors, weights: Sequence[torch.Tensor | float]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 
 from fmn_pl.artifacts import Artifact, load_artifact
-from fmn_pl.checkpoint import METADATA_FILE, read_metadata
+from fmn_pl.checkpoint import METADATA_FILE, CheckpointMeta
 from fmn_pl.tensorfile import FLOAT_DTYPES, CheckpointReader
 
 
@@ -98,7 +98,7 @@ class MergeContext:
             firsts = Counter(k.split(".", 1)[0] for k in readers[0].keys() if "." in k)
             body_prefix = f"{firsts.most_common(1)[0][0]}." if config is not None and firsts else ""
         if tasks is None:
-            tasks = [read_metadata(p)["task"] if (p / METADATA_FILE).is_file() else p.name for p in paths]
+            tasks = [CheckpointMeta.read(p).task if (p / METADATA_FILE).is_file() else p.name for p in paths]
         keys = [k for k in readers[0].keys() if k.startswith(body_prefix) and readers[0].dtype(k) in FLOAT_DTYPES]
         quiet: dict[str, Any] = {"log": lambda line: None, "progress": False}
         return cls(
@@ -154,6 +154,18 @@ class MergeContext:
         if (i, kind) not in self._artifacts:
             self._artifacts[(i, kind)] = load_artifact(self.checkpoints[i], kind)
         return self._artifacts[(i, kind)]
+
+
+def check_coefficients(coefficients: Sequence[float] | None, num_models: int, method: str) -> list[float]:
+    """Per-model coefficients (default all 1), checked: one per model, >= 0, not all zero."""
+    if coefficients is None:
+        return [1.0] * num_models
+    c = [float(x) for x in coefficients]
+    if len(c) != num_models:
+        raise ValueError(f"{method}: {len(c)} coefficients given for {num_models} checkpoints; give one per checkpoint")
+    if any(x < 0 for x in c) or sum(c) <= 0:
+        raise ValueError(f"{method}: coefficients must be >= 0 with a positive sum, got {c}")
+    return c
 
 
 @dataclass(frozen=True)

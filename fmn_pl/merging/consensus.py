@@ -13,8 +13,8 @@ from typing import Iterator, Literal, cast
 import torch
 
 from fmn_pl.merging.base import MergeContext, Option
+from fmn_pl.merging.search import GRID, SCALINGS, select_scaling
 from fmn_pl.merging.tall import LAMBDAS, TOP_K, TaskMasks, consensus_mask, unpack_mask
-from fmn_pl.merging.task_arithmetic import GRID, SCALINGS, select_scaling
 
 
 class Consensus(TaskMasks):

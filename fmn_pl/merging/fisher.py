@@ -15,8 +15,7 @@ import math
 
 import torch
 
-from fmn_pl.merging.average import check_coefficients
-from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option, check_coefficients
 from fmn_pl.tensorfile import SafetensorsFile
 
 

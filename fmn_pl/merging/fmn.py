@@ -38,9 +38,8 @@ from typing import Any, Iterator, Literal, get_args
 
 import torch
 
-from fmn_pl.merging.average import check_coefficients
-from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option
-from fmn_pl.merging.task_arithmetic import Objective, check_objective, choose_body
+from fmn_pl.merging.base import LazyTensors, MergeContext, MergeMethod, Option, check_coefficients
+from fmn_pl.merging.search import Objective, check_objective, choose_body
 from fmn_pl.nodes import adapter_for, node_shape
 
 Normalize = Literal["none", "mean", "type", "layer", "rank"]

@@ -31,15 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fmn_pl.merging.base import MergeContext, Option
-from fmn_pl.merging.task_arithmetic import (
-    DARE_SEED,
-    GRID,
-    OBJECTIVE,
-    SCALINGS,
-    Objective,
-    TaskVectorMethod,
-    select_scaling,
-)
+from fmn_pl.merging.search import GRID, OBJECTIVE, SCALINGS, Objective, select_scaling
+from fmn_pl.merging.task_arithmetic import DARE_SEED, TaskVectorMethod
 
 
 def topk_threshold(magnitudes: np.ndarray, top_k: float) -> float:
