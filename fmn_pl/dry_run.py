@@ -8,6 +8,7 @@ import functools
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from fmn_pl.launch import stage_data
 from fmn_pl.pipeline_config import PipelineConfig
 from fmn_pl.stages import Identities, Stage, freshness, plan
 
@@ -39,7 +40,7 @@ def check_args(stage: Stage) -> Optional[str]:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parse(stage.kind, stage.call)
+            parse(stage.kind, stage_data(stage.kind, stage.config))
     except SystemExit as e:
         lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
         return lines[-1] if lines else f"exit status {e.code}"
@@ -50,8 +51,8 @@ def check_args(stage: Stage) -> Optional[str]:
     return None
 
 
-def parse(kind: str, call: dict[str, Any]) -> None:
-    """Parse a stage's options as `fmn-pl <kind> --config` would; raises on a bad one."""
+def parse(kind: str, data: dict[str, Any]) -> None:
+    """Parse a stage's config data as `fmn-pl <kind> --config` would; raises on a bad option."""
     if kind == "fit":
         from fmn_pl.data import GLUEDataModule
         from fmn_pl.fit import FmnCLI
@@ -64,15 +65,15 @@ def parse(kind: str, call: dict[str, Any]) -> None:
             def instantiate_classes(self) -> None:
                 pass
 
-        Parse(GLUETransformer, GLUEDataModule, args=call, run=False, seed_everything_default=False)
+        Parse(GLUETransformer, GLUEDataModule, args=data, run=False, seed_everything_default=False)
     elif kind == "merge":
         from fmn_pl.merge_cli import build_parser, with_class_paths
 
-        build_parser().parse_object(with_class_paths(call))
+        build_parser().parse_object(with_class_paths(data))
     else:
         from fmn_pl.fisher_cli import build_parser as fisher_parser
 
-        fisher_parser().parse_object(call)
+        fisher_parser().parse_object(data)
 
 
 def options_line(stage: Stage) -> str:
@@ -80,14 +81,17 @@ def options_line(stage: Stage) -> str:
     a merge's method, a Fisher pass's kind and caps, a fine-tuning's recipe."""
     import json
 
-    call = stage.call
+    call = stage_data(stage.kind, stage.config)
     if stage.kind == "fit":
         shown = {**call.get("model", {}), **{k: call.get("trainer", {}).get(k) for k in ("max_epochs", "devices")}}
         shown.pop("model_name_or_path", None)
     elif stage.kind == "merge":
-        shown = {"method": call["method"]["class_path"], **call["method"]["init_args"]}
+        defaults = {o.name: o.default for o in type(stage.config.method).schema}  # shown: what differs from them
+        given = {k: v for k, v in call["method"]["init_args"].items() if k not in defaults or defaults[k] != v}
+        shown = {"method": call["method"]["class_path"], **given}
     else:
-        shown = {k: call.get(k) for k in ("kind", "num_examples", "aggregation", "labels") if k in call}
+        where = ("checkpoint", "task", "data_dir", "seed", "batch_size")  # the same for every kind
+        shown = {k: v for k, v in stage.options.items() if k not in where and v is not None}
     return json.dumps(shown, separators=(",", ":"))
 
 

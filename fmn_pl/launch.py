@@ -17,32 +17,38 @@ class StageFailed(RuntimeError):
     """A stage failed or cannot run; the message names it (and its log)."""
 
 
-def call_stage(kind: str, call: dict[str, Any]) -> object:
-    """Run a stage in this process: its function with its options (the result: an export, artifact or report)."""
+def call_stage(kind: str, config: Any) -> object:
+    """Run a stage in this process: its function on its config (the result: an export, artifact or report)."""
     if kind == "fit":
         from fmn_pl.fit import run_fit
 
-        return run_fit(call)
+        return run_fit(config)
     if kind == "fisher":
         from fmn_pl.fisher_cli import run_fisher
 
-        return run_fisher(**call)
-    import yaml
-
+        return run_fisher(config)
     from fmn_pl.merge import run_merge
-    from fmn_pl.merging import method_class
 
-    spec = call["method"]
-    method = method_class(spec["class_path"])(**spec["init_args"])
-    return run_merge(**{**call, "method": method}, config_yaml=yaml.safe_dump(call, sort_keys=False))
+    return run_merge(config)
 
 
-def run_in_process(kind: str, call: dict[str, Any]) -> None:
+def stage_data(kind: str, config: Any) -> dict[str, Any]:
+    """A stage's config as plain data: the YAML `fmn-pl <kind> --config` reads (what the pipeline writes for it)."""
+    if kind == "fit":
+        return config  # the LightningCLI config is data already
+    if kind == "fisher":
+        from fmn_pl.fisher_cli import config_data as fisher_data
+
+        return fisher_data(config)
+    return config.to_data()
+
+
+def run_in_process(kind: str, config: Any) -> None:
     """A stage as a function call in this process, its errors in the log as the shell would show them."""
     from fmn_pl.errors import EXIT_SIGNAL, is_user_error, one_line, run_interruptible
 
     try:
-        run_interruptible(lambda: call_stage(kind, call))
+        run_interruptible(lambda: call_stage(kind, config))
     except SystemExit as e:
         if e.code in EXIT_SIGNAL:
             raise  # interrupted: the pipeline stops too, with the same status

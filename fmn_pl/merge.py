@@ -35,175 +35,120 @@ import torch
 from fmn_pl.checkpoint import METADATA_FILE, CheckpointMeta, weights_fingerprint
 from fmn_pl.diagnostics import diagnostics
 from fmn_pl.files import atomic_dir
+from fmn_pl.merge_config import MergeConfig
 from fmn_pl.merge_eval import Selection, evaluate_merge, log_line
 from fmn_pl.merge_inputs import Inputs, check_inputs, method_name
 from fmn_pl.merge_output import BODY_FILE, body_tensors, write_body, write_body_folder, write_task_folder
 from fmn_pl.merging import MergeMethod
-from fmn_pl.options import check_count, check_finite, check_outside, is_local_path
+from fmn_pl.options import SelectionOptions, check_count, check_finite, check_outside, is_local_path
 from fmn_pl.progress import tee
 from fmn_pl.resources import peak_rss_mb, reset_peak, set_mmap_threshold
 
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def run_merge(
-    checkpoints: list[str],
-    method: MergeMethod,
-    output: str,
-    base: str | None = None,
-    overwrite: bool = False,
-    wait: bool = False,
-    evaluate: bool = True,
-    save_model: bool = True,
-    data_dir: str = "../shared/data/glue",
-    max_eval_samples: int | None = None,
-    batch_size: int = 64,
-    selection_split: Literal["auto", "holdout", "validation", "train"] = "auto",
-    selection_samples: int | None = 300,
-    selection_screen: int | None = 64,
-    selection_finalists: int = 4,
-    selection_precision: Literal["32", "bf16", "auto"] = "auto",
-    compare_average: bool = True,
-    cache: bool = True,
-    accelerator: str = "auto",
-    progress: bool = True,
-    label: str | None = None,
-    config_yaml: str | None = None,
-    own_tensors: list[str] | None = None,
-    push_to_hub: str | None = None,
-) -> dict[str, Any]:
-    """Merge task checkpoints' bodies with `method`, save the merged model, evaluate every task with its own head
-    on its GLUE validation split, and report against the individual models and the plain average.
-
-    Args:
-        checkpoints: fmn-pl task checkpoint folders (two or more, distinct tasks, one architecture and tokenizer).
-        method: the merge method: a registered name (average, fmn, fisher, task_arithmetic, ties, regmean,
-            adamerging, tall, consensus, ...) with its options as --method.<option>; `--method NAME --help` lists
-            a method's options.
-        output: folder to write (refused if it exists and is not empty, unless `overwrite`).
-        base: the pretrained model (folder or hub name) for methods on task vectors; default: the checkpoints'
-            recorded base_model.
-        overwrite: replace an existing output folder (only once the new one is complete).
-        wait: wait for another run writing `output` (it holds `.NAME.lock` beside it) to finish, instead of
-            refusing at once; its finished output is then refused unless `overwrite`.
-        evaluate: score the merged model, the individual models and the plain average on every task.
-        save_model: keep the merged model in the output folder (false: reports only).
-        data_dir: GLUE data: a local folder (parquet or TSV layout) or a hub dataset name.
-        max_eval_samples: cap on the validation examples per task (a seeded sample); None: all.
-        batch_size: evaluation batch size.
-        selection_split: data on which methods choose their options (task arithmetic's lambda, TALL's masks, ...)
-            or adapt on unlabeled inputs (AdaMerging): holdout (the training rows each checkpoint held out),
-            validation (the scored examples: transductive), train; auto: holdout when every checkpoint held rows
-            out, else validation.
-        selection_samples: cap on the selection examples per task (a seeded sample); None: all. 300 is where
-            FMN's defaults were chosen (docs/results.md): scoring costs time in proportion, and on 300 examples a
-            difference of a point or two between candidates is noise anyway.
-        selection_screen: a search over more than `selection_finalists` candidates first scores each on this many
-            selection examples per task (spread evenly), then only the best `selection_finalists` on all of them;
-            None: every candidate on every example (the cost grows with the candidates).
-        selection_finalists: how many candidates the screening keeps.
-        selection_precision: selection scoring under bfloat16 autocast ("bf16"; "auto": where the device supports
-            it, 2.5-3x faster on CPUs with AMX) or in float32 ("32"). Reported scores are always float32.
-        compare_average: also score the plain average (cached per checkpoint set); the report's baseline.
-        cache: remember individual and plain-average scores beside each checkpoint (fmn_pl_eval.json).
-        accelerator: Lightning accelerator for evaluation (auto, cpu, gpu, ...).
-        progress: show progress bars.
-        label: the name of this merge in reports (default: the method name).
-        config_yaml: the resolved configuration, saved as config.yaml (set by the CLI).
-        own_tensors: glob patterns of body tensors that are not merged: each task keeps its own, with its head
-            (e.g. ["*.pooler.*"]: BERT's pooler, which RoBERTa and DistilBERT already keep in their heads). The
-            plain average the report compares with keeps them too; the bare merged body lacks them.
-        push_to_hub: a Hub repo id ("user/name") to upload the output folder to once it is complete (created if
-            absent; needs a token: `hf auth login` or HF_TOKEN).
-    """
-
-    for option, value in (
-        ("max_eval_samples", max_eval_samples),
-        ("selection_samples", selection_samples),
-        ("batch_size", batch_size),
-        ("selection_screen", selection_screen),
-        ("selection_finalists", selection_finalists),
-    ):
-        check_count(option, value)
-    check_finite(method.options(), "method")
+def run_merge(config: MergeConfig) -> dict[str, Any]:
+    """Merge task checkpoints' bodies with `config.method`, save the merged model, score every task with its own
+    head on its GLUE validation rows, and report against the individual models and the plain average (the
+    report, also written as report.json; `config.yaml` in the output reproduces the run)."""
+    c = config
+    check_count("batch_size", c.batch_size)
+    c.selection.check()
+    c.eval.check()
+    check_finite(c.method.options(), "method")
     start = time.perf_counter()
-    if push_to_hub:
+    if c.push_to_hub:
         from fmn_pl.model_card import check_hub_token
 
         check_hub_token()
     set_mmap_threshold()
     reset_peak()  # the merge's own peak, also when it runs inside a pipeline process
-    name, out = method_name(method), Path(output)
-    check_output(out, checkpoints, overwrite, data_dir if evaluate else None)
-    inputs = check_inputs(checkpoints, method, base, own_tensors or (), fingerprints=True)
+    name, out = method_name(c.method), Path(c.output)
+    check_output(out, c.checkpoints, c.overwrite, c.data_dir if c.evaluate else None)
+    inputs = check_inputs(c.checkpoints, c.method, c.base, c.own_tensors or (), fingerprints=True)
     fingerprints = check_fingerprints(inputs)
-    from fmn_pl.evaluate import EvalData  # after the checks: tokenizers, metrics, Lightning
-
-    split = resolve_selection_split(selection_split, inputs.metadata)
     selection = Selection.over(
-        inputs, EvalData(data_dir, split, selection_samples, batch_size), accelerator, selection_precision
+        inputs, selection_data(c.selection, inputs, c.data_dir, c.batch_size), c.accelerator, c.selection.precision
     )
-    screen = selection_screen if selection_samples is None or selection_samples > (selection_screen or 0) else None
+    samples = c.selection.samples
+    screen = c.selection.screen if samples is None or samples > (c.selection.screen or 0) else None
     ctx = inputs.context(
         evaluate=selection.scores,
         selection_inputs=selection.inputs,
-        accelerator=accelerator,
-        progress=progress,
+        accelerator=c.accelerator,
+        progress=c.progress,
         log=tee(log_line),  # also the stage's progress line in a pipeline: candidates screened and scored
-        finalists=selection_finalists,
+        finalists=c.selection.finalists,
         screen=screen,
     )
-    report = input_report(name, label or name, method, inputs, fingerprints, own_tensors)
+    report = input_report(name, c.label or name, c.method, inputs, fingerprints, c.own_tensors)
     timings: dict[str, float] = {"check_s": time.perf_counter() - start}
-    with atomic_dir(out, overwrite=overwrite, wait=wait) as tmp:
+    with atomic_dir(out, overwrite=c.overwrite, wait=c.wait) as tmp:
         ctx.workdir = tmp / name
-        report |= write_merge(tmp, inputs, method, ctx, fingerprints, save_model, progress, timings)
+        report |= write_merge(tmp, inputs, c.method, ctx, fingerprints, c.save_model, c.progress, timings)
         report |= selection.report() | {"notes": _jsonable(ctx.notes), "choices": ctx.choices, "remarks": ctx.remarks}
         del ctx
-        if evaluate:
+        if c.evaluate:
             t0 = time.perf_counter()
-            eval_data = EvalData(data_dir, "validation", max_eval_samples, batch_size)
+            from fmn_pl.evaluate import EvalData
+
+            eval_data = EvalData(c.data_dir, "validation", c.eval.max_samples, c.batch_size)
             report |= evaluate_merge(
-                tmp, inputs, fingerprints, method, eval_data, accelerator, cache, compare_average, progress
+                tmp,
+                inputs,
+                fingerprints,
+                c.method,
+                eval_data,
+                c.accelerator,
+                c.eval.cache,
+                c.eval.compare_average,
+                c.progress,
             )
             report["remarks"] += report.pop("eval_remarks")
             timings["eval_s"] = time.perf_counter() - t0
         report["timings"] = timings | {"total_s": time.perf_counter() - start}
-        finish_output(tmp, out, report, inputs, save_model, config_yaml)
+        finish_output(tmp, out, report, inputs, c)
     log_line(done_line(name, out, report))
-    if push_to_hub:
+    if c.push_to_hub:
         from fmn_pl.model_card import push
 
-        log_line(f"pushed {out} to {push(out, push_to_hub)}")
+        log_line(f"pushed {out} to {push(out, c.push_to_hub)}")
     return report
 
 
-def finish_output(
-    tmp: Path, out: Path, report: dict[str, Any], inputs: Inputs, save_model: bool, config_yaml: str | None
-) -> None:
+def selection_data(options: SelectionOptions, inputs: Inputs, data_dir: str, batch_size: int) -> Any:
+    """The `EvalData` methods choose on: `options.split` resolved against the checkpoints, capped at its samples."""
+    from fmn_pl.evaluate import EvalData  # after the checks: tokenizers, metrics, Lightning
+
+    split = resolve_selection_split(options.split, inputs.metadata)
+    return EvalData(data_dir, split, options.samples, batch_size)
+
+
+def finish_output(tmp: Path, out: Path, report: dict[str, Any], inputs: Inputs, config: MergeConfig) -> None:
     """The merge's output once merged and scored (`tmp`, renamed to `out` afterwards): the diagnostics, model
     cards (or the body removed when not kept), the config that reproduces it and the report files."""
+    import yaml
+
     from fmn_pl.report import write_report
 
     report["diagnostics"] = diagnostics(inputs, report)  # task vectors, Fisher scale, prediction shares
-    if save_model:
-        write_cards(tmp, report, inputs.metadata[0].base_model, out if config_yaml is not None else None)
+    if config.save_model:
+        write_cards(tmp, report, inputs.metadata[0].base_model, out)
     else:
         (tmp / BODY_FILE).unlink()
         for task in inputs.tasks:
             shutil.rmtree(tmp / task)
     report |= {"peak_rss_mb": peak_rss_mb(), "versions": _versions()}
-    if config_yaml is not None:
-        (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_data(), sort_keys=False))
     write_report(tmp, report)
 
 
-def write_cards(folder: Path, report: dict[str, Any], base_model: str, out: Path | None) -> None:
+def write_cards(folder: Path, report: dict[str, Any], base_model: str, out: Path) -> None:
     """A model card (README.md) in the merged body's folder and in each task's, from the report (`out`: the final
-    output folder, whose config.yaml reproduces the merge; None: no config was saved)."""
+    output folder, whose config.yaml reproduces the merge)."""
     from fmn_pl.model_card import merged_card, write_card
 
-    command = None if out is None else f"fmn-pl merge --config {out / 'config.yaml'}"
+    command = f"fmn-pl merge --config {out / 'config.yaml'}"
     write_card(folder, merged_card(report, base_model, report["tasks"], command))
     for task in report["tasks"]:
         write_card(folder / task, merged_card(report, base_model, [task], command))
@@ -317,7 +262,7 @@ def resolve_selection_split(split: str, metadata: list[CheckpointMeta]) -> Liter
         return split  # type: ignore[return-value]  # narrowed by the test above
     if split != "auto":
         raise ValueError(f"selection_split must be auto, holdout, validation or train, got {split!r}")
-    held = all(m.holdout_samples > 0 for m in metadata)
+    held = all(m.data.holdout_samples > 0 for m in metadata)
     return "holdout" if held else "validation"
 
 
@@ -326,11 +271,10 @@ def merge_body(
     method: MergeMethod,
     base: str | None = None,
     data_dir: str = "../shared/data/glue",
-    selection_split: Literal["auto", "holdout", "validation", "train"] = "auto",
-    selection_samples: int | None = None,
+    selection: SelectionOptions | None = None,
     batch_size: int = 64,
     accelerator: str = "auto",
-    selection: Any = None,
+    evaluator: Any = None,
     notes: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     own_tensors: Sequence[str] = (),
@@ -338,27 +282,31 @@ def merge_body(
     """The merged body {key: tensor} (in the checkpoints' dtypes) held in memory: `run_merge`'s checks and
     context without files or evaluation, for studies of many merges (score it with `Evaluator.evaluate(body=)`).
 
-    `selection`: an `Evaluator` whose checkpoints cover these tasks, reused (with its tokenized data) by methods
-    that choose options; default a new one on `selection_split`. `notes` (a dict) receives the method's notes
-    (chosen lambda, ...). Methods that serve each task its own body (TALL) are refused. Tensors matching
-    `own_tensors` are left out of the body, so `Evaluator.evaluate(body=)` scores each task with its own.
+    `selection`: the same `SelectionOptions` as `run_merge` (default: its defaults). `evaluator`: an `Evaluator`
+    whose checkpoints cover these tasks, reused (with its tokenized data) by methods that choose options instead of
+    one built from `selection`. `notes` (a dict) receives the method's notes (chosen lambda, ...). Methods that
+    serve each task its own body (TALL) are refused. Tensors matching `own_tensors` are left out of the body, so
+    `Evaluator.evaluate(body=)` scores each task with its own.
     """
-    from fmn_pl.evaluate import EvalData
-
     if type(method).task_body is not MergeMethod.task_body:
         raise ValueError(f"method {method_name(method)} gives each task its own body: use run_merge, not merge_body")
+    options = selection or SelectionOptions()
+    options.check()
     inputs = check_inputs(checkpoints, method, base, own_tensors)
-    if selection is None:
-        split = resolve_selection_split(selection_split, inputs.metadata)
-        chooser = Selection.over(inputs, EvalData(data_dir, split, selection_samples, batch_size), accelerator)
+    if evaluator is None:
+        data = selection_data(options, inputs, data_dir, batch_size)
+        chooser = Selection.over(inputs, data, accelerator, options.precision)
     else:
-        chooser = Selection(selection, inputs.tasks)
+        chooser = Selection(evaluator, inputs.tasks)
+    samples = options.samples
     ctx = inputs.context(
         evaluate=chooser.scores,
         selection_inputs=chooser.inputs,
         accelerator=accelerator,
         progress=False,
         log=log or log_line,
+        finalists=options.finalists,
+        screen=options.screen if samples is None or samples > (options.screen or 0) else None,
     )
     body = dict(body_tensors(inputs, method.merge(ctx)))
     if notes is not None:

@@ -1,4 +1,4 @@
-"""`fmn-pl merge` on the command line: the parser over `run_merge`'s options, a method and its options written as
+"""`fmn-pl merge` on the command line: the parser of `MergeConfig`, a method and its options written as
 `--method NAME --method.OPTION V` or in a YAML config, and `--method NAME --help`."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fmn_pl.merge import run_merge
+from fmn_pl.merge_config import MergeConfig
 from fmn_pl.merging import METHODS, target
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -83,12 +84,12 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _method_lines() -> str:
-    from fmn_pl.merging import summary
+    from fmn_pl.merging import method_summary
 
     lines = []
     for name in METHODS:
         try:
-            doc = summary(name)
+            doc = method_summary(name)
         except Exception as e:  # noqa: BLE001 - a broken method module must not break the others' CLI
             doc = f"(cannot read: {e})"
         lines.append(f"  {name:<17} {doc}")
@@ -98,7 +99,9 @@ def _method_lines() -> str:
 def build_parser() -> Any:
     import argparse
 
-    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the config's field docs are its help
 
     class Formatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
         """Keeps the description's line breaks (the method list)."""
@@ -112,8 +115,16 @@ def build_parser() -> Any:
         exit_on_error=False,  # one line at the CLI's error boundary, not the usage
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (configs/merge/*.yaml)")
-    parser.add_function_arguments(run_merge, as_group=False, skip={"config_yaml"})
+    parser.add_class_arguments(MergeConfig, None)
     return parser
+
+
+def to_config(parser: Any, cfg: Any) -> MergeConfig:
+    """The `MergeConfig` of a parsed namespace (its method and option groups instantiated)."""
+    from dataclasses import fields
+
+    init = parser.instantiate_classes(cfg)
+    return MergeConfig(**{f.name: init[f.name] for f in fields(MergeConfig)})
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
@@ -130,7 +141,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             build_parser().print_help()
         return None
     parser = build_parser()
-    cfg = parser.parse_args(args)
-    config_yaml = parser.dump(cfg, skip_none=False)
-    init = parser.instantiate(cfg)
-    return run_merge(**{k: v for k, v in vars(init).items() if k != "config"}, config_yaml=config_yaml)
+    return run_merge(to_config(parser, parser.parse_args(args)))

@@ -1,13 +1,57 @@
-"""Checks on options the stages share: counts and sizes, finite numbers, config files, checkpoint folders, and
-whether a model or data source is a local folder."""
+"""Option groups the merge stage and the pipeline share (how methods choose on held-out rows, how merges are
+scored), and checks on options every stage shares: counts and sizes, finite numbers, config files, checkpoint
+folders, and whether a model or data source is a local folder. Light: the pipeline parses with it before torch."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Optional, Sequence
+
+
+@dataclass
+class SelectionOptions:
+    """The data merge methods choose their options on (task arithmetic's lambda, FMN's p and s, TALL's masks) or
+    adapt on (AdaMerging), and how a search spends it: every method gets the same rows and the same rules."""
+
+    split: Literal["auto", "holdout", "validation", "train"] = "auto"
+    """holdout (the training rows each checkpoint held out), validation (the scored rows: transductive), train;
+    auto: holdout when every checkpoint held rows out, else validation."""
+    samples: Optional[int] = 300
+    """Cap on the selection rows per task (a seeded sample); None: all. On 300 rows a difference of a point or
+    two between candidates is noise anyway, and scoring costs time in proportion."""
+    screen: Optional[int] = 64
+    """A search over more than `finalists` candidates first scores each on this many selection rows per task
+    (spread evenly), then only the best `finalists` on all of them; None: every candidate on every row."""
+    finalists: int = 4
+    """How many candidates the screening keeps."""
+    precision: Literal["32", "bf16", "auto"] = "auto"
+    """Selection scoring under bfloat16 autocast ("bf16"; "auto": where the device supports it) or in float32
+    ("32"). Reported scores are always float32."""
+
+    def check(self) -> None:
+        """Counts are positive integers (or null where that means all), before any work."""
+        for name in ("samples", "screen", "finalists"):
+            check_count(f"selection.{name}", getattr(self, name))
+
+
+@dataclass
+class EvalOptions:
+    """The final scoring of a merge: every task on its validation rows with its own head, beside its individual
+    model, the plain average and the constant."""
+
+    max_samples: Optional[int] = None
+    """Cap on the validation rows per task (a seeded sample, the same for every method); None: all."""
+    compare_average: bool = True
+    """Also score the plain average (cached per checkpoint set): the report's baseline."""
+    cache: bool = True
+    """Remember individual and plain-average scores beside each checkpoint (fmn_pl_eval.json)."""
+
+    def check(self) -> None:
+        check_count("eval.max_samples", self.max_samples)
 
 
 def check_count(name: str, value: int | None, minimum: int = 1) -> int | None:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from fmn_pl.dry_run import dry_run
 from fmn_pl.files import atomic_write, output_lock, write_json
-from fmn_pl.launch import StageFailed, run_in_child, run_in_process
+from fmn_pl.launch import StageFailed, run_in_child, run_in_process, stage_data
 from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config, seed_runs
 from fmn_pl.pipeline_report import write_report
 from fmn_pl.progress import stage_line
@@ -84,18 +84,18 @@ def resume_folder(stage: Stage, cfg: PipelineConfig, key: str) -> Path:
     return Path(cfg.output) / "resume" / f"{stage.id.split('/')[1]}-{key[:16]}"
 
 
-def stage_call(stage: Stage, cfg: PipelineConfig, key: str) -> dict[str, Any]:
-    """The stage's options as this run calls it: a fine-tuning stage also gets its `export.resume_dir`, and its
+def stage_config(stage: Stage, cfg: PipelineConfig, key: str) -> Any:
+    """The stage's config as this run calls it: a fine-tuning stage also gets its `export.resume_dir`, and its
     `ckpt_path` when a SIGTERM left a checkpoint there (it resumes)."""
     if stage.kind != "fit" or not key:
-        return stage.call
+        return stage.config
     folder = resume_folder(stage, cfg, key)
     last = folder / "last.ckpt"
     resume: dict[str, Any] = {"export.resume_dir": str(folder)}
     if last.is_file():
         print(f"resuming from {last} (left by SIGTERM)", file=sys.stderr)
         resume["ckpt_path"] = str(last)
-    return nest(stage.call, resume)
+    return nest(stage.config, resume)
 
 
 def run_stage(
@@ -117,12 +117,12 @@ def run_stage(
             write_report(cfg)
             write_results(Path(cfg.output), cfg.fit.seed)
         return
-    call = stage_call(stage, cfg, key)
-    if stage.config is not None:  # its own command runs it alone as here (every rank writes the same file)
-        atomic_write(stage.config, yaml.safe_dump(call, sort_keys=False))
+    config = stage_config(stage, cfg, key)
+    if stage.config_file is not None:  # its own command runs it alone as here (every rank writes the same file)
+        atomic_write(stage.config_file, yaml.safe_dump(stage_data(stage.kind, config), sort_keys=False))
     if not alone and not on_every_rank(stage):
         with output_to(log):
-            run_in_process(stage.kind, call)
+            run_in_process(stage.kind, config)
         return
     run_in_child(stage.command(), log, alone, port_offset)
 

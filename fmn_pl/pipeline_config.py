@@ -4,11 +4,11 @@ checks and per-task resolution of the options, before any stage is planned."""
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Optional, Sequence, Union
 
-from fmn_pl.kinds import KINDS
+from fmn_pl.kinds import KINDS, kind_sections, options_class
+from fmn_pl.options import EvalOptions, SelectionOptions
 
 STAGE_KINDS = ("fit", "fisher", "merge", "report")
 
@@ -70,45 +70,38 @@ class FitOptions:
     """`seed_everything` seed of the fine-tuning run (also the data sampling seed); `seeds` overrides it."""
     precision: str = "32-true"
     """Lightning precision ("32-true", "bf16-mixed", "16-mixed", ...)."""
+    accumulate_grad_batches: Optional[int] = None
+    """Lightning's gradient accumulation (None: 1, every batch a step)."""
+    gradient_clip_val: Optional[float] = None
+    """Lightning's gradient clipping by norm (None: none)."""
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-task overrides of the options above, e.g. {rte: {learning_rate: 3.0e-5, max_epochs: 10}}."""
-    args: dict[str, Any] = field(default_factory=dict)
-    """Further `fmn-pl fit` options, by their dotted name, e.g. {"trainer.accumulate_grad_batches": 2}."""
     launch: Optional[Launch] = None
     """Where this stage runs (default: the pipeline's `trainer`)."""
 
 
 @dataclass
 class ArtifactOptions:
-    """How one artifact kind is computed (`fmn-pl fisher --kind ...`)."""
+    """How one artifact kind is computed (`fmn-pl fisher --kind ...`): these options, and the kind's own (its
+    `fmn_pl.kinds.KindOption`s, e.g. aggregation and labels for the Fisher kinds) in its `fisher.<kind>` section."""
 
     num_examples: Optional[int] = None
     """Training examples it reads (a seeded sample without replacement; None: the stage's default)."""
-    aggregation: Optional[str] = None
-    """Fisher only: "per_example" or "per_batch" (None: the stage's default)."""
-    labels: Optional[str] = None
-    """Fisher only: "empirical", "sampled" or "expected" (None: the stage's default)."""
     batch_size: Optional[int] = None
     """Batch size (None: the stage's default)."""
     seed: int = 0
     """Seed of the example sample (and of sampled labels)."""
-    args: dict[str, Any] = field(default_factory=dict)
-    """Further `fmn-pl fisher` options, by name, e.g. {include_padding: true}."""
 
 
+@kind_sections(ArtifactOptions)
 @dataclass
 class FisherOptions:
-    """Artifacts beside each task checkpoint: mask-node Fisher, full diagonal Fisher, Gram matrices."""
+    """Artifacts beside each task checkpoint: mask-node Fisher, full diagonal Fisher, Gram matrices. Besides the
+    fields below, one section per kind in `fmn_pl.kinds.KINDS`, named by it: `fisher.mask_fisher.aggregation`."""
 
     kinds: Optional[list[str]] = None
     """Artifacts to compute (mask_fisher, full_fisher, grams, or a kind registered in `fmn_pl.kinds.KINDS`);
     None: exactly those the merge methods need."""
-    mask_fisher: ArtifactOptions = field(default_factory=ArtifactOptions)
-    """Options of the mask-node Fisher (FMN's input)."""
-    full_fisher: ArtifactOptions = field(default_factory=ArtifactOptions)
-    """Options of the full diagonal Fisher (Fisher merging's input)."""
-    grams: ArtifactOptions = field(default_factory=ArtifactOptions)
-    """Options of the Gram matrices (RegMean's input)."""
     launch: Optional[Launch] = None
     """Where this stage runs (default: the pipeline's `trainer`)."""
 
@@ -137,12 +130,16 @@ class MergeOptions:
     """Methods to compare; the plain average and the individual models are always in the report."""
     combinations: Union[Literal["pairs", "all"], list[list[str]]] = "pairs"
     """Task sets to merge: "pairs" (every pair), "all" (all tasks at once) or explicit lists."""
-    max_eval_samples: Optional[int] = None
-    """Cap on the validation examples each task is scored on (a seeded sample); None: all."""
+    selection: SelectionOptions = field(default_factory=SelectionOptions)
+    """Where and how the methods choose their options: the same rows and rules for every method."""
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    """The final scoring of every merge (e.g. {max_samples: 400}: a seeded sample, the same for every method)."""
+    batch_size: int = 64
+    """Batch size of selection and evaluation scoring."""
+    own_tensors: Optional[list[str]] = None
+    """Glob patterns of body tensors each task keeps its own of (e.g. ["*.pooler.*"]); None: every tensor merged."""
     save_model: bool = True
     """Keep each merged body on disk (turn off to save space on large sweeps)."""
-    args: dict[str, Any] = field(default_factory=dict)
-    """Further `fmn-pl merge` options, by name, e.g. {batch_size: 128, selection_samples: 200}."""
     accelerator: Optional[str] = None
     """Accelerator of merging and evaluation (default: the pipeline's `trainer.accelerator`). A merge is one
     process: it runs on global rank 0 whatever `trainer.devices` says."""
@@ -234,7 +231,7 @@ def parse_config(argv: Sequence[str]) -> tuple[PipelineConfig, dict[str, Any]]:
     return normalize(cfg), flags
 
 
-COUNTS = ("max_epochs", "batch_size", "max_length", "max_train_samples", "max_eval_samples")
+COUNTS = ("max_epochs", "batch_size", "max_length", "max_train_samples", "max_eval_samples", "accumulate_grad_batches")
 
 
 def check_counts(cfg: PipelineConfig) -> None:
@@ -252,7 +249,9 @@ def check_counts(cfg: PipelineConfig) -> None:
         a = artifact_options(cfg, kind)
         check_count(f"fisher.{kind}.num_examples", a.num_examples)
         check_count(f"fisher.{kind}.batch_size", a.batch_size)
-    check_count("merge.max_eval_samples", cfg.merge.max_eval_samples)
+    check_count("merge.batch_size", cfg.merge.batch_size)
+    cfg.merge.selection.check()
+    cfg.merge.eval.check()
 
 
 def normalize(cfg: PipelineConfig) -> PipelineConfig:
@@ -263,7 +262,7 @@ def normalize(cfg: PipelineConfig) -> PipelineConfig:
     check_counts(cfg)
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks lists a task twice: {cfg.tasks}")
-    known = {f.name for f in fields(FitOptions)} - {"per_task", "args", "launch"}
+    known = {f.name for f in fields(FitOptions)} - {"per_task", "launch"}
     per_task = {}
     for t, over in cfg.fit.per_task.items():
         name = get_task(t).name
@@ -281,7 +280,7 @@ def normalize(cfg: PipelineConfig) -> PipelineConfig:
     if bad:
         raise ValueError(f"merge.methods: label(s) {bad} cannot name a folder")
     for m in cfg.merge.methods:
-        resolve_method(m.name, m.options)  # an unknown method fails here, with the known names
+        build_method(m)  # an unknown method or a bad option fails here, before any stage runs
     return replace(cfg, tasks=tasks, fit=replace(cfg.fit, per_task=per_task))
 
 
@@ -325,16 +324,17 @@ def combinations(cfg: PipelineConfig) -> list[list[str]]:
 
 
 def artifact_options(cfg: PipelineConfig, kind: str) -> ArtifactOptions:
-    """The configured options of one artifact kind (`fisher.<kind>`; defaults for a kind without a section)."""
-    return getattr(cfg.fisher, kind, None) or ArtifactOptions()
+    """The configured options of one artifact kind (`fisher.<kind>`): num_examples, batch_size, seed and the kind's
+    own options; their defaults for a kind without a section (one registered after this module was imported)."""
+    options: Optional[ArtifactOptions] = getattr(cfg.fisher, kind, None)
+    return options or options_class(ArtifactOptions, KINDS[kind].options)()
 
 
 def artifact_kinds(cfg: PipelineConfig) -> list[str]:
     """The artifact kinds to compute: as configured, or those the merge methods need."""
     needed: list[str] = []
     for spec in cfg.merge.methods:
-        needs, _ = resolve_method(spec.name, spec.options)
-        needed += [k for k in KINDS if k in needs]
+        needed += [k for k in KINDS if k in build_method(spec).needs]
     if cfg.fisher.kinds is None:
         return list(dict.fromkeys(needed))
     unknown = [k for k in cfg.fisher.kinds if k not in KINDS]
@@ -349,26 +349,22 @@ def artifact_kinds(cfg: PipelineConfig) -> list[str]:
     return list(dict.fromkeys(cfg.fisher.kinds))
 
 
-def resolve_method(name: str, options: dict[str, Any]) -> tuple[frozenset[str], dict[str, Any]]:
-    """What merge method `name` with `options` needs (an instance's: options can change it, e.g. FMN's
-    `scaling: null` needs the base model) and its resolved options as JSON (defaults filled in, so a changed
-    default changes the merge stage's key). An unknown name fails here, with the known names; bad options give
-    the class's needs and the given options, and the stage's argument check reports them with every other problem."""
+def build_method(spec: MethodSpec) -> Any:
+    """The method instance of a `merge.methods` entry; an unknown name fails with the known names, bad options with
+    the entry's column. An instance, not its class: options can change what it needs (FMN's `scaling: null` needs
+    the base model), and its `options()` fill in the defaults the stage's key hashes."""
     from fmn_pl.merging import method_class
 
-    cls = method_class(name)
+    cls = method_class(spec.name)
     try:
-        method = cls(**options)
-    except (TypeError, ValueError):
-        return frozenset(cls.needs), dict(options)
-    return frozenset(method.needs), json.loads(json.dumps(method.options(), default=str))
+        return cls(**spec.options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"merge.methods: {spec.column}: {e}") from None
 
 
 def fit_options(cfg: PipelineConfig, task: str) -> dict[str, Any]:
     """The fit options of one task: the shared ones with its per-task overrides applied."""
-    base = {
-        f.name: getattr(cfg.fit, f.name) for f in fields(FitOptions) if f.name not in ("per_task", "args", "launch")
-    }
+    base = {f.name: getattr(cfg.fit, f.name) for f in fields(FitOptions) if f.name not in ("per_task", "launch")}
     return {**base, **cfg.fit.per_task.get(task, {})}
 
 

@@ -11,15 +11,14 @@ from typing import Any, Callable, Optional
 from fmn_pl.files import sha256_file, sha256_json
 from fmn_pl.kinds import KINDS
 from fmn_pl.pipeline_config import (
-    ArtifactOptions,
     Launch,
     MethodSpec,
     PipelineConfig,
     artifact_kinds,
     artifact_options,
+    build_method,
     combinations,
     fit_options,
-    resolve_method,
 )
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -27,8 +26,8 @@ from fmn_pl.pipeline_config import (
 
 @dataclass
 class Stage:
-    """One unit of work: a call of a stage function (`run_fit`, `run_fisher`, `run_merge`, the report) whose inputs
-    and outputs the pipeline tracks."""
+    """One unit of work: a call of a stage function (`run_fit`, `run_fisher`, `run_merge`, the report) on its typed
+    config, whose inputs and outputs the pipeline tracks."""
 
     id: str
     """e.g. "fit/rte", "fisher/rte/mask_fisher", "merge/rte+mrpc/fmn", "report"."""
@@ -37,19 +36,20 @@ class Stage:
     deps: list[str]
     """Stage ids whose outputs it reads."""
     options: dict[str, Any]
-    """Everything that decides its result besides `deps` (hashed into the stamp key)."""
-    call: dict[str, Any]
-    """The stage function's options, launch options included (what `config` holds as YAML)."""
+    """Everything that decides its result besides `deps`, as data (hashed into the stamp key)."""
+    config: Any
+    """The stage function's config: the LightningCLI config of `run_fit`, a `FisherConfig`, a `MergeConfig`
+    (None: the report)."""
     launch: Optional[Launch]
     """Where it runs (None: in the pipeline's process, rank 0 only)."""
     output: Path
     """Its main output: checkpoint folder, artifact file or report file."""
-    config: Optional[Path] = None
-    """Where `call` is written before it runs: `fmn-pl <kind> --config <config>` runs it alone."""
+    config_file: Optional[Path] = None
+    """Where `config` is written as YAML before it runs: `fmn-pl <kind> --config <config_file>` runs it alone."""
 
     def command(self) -> list[str]:
         """The standalone command line of this stage (what a cluster job would run)."""
-        return ["fmn-pl", self.kind, "--config", str(self.config)] if self.config else ["fmn-pl", self.kind]
+        return ["fmn-pl", self.kind, "--config", str(self.config_file)] if self.config_file else ["fmn-pl", self.kind]
 
 
 def _launch(cfg: PipelineConfig, own: Optional[Launch]) -> Launch:
@@ -107,6 +107,7 @@ def fit_config(cfg: PipelineConfig, task: str) -> dict[str, Any]:
             "precision": o["precision"],
             "enable_checkpointing": False,  # the export keeps the best epoch's weights in memory
             "enable_progress_bar": False,  # the stage's output goes to a log file
+            **set_options({k: o[k] for k in ("accumulate_grad_batches", "gradient_clip_val")}),  # unset: not in the key
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": str(out / "logs"), "name": f"fit-{task}", "version": "latest"},
@@ -139,7 +140,7 @@ def report_options(cfg: PipelineConfig) -> dict[str, Any]:
                 for t in cfg.tasks
             },
             "fisher": {k: {"num_examples": artifact_options(cfg, k).num_examples} for k in kinds},  # None: default
-            "eval": {"max_eval_samples": cfg.merge.max_eval_samples},
+            "eval": {"max_eval_samples": cfg.merge.eval.max_samples},
         },
     }
 
@@ -149,17 +150,17 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     stages = [fit_stage(cfg, task) for task in cfg.tasks]
     kinds = artifact_kinds(cfg)
     stages += [fisher_stage(cfg, task, kind) for task in cfg.tasks for kind in kinds]
-    methods = {spec.column: resolve_method(spec.name, spec.options) for spec in cfg.merge.methods}
+    methods = {spec.column: build_method(spec) for spec in cfg.merge.methods}
     for combo in combinations(cfg):
         for spec in cfg.merge.methods:
-            stages.append(merge_stage(cfg, combo, spec, methods[spec.column], kinds))
+            stages.append(merge_stage(cfg, combo, spec, methods[spec.column]))
     stages.append(
         Stage(  # reads the merges' reports and every stage's stamp (its cost)
             id="report",
             kind="report",
             deps=[s.id for s in stages],
             options={"report": report_options(cfg)},
-            call={},
+            config=None,
             launch=None,
             output=Path(cfg.output) / "report.json",
         )
@@ -175,17 +176,19 @@ def fit_stage(cfg: PipelineConfig, task: str) -> Stage:
         id=f"fit/{task}",
         kind="fit",
         deps=[],
-        options={"config": conf, "args": cfg.fit.args},
-        call=nest(conf, {**cfg.fit.args, **{f"trainer.{k}": v for k, v in asdict(launch).items()}}),
+        options={"config": conf, "args": {}},  # "args": the key's shape before the typed options (runs stay fresh)
+        config=nest(conf, {f"trainer.{k}": v for k, v in asdict(launch).items()}),
         launch=launch,
         output=Path(cfg.output) / "checkpoints" / task,
-        config=config_path(cfg, f"fit/{task}"),
+        config_file=config_path(cfg, f"fit/{task}"),
     )
 
 
 def fisher_stage(cfg: PipelineConfig, task: str, kind: str) -> Stage:
-    """One artifact of one task's checkpoint: `run_fisher`."""
-    a: ArtifactOptions = artifact_options(cfg, kind)
+    """One artifact of one task's checkpoint: `run_fisher` on a `FisherConfig`."""
+    from fmn_pl.kinds import fisher_config_class
+
+    a = artifact_options(cfg, kind)
     checkpoint = Path(cfg.output) / "checkpoints" / task
     opts = {
         "checkpoint": str(checkpoint),
@@ -195,8 +198,7 @@ def fisher_stage(cfg: PipelineConfig, task: str, kind: str) -> Stage:
         "num_examples": a.num_examples,
         "seed": a.seed,
         "batch_size": a.batch_size,
-        **{name: getattr(a, name) for name in KINDS[kind].options},
-        **a.args,
+        **{o.name: getattr(a, o.name) for o in KINDS[kind].options},
     }
     launch = _launch(cfg, cfg.fisher.launch)
     return Stage(
@@ -204,56 +206,50 @@ def fisher_stage(cfg: PipelineConfig, task: str, kind: str) -> Stage:
         kind="fisher",
         deps=[f"fit/{task}"],
         options=opts,
-        call={**set_options(opts), "trainer": asdict(launch)},
+        config=fisher_config_class()(**set_options(opts), trainer=asdict(launch)),  # None: the stage's default
         launch=launch,
         output=checkpoint / KINDS[kind].file,
-        config=config_path(cfg, f"fisher/{task}/{kind}"),
+        config_file=config_path(cfg, f"fisher/{task}/{kind}"),
     )
 
 
-def merge_stage(
-    cfg: PipelineConfig, combo: list[str], spec: MethodSpec, method: tuple[frozenset[str], dict], kinds: list[str]
-) -> Stage:
-    """One method on one task set: `run_merge` (always in the pipeline's process: merging is one process)."""
-    needs, resolved = method
+def merge_stage(cfg: PipelineConfig, combo: list[str], spec: MethodSpec, method: Any) -> Stage:
+    """One method on one task set: `run_merge` on a `MergeConfig` (always in the pipeline's process: merging is one
+    process). Its key hashes the config but where it runs."""
+    from fmn_pl.merge_config import RUN_OPTIONS, MergeConfig
+
     name = "+".join(combo)
     out = Path(cfg.output)
     folder = out / "merges" / name / spec.column
-    opts: dict[str, Any] = {
-        "method": spec.name,
-        **{f"method.{k}": v for k, v in spec.options.items()},
-        "label": spec.column,
-        "base": cfg.model if "base" in needs else None,
-        "data_dir": cfg.data_dir,
-        "max_eval_samples": cfg.merge.max_eval_samples,
-        "save_model": cfg.merge.save_model,
-        **cfg.merge.args,
-    }
-    call = {
-        **set_options({k: v for k, v in opts.items() if not k.startswith("method") and k not in cfg.merge.args}),
-        **cfg.merge.args,  # as given: null is a value here (e.g. selection_screen: null turns screening off)
-        "method": {"class_path": spec.name, "init_args": dict(spec.options)},  # null is a value: choose it
-        "accelerator": cfg.merge.accelerator or cfg.trainer.accelerator,
-        "progress": False,
-        "checkpoints": [str(out / "checkpoints" / t) for t in combo],
-        "output": str(folder),
-        "overwrite": True,
-    }
+    config = MergeConfig(
+        checkpoints=[str(out / "checkpoints" / t) for t in combo],
+        method=method,
+        output=str(folder),
+        base=cfg.model if "base" in method.needs else None,
+        data_dir=cfg.data_dir,
+        label=spec.column,
+        own_tensors=cfg.merge.own_tensors,
+        save_model=cfg.merge.save_model,
+        batch_size=cfg.merge.batch_size,
+        selection=cfg.merge.selection,
+        eval=cfg.merge.eval,
+        accelerator=cfg.merge.accelerator or cfg.trainer.accelerator,
+        overwrite=True,
+        progress=False,
+    )
     deps = [f"fit/{t}" for t in combo]
-    deps += [f"fisher/{t}/{k}" for t in combo for k in KINDS if k in needs and k in kinds]
+    deps += [f"fisher/{t}/{k}" for t in combo for k in KINDS if k in method.needs]
+    data = config.to_data()
     return Stage(
         id=f"merge/{name}/{spec.column}",
         kind="merge",
         deps=deps,
-        options={**opts, "tasks": combo, "resolved": resolved},
-        call=call,
+        options={**{k: v for k, v in data.items() if k not in RUN_OPTIONS}, "tasks": combo},
+        config=config,
         launch=None,
         output=folder / "report.json",
-        config=config_path(cfg, f"merge/{name}/{spec.column}"),
+        config_file=config_path(cfg, f"merge/{name}/{spec.column}"),
     )
-
-
-# ---------------------------------------------------------------------------------------------- identities
 
 
 class Identities:

@@ -23,7 +23,9 @@ from safetensors.torch import load_file, save_file
 from fmn_pl.artifacts import artifact_path
 from fmn_pl.checkpoint import CheckpointMeta, read_metadata, weights_fingerprint
 from fmn_pl.kinds import KINDS
+from fmn_pl.merge_config import MergeConfig
 from fmn_pl.merging import METHODS, MergeContext, MergeMethod, method_class
+from fmn_pl.options import SelectionOptions
 from tests.conftest import tiny_checkpoint
 from tests.test_layout import TOY_METHOD
 
@@ -122,18 +124,17 @@ def streamed(method: MergeMethod, cks: list[Path], models: Models, out: Path) ->
     from fmn_pl.merge import run_merge
 
     run_merge(
-        [str(c) for c in cks],
-        method,
-        str(out),
-        evaluate=False,
-        data_dir=str(models.data),
-        selection_split="validation",
-        selection_samples=16,
-        selection_screen=None,
-        selection_precision="32",
-        batch_size=8,
-        accelerator="cpu",
-        progress=False,
+        MergeConfig(
+            checkpoints=[str(c) for c in cks],
+            method=method,
+            output=str(out),
+            evaluate=False,
+            data_dir=str(models.data),
+            selection=SelectionOptions(split="validation", samples=16, screen=None, precision="32"),
+            batch_size=8,
+            accelerator="cpu",
+            progress=False,
+        )
     )
     return {t: load_file(str(out / t / "model-body.safetensors")) for t in TASKS}
 
@@ -190,7 +191,7 @@ def test_needs_are_honoured(name: str, models: Models, tmp_path: Path) -> None:
         else:
             artifact_path(cks[1], need).unlink()
         with pytest.raises((FileNotFoundError, ValueError)) as e:
-            run_merge([str(c) for c in cks], method, str(tmp_path / need / "out"), evaluate=False)
+            run_merge(MergeConfig([str(c) for c in cks], method, str(tmp_path / need / "out"), evaluate=False))
         assert "\n" not in str(e.value) and ("base" in str(e.value) if need == "base" else need in str(e.value))
 
 
@@ -229,5 +230,4 @@ def test_options_round_trip(name: str, tmp_path: Path, models: Models) -> None:
         )
     )
     stage = next(s for s in plan(parse_config(["--config", str(pipeline)])[0]) if s.kind == "merge")
-    spec = stage.call["method"]
-    assert method_class(spec["class_path"])(**spec["init_args"]).options() == options
+    assert stage.config.method.options() == options

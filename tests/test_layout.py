@@ -5,8 +5,13 @@ merge -> report never loops back."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
+import sys
+from argparse import ArgumentError
 from pathlib import Path
+from types import ModuleType
+from typing import Optional
 
 import pytest
 import torch
@@ -16,18 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def import_graph() -> dict[str, set[str]]:
     """{module: fmn_pl modules it imports}, from the source: import statements anywhere in a module, and the
-    "package.module:name" strings a module imports by name."""
+    "package.module:name" strings a module imports by name. The package itself imports its public names on first
+    use only (`fmn_pl.__getattr__`): it has no edges, and `from fmn_pl import name` imports the name's module."""
+    import fmn_pl
+
     mods = {}
     for path in (ROOT / "fmn_pl").rglob("*.py"):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         mods[name] = path
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for m, path in mods.items():
+        if m == "fmn_pl":
+            continue
         src = path.read_text()
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fmn_pl"):
                 for alias in node.names:
                     sub = f"{node.module}.{alias.name}"
+                    if node.module == "fmn_pl" and alias.name in fmn_pl._API:
+                        sub = fmn_pl._API[alias.name].split(":")[0]
                     graph[m].add(sub if sub in mods else node.module)
             elif isinstance(node, ast.Import):
                 graph[m] |= {a.name for a in node.names if a.name.startswith("fmn_pl")}
@@ -145,9 +157,9 @@ from fmn_pl.passes import ArtifactPass
 
 
 class LabelCounts:
-    def __init__(self, num_labels):
+    def __init__(self, num_labels, pseudo_count):
         self.examples = torch.zeros((), dtype=torch.long)
-        self.counts = torch.zeros(num_labels)
+        self.counts = torch.full((num_labels,), float(pseudo_count))
 
     def active(self):
         return contextlib.nullcontext()
@@ -170,8 +182,12 @@ class LabelCounts:
 class LabelCountsPass(ArtifactPass):
     kind = "label_counts"
 
+    def __init__(self, checkpoint_dir, pseudo_count=0.0, metadata=None):  # the kind's own option
+        super().__init__(checkpoint_dir, metadata)
+        self.pseudo_count = pseudo_count
+
     def make(self, model):
-        return LabelCounts(model.config.num_labels)
+        return LabelCounts(model.config.num_labels, self.pseudo_count)
 '''
 
 TOY_PRIOR_METHOD = '''
@@ -189,41 +205,66 @@ class Prior(MergeMethod):
 '''
 
 
-def test_a_new_artifact_kind_is_one_file_and_one_registry_line(
-    tmp_path: Path, make_checkpoint, tiny_glue: Path, monkeypatch
-) -> None:
-    """The toy kind is computed by `fmn-pl fisher --kind`, read back checked, needed by a method (the merge finds
-    and checks it) and planned by the pipeline, with no other change."""
-    from safetensors.torch import load_file
-
-    from fmn_pl.artifacts import artifact_path, load_artifact
-    from fmn_pl.fisher_cli import main as fisher
-    from fmn_pl.kinds import KINDS, ArtifactKind
-    from fmn_pl.merge_cli import main as merge
+def register_toy_kind(tmp_path: Path, monkeypatch) -> None:
+    """The toy kind's one file (and a toy method that needs it) on the path, and its one registry line, with the
+    option of its own it declares."""
+    from fmn_pl.kinds import KINDS, ArtifactKind, KindOption
     from fmn_pl.merging import METHODS
-    from fmn_pl.pipeline_config import parse_config
-    from fmn_pl.sources import read_split
-    from fmn_pl.stages import plan
-    from fmn_pl.tasks import get_task
 
     (tmp_path / "toy_kinds").mkdir()
     (tmp_path / "toy_kinds" / "__init__.py").write_text("")
     (tmp_path / "toy_kinds" / "label_counts.py").write_text(TOY_KIND)  # the one file
     (tmp_path / "toy_kinds" / "prior.py").write_text(TOY_PRIOR_METHOD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    toy = ArtifactKind("label_counts", "labels", "toy_kinds.label_counts:LabelCountsPass")
-    monkeypatch.setitem(KINDS, "label_counts", toy)  # the one registry line
+    toy = ArtifactKind(  # the one registry line
+        "label_counts",
+        "labels",
+        "toy_kinds.label_counts:LabelCountsPass",
+        options=(KindOption("pseudo_count", Optional[float], help="Added to every label's count."),),
+    )
+    monkeypatch.setitem(KINDS, "label_counts", toy)
     monkeypatch.setitem(METHODS, "prior", "toy_kinds.prior:Prior")
 
+
+def fresh_import(name: str, monkeypatch) -> ModuleType:
+    """Module `name` imported anew for this test (the imported one is back after it): what a process whose registry
+    has the test's entries from the start imports, its classes made from them."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # the module's own annotations resolve in it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_new_artifact_kind_is_one_file_and_one_registry_line(
+    tmp_path: Path, make_checkpoint, tiny_glue: Path, monkeypatch
+) -> None:
+    """The toy kind is computed by `fmn-pl fisher --kind`, its own option from `--pseudo_count` reaching its pass
+    (and refused for another kind), read back checked, needed by a method (the merge finds and checks it) and
+    planned by the pipeline, with no other change."""
+    from safetensors.torch import load_file
+
+    from fmn_pl.artifacts import artifact_path, load_artifact
+    from fmn_pl.fisher_cli import main as fisher
+    from fmn_pl.merge_cli import main as merge
+    from fmn_pl.pipeline_config import parse_config
+    from fmn_pl.sources import read_split
+    from fmn_pl.stages import plan
+    from fmn_pl.tasks import get_task
+
+    register_toy_kind(tmp_path, monkeypatch)
     cks = [make_checkpoint("rte", seed=0), make_checkpoint("mrpc", seed=1)]
     for ck in cks:
         common = ["--checkpoint", str(ck), "--data_dir", str(tiny_glue), "--trainer.accelerator", "cpu"]
-        fisher([*common, "--kind", "labels", "--num_examples", "null", "--split", "validation"])
+        fisher([*common, "--kind", "labels", "--num_examples", "null", "--split", "validation", "--pseudo_count=0.5"])
         assert artifact_path(ck, "label_counts") == ck / "label_counts.safetensors"
     art = load_artifact(cks[0], "label_counts")
     labels = read_split(str(tiny_glue), get_task("rte"), "validation")["label"]
     assert art.metadata["kind"] == "label_counts" and art.metadata["task"] == "rte"
-    assert art.get("counts").tolist() == [float(sum(v == c for v in labels)) for c in (0, 1)]
+    assert art.get("counts").tolist() == [0.5 + sum(v == c for v in labels) for c in (0, 1)]
+    with pytest.raises(ValueError, match="pseudo_count does not apply to kind 'mask' \\(an option of kind labels\\)"):
+        fisher([*common, "--kind", "mask", "--pseudo_count", "1"])
 
     out = tmp_path / "merged"
     merge(["--method", "prior", "--checkpoints", *map(str, cks), "--output", str(out), "--evaluate", "false"])
@@ -243,6 +284,48 @@ def test_a_new_artifact_kind_is_one_file_and_one_registry_line(
     stages = {s.id: s for s in plan(parse_config(["--config", str(cfg)])[0])}
     assert stages["fisher/rte/label_counts"].options["kind"] == "labels"
     assert "fisher/mrpc/label_counts" in stages["merge/rte+mrpc/prior"].deps
+
+
+def test_a_new_kinds_option_is_a_pipeline_option(tmp_path: Path, monkeypatch) -> None:
+    """The toy kind's own option is `fisher.label_counts.pseudo_count` of a pipeline config (YAML or flag) beside
+    the options every kind has, and no option of another kind's section. The pipeline's config classes are made
+    from the registry when `fmn_pl.pipeline_config` is imported, so the test imports it after registering."""
+    register_toy_kind(tmp_path, monkeypatch)
+    pipeline_config = fresh_import("fmn_pl.pipeline_config", monkeypatch)
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(
+        "tasks: [rte, mrpc]\nmerge:\n  methods: [{name: prior}]\n"
+        "fisher:\n  label_counts: {pseudo_count: 0.5, num_examples: 16}\n"
+    )
+    parsed, _ = pipeline_config.parse_config(["--config", str(cfg)])
+    options = pipeline_config.artifact_options(parsed, "label_counts")
+    assert (options.pseudo_count, options.num_examples, options.seed) == (0.5, 16, 0)
+    parsed, _ = pipeline_config.parse_config(["--config", str(cfg), "--fisher.label_counts.pseudo_count", "2"])
+    assert pipeline_config.artifact_options(parsed, "label_counts").pseudo_count == 2.0
+    assert not hasattr(pipeline_config.artifact_options(parsed, "mask_fisher"), "pseudo_count")
+    with pytest.raises(ArgumentError, match="pseudo_count"):
+        pipeline_config.parse_config(["--config", str(cfg), "--fisher.mask_fisher.pseudo_count", "2"])
+
+
+def test_run_fisher_takes_its_config_alone(monkeypatch) -> None:
+    """`run_fisher(config)` has no parameter of a kind: the kinds' options are `FisherConfig` fields made from their
+    registry lines, one per name, None (not set) by default; two kinds declaring one name with two types fail
+    when the fields are made."""
+    import inspect
+    from dataclasses import fields
+
+    from fmn_pl.fisher_cli import run_fisher
+    from fmn_pl.kinds import KINDS, ArtifactKind, FisherConfig, KindOption, fisher_config_class
+
+    assert list(inspect.signature(run_fisher).parameters) == ["config"]
+    declared = {o.name for kind in KINDS.values() for o in kind.options}
+    assert declared == {"aggregation", "labels", "include_padding"}
+    assert {f.name: f.default for f in fields(FisherConfig) if f.name in declared} == dict.fromkeys(declared)
+    assert fisher_config_class() is FisherConfig
+    clash = ArtifactKind("clash", "clash", "toy:Pass", options=(KindOption("labels", Optional[int]),))
+    monkeypatch.setitem(KINDS, "clash", clash)
+    with pytest.raises(TypeError, match="declare option 'labels' with two types"):
+        fisher_config_class()
 
 
 def code_lines(node: ast.AST, src: list[str]) -> int:

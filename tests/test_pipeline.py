@@ -211,14 +211,14 @@ def test_dry_run_of_the_paper_config(capsys) -> None:
     n_methods, n_kinds = len(cfg["merge"]["methods"]), 3
     assert f"dry run: {7 + 7 * n_kinds + 21 * n_methods + 1} stages" in out and "0 problem(s)" in out
     assert "merge/mrpc+rte/fmn_reference: would run" in out
-    assert '# {"method":"fmn","broadcast":"reference","normalize":"none","power":1.0,"scaling":1.0}' in out
+    assert '# {"method":"fmn","normalize":"none","broadcast":"reference","power":1.0,"scaling":1.0}' in out
     assert not Path("runs/paper").exists() or not any(Path("runs/paper").iterdir())
 
 
 def test_dry_run_reports_problems(tmp_path: Path, capsys) -> None:
     cfg = yaml.safe_load(TINY.read_text())
-    cfg["merge"]["methods"][0]["options"] = {"broadcas": "per_node"}
-    cfg["fit"]["args"] = {"trainer.max_epochz": 2}
+    cfg["merge"]["methods"][0]["options"] = {"coefficients": "both"}  # built, but not a list: the parser says so
+    cfg["fit"]["per_task"] = {"rte": {"learning_rate": "fast"}}  # per-task overrides are typed by the fit parser
     cfg["data_dir"] = str(tmp_path / "nowhere")
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -226,8 +226,8 @@ def test_dry_run_reports_problems(tmp_path: Path, capsys) -> None:
         pipeline.main(["--config", str(path), f"--output={tmp_path / 'out'}", "--dry_run=true"])
     assert e.value.code == 1
     out = capsys.readouterr().out
-    assert "problem: merge/rte+mrpc/fmn: its arguments do not parse" in out and "broadcas" in out
-    assert "problem: fit/rte: its arguments do not parse" in out and "max_epochz" in out
+    assert "problem: merge/rte+mrpc/fmn: its arguments do not parse" in out and "coefficients" in out
+    assert "problem: fit/rte: its arguments do not parse" in out and "learning_rate" in out
     assert f"problem: data of rte: folder {tmp_path / 'nowhere'} does not exist" in out
     assert not (tmp_path / "out").exists()
 
@@ -238,6 +238,7 @@ def test_dry_run_reports_problems(tmp_path: Path, capsys) -> None:
         ({"tasks": ["rte", "RTE"]}, "lists a task twice"),
         ({"merge": {"methods": [{"name": "fmn"}, {"name": "fmn"}]}}, "appear twice; give each a distinct `label`"),
         ({"merge": {"methods": [{"name": "magic"}]}}, "unknown merge method 'magic'"),
+        ({"merge": {"methods": [{"name": "fmn", "options": {"broadcas": "x"}}]}}, "merge.methods: fmn: .*'broadcas'"),
         ({"merge": {"combinations": [["rte", "cola"]]}}, r"names \['cola'\], not in tasks"),
         (
             {"fit": {"per_task": {"rte": {"learning_rat": 1.0}}}},
@@ -350,5 +351,5 @@ def test_method_option_null_reaches_the_merge(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     plan = stages.plan(pipeline_config.parse_config(["--config", str(tmp_path / "p.yaml")])[0])
     merge = next(s for s in plan if s.kind == "merge")
-    assert merge.call["method"] == {"class_path": "ties", "init_args": {"scaling": None}}
-    assert merge.call["base"] == "some/base"  # ties needs the pretrained model
+    assert merge.config.method.scaling is None and merge.options["method"]["init_args"]["scaling"] is None
+    assert merge.config.base == "some/base"  # ties needs the pretrained model
