@@ -15,6 +15,7 @@ _API: dict[str, str] = {
     "run_fit": "fmn_pl.fit:run_fit",
     "FitResult": "fmn_pl.fit:FitResult",
     "run_fisher": "fmn_pl.fisher_cli:run_fisher",
+    "ArtifactResult": "fmn_pl.fisher_cli:ArtifactResult",
     "FisherConfig": "fmn_pl.kinds:FisherConfig",
     "KINDS": "fmn_pl.kinds:KINDS",
     "get_kind": "fmn_pl.kinds:get_kind",
@@ -40,6 +41,7 @@ __all__ = [
     "run_fit",
     "FitResult",
     "run_fisher",
+    "ArtifactResult",
     "FisherConfig",
     "KINDS",
     "get_kind",
@@ -65,7 +67,7 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_api.py checks 
     from fmn_pl.checkpoint import CheckpointMeta
     from fmn_pl.data import GLUEDataModule, task_datamodule
     from fmn_pl.evaluate import Evaluator
-    from fmn_pl.fisher_cli import run_fisher
+    from fmn_pl.fisher_cli import ArtifactResult, run_fisher
     from fmn_pl.fit import FitResult, run_fit
     from fmn_pl.kinds import KINDS, FisherConfig, get_kind
     from fmn_pl.merge import merge_body, run_merge
