@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fmn_pl.files import atomic_path, write_json
+from fmn_pl.merge_report import Choice, MergeReport
 
 BUNDLE = "bundle"
 ROWS = "rows.parquet"
@@ -22,6 +23,7 @@ VERSION = 1
 INDIVIDUAL = "individual"
 AVERAGE = "average"
 COLUMNS = ("seed", "combination", "model", "task", "split", "row", "label", "prediction")
+SELECTION_KEYS = ("split", "max_samples", "sample_seed", "bf16")  # what a bundle keeps of a merge's selection
 
 
 @dataclass
@@ -44,11 +46,11 @@ def collect(run: Path, seed: int) -> Bundle:
     merges: dict[str, dict[str, Any]] = {}
     seen: set[tuple[str, str, str]] = set()
     for report_file in sorted((run / "merges").glob("*/*/report.json")):
-        report = json.loads(report_file.read_text())
+        report = MergeReport.read(report_file)
         combo, label = report_file.parent.parent.name, report_file.parent.name
         merges[f"{combo}/{label}"] = _merge_meta(report)
-        for task, result in report["results"].items():
-            for model, scored in (result.get("rows") or {}).items():
+        for task, result in report.results.items():
+            for model, scored in result.rows.items():
                 name = label if model == "merged" else model
                 where = "" if model == INDIVIDUAL else combo
                 if (where, name, task) in seen:
@@ -64,29 +66,27 @@ def collect(run: Path, seed: int) -> Bundle:
     return Bundle(rows, {"version": VERSION, "seed": seed, **_run_meta(run), "merges": merges})
 
 
-def _merge_meta(report: dict[str, Any]) -> dict[str, Any]:
+def _merge_meta(report: MergeReport) -> dict[str, Any]:
     """What the bundle keeps of one merge report: method, options, each chosen option with its grid, the
     distinct candidates scored on held-out rows (its budget) and the scorings that took, storage and time."""
-    notes, method = report.get("notes") or {}, str(report.get("method"))
-    chosen = {k.removeprefix(f"{method}_"): notes[k] for k in report.get("choices", [])}
-    selection = report.get("selection") or {}
+    chosen = {k.removeprefix(f"{report.method}_"): c for k, c in report.chosen().items()}
+    selection = report.selection.to_dict() if report.selection else {}
     return {
-        "method": method,
-        "options": report.get("options"),
-        "choices": {option: {"chosen": n.get("chosen"), "grid": n.get("grid")} for option, n in chosen.items()},
-        "candidates": max((_candidates(n) for n in chosen.values()), default=0),
-        "evaluations": selection.get("evaluations", 0),
-        "selection": {k: selection[k] for k in ("split", "max_samples", "sample_seed", "bf16") if k in selection},
-        "fingerprints": {c["task"]: c["fingerprint"] for c in report.get("checkpoints", [])},
-        "storage": report.get("storage"),
-        "timings": report.get("timings"),
+        "method": report.method,
+        "options": report.options,
+        "choices": {option: {"chosen": c.chosen, "grid": c.grid} for option, c in chosen.items()},
+        "candidates": max((_candidates(c) for c in chosen.values()), default=0),
+        "evaluations": report.selection.evaluations if report.selection else 0,
+        "selection": {k: selection[k] for k in SELECTION_KEYS if k in selection},
+        "fingerprints": {c.task: c.fingerprint for c in report.checkpoints},
+        "storage": report.storage.to_dict() if report.storage else None,
+        "timings": report.timings,
     }
 
 
-def _candidates(note: dict[str, Any]) -> int:
+def _candidates(choice: Choice) -> int:
     """Distinct candidates a search scored: every one screened, or every one scored when nothing was screened."""
-    screened = note.get("screened") or {}
-    return len(screened.get("mean_scores") or note.get("scores") or {})
+    return len((choice.screened.mean_scores if choice.screened else None) or choice.scores)
 
 
 def _run_meta(run: Path) -> dict[str, Any]:

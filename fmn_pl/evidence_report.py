@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from fmn_pl.bundle import AVERAGE, INDIVIDUAL, read_all
 from fmn_pl.evidence import CONSTANT, Estimate, Evidence
@@ -56,6 +56,14 @@ def markdown(ev: Evidence) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def selection_samples(merge: dict[str, Any]) -> Any:
+    """The selection rows per task a bundle's pipeline config set (`merge.selection.samples`; bundles written
+    before the typed options hold it as `merge.args.selection_samples`)."""
+    if "selection" in merge:
+        return merge["selection"]["samples"]
+    return (merge.get("args") or {}).get("selection_samples", 300)
+
+
 def _intro(ev: Evidence) -> list[str]:
     cfg = ev.bundles[0].meta["config"]
     fit, merge = cfg["fit"], cfg["merge"]
@@ -69,7 +77,7 @@ def _intro(ev: Evidence) -> list[str]:
         f"- Scored rows: a seeded sample of each validation split ({', '.join(f'{t} {n[t]}' for t in ev.tasks)}), "
         "read for these scores only. The exported epoch and every searched option were chosen on "
         f"{fit['holdout_samples']} training rows held out from fine-tuning (options on "
-        f"{(merge.get('args') or {}).get('selection_samples', 300)} of them).",
+        f"{selection_samples(merge)} of them).",
         "- Scores x100 (GLUE's metric; the mean of two for MRPC and STS-B), mean over seeds. [a, b]: 95% interval "
         f"of a paired bootstrap over the scored rows ({ev.draws[next(iter(ev.draws))].shape[0]} resamples, the "
         "same rows for every model of a seed and task; the mean over seeds). **Bold**: the interval excludes 0.",

@@ -3,7 +3,6 @@ individual models, means per combination, stage costs; as JSON, Markdown and plo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,34 +44,31 @@ def gather(cfg: PipelineConfig, partial: bool = False) -> dict[str, Any]:
 def _merge_results(stages: list[Stage], partial: bool) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per (combination, task, column) from the merges' reports, and their flags and remarks (repeats
     kept): constant, individual and average are in every report of a combination, so they are kept once."""
-    from fmn_pl.report import rows
+    from fmn_pl.merge_report import MergeReport
 
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
     flags: list[str] = []
     for s in (s for s in stages if s.kind == "merge"):
         if partial and not s.output.is_file():
             continue
-        rep = json.loads(s.output.read_text())
-        combo = "+".join(s.options["tasks"])
-        for r in rows(rep):  # constant, individual and average are in every report of a combination: kept once
-            base = {"combination": combo, "task": r["task"], "metrics": r["metrics"]}
+        rep = MergeReport.read(s.output)
+        combo, label = "+".join(s.options["tasks"]), s.options["label"]
+        for task, r in rep.results.items():  # constant, individual, average: in every report of a combination
+            base = {"combination": combo, "task": task, "metrics": r.metric_names()}
             for column, which, norm in (
                 ("constant", "baseline", None),
                 ("individual", "individual", 1.0),
-                ("average", "average", r["normalized_average"]),
-                (s.options["label"], "merged", r["normalized"]),
+                ("average", "average", r.normalized_average),
+                (label, "merged", r.normalized),
             ):
                 results.setdefault(
-                    (combo, r["task"], column),
-                    {**base, "column": column, "score": r[which], "normalized": norm, "mse": r["mse"][which]},
+                    (combo, task, column),
+                    {**base, "column": column, "score": r.score(which), "normalized": norm, "mse": r.mse(which)},
                 )
-            flags += [
-                f"{combo} {s.options['label']}: {r['task']}: {f}"
-                for f in r["flags"]
-                if not f.startswith(("individual", "average"))
-            ]
-            flags += [f"{combo}: {r['task']}: {f}" for f in r["flags"] if f.startswith(("individual", "average"))]
-        flags += [f"{combo} {s.options['label']}: {remark}" for remark in rep.get("remarks", [])]
+            own = [f for f in r.flags if f.startswith(("individual", "average"))]
+            flags += [f"{combo} {label}: {task}: {f}" for f in r.flags if f not in own]
+            flags += [f"{combo}: {task}: {f}" for f in own]
+        flags += [f"{combo} {label}: {remark}" for remark in rep.remarks]
     return list(results.values()), flags
 
 

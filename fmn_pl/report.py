@@ -1,8 +1,9 @@
 """Merge reports: `report.json` (everything), `report.md` (a table) and `report.png` (bars per task).
 
 A merge report's `results` maps each task to {"merged", "individual", "average": metrics with `score`,
-"normalized": merged score / individual score, "normalized_average": average / individual}. `rows`
-flattens one report into table rows, so a study's combined report can stack many of them.
+"normalized": merged score / individual score, "normalized_average": average / individual}. The merge builds
+the report as a dict (`task_result`, `summary`); the pages are drawn from it read as a typed `MergeReport`
+(`fmn_pl.merge_report`), as every later reader reads it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from fmn_pl.files import atomic_write, save_figure, write_json
-from fmn_pl.tasks import SCALE_METRICS
+from fmn_pl.merge_report import MODELS, MergeReport, Summary, as_report
 
 
 def noise_margin(n: int) -> float:
@@ -106,46 +107,19 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per task: method, task, metric names, the three scores and both normalized scores."""
-    out = []
-    for task, r in report.get("results", {}).items():
-        metrics = [
-            k
-            for k in (r.get("merged") or r.get("individual") or {})
-            if not k.endswith("score") and k.rpartition("/")[2] not in SCALE_METRICS
-        ]
-        out.append(
-            {
-                "method": report.get("method"),
-                "label": report.get("label") or report.get("method"),
-                "task": task,
-                "metrics": metrics,
-                **{k: (r.get(k) or {}).get("score") for k in ("baseline", "individual", "average", "merged")},
-                "mse": {k: (r.get(k) or {}).get("mse") for k in ("baseline", "individual", "average", "merged")},
-                "normalized": r.get("normalized"),
-                "normalized_average": r.get("normalized_average"),
-                "above_baseline": r.get("above_baseline"),
-                "flags": r.get("flags", []),
-            }
-        )
-    return out
-
-
 def _fmt(x: float | None, scale: float = 100.0) -> str:
     return "–" if x is None else f"{x * scale:.2f}"
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: MergeReport | dict[str, Any]) -> str:
     """The report as Markdown: a table of scores (x100) per task plus a mean row, then method and timings."""
-    label = report.get("label") or report.get("method")
-    lines = [f"# Merge report: {label}", "", *_intro_lines(report)]
-    lines += [f"- {r}" for r in report.get("remarks", [])]
+    report = as_report(report)
+    lines = [f"# Merge report: {report.name}", "", *_intro_lines(report)]
+    lines += [f"- {r}" for r in report.remarks]
     lines.append("")
-    table = rows(report)
-    if table:
-        lines += _table_lines(report, table, label)
-        lines += _note_lines(table, label)
+    if report.results:
+        lines += _table_lines(report)
+        lines += _note_lines(report)
     else:
         lines.append("Not evaluated.")
     lines += _timing_lines(report)
@@ -153,77 +127,77 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _intro_lines(report: dict[str, Any]) -> list[str]:
+def _intro_lines(report: MergeReport) -> list[str]:
     """The paragraphs above the table: tasks and method, how it was scored, what was left unmerged or chosen."""
     lines = [
-        f"Tasks: {', '.join(report.get('tasks', []))}. Method `{report.get('method')}` with options "
-        f"`{json.dumps(report.get('options', {}), sort_keys=True)}`."
+        f"Tasks: {', '.join(report.tasks)}. Method `{report.method}` with options "
+        f"`{json.dumps(report.options, sort_keys=True)}`."
     ]
-    ev = report.get("evaluation")
+    ev = report.evaluation
     if ev:
-        cap = ev.get("max_samples")
+        cap = ev.max_samples
         lines.append(
-            f"Scored on the `{ev.get('split')}` split ({'all examples' if cap is None else f'at most {cap} examples'}"
+            f"Scored on the `{ev.split}` split ({'all examples' if cap is None else f'at most {cap} examples'}"
             f" per task); score = mean of the task's metrics, x100; normalized = merged / individual (%)."
         )
-    own = report.get("own_tensors")
+    own = report.own_tensors
     if own:
         lines.append(
-            f"Not merged: each task keeps its own {len(own['tensors'])} tensors ({own['parameters']:,} parameters) "
-            f"matching {', '.join(f'`{p}`' for p in own['patterns'])}, and so does the plain average."
+            f"Not merged: each task keeps its own {len(own.tensors)} tensors ({own.parameters:,} parameters) "
+            f"matching {', '.join(f'`{p}`' for p in own.patterns)}, and so does the plain average."
         )
     return lines + _selection_lines(report)
 
 
-def _selection_lines(report: dict[str, Any]) -> list[str]:
+def _selection_lines(report: MergeReport) -> list[str]:
     """What the selection split decided: the options chosen on it, or the coefficients adapted on its inputs."""
     lines = []
-    sel = report.get("selection")
-    if sel and sel.get("evaluations"):
-        notes = report.get("notes") or {}
-        keys = report.get("choices")  # the methods' `ctx.choose`; reports from before it: notes shaped as choices
-        keys = keys if keys is not None else [k for k, v in notes.items() if isinstance(v, dict) and "grid" in v]
+    sel = report.selection
+    if sel and sel.evaluations:
         chosen = [
-            f"{k.rsplit('_', 1)[0]} {k.rsplit('_', 1)[1]} {notes[k]['chosen']} (of {notes[k]['grid']})"  # fmn_power
-            + (f", by {notes[k]['objective']}" if notes[k].get("objective") else "")
-            for k in keys
+            f"{k.rsplit('_', 1)[0]} {k.rsplit('_', 1)[1]} {c.chosen} (of {c.grid})"  # fmn_power
+            + (f", by {c.objective}" if c.objective else "")
+            for k, c in report.chosen().items()
         ]
         lines.append(
-            f"Options chosen on the `{sel.get('split')}` split ({sel.get('evaluations')} evaluations)"
+            f"Options chosen on the `{sel.split}` split ({sel.evaluations} evaluations)"
             + (f": {', '.join(chosen)}." if chosen else ".")
         )
-    if sel and sel.get("adapted"):
+    if sel and sel.adapted:
         lines.append(
-            f"Coefficients adapted on the unlabeled inputs of the `{sel.get('split')}` split"
-            + (" (transductive: the examples scored below)." if sel.get("transductive") else ".")
+            f"Coefficients adapted on the unlabeled inputs of the `{sel.split}` split"
+            + (" (transductive: the examples scored below)." if sel.transductive else ".")
         )
     return lines
 
 
-def _table_lines(report: dict[str, Any], table: list[dict[str, Any]], label: str | None) -> list[str]:
+def _table_lines(report: MergeReport) -> list[str]:
     """The score table (x100): one row per task and a mean row from the report's summary."""
+    label = report.name
     lines = [
         f"| task | metrics | constant | individual | average | {label} | {label} / individual | "
         "average / individual | above constant |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in table:
+    for task, r in report.results.items():
         lines.append(
-            f"| {r['task']} | {', '.join(r['metrics'])} | {_fmt(r['baseline'])} | {_fmt(r['individual'])} | "
-            f"{_fmt(r['average'])} | {_fmt(r['merged'])} | {_fmt(r['normalized'])} | "
-            f"{_fmt(r['normalized_average'])} | {_fmt(r['above_baseline'])} |"
+            f"| {task} | {', '.join(r.metric_names())} | "
+            + " | ".join(_fmt(r.score(m)) for m in MODELS)
+            + f" | {_fmt(r.normalized)} | {_fmt(r.normalized_average)} | {_fmt(r.above_baseline)} |"
         )
-    s = report.get("summary", {})
+    s = report.summary or Summary()
+    means = (s.baseline_score, s.individual_score, s.average_score, s.merged_score)
     lines.append(
-        f"| **mean** | | {_fmt(s.get('baseline_score'))} | {_fmt(s.get('individual_score'))} | "
-        f"{_fmt(s.get('average_score'))} | {_fmt(s.get('merged_score'))} | {_fmt(s.get('normalized'))} | "
-        f"{_fmt(s.get('normalized_average'))} | {_fmt(s.get('above_baseline'))} |"
+        "| **mean** | | "
+        + " | ".join(_fmt(x) for x in (*means, s.normalized, s.normalized_average, s.above_baseline))
+        + " |"
     )
     return lines
 
 
-def _note_lines(table: list[dict[str, Any]], label: str | None) -> list[str]:
+def _note_lines(report: MergeReport) -> list[str]:
     """Below the table: what the constant column means, then each task's mean squared errors and flags."""
+    label = report.name
     lines = [
         "",
         "Constant: the best constant prediction on the same examples (the majority class, or the "
@@ -231,43 +205,34 @@ def _note_lines(table: list[dict[str, Any]], label: str | None) -> list[str]:
         f"({label} - constant) / (individual - constant), the share of what the model learned that the "
         "merge keeps.",
     ]
-    for r in table:
-        mse = r["mse"]
-        if mse.get("individual") is not None:
+    names = dict(zip(MODELS, ("constant", "individual", "average", label)))
+    for task, r in report.results.items():
+        if r.mse("individual") is not None:
             lines.append(
-                f"- {r['task']}: mean squared error "
-                + ", ".join(
-                    f"{k} {v:.3f}"
-                    for k, v in (
-                        ("constant", mse["baseline"]),
-                        ("individual", mse["individual"]),
-                        ("average", mse["average"]),
-                        (label, mse["merged"]),
-                    )
-                    if v is not None
-                )
+                f"- {task}: mean squared error "
+                + ", ".join(f"{names[m]} {v:.3f}" for m in MODELS if (v := r.mse(m)) is not None)
             )
-        lines += [f"- **{r['task']}: {flag}**" for flag in r["flags"]]
+        lines += [f"- **{task}: {flag}**" for flag in r.flags]
     return lines
 
 
-def _diagnostic_lines(report: dict[str, Any]) -> list[str]:
+def _diagnostic_lines(report: MergeReport) -> list[str]:
     """The diagnostics section (task vectors, Fisher scale, prediction shares), when the report has one."""
     from fmn_pl.diagnostics import markdown_lines
 
-    return markdown_lines(report["diagnostics"]) if report.get("diagnostics") else []
+    diag = report.diagnostics.to_dict() if report.diagnostics else {}
+    return markdown_lines(diag) if diag else []
 
 
-def _timing_lines(report: dict[str, Any]) -> list[str]:
+def _timing_lines(report: MergeReport) -> list[str]:
     """The closing line of stage timings and peak memory, when the report has timings."""
-    t = report.get("timings", {})
-    if not t:
+    if not report.timings:
         return []
     return [
         "",
         "Timings: "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, (int, float)))
-        + (f"; peak RSS {report['peak_rss_mb']:.0f} MB" if report.get("peak_rss_mb") else "")
+        + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings.items() if isinstance(v, (int, float)))
+        + (f"; peak RSS {report.peak_rss_mb:.0f} MB" if report.peak_rss_mb else "")
         + ".",
     ]
 
@@ -297,36 +262,36 @@ def grouped_bars(
     )
 
 
-def plot(report: dict[str, Any], path: str | Path) -> Path | None:
+def plot(report: MergeReport | dict[str, Any], path: str | Path) -> Path | None:
     """Grouped bars per task (and the mean): individual, plain average, the method. None if not evaluated."""
-    table = rows(report)
-    if not table:
+    report = as_report(report)
+    if not report.results:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    label = str(report.get("label") or report.get("method"))
-    s = report.get("summary", {})
-    names = [r["task"] for r in table] + ["mean"]
+    results, s = list(report.results.values()), report.summary or Summary()
     series: dict[str, list[float | None]] = {
-        "individual": [r["individual"] for r in table] + [s.get("individual_score")],
-        "average": [r["average"] for r in table] + [s.get("average_score")],
-        label: [r["merged"] for r in table] + [s.get("merged_score")],
+        "individual": [r.score("individual") for r in results] + [s.individual_score],
+        "average": [r.score("average") for r in results] + [s.average_score],
+        report.name: [r.score("merged") for r in results] + [s.merged_score],
     }
+    names = [*report.results, "mean"]
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.6))
     grouped_bars(ax, names, series, "score (x100)", ncols=3, legend_y=-0.1)
-    ax.set_title(f"{label}: {'+'.join(report.get('tasks', []))}")
+    ax.set_title(f"{report.name}: {'+'.join(report.tasks)}")
     ax.axhline(0, color="black", linewidth=0.5)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def write_report(folder: str | Path, report: dict[str, Any]) -> list[Path]:
-    """Write report.json, report.md and (when evaluated) report.png into `folder`."""
-    folder = Path(folder)
-    write_json(folder / "report.json", report)
+def write_report(folder: str | Path, report: MergeReport | dict[str, Any]) -> list[Path]:
+    """Write report.json, report.md and (when evaluated) report.png into `folder`; a dict (as the merge builds
+    it) is read into a `MergeReport` once, so that what is written is what `MergeReport.read` reads."""
+    folder, report = Path(folder), as_report(report)
+    write_json(folder / "report.json", report.to_dict())
     md = atomic_write(folder / "report.md", markdown(report))
     written = [folder / "report.json", md]
     png = plot(report, folder / "report.png")
