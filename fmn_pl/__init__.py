@@ -21,6 +21,7 @@ _API: dict[str, str] = {
     "get_kind": "fmn_pl.kinds:get_kind",
     "run_merge": "fmn_pl.merge:run_merge",
     "merge_body": "fmn_pl.merge:merge_body",
+    "MergeReport": "fmn_pl.merge_report:MergeReport",
     "MergeConfig": "fmn_pl.merge_config:MergeConfig",
     "SelectionOptions": "fmn_pl.options:SelectionOptions",
     "EvalOptions": "fmn_pl.options:EvalOptions",
@@ -47,6 +48,7 @@ __all__ = [
     "get_kind",
     "run_merge",
     "merge_body",
+    "MergeReport",
     "MergeConfig",
     "SelectionOptions",
     "EvalOptions",
@@ -72,6 +74,7 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_api.py checks 
     from fmn_pl.kinds import KINDS, FisherConfig, get_kind
     from fmn_pl.merge import merge_body, run_merge
     from fmn_pl.merge_config import MergeConfig
+    from fmn_pl.merge_report import MergeReport
     from fmn_pl.merging import METHODS, MergeContext, MergeMethod, Option, method_class
     from fmn_pl.module import GLUETransformer
     from fmn_pl.options import EvalOptions, SelectionOptions
