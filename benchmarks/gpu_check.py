@@ -85,7 +85,7 @@ def merge_args(checkpoints: list[Path], output: Path, args: argparse.Namespace) 
         *map(str, checkpoints),
         f"--output={output}",
         f"--data_dir={args.data}",
-        "--max_eval_samples=500",
+        "--eval.max_samples=500",
         "--accelerator=gpu",
         "--progress=false",
     ]

@@ -31,7 +31,7 @@ METHOD_ARGS = {
     "regmean": [],
     "tall": ["--method.lambdas=[0.4]"],
     "consensus": ["--method.lambdas=[0.4]", "--method.scaling=0.5"],
-    "adamerging": ["--method.steps=5", "--method.batch_size=8", "--selection_samples=64"],
+    "adamerging": ["--method.steps=5", "--method.batch_size=8", "--selection.samples=64"],
 }
 
 
@@ -42,7 +42,7 @@ def make_checkpoints(model: str, root: Path, count: int) -> list[Path]:
     from transformers import AutoTokenizer
 
     from fmn_pl.artifacts import artifact_path, save_artifact
-    from fmn_pl.checkpoint import export_checkpoint, weights_fingerprint
+    from fmn_pl.checkpoint import CheckpointMeta, export_checkpoint, weights_fingerprint
     from fmn_pl.grams import gram_keys
     from fmn_pl.module import load_model
     from fmn_pl.nodes import node_shape
@@ -59,14 +59,13 @@ def make_checkpoints(model: str, root: Path, count: int) -> list[Path]:
             with torch.no_grad():
                 for p in net.parameters():
                     p.add_(1e-3 * torch.randn_like(p))
-            meta = {
-                "task": name,
-                "label_names": list(task.label_names),
-                "num_labels": task.num_labels,
-                "base_model": model,
-                "metrics": {},
-                "seed": seed,
-            }
+            meta = CheckpointMeta(
+                task=name,
+                label_names=list(task.label_names),
+                num_labels=task.num_labels,
+                base_model=model,
+                seed=seed,
+            )
             export_checkpoint(net.eval(), tokenizer, target, meta)
             layers, heads, ffn = node_shape(net.config)
             g = torch.Generator().manual_seed(seed)

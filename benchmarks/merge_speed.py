@@ -48,12 +48,12 @@ def run_once(name: str, args: argparse.Namespace, out: Path) -> dict[str, float]
         "--overwrite=true",
         "--evaluate=false",
         "--progress=false",
-        "--cache=false",
+        "--eval.cache=false",
         f"--data_dir={args.data_dir}",
         f"--batch_size={args.batch_size}",
     ]
     if args.selection_samples is not None:
-        cmd.append(f"--selection_samples={args.selection_samples}")
+        cmd.append(f"--selection.samples={args.selection_samples}")
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start

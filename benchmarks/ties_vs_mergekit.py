@@ -197,7 +197,7 @@ def main() -> None:
             "--overwrite=true",
             "--evaluate=false",
             "--progress=false",
-            "--cache=false",
+            "--eval.cache=false",
         ]
         mk_cmd = [mergekit, str(work / "mergekit.yml"), str(work / "mk_out"), "--quiet", "--no-copy-tokenizer"]
         result["commands"] = {"fmn_pl": " ".join(fmn_cmd), "mergekit": " ".join(mk_cmd)}

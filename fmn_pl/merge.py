@@ -261,7 +261,7 @@ def resolve_selection_split(split: str, metadata: list[CheckpointMeta]) -> Liter
     if split in ("holdout", "validation", "train"):
         return split  # type: ignore[return-value]  # narrowed by the test above
     if split != "auto":
-        raise ValueError(f"selection_split must be auto, holdout, validation or train, got {split!r}")
+        raise ValueError(f"selection.split must be auto, holdout, validation or train, got {split!r}")
     held = all(m.data.holdout_samples > 0 for m in metadata)
     return "holdout" if held else "validation"
 

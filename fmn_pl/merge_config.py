@@ -59,6 +59,12 @@ class MergeConfig:
     """A Hub repo id ("user/name") to upload the output folder to once it is complete (created if absent; needs a
     token: `hf auth login` or HF_TOKEN)."""
 
+    def __post_init__(self) -> None:
+        """Folders given as `Path`s (from Python) kept as the strings the YAML and the CLI hold."""
+        self.checkpoints = [str(c) for c in self.checkpoints]
+        self.output = str(self.output)
+        self.base = None if self.base is None else str(self.base)
+
     def to_data(self) -> dict[str, Any]:
         """The config as plain data, in field order: what `config.yaml` holds and `fmn-pl merge --config` reads."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}

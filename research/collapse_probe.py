@@ -14,19 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
-from pathlib import Path
 from typing import Any, Iterator
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
-from fmn_pl.merge import merge_body  # noqa: E402
-from fmn_pl.merging import method_class  # noqa: E402
-from fmn_pl.module import model_inputs  # noqa: E402
+from fmn_pl import Evaluator, merge_body, method_class
+from fmn_pl.evaluate import EvalData
+from fmn_pl.module import model_inputs
 
 
 @contextlib.contextmanager
@@ -185,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     method = method_class(args.method)(**json.loads(args.options))
     hold = Evaluator(args.checkpoints, EvalData(args.data_dir, args.fit_split, args.max_samples), "cpu", progress=False)
     val = Evaluator(args.checkpoints, EvalData(args.data_dir, "validation", args.max_samples), "cpu", progress=False)
-    body = merge_body(args.checkpoints, method, selection=hold)
+    body = merge_body(args.checkpoints, method, evaluator=hold)
     named = groups(AutoConfig.from_pretrained(args.checkpoints[0]))
     result: dict[str, Any] = {}
     for i, task in enumerate(val.tasks):

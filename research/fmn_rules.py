@@ -35,17 +35,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fmn_pl import Evaluator, merge_body
+from fmn_pl.artifacts import artifact_path
+from fmn_pl.checkpoint import weights_fingerprint
+from fmn_pl.evaluate import EvalData
+from fmn_pl.files import atomic_write, write_json
+from fmn_pl.merging.average import Average
+from fmn_pl.merging.fmn import FMN, NORMALIZES, POWERS, SCALINGS, weightings
+from fmn_pl.merging.search import rank
 
-from fmn_pl.artifacts import artifact_path  # noqa: E402
-from fmn_pl.checkpoint import weights_fingerprint  # noqa: E402
-from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
-from fmn_pl.files import atomic_write, write_json  # noqa: E402
-from fmn_pl.merge import merge_body  # noqa: E402
-from fmn_pl.merging.average import Average  # noqa: E402
-from fmn_pl.merging.fmn import FMN, NORMALIZES, POWERS, SCALINGS, weightings  # noqa: E402
-from fmn_pl.merging.task_arithmetic import rank  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SPLITS = ("holdout", "validation")
 
@@ -152,7 +151,7 @@ def score_cells(
         cell(
             pair,
             "average",
-            lambda cks=cks, own=own: merge_body(cks, Average(), selection=ev["holdout"], own_tensors=own),
+            lambda cks=cks, own=own: merge_body(cks, Average(), evaluator=ev["holdout"], own_tensors=own),
         )
         for n, p in weightings(args.normalizes, args.powers):
             for s in args.scalings:
@@ -162,7 +161,7 @@ def score_cells(
                     lambda n=n, p=p, s=s, cks=cks, own=own: merge_body(
                         cks,
                         FMN(normalize=n, power=p, scaling=s),
-                        selection=ev["holdout"],
+                        evaluator=ev["holdout"],
                         log=lambda msg: None,
                         own_tensors=own,
                     ),

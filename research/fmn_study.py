@@ -37,17 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from fmn_pl.artifacts import Artifact, artifact_path  # noqa: E402
-from fmn_pl.checkpoint import read_metadata, weights_fingerprint  # noqa: E402
-from fmn_pl.evaluate import CACHE_FILE, EvalData, Evaluator  # noqa: E402
-from fmn_pl.files import atomic_write, save_figure, write_json  # noqa: E402
-from fmn_pl.kinds import KINDS  # noqa: E402
-from fmn_pl.merging import METHODS, MergeMethod, method_class  # noqa: E402
-from fmn_pl.merging.fmn import REFERENCE  # noqa: E402
-from fmn_pl.report import mean  # noqa: E402
+from fmn_pl import KINDS, METHODS, CheckpointMeta, Evaluator, MergeMethod, method_class
+from fmn_pl.artifacts import Artifact, artifact_path
+from fmn_pl.checkpoint import weights_fingerprint
+from fmn_pl.evaluate import CACHE_FILE, EvalData
+from fmn_pl.files import atomic_write, save_figure, write_json
+from fmn_pl.merging.fmn import REFERENCE
+from fmn_pl.report import mean
 
 VIEW_RECORD = "study_artifact.json"  # in a view: the options its artifact was computed with
 BASELINES = ("individual", "average")
@@ -201,7 +197,7 @@ def make_view(src: Path, dst: Path) -> Path:
 def ensure_artifact(view: Path, kind: str, options: dict[str, Any], data_dir: str, accelerator: str) -> bool:
     """The `kind` artifact of a view computed with `options`, unless its record and fingerprint match (then
     reused). True when it was computed now."""
-    from fmn_pl.fisher_cli import run_fisher
+    from fmn_pl import FisherConfig, run_fisher
 
     want = {
         "kind": kind,
@@ -219,13 +215,8 @@ def ensure_artifact(view: Path, kind: str, options: dict[str, Any], data_dir: st
     if art is not None:
         return False
     record.unlink(missing_ok=True)
-    run_fisher(
-        checkpoint=str(view),
-        kind=KINDS[kind].cli,
-        data_dir=data_dir,
-        **{"seed": 0, **options},
-        trainer={"accelerator": accelerator, "devices": 1, "enable_progress_bar": False},
-    )
+    trainer = {"accelerator": accelerator, "devices": 1, "enable_progress_bar": False}
+    run_fisher(FisherConfig(str(view), KINDS[kind].cli, data_dir=data_dir, **{"seed": 0, **options}, trainer=trainer))
     write_json(record, {**recorded, kind: want})
     return True
 
@@ -255,10 +246,10 @@ class Study:
         self.tasks = list(args.tasks)
         self.checkpoints = {t: Path(args.checkpoints_dir) / t for t in self.tasks}
         for t, c in self.checkpoints.items():
-            meta = read_metadata(c)
-            if meta["task"] != t:
-                raise ValueError(f"{c} is a {meta['task']!r} checkpoint, not {t!r}")
-            if int((meta.get("data") or {}).get("holdout_samples") or 0) <= 0:
+            meta = CheckpointMeta.read(c)
+            if meta.task != t:
+                raise ValueError(f"{c} is a {meta.task!r} checkpoint, not {t!r}")
+            if meta.data.holdout_samples <= 0:
                 raise ValueError(
                     f"{c} held out no training rows (data.holdout_samples is 0): the study selects on "
                     "them; fine-tune with --data.holdout_samples N"
@@ -336,6 +327,7 @@ class Study:
         """Scores of one (option, combination) on both splits: cached in cells/, computed when absent or stale."""
         from fmn_pl.merge import merge_body
         from fmn_pl.merging.average import Average
+        from fmn_pl.options import SelectionOptions
 
         ident = self.identity(merge, combo)
         key = digest(ident)
@@ -351,7 +343,7 @@ class Study:
         notes: dict[str, Any] = {}
         body = None
         if label == "average":
-            body = merge_body([self.checkpoints[t] for t in combo], Average(), selection=self.evaluators["holdout"])
+            body = merge_body([self.checkpoints[t] for t in combo], Average(), evaluator=self.evaluators["holdout"])
         elif merge is not None:
             method = method_class(merge["method"])(**merge["options"])
             views = [self.view(merge, t) for t in combo]
@@ -360,7 +352,8 @@ class Study:
                 views,
                 method,
                 base=self.args.base,
-                selection=self.evaluators["holdout"],
+                evaluator=self.evaluators["holdout"],
+                selection=SelectionOptions(screen=None),  # every candidate on every holdout row, as the cells were
                 notes=notes,
                 accelerator=self.args.accelerator,
                 log=lambda m: log(f"    {m}"),

@@ -23,11 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from fmn_pl.files import write_json  # noqa: E402
-from fmn_pl.merging.fmn import REFERENCE  # noqa: E402
+from fmn_pl.files import write_json
+from fmn_pl.merging.fmn import REFERENCE
 
 # the FMN defaults before question 5 (8 candidates: normalize none, p from [0.25, 0] x s)
 FMN_PREVIOUS = ["--method", "fmn", "--method.normalize", "none", "--method.powers", "[0.25, 0]"]
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--base", default=None, help="the pretrained model (default: the checkpoints' recorded one)")
     parser.add_argument("--data_dir", default=None, help="GLUE data (default: `fmn-pl merge`'s)")
     args = parser.parse_args(argv)
-    common = ["--max_eval_samples", str(args.max_eval_samples), "--progress", "false"]
+    common = ["--eval.max_samples", str(args.max_eval_samples), "--progress", "false"]
     for option in ("base", "data_dir"):
         if getattr(args, option):
             common += [f"--{option}", getattr(args, option)]

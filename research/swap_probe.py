@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from fmn_pl.evaluate import EvalData, Evaluator  # noqa: E402
-from fmn_pl.merge import merge_body  # noqa: E402
-from fmn_pl.merge_inputs import body_prefix  # noqa: E402
-from fmn_pl.merging import method_class  # noqa: E402
-from fmn_pl.nodes import adapter_for, node_shape  # noqa: E402
-from fmn_pl.tensorfile import CheckpointReader  # noqa: E402
+from fmn_pl import Evaluator, merge_body, method_class
+from fmn_pl.evaluate import EvalData
+from fmn_pl.merge_inputs import body_prefix
+from fmn_pl.nodes import adapter_for, node_shape
+from fmn_pl.tensorfile import CheckpointReader
 
 
 def groups(config: object) -> dict[str, Callable[[str], bool]]:
@@ -49,7 +43,7 @@ def probe(checkpoints: list[str], method: object, data: EvalData) -> dict[str, d
     from transformers import AutoConfig
 
     evaluator = Evaluator(checkpoints, data, accelerator="cpu", progress=False)
-    body = merge_body(checkpoints, method, selection=evaluator)
+    body = merge_body(checkpoints, method, evaluator=evaluator)
     named = groups(AutoConfig.from_pretrained(checkpoints[0]))  # merge_body checked: one architecture
     out = {}
     for i, task in enumerate(evaluator.tasks):

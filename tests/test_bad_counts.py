@@ -40,9 +40,9 @@ def test_fisher_and_merge_counts(
         with pytest.raises(ValueError, match=f"{name} must be"):
             main(["fisher", f"--checkpoint={cks[0]}", f"--data_dir={tiny_glue}", *flags])
     for flags, name in (
-        (["--max_eval_samples=-3"], "max_eval_samples"),
+        (["--eval.max_samples=-3"], "eval.max_samples"),
         (["--batch_size=0"], "batch_size"),
-        (["--selection_samples=0"], "selection_samples"),
+        (["--selection.samples=0"], "selection.samples"),
     ):
         with pytest.raises(SystemExit, match="2"):
             shell(

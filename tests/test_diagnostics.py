@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 
 from fmn_pl.diagnostics import fisher_scale, prediction_shares, task_vectors
 from fmn_pl.merge import run_merge
+from fmn_pl.merge_config import MergeConfig
 from fmn_pl.merge_inputs import check_inputs
 from fmn_pl.merging.average import Average
+from fmn_pl.options import EvalOptions
 from tests.test_merge_cli import add_fisher
 
 
@@ -75,7 +77,16 @@ def test_every_merge_report_has_diagnostics(make_checkpoint: Callable, tiny_glue
     cks = [make_checkpoint("sst2", seed=1), make_checkpoint("stsb", seed=2)]
     add_fisher(cks[0], seed=3)
     out = tmp_path / "out"
-    run_merge([str(c) for c in cks], Average(), str(out), data_dir=str(tiny_glue), max_eval_samples=16, progress=False)
+    run_merge(
+        MergeConfig(
+            [str(c) for c in cks],
+            Average(),
+            str(out),
+            data_dir=str(tiny_glue),
+            eval=EvalOptions(max_samples=16),
+            progress=False,
+        )
+    )
     report = json.loads((out / "report.json").read_text())
     diag = report["diagnostics"]
     assert diag["task_vectors"]["norm"]["sst2"]["layer1"] > 0 and set(diag["fisher"]) == {"sst2"}

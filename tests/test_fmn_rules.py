@@ -95,13 +95,13 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
                     str(tmp_path / f"m{k}_{n}"),
                     "--data_dir",
                     str(tiny_glue),
-                    "--max_eval_samples",
+                    "--eval.max_samples",
                     "16",
                     "--progress",
                     "false",
-                    "--selection_precision",
+                    "--selection.precision",
                     "32",
-                    "--selection_screen",
+                    "--selection.screen",
                     "null",
                 ]
             )  # the rules' exact search

@@ -145,18 +145,21 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
 
     # one cell against the saved model of `fmn-pl merge` on the same view
     from fmn_pl.merge import run_merge
+    from fmn_pl.merge_config import MergeConfig
+    from fmn_pl.options import EvalOptions
 
     views = [str(out / "views" / "a" / t) for t in ("rte", "stsb")]
     merged = run_merge(
-        views,
-        FMN(**{**REFERENCE, "normalize": "mean", "broadcast": "per_node"}),
-        str(tmp_path / "merged"),
-        data_dir=str(tiny_glue),
-        batch_size=16,
-        cache=False,
-        compare_average=False,
-        accelerator="cpu",
-        progress=False,
+        MergeConfig(
+            views,
+            FMN(**{**REFERENCE, "normalize": "mean", "broadcast": "per_node"}),
+            str(tmp_path / "merged"),
+            data_dir=str(tiny_glue),
+            batch_size=16,
+            eval=EvalOptions(cache=False, compare_average=False),
+            accelerator="cpu",
+            progress=False,
+        )
     )
     for task in ("rte", "stsb"):
         cell = next(
@@ -236,8 +239,10 @@ def test_merge_body_equals_saved_merge(make_checkpoint, tiny_glue: Path, tmp_pat
     from safetensors.torch import load_file
 
     from fmn_pl.merge import merge_body, run_merge
+    from fmn_pl.merge_config import MergeConfig
     from fmn_pl.merging.task_arithmetic import TaskArithmetic
     from fmn_pl.merging.ties import Ties
+    from fmn_pl.options import SelectionOptions
 
     a, b = make_checkpoint("rte", seed=1), make_checkpoint("mrpc", seed=2)
     for method in (Ties(scaling=0.7), TaskArithmetic(scaling=None, scalings=[0.3, 0.9])):
@@ -246,21 +251,23 @@ def test_merge_body_equals_saved_merge(make_checkpoint, tiny_glue: Path, tmp_pat
             [a, b],
             method,
             data_dir=str(tiny_glue),
-            selection_split="validation",
+            selection=SelectionOptions(split="validation"),
             accelerator="cpu",
             notes=notes,
             log=lambda m: None,
         )
         out = tmp_path / type(method).__name__
         run_merge(
-            [str(a), str(b)],
-            method,
-            str(out),
-            data_dir=str(tiny_glue),
-            selection_split="validation",
-            evaluate=False,
-            accelerator="cpu",
-            progress=False,
+            MergeConfig(
+                [str(a), str(b)],
+                method,
+                str(out),
+                data_dir=str(tiny_glue),
+                selection=SelectionOptions(split="validation"),
+                evaluate=False,
+                accelerator="cpu",
+                progress=False,
+            )
         )
         saved = load_file(out / "model.safetensors")
         assert saved.keys() == body.keys()

@@ -93,7 +93,7 @@ def test_merge_interrupted_leaves_no_temp_folder(tmp_path: Path, make_checkpoint
             f"--output={out}",
             f"--data_dir={tiny_glue}",
             "--progress=false",
-            "--selection_split=validation",
+            "--selection.split=validation",
         ],
         log,
     )

@@ -16,6 +16,7 @@ from fmn_pl.checkpoint import read_metadata, weights_fingerprint
 from fmn_pl.cli import shell
 from fmn_pl.merge import run_merge
 from fmn_pl.merge_cli import build_parser, main, normalize_argv
+from fmn_pl.merge_config import MergeConfig
 from fmn_pl.merging.base import CheckpointReader, MergeContext
 from fmn_pl.merging.fmn import FMN
 from fmn_pl.metrics import SCALE_METRICS
@@ -43,7 +44,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
 
 
 def common(out: Path, glue: Path) -> list[str]:
-    return ["--output", str(out), "--data_dir", str(glue), "--max_eval_samples", "16", "--progress", "false"]
+    return ["--output", str(out), "--data_dir", str(glue), "--eval.max_samples", "16", "--progress", "false"]
 
 
 def memory_merge(checkpoints: list[Path], method: object) -> dict[str, torch.Tensor]:
@@ -171,9 +172,9 @@ def test_task_arithmetic_scaling_chosen_and_reported(
             "--method.scalings=[0.5, 1.0]",
             "--checkpoints",
             *map(str, cks),
-            "--selection_samples",
+            "--selection.samples",
             "8",
-            "--compare_average",
+            "--eval.compare_average",
             "false",
             *common(tmp_path / "o", tiny_glue),
         ]
@@ -194,7 +195,7 @@ def test_fmn_defaults_choose_power_and_scaling(make_checkpoint: Callable, tiny_g
             "fmn",
             "--checkpoints",
             *map(str, cks),
-            "--selection_samples",
+            "--selection.samples",
             "8",
             *common(tmp_path / "o", tiny_glue),
         ]
@@ -230,11 +231,11 @@ def test_screening_keeps_the_best_finalists(make_checkpoint: Callable, tiny_glue
             "fmn",
             "--checkpoints",
             *map(str, cks),
-            "--selection_samples",
+            "--selection.samples",
             "16",
-            "--selection_screen",
+            "--selection.screen",
             "4",
-            "--selection_finalists",
+            "--selection.finalists",
             "3",
             *common(tmp_path / "o", tiny_glue),
         ]
@@ -292,14 +293,14 @@ def test_shipped_configs_parse(path: Path) -> None:
 def test_help_shows_methods_and_their_options(capsys: pytest.CaptureFixture) -> None:
     main(["--help"])
     text = capsys.readouterr().out
-    for name in ("average", "fmn", "fisher", "task_arithmetic", "ties", "--max_eval_samples", "--overwrite"):
+    for name in ("average", "fmn", "fisher", "task_arithmetic", "ties", "--eval.max_samples", "--overwrite"):
         assert name in text
     main(["--method", "fmn", "--help"])
     text = capsys.readouterr().out
     for option in ("broadcast", "per_node", "normalize", "universal", "epsilon", "coefficients"):
         assert option in text
     lines = text.strip().splitlines()  # that method's options only, one line each
-    assert "--max_eval_samples" not in text and all(line.startswith("  --method.") for line in lines[1:])
+    assert "--eval.max_samples" not in text and all(line.startswith("  --method.") for line in lines[1:])
     assert len(lines) == 1 + len(__import__("inspect").signature(FMN.__init__).parameters) - 1
 
 
@@ -318,7 +319,7 @@ def export_variant(
     """A task checkpoint whose config differs (layers, hidden size, vocabulary, family) or whose tokenizer does."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertTokenizerFast
 
-    from fmn_pl.checkpoint import export_checkpoint
+    from fmn_pl.checkpoint import CheckpointMeta, export_checkpoint
     from fmn_pl.tasks import get_task
     from tests.conftest import tiny_config
 
@@ -333,13 +334,9 @@ def export_variant(
     tok = AutoTokenizer.from_pretrained(tiny_base(family))
     if vocab is not None:
         tok = BertTokenizerFast(vocab=vocab)
-    meta = {
-        "task": task,
-        "label_names": list(spec.label_names),
-        "num_labels": spec.num_labels,
-        "base_model": str(tiny_base(family)),
-        "metrics": {},
-    }
+    meta = CheckpointMeta(
+        task=task, label_names=list(spec.label_names), num_labels=spec.num_labels, base_model=str(tiny_base(family))
+    )
     return export_checkpoint(model, tok, tmp / name, meta)
 
 
@@ -468,7 +465,11 @@ def test_nothing_half_written_when_a_merge_fails(
 
     monkeypatch.setattr(Average, "merge_tensor", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        run_merge([str(c) for c in cks], Average(), str(out), overwrite=True, data_dir=str(tiny_glue), progress=False)
+        run_merge(
+            MergeConfig(
+                [str(c) for c in cks], Average(), str(out), data_dir=str(tiny_glue), overwrite=True, progress=False
+            )
+        )
     assert [p.name for p in out.iterdir()] == ["previous.txt"]  # the old output survives, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(c.name for c in cks)])  # no temp folder
 
@@ -508,7 +509,7 @@ def test_own_tensors_stay_with_each_task(make_checkpoint: Callable, tiny_glue: P
     assert not any("pooler" in k for k in CheckpointReader(out).keys())
     # the scores: the independent in-memory average without the pooler, each task with its own
     ev = Evaluator(cks, EvalData(str(tiny_glue), max_samples=16), accelerator="cpu", progress=False)
-    body = merge_body(cks, Average(), selection=ev, own_tensors=["*.pooler.*"])
+    body = merge_body(cks, Average(), evaluator=ev, own_tensors=["*.pooler.*"])
     assert not any("pooler" in k for k in body)
     for i, task in enumerate(["rte", "mrpc"]):
         assert report["results"][task]["merged"] == pytest.approx(ev.evaluate(i, body=body))
@@ -522,7 +523,9 @@ def test_own_tensors_stay_with_each_task(make_checkpoint: Callable, tiny_glue: P
         (["*"], "match every body tensor: nothing would be merged"),
     ):
         with pytest.raises(ValueError, match=error):
-            run_merge(list(map(str, cks)), Average(), str(tmp_path / "x"), own_tensors=patterns, evaluate=False)
+            run_merge(
+                MergeConfig(list(map(str, cks)), Average(), str(tmp_path / "x"), own_tensors=patterns, evaluate=False)
+            )
         assert not (tmp_path / "x").exists()
 
 

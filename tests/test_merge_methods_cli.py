@@ -149,7 +149,7 @@ def test_adamerging_excludes_regression_with_a_warning(
             "8",
             "--checkpoints",
             *map(str, cks),
-            "--selection_samples",
+            "--selection.samples",
             "16",
             *common(out, tiny_glue),
         ]
@@ -219,9 +219,9 @@ def test_adamerging_plus_layer_wise(make_checkpoint: Callable, tiny_glue: Path, 
             "4",
             "--checkpoints",
             *map(str, cks),
-            "--selection_samples",
+            "--selection.samples",
             "8",
-            "--compare_average",
+            "--eval.compare_average",
             "false",
             *common(out, tiny_glue),
         ]
@@ -261,7 +261,7 @@ def test_tall_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: P
             "[0.2, 0.6]",
             "--checkpoints",
             *map(str, cks),
-            "--selection_samples",
+            "--selection.samples",
             "8",
             *common(out, tiny_glue),
         ]
@@ -311,7 +311,7 @@ def test_consensus_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_pa
             "[0.5, 1.0]",
             "--checkpoints",
             *map(str, cks),
-            "--selection_samples",
+            "--selection.samples",
             "8",
             *common(out, tiny_glue),
         ]

@@ -27,8 +27,8 @@ SMALL = [
     "--fit.holdout_samples=16",
     "--fisher.mask_fisher.num_examples=16",
     "--fisher.full_fisher.num_examples=4",
-    "--merge.max_eval_samples=32",
-    "--merge.args={selection_samples: 16}",
+    "--merge.eval.max_samples=32",
+    "--merge.selection.samples=16",
 ]
 
 

@@ -107,8 +107,8 @@ CASES: list[tuple[str, str, str]] = [
     ),
     (
         "merge-negative-eval",
-        "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} --max_eval_samples=-3",
-        "max_eval_samples",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} --eval.max_samples=-3",
+        "eval.max_samples",
     ),
     (
         "merge-zero-batch",
@@ -117,8 +117,8 @@ CASES: list[tuple[str, str, str]] = [
     ),
     (
         "merge-zero-selection",
-        "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} --selection_samples=0",
-        "selection_samples",
+        "merge --method=average --checkpoints {ck1} {ck2} --output={out} --data_dir={glue} --selection.samples=0",
+        "selection.samples",
     ),
     (
         "merge-no-fisher",

@@ -89,7 +89,7 @@ def checkpoints(tmp_path: Path, tiny_base: Callable[[str], Path]) -> list[str]:
 def test_two_merges_on_one_output(tmp_path: Path, checkpoints: list[str], tiny_glue: Path) -> None:
     out, gate = tmp_path / "merged", tmp_path / "go"
     argv = ["merge", "--method=average", "--checkpoints", *checkpoints, f"--output={out}", f"--data_dir={tiny_glue}"]
-    argv += ["--max_eval_samples=8", "--progress=false"]
+    argv += ["--eval.max_samples=8", "--progress=false"]
     first = start(argv, tmp_path, gate, "fmn_pl.merge:write_merge")  # stopped inside its output folder's lock
     until(lambda: Path(f"{gate}.reached").exists() or first.poll() is not None, "the first merge to start writing")
     assert first.poll() is None, (tmp_path / "0.err").read_text()
@@ -275,12 +275,16 @@ def test_every_file_gets_the_mode_the_umask_allows(
     umask: int, tmp_path: Path, tiny_base: Callable[[str], Path], tiny_glue: Path
 ) -> None:
     from fmn_pl.fisher_cli import run_fisher
+    from fmn_pl.kinds import FisherConfig
     from fmn_pl.merge import run_merge
+    from fmn_pl.merge_config import MergeConfig
     from fmn_pl.merging.average import Average
+    from fmn_pl.options import EvalOptions
 
     cks = [tiny_checkpoint(tiny_base("bert"), t, tmp_path / t, s) for s, t in enumerate(["rte", "mrpc"])]
-    run_fisher(str(cks[0]), data_dir=str(tiny_glue), num_examples=8, trainer={"accelerator": "cpu", "logger": False})
-    run_merge([str(c) for c in cks], Average(), str(tmp_path / "merged"), data_dir=str(tiny_glue), max_eval_samples=8)
+    run_fisher(FisherConfig(str(cks[0]), data_dir=str(tiny_glue), num_examples=8, trainer={"accelerator": "cpu"}))
+    output, glue = str(tmp_path / "merged"), str(tiny_glue)
+    run_merge(MergeConfig([str(c) for c in cks], Average(), output, data_dir=glue, eval=EvalOptions(max_samples=8)))
     written = [p for p in tmp_path.rglob("*") if not p.is_symlink()]
     assert {"model.safetensors", "mask_fisher.safetensors", "model-body.safetensors", "report.json"} <= {
         p.name for p in written

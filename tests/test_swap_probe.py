@@ -24,7 +24,7 @@ def test_swap_probe(make_checkpoint: Callable, tiny_glue: Path, capsys: pytest.C
     assert json.loads(capsys.readouterr().out) == result
     assert list(result["rte"]) == ["none", "embeddings", "layer0", "layer1", "pooler", "norms", "all"]
     ev = Evaluator(cks, EvalData(str(tiny_glue), "validation", 16), accelerator="cpu", progress=False)
-    body = merge_body(cks, Average(), selection=ev)
+    body = merge_body(cks, Average(), evaluator=ev)
     for i, task in enumerate(["rte", "mrpc"]):
         assert result[task]["all"] == pytest.approx(100 * ev.evaluate(i)["score"])
         assert result[task]["none"] == pytest.approx(100 * ev.evaluate(i, body=body)["score"])
@@ -51,7 +51,7 @@ def test_collapse_probe(make_checkpoint: Callable, tiny_glue: Path, capsys: pyte
     result = cp.main([*argv, "--method", "average", "--options", "{}"])
     assert json.loads(capsys.readouterr().out) == result
     ev = Evaluator(cks, EvalData(str(tiny_glue), "validation", 16), accelerator="cpu", progress=False)
-    body = merge_body(cks, Average(), selection=ev)
+    body = merge_body(cks, Average(), evaluator=ev)
     fixes = result["sst2"]["fixes"]
     assert fixes["own"]["accuracy"] == pytest.approx(100 * ev.evaluate(0)["accuracy"])
     assert fixes["merged"]["accuracy"] == pytest.approx(100 * ev.evaluate(0, body=body)["accuracy"])
