@@ -12,15 +12,13 @@ A task checkpoint is the contract between fine-tuning, the Fisher pass and mergi
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
-import types
-import typing
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from fmn_pl import records
 from fmn_pl.files import atomic_dir, sha256_file, write_json
 from fmn_pl.model_card import checkpoint_card, write_card
 
@@ -37,88 +35,12 @@ def weights_fingerprint(path: str | Path) -> str:
     return sha256_file(*files)
 
 
-_RECORD_FIELDS = ("extra", "source_keys")
-R = TypeVar("R", bound="Record")
-
-
 @dataclass(kw_only=True)
-class Record:
-    """A JSON object of typed known keys: unknown keys kept in `extra`, and the keys' order as read kept, so that
-    a file read and written back is byte-identical."""
+class Record(records.Record):
+    """A record of `fmn_pl.json` (`fmn_pl.records.Record`): built here, every field is written."""
 
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Keys this version does not know (written by a newer fmn-pl, or by hand): kept on a rewrite."""
-    source_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
-    """The keys as read, in order (None: built here, every field written in field order)."""
-
-    @classmethod
-    def hints(cls) -> dict[str, Any]:
-        """{known key: its type}, in field order."""
-        resolved = typing.get_type_hints(cls)
-        return {f.name: resolved[f.name] for f in fields(cls) if f.name not in _RECORD_FIELDS}
-
-    @classmethod
-    def from_dict(cls: type[R], data: dict[str, Any], source: str | Path = METADATA_FILE, prefix: str = "") -> R:
-        """Checked: the required keys present and every known key of its field's type (a nested record read in
-        turn); a wrong one fails with one line naming `source` and the key (`prefix`: the nested record's path)."""
-        hints = cls.hints()
-        for f in fields(cls):
-            if f.default is MISSING and f.default_factory is MISSING and f.name not in data:
-                raise ValueError(f"{source} lacks key {prefix + f.name!r} ({_type_name(hints[f.name])})")
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            hint = hints.get(key)
-            if isinstance(hint, type) and issubclass(hint, Record) and isinstance(value, dict):
-                kwargs[key] = hint.from_dict(value, source, f"{prefix}{key}.")
-            elif key in hints and not _fits(value, hint):
-                got = f"{type(value).__name__} {json.dumps(value)[:60]}"
-                raise ValueError(f"{source}: key {prefix + key!r} must be {_type_name(hint)}, got {got}")
-            elif key in hints:
-                kwargs[key] = value
-        return cls(**kwargs, extra={k: v for k, v in data.items() if k not in hints}, source_keys=tuple(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object (a copy): the keys as read, in their order, then fields set since and new `extra` keys;
-        built here: every field in field order, then `extra`."""
-        values = {k: getattr(self, k) for k in self.hints()}
-        values = {k: v.to_dict() if isinstance(v, Record) else v for k, v in values.items()}
-        if self.source_keys is None:
-            return copy.deepcopy({**values, **self.extra})
-        read = set(self.source_keys)
-        changed = [f.name for f in fields(self) if f.name in values and f.name not in read and not _is_default(self, f)]
-        order = [*self.source_keys, *changed, *(k for k in self.extra if k not in read)]
-        both = {**values, **self.extra}
-        return copy.deepcopy({k: both[k] for k in order})
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value is of a record field's type (str, int, float, bool, None, list[X], dict[str, X] and
-    unions of them; an int is a float, a bool is neither)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and _fits(v, args[1]) for k, v in value.items())
-    if hint is Any:
-        return True
-    if isinstance(value, bool) and hint is not bool:
-        return False
-    return isinstance(value, (int, float) if hint is float else hint)
-
-
-def _type_name(hint: Any) -> str:
-    """`int`, `str | None`, `list[str]`, ... as a type is written; a nested record: a mapping."""
-    if isinstance(hint, type) and issubclass(hint, Record):
-        return "a mapping"
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
-
-
-def _is_default(record: Record, f: Field) -> bool:
-    """Whether a record's field holds its default value."""
-    default = f.default_factory() if f.default_factory is not MISSING else f.default
-    return getattr(record, f.name) == default
+    source_name = METADATA_FILE
+    write_unset = True
 
 
 @dataclass(kw_only=True)
@@ -180,9 +102,10 @@ class CheckpointMeta(Record):
     """`weights_fingerprint` of the exported weights: artifacts and merges check they read these weights."""
 
     @classmethod
-    def from_dict(cls: type[R], data: dict[str, Any], source: str | Path = METADATA_FILE, prefix: str = "") -> R:
+    def from_dict(cls: type[records.R], data: Any, source: str | Path | None = None, prefix: str = "") -> records.R:
         """Checked: a format version this fmn-pl reads, then the keys and their types (`Record.from_dict`)."""
-        version = data.get("format_version", FORMAT_VERSION)
+        source = METADATA_FILE if source is None else source
+        version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
         if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
             raise ValueError(
                 f"{source} has format_version {version!r}; this fmn-pl reads up to {FORMAT_VERSION}: upgrade fmn-pl"
@@ -202,8 +125,6 @@ class CheckpointMeta(Record):
             data = json.loads(meta_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_file} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{meta_file} holds a {type(data).__name__}, not a JSON object")
         return cls.from_dict(data, meta_file)
 
     def write(self, folder: str | Path) -> Path:

@@ -11,12 +11,11 @@ model's scored rows, an artifact's metadata and the diagnostics' tables.
 from __future__ import annotations
 
 import json
-import types
-import typing
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from fmn_pl.records import Record, RecordError
 from fmn_pl.tasks import SCALE_METRICS
 
 Metrics = dict[str, float]
@@ -27,118 +26,19 @@ MODELS = ("baseline", "individual", "average", "merged")
 """The models a task's result scores: the constant prediction, the task's own checkpoint, the plain average and
 the merge."""
 
-_PART_FIELDS = ("extra", "source_keys")
-P = TypeVar("P", bound="Part")
 
-
-class ReportError(ValueError):
-    """A report.json that is not a merge report (not JSON, not an object, a required key missing): one line."""
+class ReportError(RecordError):
+    """A report.json that is not a merge report (not JSON, not an object, a key missing or mistyped): one line."""
 
 
 @dataclass(kw_only=True)
-class Part:
-    """A JSON object of the report with typed known keys, read from a dict and written back as the same dict:
-    unknown keys kept in `extra`, the keys' order (and so an absent key's absence) kept as read."""
+class Part(Record):
+    """A JSON object of the report (`fmn_pl.records.Record`): read from a dict and written back as the same dict;
+    built here, the required keys and the optional ones that are set are written."""
 
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-    """Keys this version does not know (a newer fmn-pl's, a script's own): written back where they were."""
-    source_keys: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
-    """The keys as read, in order (None: built here; written in field order, unset optional keys left out)."""
-
-    @classmethod
-    def from_dict(cls: type[P], data: Any, source: str | Path = "report.json", prefix: str = "") -> P:
-        """The part of `data`, its nested parts read in turn; one line naming `source` and the key (`prefix`: the
-        part's path in the report) when `data` is not an object or lacks a required key."""
-        if not isinstance(data, dict):
-            where = f"key {prefix.rstrip('.')!r}" if prefix else "it"
-            raise ReportError(f"{source} is not a merge report: {where} holds a {type(data).__name__}, not an object")
-        known = _known(cls)
-        for key, (f, _) in known.items():
-            if key not in data and _required(f):
-                raise ReportError(f"{source} is not a merge report: it lacks key {prefix + key!r}")
-        kwargs = {k: _read(known[k][1], v, source, prefix + k) for k, v in data.items() if k in known}
-        extra = {k: v for k, v in data.items() if k not in known}
-        return cls(**kwargs, extra=extra, source_keys=tuple(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object: the keys as read in their order, then fields set since and new `extra` keys (built
-        here: every required field and every optional one that is set, in field order, then `extra`). The
-        open-ended dicts and lists are the part's own, not copies."""
-        known = _known(type(self))
-        read = self.source_keys or ()
-        new = [k for k, (f, _) in known.items() if k not in read and (_required(f) or getattr(self, k) != _default(f))]
-        order = [*read, *new, *(k for k in self.extra if k not in read)]
-        return {
-            k: _write(known[k][1], getattr(self, k)) if k in known else self.extra[k]
-            for k in order
-            if k in known or k in self.extra
-        }
-
-
-Shape = tuple[str, type[Part]] | None
-"""How a field holds parts: ("one", P) a part (or None), ("list", P) a list of them, ("dict", P) a dict of them by
-name; None: plain JSON, kept as read."""
-
-
-_KNOWN: dict[type[Part], dict[str, tuple[Field[Any], Shape]]] = {}
-
-
-def _known(cls: type[Part]) -> dict[str, tuple[Field[Any], Shape]]:
-    """{key: (its field, its shape)} of a part's known keys, in field order (worked out once per part)."""
-    if cls not in _KNOWN:
-        hints = typing.get_type_hints(cls)
-        _KNOWN[cls] = {f.name: (f, _shape(hints[f.name])) for f in fields(cls) if f.name not in _PART_FIELDS}
-    return _KNOWN[cls]
-
-
-def _shape(hint: Any) -> Shape:
-    """The shape of a field of type `hint`: P, P | None, list[P] or dict[str, P] for a part P; else None."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        parts = [a for a in args if a is not type(None)]
-        return _shape(parts[0]) if len(parts) == 1 else None
-    if isinstance(hint, type) and issubclass(hint, Part):
-        return ("one", hint)
-    inner = args[-1] if origin in (list, dict) and args else None
-    if isinstance(inner, type) and issubclass(inner, Part):
-        return ("list" if origin is list else "dict", inner)
-    return None
-
-
-def _read(shape: Shape, value: Any, source: str | Path, key: str) -> Any:
-    """A field's value from JSON: its parts read (a null kept as None), plain JSON as it is."""
-    if shape is None or value is None:
-        return value
-    kind, part = shape
-    if kind == "one":
-        return part.from_dict(value, source, f"{key}.")
-    container = list if kind == "list" else dict
-    if not isinstance(value, container):
-        raise ReportError(f"{source} is not a merge report: key {key!r} holds a {type(value).__name__}")
-    if isinstance(value, list):
-        return [part.from_dict(v, source, f"{key}[{i}].") for i, v in enumerate(value)]
-    return {k: part.from_dict(v, source, f"{key}.{k}.") for k, v in value.items()}
-
-
-def _write(shape: Shape, value: Any) -> Any:
-    """A field's value as JSON: its parts as dicts, plain JSON as it is."""
-    if shape is None or value is None:
-        return value
-    if isinstance(value, Part):
-        return value.to_dict()
-    if isinstance(value, list):
-        return [v.to_dict() for v in value]
-    return {k: v.to_dict() for k, v in value.items()}
-
-
-def _required(f: Field[Any]) -> bool:
-    """Whether a key must be in the report: its field has no default."""
-    return f.default is MISSING and f.default_factory is MISSING
-
-
-def _default(f: Field[Any]) -> Any:
-    """A field's default value (a fresh one where it has a factory)."""
-    return f.default_factory() if f.default_factory is not MISSING else f.default
+    source_name = "report.json"
+    lead = " is not a merge report"
+    error = ReportError
 
 
 # ---------------------------------------------------------------------------------------------- the parts

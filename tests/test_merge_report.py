@@ -110,7 +110,7 @@ def test_a_report_built_here_writes_its_set_keys_in_field_order() -> None:
         ("[1, 2]", "it holds a list, not an object"),
         ('{"method": "ties"}', "lacks key 'tasks'"),
         ('{"method": "ties", "tasks": [], "results": {"rte": {"merged": null}}}', "lacks key 'results.rte.individual'"),
-        ('{"method": "ties", "tasks": [], "checkpoints": {}}', "key 'checkpoints' holds a dict"),
+        ('{"method": "ties", "tasks": [], "checkpoints": {}}', "key 'checkpoints' must be list[dict], got dict"),
     ],
 )
 def test_a_bad_file_is_one_line_naming_it(tmp_path: Path, text: str | None, says: str) -> None:
