@@ -168,7 +168,7 @@ def merge_on_gpu(checkpoints: list[Path], output: Path, args: argparse.Namespace
         "wall_s": round(time.perf_counter() - start, 1),
         "gpu_peak_mb": round(peak / 2**20, 1),
         "scored_on_gpu": peak > 0,
-        "choices": (report or {}).get("choices"),
+        "choices": report.choices if report else None,
     }
 
 

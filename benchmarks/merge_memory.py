@@ -118,7 +118,7 @@ def child(argv: list[str]) -> None:
                 "baseline_rss": baseline,
                 "peak_rss": peak,
                 "net_rss": peak - baseline,
-                "merge_s": report["timings"]["merge_s"],
+                "merge_s": report.timings["merge_s"] if report else None,
                 "total_s": total,
             }
         )

@@ -39,6 +39,7 @@ from fmn_pl.merge_config import MergeConfig
 from fmn_pl.merge_eval import Selection, evaluate_merge, log_line
 from fmn_pl.merge_inputs import Inputs, check_inputs, method_name
 from fmn_pl.merge_output import BODY_FILE, body_tensors, write_body, write_body_folder, write_task_folder
+from fmn_pl.merge_report import MergeReport
 from fmn_pl.merging import MergeMethod
 from fmn_pl.options import SelectionOptions, check_count, check_finite, check_outside, is_local_path
 from fmn_pl.progress import tee
@@ -47,7 +48,7 @@ from fmn_pl.resources import peak_rss_mb, reset_peak, set_mmap_threshold
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def run_merge(config: MergeConfig) -> dict[str, Any]:
+def run_merge(config: MergeConfig) -> MergeReport:
     """Merge task checkpoints' bodies with `config.method`, save the merged model, score every task with its own
     head on its GLUE validation rows, and report against the individual models and the plain average (the
     report, also written as report.json; `config.yaml` in the output reproduces the run)."""
@@ -107,13 +108,13 @@ def run_merge(config: MergeConfig) -> dict[str, Any]:
             report["remarks"] += report.pop("eval_remarks")
             timings["eval_s"] = time.perf_counter() - t0
         report["timings"] = timings | {"total_s": time.perf_counter() - start}
-        finish_output(tmp, out, report, inputs, c)
-    log_line(done_line(name, out, report))
+        typed = finish_output(tmp, out, report, inputs, c)
+    log_line(done_line(name, out, typed))
     if c.push_to_hub:
         from fmn_pl.model_card import push
 
         log_line(f"pushed {out} to {push(out, c.push_to_hub)}")
-    return report
+    return typed
 
 
 def selection_data(options: SelectionOptions, inputs: Inputs, data_dir: str, batch_size: int) -> Any:
@@ -124,33 +125,35 @@ def selection_data(options: SelectionOptions, inputs: Inputs, data_dir: str, bat
     return EvalData(data_dir, split, options.samples, batch_size)
 
 
-def finish_output(tmp: Path, out: Path, report: dict[str, Any], inputs: Inputs, config: MergeConfig) -> None:
-    """The merge's output once merged and scored (`tmp`, renamed to `out` afterwards): the diagnostics, model
-    cards (or the body removed when not kept), the config that reproduces it and the report files."""
+def finish_output(tmp: Path, out: Path, report: dict[str, Any], inputs: Inputs, config: MergeConfig) -> MergeReport:
+    """The merge's output once merged and scored (`tmp`, renamed to `out` afterwards): the diagnostics, the report
+    read once into a `MergeReport`, model cards (or the body removed when not kept), the config that reproduces
+    it and the report files."""
     import yaml
 
     from fmn_pl.report import write_report
 
     report["diagnostics"] = diagnostics(inputs, report)  # task vectors, Fisher scale, prediction shares
+    typed = MergeReport.from_dict(report | {"peak_rss_mb": peak_rss_mb(), "versions": _versions()})
     if config.save_model:
-        write_cards(tmp, report, inputs.metadata[0].base_model, out)
+        write_cards(tmp, typed, inputs.metadata[0].base_model, out)
     else:
         (tmp / BODY_FILE).unlink()
         for task in inputs.tasks:
             shutil.rmtree(tmp / task)
-    report |= {"peak_rss_mb": peak_rss_mb(), "versions": _versions()}
     (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_data(), sort_keys=False))
-    write_report(tmp, report)
+    write_report(tmp, typed)
+    return typed
 
 
-def write_cards(folder: Path, report: dict[str, Any], base_model: str, out: Path) -> None:
+def write_cards(folder: Path, report: MergeReport, base_model: str, out: Path) -> None:
     """A model card (README.md) in the merged body's folder and in each task's, from the report (`out`: the final
     output folder, whose config.yaml reproduces the merge)."""
     from fmn_pl.model_card import merged_card, write_card
 
     command = f"fmn-pl merge --config {out / 'config.yaml'}"
-    write_card(folder, merged_card(report, base_model, report["tasks"], command))
-    for task in report["tasks"]:
+    write_card(folder, merged_card(report, base_model, report.tasks, command))
+    for task in report.tasks:
         write_card(folder / task, merged_card(report, base_model, [task], command))
 
 
@@ -244,15 +247,15 @@ def input_report(
     return report
 
 
-def done_line(name: str, out: Path, report: dict[str, Any]) -> str:
+def done_line(name: str, out: Path, report: MergeReport) -> str:
     """The merge's last line on the console: its mean scores, or its time when it did not evaluate."""
-    if "summary" not in report:
-        return f"{name}: merged in {report['timings']['merge_s']:.1f} s; output: {out}"
-    s = report["summary"]
+    s = report.summary
+    if s is None:
+        return f"{name}: merged in {report.timings['merge_s']:.1f} s; output: {out}"
     fmt = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
     return (
-        f"{name}: mean score {fmt(s['merged_score'])} (average {fmt(s['average_score'])}, individual "
-        f"{fmt(s['individual_score'])}); report: {out / 'report.md'}"
+        f"{name}: mean score {fmt(s.merged_score)} (average {fmt(s.average_score)}, individual "
+        f"{fmt(s.individual_score)}); report: {out / 'report.md'}"
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from fmn_pl.merge import run_merge
 from fmn_pl.merge_config import MergeConfig
+from fmn_pl.merge_report import MergeReport
 from fmn_pl.merging import METHODS, target
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -127,7 +128,7 @@ def to_config(parser: Any, cfg: Any) -> MergeConfig:
     return MergeConfig(**{f.name: init[f.name] for f in fields(MergeConfig)})
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+def main(argv: Sequence[str] | None = None) -> MergeReport | None:
     """`fmn-pl merge ...`: the report of `run_merge`; bad input raises (one line at `fmn_pl.cli.shell`)."""
     args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     if any(a in ("-h", "--help") for a in args):

@@ -4,10 +4,13 @@ checkpoint and merged folder, so that the Hub and `huggingface_hub.ModelCard` re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from fmn_pl.files import atomic_write
 from fmn_pl.tasks import get_task
+
+if TYPE_CHECKING:
+    from fmn_pl.merge_report import MergeReport
 
 CARD_FILE = "README.md"
 DATASET = "nyu-mll/glue"
@@ -103,48 +106,44 @@ def checkpoint_card(meta: Any, name: str, command: str | None, base_fingerprint:
     )
 
 
-def merged_card(report: dict[str, Any], base_model: str, tasks: Sequence[str], command: str | None) -> Any:
+def merged_card(report: MergeReport, base_model: str, tasks: Sequence[str], command: str | None) -> Any:
     """The card of a merged model (the body, or one task's folder: `tasks` is then that task) from the merge's
     `report`: its inputs as base models (relation `merge`), method, options, choices and each task's scores."""
-    method = report["method"]
-    results = report.get("results", {})
-    inputs = [c["path"] for c in report["checkpoints"]]
+    inputs = [c.path for c in report.checkpoints]
     info = {
-        "method": method,
-        "label": report.get("label", method),
-        "options": report.get("options", {}),
-        "choices": {k: (report.get("notes") or {}).get(k, {}).get("chosen") for k in report.get("choices", [])},
-        "tasks": list(report.get("tasks", [])),
-        "inputs": [
-            {"task": c["task"], "path": c["path"], "fingerprint": c["fingerprint"]} for c in report["checkpoints"]
-        ],
-        "base": report.get("base"),
+        "method": report.method,
+        "label": report.name,
+        "options": report.options,
+        "choices": {k: choice.chosen for k, choice in report.chosen().items()},
+        "tasks": list(report.tasks),
+        "inputs": [{"task": c.task, "path": c.path, "fingerprint": c.fingerprint} for c in report.checkpoints],
+        "base": None if report.base is None else report.base.to_dict(),
         "command": command,
     }
+    results = report.results
     evals = [
         e
         for t in tasks
-        if t in results and results[t].get("merged")
-        for e in eval_results(t, results[t]["merged"], results[t].get("baseline"))
+        if t in results and results[t].merged
+        for e in eval_results(t, results[t].merged or {}, results[t].baseline)
     ]
+    columns = ("merged", "individual", "average", "baseline")
     lines = [
-        f"| {t} | {_pct(results, t, 'merged')} | {_pct(results, t, 'individual')} | "
-        f"{_pct(results, t, 'average')} | {_pct(results, t, 'baseline')} |"
+        f"| {t} | " + " | ".join(_pct(results[t].score(m) if t in results else None) for m in columns) + " |"
         for t in tasks
     ]
     body = (
-        f"# {' + '.join(report.get('tasks', tasks))}: {info['label']}\n\n"
-        f"The bodies of {len(inputs)} fine-tuned {base_model} checkpoints merged by fmn-pl's `{method}` "
+        f"# {' + '.join(report.tasks or tasks)}: {report.name}\n\n"
+        f"The bodies of {len(inputs)} fine-tuned {base_model} checkpoints merged by fmn-pl's `{report.method}` "
         f"(options {info['options']}; chosen on selection data: {info['choices'] or 'nothing'}).\n\n"
         "| task | merged | individual | plain average | constant |\n|---|---:|---:|---:|---:|\n"
         + "\n".join(lines)
         + f"\n\nScores: the task's GLUE metrics averaged, in percent. Reproduce: `{command or 'see config.yaml'}`.\n"
     )
-    return _card(info["label"], [base_model, *inputs], ["fmn-pl", "merge", method, *tasks], evals, info, body)
+    return _card(report.name, [base_model, *inputs], ["fmn-pl", "merge", report.method, *tasks], evals, info, body)
 
 
-def _pct(results: dict[str, Any], task: str, which: str) -> str:
-    score = (results.get(task, {}).get(which) or {}).get("score")
+def _pct(score: float | None) -> str:
     return "n/a" if score is None else f"{100 * score:.1f}"
 
 

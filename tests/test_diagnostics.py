@@ -77,7 +77,7 @@ def test_every_merge_report_has_diagnostics(make_checkpoint: Callable, tiny_glue
     cks = [make_checkpoint("sst2", seed=1), make_checkpoint("stsb", seed=2)]
     add_fisher(cks[0], seed=3)
     out = tmp_path / "out"
-    run_merge(
+    typed = run_merge(
         MergeConfig(
             [str(c) for c in cks],
             Average(),
@@ -88,6 +88,7 @@ def test_every_merge_report_has_diagnostics(make_checkpoint: Callable, tiny_glue
         )
     )
     report = json.loads((out / "report.json").read_text())
+    assert typed.diagnostics is not None and typed.diagnostics.to_dict() == report["diagnostics"]
     diag = report["diagnostics"]
     assert diag["task_vectors"]["norm"]["sst2"]["layer1"] > 0 and set(diag["fisher"]) == {"sst2"}
     rows = report["results"]["sst2"]["rows"]["merged"]["prediction"]

@@ -105,7 +105,8 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
                     "null",
                 ]
             )  # the rules' exact search
-            notes = merged["notes"]
+            assert merged is not None
+            notes = merged.notes
             p = notes["fmn_power"]["chosen"] if "fmn_power" in notes else rule["options"]["power"]
             norm = notes["fmn_normalize"]["chosen"] if "fmn_normalize" in notes else rule["options"]["normalize"]
             assert rule["chosen"][pair] == rules.candidate(p, notes["fmn_scaling"]["chosen"], norm), (label, pair)
@@ -114,8 +115,9 @@ def test_rules_choose_what_the_merge_chooses(make_checkpoint, tiny_glue: Path, t
                     f"fmn normalize {norm} (of ['none', 'mean'])" in (tmp_path / f"m{k}_{n}" / "report.md").read_text()
                 )
             cell = json.loads((out / "cells" / f"{pair}__{rule['chosen'][pair]}.json").read_text())["scores"]
-            for task, result in merged["results"].items():
-                assert 100 * result["merged"]["score"] == pytest.approx(cell[task]["validation"], abs=1e-4)
+            for task, result in merged.results.items():
+                score = result.score("merged")
+                assert score is not None and 100 * score == pytest.approx(cell[task]["validation"], abs=1e-4)
 
     # gains and wins recomputed from the cells
     rule = by_label["p from {0.25, 0}, s by mean"]

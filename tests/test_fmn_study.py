@@ -165,7 +165,8 @@ def test_study_end_to_end(checkpoints: Path, tiny_glue: Path, tmp_path: Path, ca
         cell = next(
             c for c in cells if c["label"] == "fmn mean/per_node" and c["combo"] == "rte+stsb" and c["task"] == task
         )
-        assert cell["validation"] == pytest.approx(100 * merged["results"][task]["merged"]["score"], abs=1e-4)
+        score = merged.results[task].score("merged")
+        assert score is not None and cell["validation"] == pytest.approx(100 * score, abs=1e-4)
 
     # resume: nothing recomputed, no cell rewritten; an added option (and the 3-task merge) computes only new cells
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}

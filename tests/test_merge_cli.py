@@ -96,6 +96,8 @@ def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: 
 
     # the report
     on_disk = json.loads((out / "report.json").read_text())
+    assert report.to_dict() == on_disk  # the returned report is the one written
+    assert report.name == "fmn" and report.tasks == ["rte", "stsb", "mrpc"] and report.summary is not None
     assert on_disk["method"] == "fmn" and on_disk["options"]["broadcast"] == "per_node"
     assert on_disk["tasks"] == ["rte", "stsb", "mrpc"] and on_disk["evaluation"]["max_samples"] == 16
     assert [c["fingerprint"] for c in on_disk["checkpoints"]] == [weights_fingerprint(c) for c in cks]
@@ -133,7 +135,9 @@ def test_individual_and_average_scores_are_cached(
     fixed = ["--method.normalize=none", "--method.scaling=1", "--method.power=0.25"]  # nothing chosen on data
     first = main(["--method=fmn", *fixed, "--checkpoints", *map(str, cks), *common(tmp_path / "a", tiny_glue)])
     # MNLI is scored on both validation splits, its score their mean
-    mnli = first["results"]["mnli"]["merged"]
+    assert first is not None
+    mnli = first.results["mnli"].merged
+    assert mnli is not None
     assert set(mnli) == {"matched/accuracy", "matched/score", "mismatched/accuracy", "mismatched/score", "score"}
     assert mnli["score"] == pytest.approx((mnli["matched/accuracy"] + mnli["mismatched/accuracy"]) / 2)
     calls: list[object] = []
@@ -155,9 +159,10 @@ def test_individual_and_average_scores_are_cached(
         ]
     )
     assert len(calls) == 2 and all(c is not None for c in calls)  # only the two merged models
+    assert second is not None
     for t in ("rte", "mnli"):
-        assert second["results"][t]["individual"] == first["results"][t]["individual"]
-        assert second["results"][t]["average"] == first["results"][t]["average"]
+        assert second.results[t].individual == first.results[t].individual
+        assert second.results[t].average == first.results[t].average
     assert (cks[0] / "fmn_pl_eval.json").is_file()
 
 
@@ -179,9 +184,11 @@ def test_task_arithmetic_scaling_chosen_and_reported(
             *common(tmp_path / "o", tiny_glue),
         ]
     )
-    sel = report["selection"]
-    assert sel["split"] == "validation" and sel["transductive"] and sel["evaluations"] == 2 and sel["max_samples"] == 8
-    assert report["notes"]["task_arithmetic_scaling"]["chosen"] in (0.5, 1.0)
+    assert report is not None and report.selection is not None
+    sel = report.selection
+    assert sel.split == "validation" and sel.transductive and sel.evaluations == 2 and sel.max_samples == 8
+    assert report.chosen()["task_arithmetic_scaling"].chosen in (0.5, 1.0)
+    assert report.notes["task_arithmetic_scaling"]["chosen"] == report.chosen()["task_arithmetic_scaling"].chosen
     assert "chosen on the `validation` split" in (tmp_path / "o" / "report.md").read_text()
 
 
@@ -200,12 +207,13 @@ def test_fmn_defaults_choose_power_and_scaling(make_checkpoint: Callable, tiny_g
             *common(tmp_path / "o", tiny_glue),
         ]
     )
-    options = report["options"]
+    assert report is not None and report.selection is not None and report.base is not None
+    options = report.options
     assert options["power"] is None and options["normalize"] is None and options["broadcast"] == "per_node"
     # every (normalize, p, s) of {none, mean} x {0.25, 0.5} x [1, 1.5, 2, 2.5] and p = 0 (one body: no Fisher in
     # it) x s, by the mean score (p = 0, s = 1 is the average itself): 20 bodies
-    assert report["selection"]["evaluations"] == 20 and report["base"]["path"] == read_metadata(cks[0])["base_model"]
-    notes = report["notes"]
+    assert report.selection.evaluations == 20 and report.base.path == read_metadata(cks[0])["base_model"]
+    notes = report.notes
     s, p, n = notes["fmn_scaling"]["chosen"], notes["fmn_power"]["chosen"], notes["fmn_normalize"]["chosen"]
     assert s in (1.0, 1.5, 2.0, 2.5) and p in (0.25, 0.5, 0.0) and n in ("none", "mean")
     means = notes["fmn_scaling"]["mean_scores"]
@@ -240,12 +248,13 @@ def test_screening_keeps_the_best_finalists(make_checkpoint: Callable, tiny_glue
             *common(tmp_path / "o", tiny_glue),
         ]
     )
-    notes = report["notes"]["fmn_scaling"]
+    assert report is not None and report.selection is not None
+    notes = report.notes["fmn_scaling"]
     screened = notes["screened"]
     assert screened["rows"] == 4 and len(screened["mean_scores"]) == 20
     top = sorted(screened["mean_scores"], key=lambda k: -screened["mean_scores"][k])[:3]
     assert set(screened["finalists"]) == set(top) == set(notes["mean_scores"])
-    assert report["selection"]["evaluations"] == 20 + 3
+    assert report.selection.evaluations == 20 + 3
     chosen = max(notes["mean_scores"], key=notes["mean_scores"].get)
     assert notes["chosen"] == float(chosen.rsplit("s=", 1)[1])
 
@@ -265,7 +274,9 @@ def test_ties_uses_recorded_base_and_no_eval(make_checkpoint: Callable, tiny_glu
             *common(out, tiny_glue),
         ]
     )
-    assert "results" not in report and report["base"]["path"] == read_metadata(cks[0])["base_model"]
+    assert report is not None and report.base is not None
+    assert not report.results and report.summary is None and "results" not in report.to_dict()
+    assert report.base.path == read_metadata(cks[0])["base_model"]
     assert (out / "rte" / "model-head.safetensors").is_file() and not (out / "report.png").exists()
     assert "Not evaluated" in (out / "report.md").read_text()
 
@@ -276,7 +287,8 @@ def test_save_model_false_keeps_reports_only(make_checkpoint: Callable, tiny_glu
     report = main(
         ["--method", "average", "--checkpoints", *map(str, cks), "--save_model", "false", *common(out, tiny_glue)]
     )
-    assert report["results"]["rte"]["merged"] == report["results"]["rte"]["average"]
+    assert report is not None
+    assert report.results["rte"].merged == report.results["rte"].average
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("report")) == ["config.yaml"]
 
 
@@ -495,7 +507,8 @@ def test_own_tensors_stay_with_each_task(make_checkpoint: Callable, tiny_glue: P
         ]
     )
     own = ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
-    assert sorted(report["own_tensors"]["tensors"]) == own and report["own_tensors"]["parameters"] == 32 * 32 + 32
+    assert report is not None and report.own_tensors is not None
+    assert sorted(report.own_tensors.tensors) == own and report.own_tensors.parameters == 32 * 32 + 32
     assert (
         "each task keeps its own 2 tensors (1,056 parameters) matching `*.pooler.*`" in (out / "report.md").read_text()
     )
@@ -512,11 +525,12 @@ def test_own_tensors_stay_with_each_task(make_checkpoint: Callable, tiny_glue: P
     body = merge_body(cks, Average(), evaluator=ev, own_tensors=["*.pooler.*"])
     assert not any("pooler" in k for k in body)
     for i, task in enumerate(["rte", "mrpc"]):
-        assert report["results"][task]["merged"] == pytest.approx(ev.evaluate(i, body=body))
+        assert report.results[task].merged == pytest.approx(ev.evaluate(i, body=body))
     plain = main(["--method", "average", "--checkpoints", *map(str, cks), *common(tmp_path / "p", tiny_glue)])
+    assert plain is not None
     assert (
-        plain["results"]["rte"]["average"] != report["results"]["rte"]["average"]
-        or plain["results"]["mrpc"]["average"] != report["results"]["mrpc"]["average"]
+        plain.results["rte"].average != report.results["rte"].average
+        or plain.results["mrpc"].average != report.results["mrpc"].average
     )  # a baseline of its own
     for patterns, error in (
         (["*.nothing.*"], r"own_tensors pattern '\*.nothing.\*' matches no body tensor"),

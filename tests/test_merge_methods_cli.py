@@ -13,6 +13,7 @@ import torch
 
 from fmn_pl.checkpoint import read_metadata
 from fmn_pl.merge_cli import main
+from fmn_pl.merge_report import MergeReport
 from fmn_pl.tensorfile import CheckpointReader
 from tests.test_merge_cli import common, run_main
 
@@ -61,15 +62,17 @@ def body_of(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model-body.safetensors" if folder.is_dir() else folder))
 
 
-def assert_rows(report: dict, tasks: list[str], average: bool = True) -> None:
+def assert_rows(report: MergeReport | None, tasks: list[str], average: bool = True) -> None:
     """Every task has merged, individual (and average) scores and a normalized score."""
-    assert list(report["results"]) == tasks
-    for r in report["results"].values():
-        assert r["merged"] is not None and r["individual"] is not None
-        assert (r["average"] is not None) is average
-        if r["individual"]["score"] > 0:
-            assert r["normalized"] == pytest.approx(r["merged"]["score"] / r["individual"]["score"])
-    assert report["summary"]["merged_score"] is not None
+    assert report is not None and list(report.results) == tasks
+    for r in report.results.values():
+        assert r.merged is not None and r.individual is not None
+        assert (r.average is not None) is average
+        individual, merged = r.score("individual"), r.score("merged")
+        assert individual is not None and merged is not None
+        if individual > 0:
+            assert r.normalized == pytest.approx(merged / individual)
+    assert report.summary is not None and report.summary.merged_score is not None
 
 
 # ---------------------------------------------------------------------------------------------- RegMean
@@ -95,9 +98,10 @@ def test_regmean_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path
         torch.testing.assert_close(saved[key], expected[key], rtol=0, atol=0)
     assert os.stat(out / "mrpc" / "model-body.safetensors").st_ino == os.stat(out / "model.safetensors").st_ino
     assert_rows(report, ["rte", "mrpc"])
-    assert report["options"]["alpha"] == 0.9 and report["notes"]["regmean_grams"]["include_padding"] is False
-    assert report["checkpoints"][0]["artifacts"]["grams"]["kind"] == "grams"
-    assert "selection" not in report  # nothing chosen on data
+    assert report is not None
+    assert report.options["alpha"] == 0.9 and report.notes["regmean_grams"]["include_padding"] is False
+    assert report.checkpoints[0].artifacts["grams"]["kind"] == "grams"
+    assert report.selection is None and report.chosen() == {}  # nothing chosen on data
 
 
 def test_regmean_without_grams_names_the_command(
@@ -154,7 +158,8 @@ def test_adamerging_excludes_regression_with_a_warning(
             *common(out, tiny_glue),
         ]
     )
-    notes = report["notes"]["adamerging"]
+    assert report is not None and report.selection is not None
+    notes = report.notes["adamerging"]
     assert notes["adapted"] == ["rte", "mrpc"] and notes["not_adapted"] == ["stsb"] and notes["steps"] == 4
     coef = notes["coefficients"]
     assert coef["stsb"] == pytest.approx(0.3) and all(0.0 <= c <= 1.0 for c in coef.values())
@@ -165,11 +170,11 @@ def test_adamerging_excludes_regression_with_a_warning(
     for key in expected:
         torch.testing.assert_close(saved[key], expected[key], rtol=1e-5, atol=1e-6)
     # which split it adapted on, the warning repeated in the report, the Trainer's logs and checkpoint
-    sel = report["selection"]
-    assert sel["adapted"] and sel["split"] == "validation" and sel["transductive"] and sel["max_samples"] == 16
+    sel = report.selection
+    assert sel.adapted and sel.split == "validation" and sel.transductive and sel.max_samples == 16
     md = (out / "report.md").read_text()
     assert "Coefficients adapted on the unlabeled inputs of the `validation` split (transductive" in md
-    assert any("stsb is a regression task" in r for r in report["remarks"]) and "stsb is a regression task" in md
+    assert any("stsb is a regression task" in r for r in report.remarks) and "stsb is a regression task" in md
     assert list((out / "adamerging").rglob("metrics.csv")) and list((out / "adamerging" / "checkpoints").glob("*.ckpt"))
     assert_rows(report, ["rte", "stsb", "mrpc"])
 
@@ -226,7 +231,8 @@ def test_adamerging_plus_layer_wise(make_checkpoint: Callable, tiny_glue: Path, 
             *common(out, tiny_glue),
         ]
     )
-    coef = report["notes"]["adamerging"]["coefficients"]
+    assert report is not None
+    coef = report.notes["adamerging"]["coefficients"]
     readers = [CheckpointReader(c) for c in cks]
     keys = [k for k in readers[0].keys() if k.startswith("bert.") and readers[0].get(k).is_floating_point()]
     assert set(coef) == {"rte", "mnli"} and all(set(c) == set(keys) for c in coef.values())
@@ -266,10 +272,11 @@ def test_tall_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: P
             *common(out, tiny_glue),
         ]
     )
-    lambdas = report["notes"]["tall_lambdas"]
+    assert report is not None and report.selection is not None and report.storage is not None
+    lambdas = report.notes["tall_lambdas"]
     assert set(lambdas) == set(tasks) and all(v in (0.2, 0.6) for v in lambdas.values())
-    assert report["selection"]["evaluations"] == 3 * 2  # each candidate scored on its own task only
-    assert report["storage"]["task_body"] == ["own"]
+    assert report.selection.evaluations == 3 * 2  # each candidate scored on its own task only
+    assert report.storage.task_body == ["own"]
     # every task folder holds theta0 + m_t * tau_MTL, m_t from its chosen lambda; the output body theta0 + tau_MTL
     base = CheckpointReader(read_metadata(cks[0])["base_model"], prefix="bert.")
     readers = [CheckpointReader(c) for c in cks]
@@ -285,7 +292,7 @@ def test_tall_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: P
                 torch.testing.assert_close(saved[key], b + m * mtl)
                 assert torch.equal(unpack_mask(masks.get_tensor(f"{task}/{key}"), tuple(b.shape)), m)
                 torch.testing.assert_close(root[key], b + mtl)
-    sizes = report["notes"]["tall_compression"]
+    sizes = report.notes["tall_compression"]
     assert sizes["checkpoints_bytes"] == 3 * sizes["base_bytes"] and sizes["mask_bytes"] < sizes["base_bytes"]
     assert "TALL storage" in (out / "report.md").read_text()
     assert_rows(report, tasks)
@@ -316,13 +323,14 @@ def test_consensus_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_pa
             *common(out, tiny_glue),
         ]
     )
-    chosen = report["notes"]["consensus_scaling"]["chosen"]
-    assert chosen in (0.5, 1.0) and report["selection"]["evaluations"] == 2
+    assert report is not None and report.selection is not None
+    chosen = report.chosen()["consensus_scaling"].chosen
+    assert chosen in (0.5, 1.0) and report.selection.evaluations == 2
     expected = memory_merge(cks, Consensus(over="ties", k=2, scaling=chosen, lambdas=[0.4]))
     saved = body_of(out / "cola")
     for key in expected:
         torch.testing.assert_close(saved[key], expected[key], rtol=0, atol=0)
-    assert 0 < report["notes"]["consensus_kept_fraction"] < 1
+    assert 0 < report.notes["consensus_kept_fraction"] < 1
     assert "chosen on the `validation` split (2 evaluations)" in (out / "report.md").read_text()
     assert_rows(report, tasks)
 
@@ -350,7 +358,7 @@ def test_dare_through_the_cli(make_checkpoint: Callable, tiny_glue: Path, tmp_pa
             *common(tmp_path / "o", tiny_glue),
         ]
     )
-    assert report["options"]["dare_p"] == 0.3
+    assert report is not None and report.options["dare_p"] == 0.3
     expected = memory_merge(cks, TaskArithmetic(scaling=0.5, dare_p=0.3, dare_seed=4))
     plain = memory_merge(cks, TaskArithmetic(scaling=0.5))
     saved = body_of(tmp_path / "o" / "rte")

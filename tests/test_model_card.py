@@ -40,12 +40,15 @@ def test_merged_folders_have_cards(make_checkpoint: Callable, tiny_glue: Path, t
         assert data["tags"] == ["fmn-pl", "merge", "task_arithmetic", *tasks]
         info = data["fmn_pl"]
         assert [i["fingerprint"] for i in info["inputs"]] == [weights_fingerprint(c) for c in cks]
-        assert info["options"] == report["options"] and info["choices"]["task_arithmetic_scaling"] is not None
+        assert info["options"] == report.options and info["label"] == report.name == "task_arithmetic"
+        assert info["choices"] == {k: c.chosen for k, c in report.chosen().items()}
+        assert info["choices"]["task_arithmetic_scaling"] is not None
         assert info["command"] == f"fmn-pl merge --config {out / 'config.yaml'}"
         # model-index: each task's metrics with the constant prediction's beside them
         metrics = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
         for t in tasks:
-            merged, constant = report["results"][t]["merged"], report["results"][t]["baseline"]
+            merged, constant = report.results[t].merged, report.results[t].baseline
+            assert merged is not None and constant is not None
             if t == "rte":
                 assert metrics[("rte", "accuracy")] == round(merged["accuracy"], 4)
                 assert metrics[("rte", "accuracy_constant")] == round(constant["accuracy"], 4)

@@ -48,6 +48,7 @@ def test_readme_demo_merge_and_load(tmp_path: Path) -> None:
     demo = next(c for c in commands(quick) if "scripts/demo.sh" in c)
     merge = next(c for b in blocks("bash") for c in commands(b) if c.startswith("fmn-pl merge") and "runs/demo" in c)
     load = next(b for b in blocks("python") if "runs/demo" in b)
+    api = next(b for b in blocks("python") if "run_merge(" in b)
     out = tmp_path / "demo"
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # fmn-pl and python of this environment
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": path}
@@ -67,3 +68,5 @@ def test_readme_demo_merge_and_load(tmp_path: Path) -> None:
     printed = run(f"python - <<'PY'\n{load}PY")
     probs = [float(x) for x in re.search(r"tensor\(\[\[(.*?)\]\]", printed).group(1).split(",")]
     assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-3, printed
+    score, chosen = run(f"python - <<'PY'\n{api}PY").split()[-2:]  # the typed API: the same merge as the CLI's
+    assert -1 <= float(score) <= 1 and 0 < float(chosen) <= 1
