@@ -36,7 +36,7 @@ def weights_fingerprint(path: str | Path) -> str:
 
 
 @dataclass(kw_only=True)
-class Record(records.Record):
+class MetaRecord(records.Record):
     """A record of `fmn_pl.json` (`fmn_pl.records.Record`): built here, every field is written."""
 
     source_name = METADATA_FILE
@@ -44,7 +44,7 @@ class Record(records.Record):
 
 
 @dataclass(kw_only=True)
-class DataSettings(Record):
+class DataSettings(MetaRecord):
     """The `GLUEDataModule` options fine-tuning ran with (its `__init__` arguments): later stages read the same
     rows (tokenizer, `max_length`, held-out rows). None: not recorded."""
 
@@ -67,7 +67,7 @@ class DataSettings(Record):
 
 
 @dataclass(kw_only=True)
-class ModelSettings(Record):
+class ModelSettings(MetaRecord):
     """The `GLUETransformer` options fine-tuning ran with (its `__init__` arguments). None: not recorded."""
 
     model_name_or_path: str | None = None
@@ -81,7 +81,7 @@ class ModelSettings(Record):
 
 
 @dataclass(kw_only=True)
-class CheckpointMeta(Record):
+class CheckpointMeta(MetaRecord):
     """`fmn_pl.json`: what fine-tuning records about a task checkpoint, read, written and checked here only."""
 
     format_version: int = FORMAT_VERSION

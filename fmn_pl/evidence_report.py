@@ -45,7 +45,7 @@ def _marked(e: Estimate | None) -> str:
     return f"**{e.text()}**" if e.verdict != "tie" else e.text()
 
 
-def markdown(ev: Evidence) -> str:
+def results_page(ev: Evidence) -> str:
     """The whole document: the same bundles give the same bytes wherever they lie (a run's results.md is its
     committed page)."""
     cfg = ev.bundles[0].meta["config"]
@@ -307,7 +307,7 @@ def write_results(out: Path, seed: int | None = None) -> None:
 
     if seed is not None:
         bundle.write(bundle.collect(out, seed), out / bundle.BUNDLE)
-    text = markdown(Evidence(bundle.read_all(out)))
+    text = results_page(Evidence(bundle.read_all(out)))
     atomic_write(out / "results.md", text)
     print(f"evidence: {out / 'results.md'}")
 
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("bundle", type=Path, help="a bundle folder, or a folder of seed-*/ bundles")
     parser.add_argument("--output", type=Path, default=None, help="write the Markdown here (default: print it)")
     args = parser.parse_args(argv)
-    text = markdown(Evidence(read_all(args.bundle)))
+    text = results_page(Evidence(read_all(args.bundle)))
     if args.output is None:
         print(text, end="")
     else:

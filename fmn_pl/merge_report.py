@@ -92,7 +92,7 @@ class Evaluation(Part):
 
 
 @dataclass(kw_only=True)
-class Selection(Evaluation):
+class SelectionRecord(Evaluation):
     """The rows a method chose its options on (or adapted on), and how: candidates scored, inputs read, precision."""
 
     evaluations: int = 0
@@ -210,7 +210,7 @@ class MergeReport(Part):
     own_tensors: OwnTensors | None = None
     peak_rss_merge_mb: float | None = None
     storage: Storage | None = None
-    selection: Selection | None = None
+    selection: SelectionRecord | None = None
     """None: the method chose nothing on held-out rows and adapted on none."""
     notes: dict[str, Any] = field(default_factory=dict)
     """What the method noted, by its own keys (`MergeContext.notes`): each choice's grid and scores, ..."""

@@ -41,7 +41,7 @@ from fmn_pl.dry_run import dry_run
 from fmn_pl.files import atomic_write, output_lock, write_json
 from fmn_pl.launch import StageFailed, run_in_child, run_in_process, stage_data
 from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config, seed_runs
-from fmn_pl.pipeline_report import write_report
+from fmn_pl.pipeline_report import write_pipeline_report
 from fmn_pl.progress import stage_line
 from fmn_pl.ranks import (
     cpu_seconds,
@@ -114,7 +114,7 @@ def run_stage(
         with output_to(log):
             from fmn_pl.evidence_report import write_results  # numpy: only when a report is written
 
-            write_report(cfg)
+            write_pipeline_report(cfg)
             write_results(Path(cfg.output), cfg.fit.seed)
         return
     config = stage_config(stage, cfg, key)

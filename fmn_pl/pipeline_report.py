@@ -369,7 +369,7 @@ def _cost_plot(data: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def write_report(cfg: PipelineConfig) -> Path:
+def write_pipeline_report(cfg: PipelineConfig) -> Path:
     """Combine the merges' reports into <output>/report.{json,md} and <output>/plots/*.png."""
     out = Path(cfg.output)
     data = gather(cfg)

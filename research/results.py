@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fmn_pl.bundle import read_all
 from fmn_pl.evidence import Evidence
-from fmn_pl.evidence_report import markdown
+from fmn_pl.evidence_report import results_page
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "python research/results.py"
@@ -50,7 +50,7 @@ class Document:
     history: bool = False
 
     def render(self) -> str:
-        text = markdown(Evidence(read_all(self.bundle)))
+        text = results_page(Evidence(read_all(self.bundle)))
         return text + "\n" + HISTORY if self.history else text
 
 

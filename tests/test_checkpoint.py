@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fmn_pl.checkpoint import METADATA_FILE, CheckpointMeta, DataSettings, ModelSettings, Record
+from fmn_pl.checkpoint import METADATA_FILE, CheckpointMeta, DataSettings, MetaRecord, ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "runs" / "demo" / "checkpoints" / "sst2"
@@ -139,7 +139,7 @@ def test_a_missing_required_key_or_a_newer_format_is_named(tmp_path: Path) -> No
         (ModelSettings, "fmn_pl.module:GLUETransformer", {"task", "model_name_or_path"}),
     ],
 )
-def test_settings_are_the_init_arguments(settings: type[Record], init: str, unrecorded: set[str]) -> None:
+def test_settings_are_the_init_arguments(settings: type[MetaRecord], init: str, unrecorded: set[str]) -> None:
     """Each settings record has the class's `__init__` arguments, with its defaults (None: not recorded, where
     the class's default would claim a value)."""
     import importlib

@@ -56,9 +56,9 @@ def test_seeds_write_bundles_that_rescore_to_the_reports(
     # the document is a function of the bundles alone: a copy elsewhere renders the same bytes
     for b in bundles:
         bundle.write(b, tmp_path / "copy" / f"seed-{b.seed}")
-    from fmn_pl.evidence_report import markdown
+    from fmn_pl.evidence_report import results_page
 
-    again = markdown(Evidence(bundle.read_all(tmp_path / "copy")))
+    again = results_page(Evidence(bundle.read_all(tmp_path / "copy")))
     assert again == text
 
 
