@@ -150,10 +150,9 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     stages = [fit_stage(cfg, task) for task in cfg.tasks]
     kinds = artifact_kinds(cfg)
     stages += [fisher_stage(cfg, task, kind) for task in cfg.tasks for kind in kinds]
-    methods = {spec.column: build_method(spec) for spec in cfg.merge.methods}
     for combo in combinations(cfg):
         for spec in cfg.merge.methods:
-            stages.append(merge_stage(cfg, combo, spec, methods[spec.column]))
+            stages.append(merge_stage(cfg, combo, spec))
     stages.append(
         Stage(  # reads the merges' reports and every stage's stamp (its cost)
             id="report",
@@ -213,11 +212,13 @@ def fisher_stage(cfg: PipelineConfig, task: str, kind: str) -> Stage:
     )
 
 
-def merge_stage(cfg: PipelineConfig, combo: list[str], spec: MethodSpec, method: Any) -> Stage:
+def merge_stage(cfg: PipelineConfig, combo: list[str], spec: MethodSpec) -> Stage:
     """One method on one task set: `run_merge` on a `MergeConfig` (always in the pipeline's process: merging is one
-    process). Its key hashes the config but where it runs."""
+    process) with a method instance of its own (methods keep state between `setup` and `merge`). Its key hashes
+    the config but where it runs."""
     from fmn_pl.merge_config import RUN_OPTIONS, MergeConfig
 
+    method = build_method(spec)
     name = "+".join(combo)
     out = Path(cfg.output)
     folder = out / "merges" / name / spec.column
@@ -250,6 +251,9 @@ def merge_stage(cfg: PipelineConfig, combo: list[str], spec: MethodSpec, method:
         output=folder / "report.json",
         config_file=config_path(cfg, f"merge/{name}/{spec.column}"),
     )
+
+
+# ---------------------------------------------------------------------------------------------- identities
 
 
 class Identities:
