@@ -32,10 +32,10 @@ class SelectionOptions:
     """Selection scoring under bfloat16 autocast ("bf16"; "auto": where the device supports it) or in float32
     ("32"). Reported scores are always float32."""
 
-    def check(self) -> None:
-        """Counts are positive integers (or null where that means all), before any work."""
+    def check(self, where: str = "selection") -> None:
+        """Counts are positive integers (or null where that means all), before any work; errors name `where`."""
         for name in ("samples", "screen", "finalists"):
-            check_count(f"selection.{name}", getattr(self, name))
+            check_count(f"{where}.{name}", getattr(self, name))
 
 
 @dataclass
@@ -50,8 +50,9 @@ class EvalOptions:
     cache: bool = True
     """Remember individual and plain-average scores beside each checkpoint (fmn_pl_eval.json)."""
 
-    def check(self) -> None:
-        check_count("eval.max_samples", self.max_samples)
+    def check(self, where: str = "eval") -> None:
+        """The cap is a positive integer (or null: all rows), before any work; an error names `where`."""
+        check_count(f"{where}.max_samples", self.max_samples)
 
 
 def check_count(name: str, value: int | None, minimum: int = 1) -> int | None:

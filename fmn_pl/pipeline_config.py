@@ -250,8 +250,8 @@ def check_counts(cfg: PipelineConfig) -> None:
         check_count(f"fisher.{kind}.num_examples", a.num_examples)
         check_count(f"fisher.{kind}.batch_size", a.batch_size)
     check_count("merge.batch_size", cfg.merge.batch_size)
-    cfg.merge.selection.check()
-    cfg.merge.eval.check()
+    cfg.merge.selection.check("merge.selection")
+    cfg.merge.eval.check("merge.eval")
 
 
 def normalize(cfg: PipelineConfig) -> PipelineConfig:
