@@ -71,8 +71,6 @@ def run_merge(config: MergeConfig) -> MergeReport:
     selection = Selection.over(
         inputs, selection_data(c.selection, inputs, c.data_dir, c.batch_size), c.accelerator, c.selection.precision
     )
-    samples = c.selection.samples
-    screen = c.selection.screen if samples is None or samples > (c.selection.screen or 0) else None
     ctx = inputs.context(
         evaluate=selection.scores,
         selection_inputs=selection.inputs,
@@ -80,7 +78,7 @@ def run_merge(config: MergeConfig) -> MergeReport:
         progress=c.progress,
         log=tee(log_line),  # also the stage's progress line in a pipeline: candidates screened and scored
         finalists=c.selection.finalists,
-        screen=screen,
+        screen=c.selection.screen_rows(),
     )
     report = input_report(name, c.label or name, c.method, inputs, fingerprints, c.own_tensors)
     timings: dict[str, float] = {"check_s": time.perf_counter() - start}
@@ -301,7 +299,6 @@ def merge_body(
         chooser = Selection.over(inputs, data, accelerator, options.precision)
     else:
         chooser = Selection(evaluator, inputs.tasks)
-    samples = options.samples
     ctx = inputs.context(
         evaluate=chooser.scores,
         selection_inputs=chooser.inputs,
@@ -309,7 +306,7 @@ def merge_body(
         progress=False,
         log=log or log_line,
         finalists=options.finalists,
-        screen=options.screen if samples is None or samples > (options.screen or 0) else None,
+        screen=options.screen_rows(),
     )
     body = dict(body_tensors(inputs, method.merge(ctx)))
     if notes is not None:

@@ -32,6 +32,13 @@ class SelectionOptions:
     """Selection scoring under bfloat16 autocast ("bf16"; "auto": where the device supports it) or in float32
     ("32"). Reported scores are always float32."""
 
+    def screen_rows(self) -> Optional[int]:
+        """The rows per task candidates are screened on, or None where screening saves nothing (the selection
+        holds no more rows than the screen)."""
+        if self.screen is None or (self.samples is not None and self.samples <= self.screen):
+            return None
+        return self.screen
+
     def check(self, where: str = "selection") -> None:
         """Counts are positive integers (or null where that means all), before any work; errors name `where`."""
         for name in ("samples", "screen", "finalists"):
