@@ -128,6 +128,7 @@ def test_reports_are_read_without_torch() -> None:
     """The report modules read reports without loading torch (a report is rendered by `fmn-pl` in milliseconds)."""
     import subprocess
 
-    code = "import sys, fmn_pl.merge_report, fmn_pl.report, fmn_pl.bundle; print('torch' in sys.modules)"
+    modules = "fmn_pl.merge_report, fmn_pl.pipeline_results, fmn_pl.report, fmn_pl.bundle"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

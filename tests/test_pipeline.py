@@ -17,6 +17,8 @@ import yaml
 from fmn_pl import pipeline, pipeline_config, stages
 from fmn_pl.artifacts import load_artifact
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
+from fmn_pl.merge_report import MergeReport
+from fmn_pl.pipeline_results import PipelineReport
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
 TINY = CONFIGS / "tiny.yaml"
@@ -71,21 +73,21 @@ def test_end_to_end_then_resume(
         assert meta["task"] == task and meta["num_train_examples"] == 48  # 64 rows, 16 held out
         art = load_artifact(ckpt, "mask_fisher")
         assert art.metadata["fingerprint"] == weights_fingerprint(ckpt) and art.metadata["num_examples"] == 32
-    report = json.loads((out / "report.json").read_text())
-    assert report["labels"] == ["average", "fmn", "task_arithmetic"]
+    report = PipelineReport.read(out / "report.json")
+    assert json.dumps(report.to_dict(), indent=2) + "\n" == (out / "report.json").read_text()  # read as written
+    assert report.labels == ["average", "fmn", "task_arithmetic"]
+    index = report.index()
     for label in ("fmn", "task_arithmetic"):  # the combined table repeats each merge's own report
-        own = json.loads((out / "merges" / "rte+mrpc" / label / "report.json").read_text())
-        assert label == "fmn" or own["options"]["scaling"] == 0.5
-        for task, r in own["results"].items():
-            row = next(
-                x for x in report["results"] if (x["combination"], x["task"], x["column"]) == ("rte+mrpc", task, label)
-            )
-            assert row["score"] == r["merged"]["score"] and row["normalized"] == r["normalized"]
-            ind = next(x for x in report["results"] if (x["task"], x["column"]) == (task, "individual"))
-            assert ind["score"] == r["individual"]["score"]
-        norm = [r["normalized"] for r in own["results"].values()]
-        assert report["summary"]["rte+mrpc"][label]["normalized"] == pytest.approx(sum(norm) / len(norm))
-    assert set(report["cost_s"]) == {"fit", "fisher", "merge"} and all(v > 0 for v in report["cost_s"].values())
+        own = MergeReport.read(out / "merges" / "rte+mrpc" / label)
+        assert label == "fmn" or own.options["scaling"] == 0.5
+        for task, r in own.results.items():
+            row, ind = index[("rte+mrpc", task, label)], index[("rte+mrpc", task, "individual")]
+            assert row.score == r.score("merged") and row.normalized == r.normalized
+            assert ind.score == r.score("individual")
+        norm = [r.normalized for r in own.results.values() if r.normalized is not None]
+        assert report.summary["rte+mrpc"][label].normalized == pytest.approx(sum(norm) / len(norm))
+    assert set(report.cost_s) == {"fit", "fisher", "merge"} and all(v > 0 for v in report.cost_s.values())
+    assert [c.stage for c in report.stages] == stages[:-1] and all(c.wall_s for c in report.stages)
     md = (out / "report.md").read_text()
     assert "rte 48 training examples (capped at 64), 1 epoch(s)" in md and "at most 32 validation examples" in md
     assert "mask_fisher on 32 training examples per task" in md
