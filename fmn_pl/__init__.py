@@ -26,6 +26,7 @@ _API: dict[str, str] = {
     "SelectionOptions": "fmn_pl.options:SelectionOptions",
     "EvalOptions": "fmn_pl.options:EvalOptions",
     "PipelineConfig": "fmn_pl.pipeline_config:PipelineConfig",
+    "PipelineReport": "fmn_pl.pipeline_results:PipelineReport",
     "METHODS": "fmn_pl.merging:METHODS",
     "MergeMethod": "fmn_pl.merging:MergeMethod",
     "MergeContext": "fmn_pl.merging:MergeContext",
@@ -53,6 +54,7 @@ __all__ = [
     "SelectionOptions",
     "EvalOptions",
     "PipelineConfig",
+    "PipelineReport",
     "METHODS",
     "MergeMethod",
     "MergeContext",
@@ -79,6 +81,7 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_api.py checks 
     from fmn_pl.module import GLUETransformer
     from fmn_pl.options import EvalOptions, SelectionOptions
     from fmn_pl.pipeline_config import PipelineConfig
+    from fmn_pl.pipeline_results import PipelineReport
 
 
 def __getattr__(name: str) -> Any:
