@@ -11,7 +11,15 @@ import sys
 from typing import Sequence
 
 from fmn_pl.cores import share_cores
-from fmn_pl.errors import EXIT_SIGNAL, interrupted_line, is_user_error, on_signal, one_line, run_interruptible
+from fmn_pl.errors import (
+    EXIT_SIGNAL,
+    interrupted_line,
+    is_user_error,
+    on_signal,
+    one_line,
+    renamed_hint,
+    run_interruptible,
+)
 from fmn_pl.options import check_config_files
 
 # Stages that are not Trainer methods: name -> (module:function taking argv, one-line help).
@@ -50,7 +58,8 @@ def shell(argv: list[str]) -> None:
     except Exception as e:
         if os.environ.get("FMN_PL_TRACEBACK") or not is_user_error(e):
             raise
-        print(f"{command}: error: {one_line(e)}", file=sys.stderr)
+        line = one_line(e)
+        print(f"{command}: error: {line}{renamed_hint(line)}", file=sys.stderr)
         raise SystemExit(2) from None
     except SystemExit as e:
         if e.code in EXIT_SIGNAL:

@@ -57,6 +57,31 @@ def one_line(e: BaseException) -> str:
     return lines[0]
 
 
+# Options renamed when each stage got one typed config: an error that names an old one says its new name.
+RENAMED = {
+    "max_eval_samples": "eval.max_samples, in a pipeline merge.eval.max_samples; fit.max_eval_samples stays",
+    "selection_split": "selection.split",
+    "selection_samples": "selection.samples",
+    "selection_screen": "selection.screen",
+    "selection_finalists": "selection.finalists",
+    "selection_precision": "selection.precision",
+    "compare_average": "eval.compare_average",
+    "cache": "eval.cache",
+    "args": "typed options: merge.selection, merge.eval, merge.batch_size, fisher.<kind>.<option>, "
+    "fit.accumulate_grad_batches, fit.gradient_clip_val",
+}
+
+
+def renamed_hint(message: str) -> str:
+    """` (X is now Y)` when a parser's error names an option this version renamed, else empty."""
+    import re
+
+    for old, new in RENAMED.items():
+        if re.search(rf"(--|'|\w\.){old}\b", message):  # --old, 'old', merge.old
+            return f" ({old} is now {new})"
+    return ""
+
+
 # Exit status of a stage stopped by a signal (the shell's 128 + signal number).
 EXIT_SIGNAL = {143: "SIGTERM", 130: "SIGINT"}
 _received: list[int] = []  # signals received by this process (the handlers below record them)

@@ -100,3 +100,17 @@ def test_yaml_and_option_errors_are_one_line(tmp_path: Path) -> None:
             proc.stderr
         )
     assert "YAML syntax error" in lines[0] or "data.max_train_samples" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, hint",
+    [
+        (["merge", "--max_eval_samples=3"], "(max_eval_samples is now eval.max_samples, in a pipeline"),
+        (["merge", "--selection_samples=3"], "(selection_samples is now selection.samples)"),
+        (["pipeline", "--merge.args={selection_samples: 3}"], "(args is now typed options: merge.selection,"),
+    ],
+)
+def test_a_renamed_option_names_its_new_name(args: list[str], hint: str) -> None:
+    """Options renamed by the typed configs: the one error line says what they are called now."""
+    proc = subprocess.run([sys.executable, "-m", "fmn_pl.cli", *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and hint in proc.stderr.strip().splitlines()[-1], proc.stderr
