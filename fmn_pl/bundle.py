@@ -93,13 +93,13 @@ def _run_meta(run: Path) -> dict[str, Any]:
     """The run's resolved config and each checkpoint's exported epoch, held-out metrics and fingerprint."""
     import yaml
 
-    from fmn_pl.checkpoint import METADATA_FILE
+    from fmn_pl.checkpoint import METADATA_FILE, CheckpointMeta
 
     checkpoints = {}
     for meta_file in sorted((run / "checkpoints").glob(f"*/{METADATA_FILE}")):
-        meta = json.loads(meta_file.read_text())
+        meta = CheckpointMeta.read(meta_file.parent)  # checked, one line naming the file where it is not
         checkpoints[meta_file.parent.name] = {
-            k: meta.get(k) for k in ("epoch", "epochs_trained", "metrics", "num_train_examples", "fingerprint")
+            k: getattr(meta, k) for k in ("epoch", "epochs_trained", "metrics", "num_train_examples", "fingerprint")
         } | {"artifacts": _artifacts(meta_file.parent)}
     config = run / "pipeline.yaml"
     return {"config": yaml.safe_load(config.read_text()) if config.is_file() else None, "checkpoints": checkpoints}
