@@ -67,9 +67,9 @@ def parse(kind: str, data: dict[str, Any]) -> None:
 
         Parse(GLUETransformer, GLUEDataModule, args=data, run=False, seed_everything_default=False)
     elif kind == "merge":
-        from fmn_pl.merge_cli import build_parser, with_class_paths
+        from fmn_pl.merge_cli import build_parser
 
-        build_parser().parse_object(with_class_paths(data))
+        build_parser().parse_object(data)
     else:
         from fmn_pl.fisher_cli import build_parser as fisher_parser
 

@@ -3,85 +3,16 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from fmn_pl.merge import run_merge
 from fmn_pl.merge_config import MergeConfig
 from fmn_pl.merge_report import MergeReport
-from fmn_pl.merging import METHODS, target
+from fmn_pl.merging import METHODS
+from fmn_pl.merging.names import name_methods
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def class_path(name: str) -> str:
-    """A registry name (or a registered class's name) -> its importable class path; dotted paths unchanged."""
-    if "." in name:
-        return name
-    for key, entry in METHODS.items():
-        if name in (key, entry.split(":")[1]):
-            return ".".join(target(key))
-    from fmn_pl.merging import method_class
-
-    method_class(name)  # raises: unknown merge method, with the known names
-    return name
-
-
-def with_class_paths(data: Any) -> Any:
-    """Merge options (a config's data) with `method: fmn` or `method: {class_path: fmn, ...}` given class paths,
-    which the parser needs; a copy."""
-    if not isinstance(data, dict):
-        return data
-    m = data.get("method")
-    if isinstance(m, str):
-        return {**data, "method": {"class_path": class_path(m)}}
-    if isinstance(m, dict) and isinstance(m.get("class_path"), str):
-        return {**data, "method": {**m, "class_path": class_path(m["class_path"])}}
-    return data
-
-
-def _rewrite_config(text: str) -> str:
-    """A YAML config of merge options with its method's registry name rewritten to a class path."""
-    import yaml
-
-    return yaml.safe_dump(with_class_paths(yaml.safe_load(text)), sort_keys=False)
-
-
-def normalize_argv(argv: Sequence[str]) -> list[str]:
-    """Accept `--checkpoints a b c`, registry names for `--method` (also in --config files) and `--no_eval`."""
-    out: list[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        flag, eq, value = a.partition("=")
-        if a == "--no_eval":
-            out.append("--evaluate=false")
-        elif flag == "--checkpoints" and not eq and i + 1 < len(args) and not args[i + 1].startswith("["):
-            items = []
-            while i + 1 < len(args) and not args[i + 1].startswith("--"):
-                items.append(args[i + 1])
-                i += 1
-            out.append("--checkpoints=" + json.dumps(items))
-        elif flag in ("--method", "--method.help"):
-            if not eq and i + 1 < len(args):
-                value = args[i + 1]
-                i += 1
-            out.append(f"{flag}={class_path(value)}")
-        elif flag == "--config":
-            if not eq and i + 1 < len(args):
-                value = args[i + 1]
-                i += 1
-            path = Path(value)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file {value} does not exist")
-            out += ["--config", _rewrite_config(path.read_text())]
-        else:
-            out.append(a)
-        i += 1
-    return out
 
 
 def _method_lines() -> str:
@@ -116,7 +47,12 @@ def build_parser() -> Any:
         exit_on_error=False,  # one line at the CLI's error boundary, not the usage
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (configs/merge/*.yaml)")
-    parser.add_class_arguments(MergeConfig, None)
+    name_methods()  # `--method fmn`: the parser finds the method class by its registry name
+    parser.add_class_arguments(MergeConfig, None, skip={"checkpoints"})
+    parser.add_argument(  # a list as shells write one: --checkpoints a b c (a YAML list in a config)
+        "--checkpoints", type=str, nargs="+", required=True, help="fmn-pl task checkpoint folders, two or more"
+    )
+    parser.add_argument("--no_eval", dest="evaluate", action="store_false", help="the same as --evaluate false")
     return parser
 
 
@@ -128,18 +64,34 @@ def to_config(parser: Any, cfg: Any) -> MergeConfig:
     return MergeConfig(**{f.name: init[f.name] for f in fields(MergeConfig)})
 
 
+def parse(parser: Any, args: Sequence[str]) -> MergeConfig:
+    """The `MergeConfig` of a command line. Errors name a method as the user did, and an unknown one fails with the
+    registered names (jsonargparse alone says only that it wants an import path)."""
+    import re
+    from argparse import ArgumentError
+
+    try:
+        cfg = parser.parse_args(list(args))
+    except ArgumentError as e:
+        said = str(e).replace(f"{name_methods.__module__}.", "")  # the method as the user named it
+        unknown = re.search(r'key "method":\s+Expected a dot import path string: (\S+)', said)
+        if unknown is not None:
+            said = f"unknown merge method {unknown[1]!r}; registered methods: {', '.join(METHODS)}"
+        raise ArgumentError(None, said) from None
+    return to_config(parser, cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> MergeReport | None:
     """`fmn-pl merge ...`: the report of `run_merge`; bad input raises (one line at `fmn_pl.cli.shell`)."""
-    args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        method = next((a.partition("=")[2] for a in args if a.startswith("--method=")), None)
-        if method:  # that method's options only, one line each
+        named = [v for a, v in zip(args, [*args[1:], ""]) if a == "--method"]
+        named += [a.partition("=")[2] for a in args if a.startswith("--method=")]
+        if named:  # that method's options only, one line each
             from fmn_pl.merging import option_lines
 
-            method = next((n for n in METHODS if ".".join(target(n)) == method), method)  # normalize_argv's class path
-            print("\n".join(option_lines(method)))
+            print("\n".join(option_lines(named[-1])))
         else:
             build_parser().print_help()
         return None
-    parser = build_parser()
-    return run_merge(to_config(parser, parser.parse_args(args)))
+    return run_merge(parse(build_parser(), args))

@@ -199,7 +199,7 @@ def test_options_round_trip(name: str, tmp_path: Path, models: Models) -> None:
     """Every option, written out, comes back the same through CLI argv, a YAML config and a pipeline MethodSpec."""
     import yaml
 
-    from fmn_pl.merge_cli import build_parser, normalize_argv
+    from fmn_pl.merge_cli import build_parser
     from fmn_pl.pipeline_config import parse_config
     from fmn_pl.stages import plan
 
@@ -212,10 +212,10 @@ def test_options_round_trip(name: str, tmp_path: Path, models: Models) -> None:
         *common,
     ]
     parser = build_parser()
-    assert parser.instantiate(parser.parse_args(normalize_argv(argv))).method.options() == options
+    assert parser.instantiate(parser.parse_args(argv)).method.options() == options
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump({"method": {"class_path": name, "init_args": options}}))
-    from_yaml = parser.instantiate(parser.parse_args(normalize_argv(["--config", str(config), *common])))
+    from_yaml = parser.instantiate(parser.parse_args(["--config", str(config), *common]))
     assert from_yaml.method.options() == options
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(
