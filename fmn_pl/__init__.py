@@ -14,6 +14,10 @@ _API: dict[str, str] = {
     # name: "module:attribute"
     "run_fit": "fmn_pl.fit:run_fit",
     "FitResult": "fmn_pl.fit:FitResult",
+    "FitConfig": "fmn_pl.fit_config:FitConfig",
+    "ModelOptions": "fmn_pl.fit_config:ModelOptions",
+    "DataOptions": "fmn_pl.fit_config:DataOptions",
+    "ExportOptions": "fmn_pl.fit_config:ExportOptions",
     "run_fisher": "fmn_pl.fisher_cli:run_fisher",
     "ArtifactResult": "fmn_pl.fisher_cli:ArtifactResult",
     "FisherConfig": "fmn_pl.kinds:FisherConfig",
@@ -42,6 +46,10 @@ _API: dict[str, str] = {
 __all__ = [
     "run_fit",
     "FitResult",
+    "FitConfig",
+    "ModelOptions",
+    "DataOptions",
+    "ExportOptions",
     "run_fisher",
     "ArtifactResult",
     "FisherConfig",
@@ -73,6 +81,7 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_api.py checks 
     from fmn_pl.evaluate import Evaluator
     from fmn_pl.fisher_cli import ArtifactResult, run_fisher
     from fmn_pl.fit import FitResult, run_fit
+    from fmn_pl.fit_config import DataOptions, ExportOptions, FitConfig, ModelOptions
     from fmn_pl.kinds import KINDS, FisherConfig, get_kind
     from fmn_pl.merge import merge_body, run_merge
     from fmn_pl.merge_config import MergeConfig

@@ -83,8 +83,9 @@ def options_line(stage: Stage) -> str:
 
     call = stage_data(stage.kind, stage.config)
     if stage.kind == "fit":
-        shown = {**call.get("model", {}), **{k: call.get("trainer", {}).get(k) for k in ("max_epochs", "devices")}}
-        shown.pop("model_name_or_path", None)
+        m = stage.config.model
+        recipe = {"learning_rate": m.learning_rate, "weight_decay": m.weight_decay, "warmup_ratio": m.warmup_ratio}
+        shown = {**recipe, **{k: stage.config.trainer.get(k) for k in ("max_epochs", "devices")}}
     elif stage.kind == "merge":
         defaults = {o.name: o.default for o in type(stage.config.method).schema}  # shown: what differs from them
         given = {k: v for k, v in call["method"]["init_args"].items() if k not in defaults or defaults[k] != v}

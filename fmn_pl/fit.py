@@ -17,6 +17,7 @@ from fmn_pl.checkpoint import CheckpointMeta, DataSettings, ModelSettings, check
 from fmn_pl.data import GLUEDataModule
 from fmn_pl.errors import saved_for_resume, trainer_options
 from fmn_pl.files import check_writable
+from fmn_pl.fit_config import FitConfig
 from fmn_pl.module import GLUETransformer, check_max_length
 from fmn_pl.options import check_finite, check_outside, is_local_path
 from fmn_pl.progress import lightning_callback
@@ -302,10 +303,10 @@ class FitResult:
     """The exported epoch (0-based; None when nothing was exported)."""
 
 
-def run_fit(config: dict[str, Any]) -> FitResult:
-    """Fine-tune one task from a config with the layout of `configs/fit/*.yaml` (model, data, trainer, export,
-    seed_everything, ckpt_path), as `fmn-pl fit --config` would, and return what it exported."""
-    cli = lightning_cli({"fit": config})
+def run_fit(config: FitConfig) -> FitResult:
+    """Fine-tune one task as `fmn-pl fit --config` would with the config's data (LightningCLI parses and checks it),
+    and return what it exported."""
+    cli = lightning_cli({"fit": config.to_data()})
     export = next(c for c in cli.trainer.callbacks if isinstance(c, ExportCheckpoint))
     folder = Path(export.dirpath) if export.dirpath is not None else None
     return FitResult(folder, dict(export.best_metrics or {}), export.best_epoch)

@@ -34,8 +34,6 @@ def call_stage(kind: str, config: Any) -> object:
 
 def stage_data(kind: str, config: Any) -> dict[str, Any]:
     """A stage's config as plain data: the YAML `fmn-pl <kind> --config` reads (what the pipeline writes for it)."""
-    if kind == "fit":
-        return config  # the LightningCLI config is data already
     if kind == "fisher":
         from fmn_pl.fisher_cli import config_data as fisher_data
 

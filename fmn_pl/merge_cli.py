@@ -10,7 +10,7 @@ from fmn_pl.merge import run_merge
 from fmn_pl.merge_config import MergeConfig
 from fmn_pl.merge_report import MergeReport
 from fmn_pl.merging import METHODS
-from fmn_pl.merging.names import name_methods
+from fmn_pl.merging.names import name_methods, own_class
 
 # ---------------------------------------------------------------------------------------------- CLI
 
@@ -61,7 +61,7 @@ def to_config(parser: Any, cfg: Any) -> MergeConfig:
     from dataclasses import fields
 
     init = parser.instantiate_classes(cfg)
-    return MergeConfig(**{f.name: init[f.name] for f in fields(MergeConfig)})
+    return MergeConfig(**{f.name: init[f.name] for f in fields(MergeConfig)} | {"method": own_class(init.method)})
 
 
 def parse(parser: Any, args: Sequence[str]) -> MergeConfig:

@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -53,7 +53,7 @@ from fmn_pl.ranks import (
     tail,
 )
 from fmn_pl.resources import peak_rss_mb, reset_peak
-from fmn_pl.stages import Identities, Stage, freshness, nest, plan, read_stamp, stamp_path
+from fmn_pl.stages import Identities, Stage, freshness, plan, read_stamp, stamp_path
 
 
 def check_fresh_output(stage: Stage, started: float, log: Path, weights: Optional[str] = None) -> None:
@@ -91,11 +91,11 @@ def stage_config(stage: Stage, cfg: PipelineConfig, key: str) -> Any:
         return stage.config
     folder = resume_folder(stage, cfg, key)
     last = folder / "last.ckpt"
-    resume: dict[str, Any] = {"export.resume_dir": str(folder)}
+    config = replace(stage.config, export=replace(stage.config.export, resume_dir=str(folder)))
     if last.is_file():
         print(f"resuming from {last} (left by SIGTERM)", file=sys.stderr)
-        resume["ckpt_path"] = str(last)
-    return nest(stage.config, resume)
+        config = replace(config, ckpt_path=str(last))
+    return config
 
 
 def run_stage(

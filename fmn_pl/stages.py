@@ -4,11 +4,12 @@ the identities of its inputs), so a rerun knows what is up to date from the stam
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fmn_pl.files import sha256_file, sha256_json
+from fmn_pl.fit_config import DataOptions, ExportOptions, FitConfig, ModelOptions
 from fmn_pl.kinds import KINDS
 from fmn_pl.pipeline_config import (
     Launch,
@@ -38,7 +39,7 @@ class Stage:
     options: dict[str, Any]
     """Everything that decides its result besides `deps`, as data (hashed into the stamp key)."""
     config: Any
-    """The stage function's config: the LightningCLI config of `run_fit`, a `FisherConfig`, a `MergeConfig`
+    """The stage function's typed config: a `FitConfig`, a `FisherConfig`, a `MergeConfig`
     (None: the report)."""
     launch: Optional[Launch]
     """Where it runs (None: in the pipeline's process, rank 0 only)."""
@@ -61,20 +62,8 @@ def set_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def nest(config: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
-    """`config` (nested dicts) with `dotted` options ({"trainer.devices": 2}) set in it; a copy."""
-    out = json.loads(json.dumps(config))
-    for key, value in dotted.items():
-        *path, last = key.split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
-
-
-def fit_config(cfg: PipelineConfig, task: str) -> dict[str, Any]:
-    """The LightningCLI config of one task's fine-tuning (written to <output>/configs/fit-<task>.yaml).
+def fit_config(cfg: PipelineConfig, task: str) -> FitConfig:
+    """One task's fine-tuning (written to <output>/configs/fit-<task>.yaml).
 
     The exported epoch is picked on the held-out training rows (`holdout_samples`), never on validation: the
     validation rows are read only for the final scores. Without held-out rows the last epoch is exported and
@@ -82,26 +71,26 @@ def fit_config(cfg: PipelineConfig, task: str) -> dict[str, Any]:
     o = fit_options(cfg, task)
     out = Path(cfg.output)
     held = bool(o["holdout_samples"])
-    return {
-        "seed_everything": o["seed"],
-        "model": {
-            "model_name_or_path": cfg.model,
-            "learning_rate": o["learning_rate"],
-            "weight_decay": o["weight_decay"],
-            "warmup_ratio": o["warmup_ratio"],
-        },
-        "data": {
-            "task": task,
-            "data_dir": cfg.data_dir,
-            "batch_size": o["batch_size"],
-            "max_length": o["max_length"],
-            "max_train_samples": o["max_train_samples"],
-            "max_eval_samples": o["max_eval_samples"],
-            "holdout_samples": o["holdout_samples"],
-            "sample_seed": o["seed"],
-            "eval_splits": ["holdout"] if held else None,
-        },
-        "trainer": {
+    return FitConfig(
+        seed_everything=o["seed"],
+        model=ModelOptions(
+            model_name_or_path=cfg.model,
+            learning_rate=o["learning_rate"],
+            weight_decay=o["weight_decay"],
+            warmup_ratio=o["warmup_ratio"],
+        ),
+        data=DataOptions(
+            task=task,
+            data_dir=cfg.data_dir,
+            batch_size=o["batch_size"],
+            max_length=o["max_length"],
+            max_train_samples=o["max_train_samples"],
+            max_eval_samples=o["max_eval_samples"],
+            holdout_samples=o["holdout_samples"],
+            sample_seed=o["seed"],
+            eval_splits=["holdout"] if held else None,
+        ),
+        trainer={
             "max_epochs": o["max_epochs"],
             "limit_val_batches": None if held else 0,  # no held-out rows: nothing is read to pick an epoch
             "precision": o["precision"],
@@ -113,7 +102,36 @@ def fit_config(cfg: PipelineConfig, task: str) -> dict[str, Any]:
                 "init_args": {"save_dir": str(out / "logs"), "name": f"fit-{task}", "version": "latest"},
             },
         },
-        "export": {"dirpath": str(out / "checkpoints" / task), "select": "best" if held else "last"},
+        export=ExportOptions(dirpath=str(out / "checkpoints" / task), select="best" if held else "last"),
+    )
+
+
+# The fit options a pipeline sets: what a fit stage's key hashes, in the shape it has always had (existing fits stay
+# up to date; the options a pipeline cannot set keep their defaults).
+FIT_KEY = {
+    "model": ("model_name_or_path", "learning_rate", "weight_decay", "warmup_ratio"),
+    "data": (
+        "task",
+        "data_dir",
+        "batch_size",
+        "max_length",
+        "max_train_samples",
+        "max_eval_samples",
+        "holdout_samples",
+        "sample_seed",
+        "eval_splits",
+    ),
+    "export": ("dirpath", "select"),
+}
+
+
+def fit_key(config: FitConfig) -> dict[str, Any]:
+    """The key data of a pipeline's fit config (`FIT_KEY`), before its launch options are set."""
+    data = config.to_data()
+    return {
+        "seed_everything": config.seed_everything,
+        **{section: {k: data[section][k] for k in keys} for section, keys in FIT_KEY.items()},
+        "trainer": config.trainer,
     }
 
 
@@ -168,15 +186,15 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
 
 
 def fit_stage(cfg: PipelineConfig, task: str) -> Stage:
-    """Fine-tuning of one task: `run_fit` on the LightningCLI config the pipeline generates (`fit_config`)."""
+    """Fine-tuning of one task: `run_fit` on the `FitConfig` the pipeline generates (`fit_config`)."""
     conf = fit_config(cfg, task)
     launch = _launch(cfg, cfg.fit.launch)
     return Stage(
         id=f"fit/{task}",
         kind="fit",
         deps=[],
-        options={"config": conf, "args": {}},  # "args": the key's shape before the typed options (runs stay fresh)
-        config=nest(conf, {f"trainer.{k}": v for k, v in asdict(launch).items()}),
+        options={"config": fit_key(conf), "args": {}},  # "args": the key's shape before the typed options
+        config=replace(conf, trainer={**conf.trainer, **asdict(launch)}),
         launch=launch,
         output=Path(cfg.output) / "checkpoints" / task,
         config_file=config_path(cfg, f"fit/{task}"),

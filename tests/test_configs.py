@@ -108,3 +108,41 @@ def test_reference_configs_spell_the_papers_rule():
     rows = yaml.safe_load((CONFIGS / "pipeline" / "paper.yaml").read_text())["merge"]["methods"]
     (row,) = [r for r in rows if r.get("label") == "fmn_reference"]
     assert row["name"] == "fmn" and row["options"] == REFERENCE
+
+
+@pytest.mark.parametrize(
+    "section, cls, linked",
+    [
+        ("ModelOptions", "fmn_pl.module:GLUETransformer", {"task"}),
+        ("DataOptions", "fmn_pl.data:GLUEDataModule", {"tokenizer"}),
+        ("ExportOptions", "fmn_pl.fit:ExportCheckpoint", set()),
+    ],
+)
+def test_fit_config_sections_are_their_classes_options(section: str, cls: str, linked: set[str]) -> None:
+    """`FitConfig`'s typed sections have their class's options, with the same defaults, in its order (the options
+    LightningCLI links from another section left out), so `run_fit(FitConfig)` can set what a fit config can."""
+    import dataclasses
+    import inspect
+
+    import fmn_pl.fit_config as fit_config
+
+    module, name = cls.split(":")
+    params = [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()]
+    expected = [(p.name, p.default) for p in params if p.name not in linked]
+    fields = dataclasses.fields(getattr(fit_config, section))
+    got = [(f.name, inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default) for f in fields]
+    assert got == expected
+
+
+def test_run_fit_takes_the_pipelines_fit_config(tiny_base, tiny_glue, tmp_path) -> None:
+    """A pipeline's `FitConfig`, as data, is a config LightningCLI accepts whole (every section and option)."""
+    from fmn_pl.fit_config import DataOptions, ExportOptions, FitConfig, ModelOptions
+
+    config = FitConfig(
+        model=ModelOptions(str(tiny_base("bert")), learning_rate=1e-4),
+        data=DataOptions(task="rte", data_dir=str(tiny_glue), max_train_samples=8, batch_size=4),
+        trainer={"max_epochs": 1, "limit_val_batches": 0, "logger": False},
+        export=ExportOptions(dirpath=str(tmp_path / "rte"), select="last"),
+    )
+    cli = lightning_cli(config.to_data(), run=False)
+    assert cli.model.hparams.learning_rate == 1e-4 and cli.datamodule.hparams.max_train_samples == 8

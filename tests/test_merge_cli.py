@@ -15,7 +15,7 @@ from fmn_pl.artifacts import artifact_path, save_artifact
 from fmn_pl.checkpoint import read_metadata, weights_fingerprint
 from fmn_pl.cli import shell
 from fmn_pl.merge import run_merge
-from fmn_pl.merge_cli import build_parser, main
+from fmn_pl.merge_cli import build_parser, main, to_config
 from fmn_pl.merge_config import MergeConfig
 from fmn_pl.merging.base import CheckpointReader, MergeContext
 from fmn_pl.merging.fmn import FMN
@@ -115,7 +115,7 @@ def test_merge_end_to_end(make_checkpoint: Callable, tiny_glue: Path, tmp_path: 
 
     # the saved resolved config re-parses and names the same method
     parser = build_parser()
-    method = parser.instantiate(parser.parse_args(["--config", str(out / "config.yaml")])).method
+    method = to_config(parser, parser.parse_args(["--config", str(out / "config.yaml")])).method
     assert type(method).__name__ == "FMN" and method.normalize == "mean"
 
     # the individual checkpoint's own score matches a plain evaluation of it (same examples, same metrics)
@@ -296,8 +296,7 @@ def test_save_model_false_keeps_reports_only(make_checkpoint: Callable, tiny_glu
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_configs_parse(path: Path) -> None:
     parser = build_parser()
-    cfg = parser.parse_args(["--config", str(path)])
-    init = parser.instantiate(cfg)
+    init = to_config(parser, parser.parse_args(["--config", str(path)]))
     module = type(init.method).__module__.removeprefix("fmn_pl.merging.")
     assert path.stem == module or path.stem.startswith(f"{module}_")  # fmn_reference.yaml is an fmn config
     assert len(init.checkpoints) >= 2 and init.output

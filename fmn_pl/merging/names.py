@@ -5,14 +5,14 @@ method name can collide with one."""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def name_methods() -> None:
-    """(Re)create the named class of every method in `METHODS` (jsonargparse's `class_from_function`: instantiating
-    it returns the method's own class). A method whose module cannot be imported gets no name: asking for it
-    fails with the registered names."""
+    """(Re)create the named class of every method in `METHODS`: a bare subclass, so jsonargparse reads the method's
+    own `__init__` (its options, with their types). A method whose module cannot be imported gets no name: asking
+    for it fails with the registered names."""
     import sys
-
-    from jsonargparse import class_from_function
 
     from fmn_pl.merging import METHODS, method_class
 
@@ -22,6 +22,14 @@ def name_methods() -> None:
             cls = method_class(name)
         except Exception:  # noqa: BLE001 - a broken method module must not break the others' CLI
             continue
-        if getattr(module, name, None) is not None and getattr(module, name).wrapped_function is not cls:
-            delattr(module, name)  # re-registered under the same name (tests): the new class
-        class_from_function(cls, func_return=cls, name=name)
+        if getattr(getattr(module, name, None), "registered", None) is not cls:
+            setattr(module, name, type(name, (cls,), {"__module__": __name__, "__qualname__": name, "registered": cls}))
+
+
+def own_class(method: Any) -> Any:
+    """A method the parser built from its named class, as an instance of the method's own class (the named class
+    adds nothing: it only carries the name)."""
+    registered = type(method).__dict__.get("registered")
+    if registered is not None:
+        method.__class__ = registered
+    return method
