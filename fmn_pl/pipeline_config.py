@@ -7,6 +7,7 @@ import itertools
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Optional, Sequence, Union
 
+from fmn_pl.fit_config import DataOptions, ModelOptions
 from fmn_pl.kinds import KINDS, kind_sections, options_class
 from fmn_pl.options import EvalOptions, SelectionOptions
 
@@ -44,18 +45,19 @@ class Launch:
 
 @dataclass
 class FitOptions:
-    """Fine-tuning of one model per task (`fmn-pl fit`; see `configs/fit/*.yaml` for the stage alone)."""
+    """Fine-tuning of one model per task: the recipe each task's `FitConfig` is built from (`stages.fit_config`;
+    `configs/fit/*.yaml` for the stage alone), with the defaults of its sections where they are the same option."""
 
-    learning_rate: float = 2e-5
+    learning_rate: float = ModelOptions.learning_rate
     """Peak AdamW learning rate (linear warm-up, then linear decay)."""
-    weight_decay: float = 0.01
+    weight_decay: float = ModelOptions.weight_decay
     """AdamW weight decay (not on biases and LayerNorm weights)."""
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = ModelOptions.warmup_ratio
     """Fraction of the training steps spent warming the learning rate up."""
     max_epochs: int = 3
     """Training epochs; the epoch with the best score on the held-out rows is exported (the last one when
     `holdout_samples` is 0): validation rows never pick it."""
-    batch_size: int = 32
+    batch_size: int = DataOptions.batch_size
     """Training batch size (per device)."""
     max_length: Optional[int] = None
     """Truncation length (default: the task's, 64 for single sentences, 128 for pairs)."""
