@@ -1,7 +1,7 @@
 """Registry names as jsonargparse class names: this module holds one class per registered method, named by its
 registry name, so that the parsers resolve `--method fmn` and `method: {class_path: fmn}` themselves (jsonargparse
-finds a class by its name among the subclasses of the field's type). Nothing else is defined here, so that no
-method name can collide with one."""
+finds a class by its name among the subclasses of the field's type). Only its functions and imports share the module:
+a method registered under one of their names is refused."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ def name_methods() -> None:
             cls = method_class(name)
         except Exception:  # noqa: BLE001 - a broken method module must not break the others' CLI
             continue
-        if getattr(getattr(module, name, None), "registered", None) is not cls:
+        taken = getattr(module, name, None)
+        if taken is not None and not hasattr(taken, "registered"):
+            raise ValueError(f"merge method name {name!r} is taken by {__name__}.{name}; register it under another")
+        if getattr(taken, "registered", None) is not cls:
             setattr(module, name, type(name, (cls,), {"__module__": __name__, "__qualname__": name, "registered": cls}))
 
 
