@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Callable
 
@@ -554,3 +555,28 @@ def test_body_prefix_from_the_tensor_names_equals_the_models_own(family: str) ->
     keys = list(model.state_dict())
     assert body_prefix(model.config, keys) == (f"{model.base_model_prefix}.", type(model.base_model).__name__)
     assert body_prefix(model.config) == body_prefix(model.config, keys)  # the meta-model fallback agrees
+
+
+def test_a_method_name_the_names_module_uses_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registry names become classes of `fmn_pl.merging.names`: a name one of its functions has is refused in one
+    line, not silently put in that function's place."""
+    from fmn_pl.merging import METHODS
+
+    monkeypatch.setitem(METHODS, "own_class", "average:Average")
+    with pytest.raises(ValueError, match="merge method name 'own_class' is taken"):
+        build_parser()
+
+
+def test_registry_names_resolve_in_the_parser_with_their_types(tmp_path: Path) -> None:
+    """`--method NAME`, `method: NAME` and `{class_path: NAME, init_args}` resolve with no rewriting, the options keep
+    their types (a string for a list is refused), and the method is an instance of its own class."""
+    from fmn_pl.merging.ties import Ties
+
+    parser = build_parser()
+    common = ["--checkpoints", "a", "b", "--output", str(tmp_path / "o")]
+    config = to_config(parser, parser.parse_args(["--method", "ties", "--method.top_k", "10", *common]))
+    assert type(config.method) is Ties and config.method.options()["top_k"] == 10.0
+    assert config.checkpoints == ["a", "b"] and config.evaluate
+    assert not to_config(parser, parser.parse_args(["--method", "average", "--no_eval", *common])).evaluate
+    with pytest.raises(ArgumentError, match="coefficients"):
+        parser.parse_object({"method": {"class_path": "fmn", "init_args": {"coefficients": "both"}}, "output": "o"})
