@@ -8,7 +8,6 @@ import functools
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from fmn_pl.launch import stage_data
 from fmn_pl.pipeline_config import PipelineConfig
 from fmn_pl.stages import Identities, Stage, freshness, plan
 
@@ -40,7 +39,7 @@ def check_args(stage: Stage) -> Optional[str]:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parse(stage.kind, stage_data(stage.kind, stage.config))
+            parse(stage.kind, stage.config.to_data())
     except SystemExit as e:
         lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
         return lines[-1] if lines else f"exit status {e.code}"
@@ -81,15 +80,17 @@ def options_line(stage: Stage) -> str:
     a merge's method, a Fisher pass's kind and caps, a fine-tuning's recipe."""
     import json
 
-    call = stage_data(stage.kind, stage.config)
+    from fmn_pl.merge_config import method_data
+
     if stage.kind == "fit":
         m = stage.config.model
         recipe = {"learning_rate": m.learning_rate, "weight_decay": m.weight_decay, "warmup_ratio": m.warmup_ratio}
         shown = {**recipe, **{k: stage.config.trainer.get(k) for k in ("max_epochs", "devices")}}
     elif stage.kind == "merge":
+        method = method_data(stage.config.method)
         defaults = {o.name: o.default for o in type(stage.config.method).schema}  # shown: what differs from them
-        given = {k: v for k, v in call["method"]["init_args"].items() if k not in defaults or defaults[k] != v}
-        shown = {"method": call["method"]["class_path"], **given}
+        given = {k: v for k, v in method["init_args"].items() if k not in defaults or defaults[k] != v}
+        shown = {"method": method["class_path"], **given}
     else:
         where = ("checkpoint", "task", "data_dir", "seed", "batch_size")  # the same for every kind
         shown = {k: v for k, v in stage.options.items() if k not in where and v is not None}

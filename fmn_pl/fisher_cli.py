@@ -4,7 +4,6 @@ command line or `run_fisher`: the checkpoint's own task data, a Trainer of the u
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -164,7 +163,7 @@ def build_parser() -> Any:
 
 def parse_config(argv: Sequence[str]) -> FisherConfig:
     """`fmn-pl fisher` arguments as a `FisherConfig`. Its `trainer` holds the Trainer options given (on the command
-    line or in a `--config` file; None: none), so the YAML of `config_data` parses back to an equal config."""
+    line or in a `--config` file; None: none), so the YAML of its `to_data()` parses back to an equal config."""
     parser = build_parser()
     ns = parser.parse_args(list(argv))
     check_finite(ns)
@@ -173,16 +172,6 @@ def parse_config(argv: Sequence[str]) -> FisherConfig:
     cls = fisher_config_class()
     values = {f.name: init[f.name] for f in fields(cls) if f.name != "trainer"}
     return cls(**values, trainer={k: init.trainer[k] for k in vars(given)} if given else None)
-
-
-def config_data(config: FisherConfig) -> dict[str, Any]:
-    """The config as plain data, in field order, the kind options and `trainer` left out when None: the YAML that
-    `fmn-pl fisher --config` reads back to an equal config (what the pipeline writes for a stage)."""
-    from fmn_pl.kinds import KINDS, kind_options
-
-    unset = {"trainer", *kind_options(KINDS.values())}
-    data = {f.name: getattr(config, f.name) for f in fields(config)}
-    return json.loads(json.dumps({k: v for k, v in data.items() if v is not None or k not in unset}))
 
 
 def main(argv: Sequence[str] | None = None) -> ArtifactResult:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Literal, Optional, TypeVar, cast
@@ -210,6 +211,13 @@ class FisherConfig:
     instead of refusing at once."""
     trainer: Optional[dict[str, Any]] = None
     """Lightning Trainer options (devices, strategy, accelerator, precision, ...): `--trainer.devices 2`."""
+
+    def to_data(self) -> dict[str, Any]:
+        """The config as plain data, in field order, the kind options and `trainer` left out when None: the YAML
+        that `fmn-pl fisher --config` reads back to an equal config (what the pipeline writes for a stage)."""
+        unset = {"trainer", *kind_options(KINDS.values())}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.loads(json.dumps({k: v for k, v in data.items() if v is not None or k not in unset}))
 
 
 def fisher_config_class() -> type[FisherConfig]:

@@ -32,15 +32,6 @@ def call_stage(kind: str, config: Any) -> object:
     return run_merge(config)
 
 
-def stage_data(kind: str, config: Any) -> dict[str, Any]:
-    """A stage's config as plain data: the YAML `fmn-pl <kind> --config` reads (what the pipeline writes for it)."""
-    if kind == "fisher":
-        from fmn_pl.fisher_cli import config_data as fisher_data
-
-        return fisher_data(config)
-    return config.to_data()
-
-
 def run_in_process(kind: str, config: Any) -> None:
     """A stage as a function call in this process, its errors in the log as the shell would show them."""
     from fmn_pl.errors import EXIT_SIGNAL, is_user_error, one_line, run_interruptible

@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from fmn_pl.dry_run import dry_run
 from fmn_pl.files import atomic_write, output_lock, write_json
-from fmn_pl.launch import StageFailed, run_in_child, run_in_process, stage_data
+from fmn_pl.launch import StageFailed, run_in_child, run_in_process
 from fmn_pl.pipeline_config import PipelineConfig, config_yaml, parse_config, seed_runs
 from fmn_pl.pipeline_report import write_pipeline_report
 from fmn_pl.progress import stage_line
@@ -119,7 +119,7 @@ def run_stage(
         return
     config = stage_config(stage, cfg, key)
     if stage.config_file is not None:  # its own command runs it alone as here (every rank writes the same file)
-        atomic_write(stage.config_file, yaml.safe_dump(stage_data(stage.kind, config), sort_keys=False))
+        atomic_write(stage.config_file, yaml.safe_dump(config.to_data(), sort_keys=False))
     if not alone and not on_every_rank(stage):
         with output_to(log):
             run_in_process(stage.kind, config)

@@ -370,10 +370,10 @@ def test_cli_from_yaml(make_checkpoint: Callable, tiny_glue: Path, tmp_path: Pat
 
 def test_config_flags_and_data_round_trip(tmp_path: Path) -> None:
     """The flags parse to a `FisherConfig` (the kinds' options top-level, `trainer` the Trainer options given), and
-    `config_data` is the YAML `fmn-pl fisher --config` reads back to an equal config (what the pipeline writes)."""
+    its `to_data()` is the YAML `fmn-pl fisher --config` reads back to an equal config (what the pipeline writes)."""
     import yaml
 
-    from fmn_pl.fisher_cli import config_data, parse_config
+    from fmn_pl.fisher_cli import parse_config
     from fmn_pl.kinds import FisherConfig
 
     argv = ["--checkpoint", "ck", "--kind", "grams", "--include_padding", "true", "--num_examples", "7"]
@@ -383,9 +383,9 @@ def test_config_flags_and_data_round_trip(tmp_path: Path) -> None:
     configs = [parsed, FisherConfig("ck", num_examples=None, aggregation="per_batch", labels="sampled", trainer=launch)]
     for config in configs:
         path = tmp_path / "f.yaml"
-        path.write_text(yaml.safe_dump(config_data(config), sort_keys=False))
+        path.write_text(yaml.safe_dump(config.to_data(), sort_keys=False))
         assert parse_config(["--config", str(path)]) == config
-    assert "include_padding" not in config_data(configs[1]) and config_data(configs[1])["num_examples"] is None
+    assert "include_padding" not in configs[1].to_data() and configs[1].to_data()["num_examples"] is None
 
 
 @pytest.mark.parametrize(
